@@ -1,0 +1,120 @@
+"""``GeometryConfig``: every λ and threshold of the geometry-aware loss, with the note's defaults.
+
+One dataclass, each field with ``metadata={"help": ...}`` (the PEFT convention), validated in
+``__post_init__`` so a bad value fails where it is set, in one sentence naming it.
+Loadable from a YAML mapping (``GeometryConfig.from_yaml``); unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+from geocache.signals import KL_DIRECTIONS, KL_ESTIMATORS
+
+
+@dataclass
+class GeometryConfig:
+    """Weights, thresholds and options of ``GeometryAwareLoss`` and ``AdaptiveGeometryScheduler``.
+
+    Defaults: λ's at the low end of the design note's "Recommended Hyperparameters" table ("start
+    low, increase if KL explodes"); thresholds exactly as the note (KL 0.15 → 0.08 over 1000 steps,
+    dH 0.1, calibration 0.05).
+    """
+
+    lambda_kl: float = field(default=0.1, metadata={"help": "λ_KL, weight of the KL hinge penalty (note: 0.1-0.5)."})
+    lambda_cal: float = field(default=0.2, metadata={"help": "λ_cal, weight of the calibration-gap hinge (note: 0.2-1.0)."})
+    lambda_entropy: float = field(default=0.1, metadata={"help": "λ_H, weight of the entropy-drop hinge (note: 0.1-0.3)."})
+    lambda_router: float = field(
+        default=0.1, metadata={"help": "λ_router, weight of the router divergence loss on MoE models (ignored for dense)."}
+    )
+    kl_threshold: float = field(
+        default=0.15, metadata={"help": "KL hinge threshold in nats; with a schedule, its starting value (note: 0.08-0.15)."}
+    )
+    final_kl_threshold: Optional[float] = field(
+        default=0.08,
+        metadata={"help": "KL threshold reached after `kl_warmup_steps` (linear), then held; null keeps `kl_threshold`."},
+    )
+    kl_warmup_steps: int = field(default=1000, metadata={"help": "Steps over which the KL threshold tightens linearly."})
+    dh_threshold: float = field(
+        default=0.1, metadata={"help": "Entropy-drop threshold δ in nats: positions with dH < −δ are penalised."}
+    )
+    cal_threshold: float = field(
+        default=0.05, metadata={"help": "Calibration-gap threshold in nats: positions with NLL − H(q) above it are penalised."}
+    )
+    kl_direction: str = field(
+        default="forward", metadata={"help": "`forward` = KL(p‖q) (the note's code), `reverse` = KL(q‖p) (the note's text)."}
+    )
+    kl_estimator: str = field(
+        default="topk_tail",
+        metadata={
+            "help": "Estimator of forward KL from cached statistics: topk_tail | topk_sampled | topk_renorm. "
+            "Provisional default until the fidelity benchmark (issue 6) chooses it."
+        },
+    )
+    chunk_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Positions per chunk of [positions × vocab] float32 temporaries; null picks by device and vocab."},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_kl", "lambda_cal", "lambda_entropy", "lambda_router"):
+            _check_nonnegative(name, getattr(self, name))
+        for name in ("kl_threshold", "dh_threshold", "cal_threshold"):
+            _check_nonnegative(name, getattr(self, name))
+        if self.final_kl_threshold is not None:
+            _check_nonnegative("final_kl_threshold", self.final_kl_threshold)
+            if self.final_kl_threshold > self.kl_threshold:
+                raise ValueError(
+                    f"final_kl_threshold={self.final_kl_threshold} is above kl_threshold={self.kl_threshold}: "
+                    "the schedule tightens, so the final KL threshold must be at most the initial one"
+                )
+        if isinstance(self.kl_warmup_steps, bool) or not isinstance(self.kl_warmup_steps, int) or self.kl_warmup_steps <= 0:
+            raise ValueError(f"kl_warmup_steps={self.kl_warmup_steps!r} must be a positive integer")
+        if self.kl_direction not in KL_DIRECTIONS:
+            raise ValueError(f"kl_direction={self.kl_direction!r} must be one of {', '.join(KL_DIRECTIONS)}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator={self.kl_estimator!r} must be one of {', '.join(KL_ESTIMATORS)}")
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size <= 0):
+            raise ValueError(f"chunk_size={self.chunk_size!r} must be a positive integer or null")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "GeometryConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown geometry config key(s) {unknown}; valid keys are {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, section: Optional[str] = "geometry") -> "GeometryConfig":
+        """Read a YAML file: its ``section`` mapping if present, else the whole top-level mapping."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping, not {type(data).__name__}")
+        if section and isinstance(data.get(section), dict):
+            data = data[section]
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Field name → help text, for CLIs and docs."""
+        return {f.name: f.metadata.get("help", "") for f in fields(cls) if f.default is not MISSING}
+
+
+def _check_nonnegative(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0")

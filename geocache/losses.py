@@ -1,0 +1,424 @@
+"""The geometry-aware loss of the design note: task loss plus selective KL, calibration and entropy
+penalties, the MoE router divergence, and the adaptive threshold schedule.
+
+``GeometryAwareLoss`` never holds more than one chunk of ``[positions × vocab]`` float32
+temporaries beyond the logits it is given and their gradient: it walks the labelled positions a
+chunk at a time, computes every per-position signal and, when the logits require grad, the
+gradient of the whole loss with respect to that chunk of logits in closed form (written in the
+comments below). Plain autograd would keep a float32 log-softmax of every chunk alive until
+backward, which is the whole ``[N, V]`` tensor again (torchtune's chunked losses avoid the
+logits, not those). The closed forms are checked against autograd with ``gradcheck``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from geocache.config import GeometryConfig
+from geocache.signals import (
+    BaseStats,
+    cached_kl_terms,
+    default_chunk_rows,
+    labelled_positions,
+    math_dtype,
+)
+
+BaseInput = Union[torch.Tensor, BaseStats]
+
+
+class _AttachGrad(torch.autograd.Function):
+    """Returns ``value`` and hands back a gradient for ``logits`` computed beforehand."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        if grad_output.item() == 1.0:
+            return grad, None, None
+        return grad * grad_output.to(grad.dtype), None, None
+
+
+def _rows_into(flat: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """``flat[rows]`` in the math dtype, written into a reused buffer (no fresh [n, V] alloc)."""
+    out = buf[: rows.shape[0]]
+    if flat.dtype == out.dtype:
+        return torch.index_select(flat, 0, rows, out=out)
+    return out.copy_(flat.index_select(0, rows))
+
+
+def _log_softmax_rows(z: torch.Tensor, logp: torch.Tensor, p: torch.Tensor, tmp: torch.Tensor):
+    """log p, p and H(p) of logit rows ``z [n, V]`` into the given buffers; returns (logp, p, H [n])."""
+    torch.sub(z, z.amax(-1, keepdim=True), out=logp)
+    # Clamp keeps −inf logits (masked vocab) finite so that 0·log 0 below is 0, not NaN.
+    logp.clamp_min_(torch.finfo(logp.dtype).min)
+    torch.exp(logp, out=p)
+    s = p.sum(-1, keepdim=True)
+    logp.sub_(s.log())
+    p.div_(s)
+    h = -torch.mul(p, logp, out=tmp).sum(-1)
+    return logp, p, h
+
+
+class _Tail(NamedTuple):
+    log_mass: torch.Tensor  # [n] log q_T, −inf where the tail is empty
+    dist: torch.Tensor  # [n, V] q_j / q_T off the top-k, 0 on it
+
+
+def _tail_softmax_into(logq: torch.Tensor, ids: torch.Tensor, buf: torch.Tensor) -> _Tail:
+    """log q_T and q restricted to the complement of ``ids``, normalised, into ``buf``."""
+    buf.copy_(logq).scatter_(1, ids, -math.inf)
+    mx = buf.amax(-1, keepdim=True).clamp_min(torch.finfo(buf.dtype).min)
+    s = buf.sub_(mx).exp_().sum(-1, keepdim=True)
+    log_mass = (mx + s.log()).squeeze(-1)
+    return _Tail(log_mass, buf.div_(s.clamp_min(torch.finfo(buf.dtype).tiny)))
+
+
+class GeometryAwareLoss(nn.Module):
+    """Task loss + λ_KL·KL hinge + λ_cal·calibration hinge + λ_H·entropy-drop hinge.
+
+    Per labelled position (label after the causal shift ≠ -100), with p the base and q the tuned
+    next-token distribution (float32 softmax):
+
+        loss = mean[NLL] + λ_KL·mean[(KL − τ_KL)₊] + λ_cal·mean[(NLL − H(q) − τ_cal)₊]
+               + λ_H·mean[(−dH − τ_H)₊],      dH = H(q) − H(p)
+
+    ``KL`` is ``config.kl_direction`` (forward KL(p‖q) by default), exact when ``base`` is full
+    base logits and ``config.kl_estimator`` when ``base`` is cached ``BaseStats``. Means are over
+    the N labelled positions (or over ``num_items_in_batch`` when given, for gradient accumulation
+    and data parallelism). The base is a constant: no gradient flows to it.
+    """
+
+    def __init__(self, config: Optional[GeometryConfig] = None, **overrides) -> None:
+        super().__init__()
+        base = (config or GeometryConfig()).to_dict()
+        self.config = GeometryConfig.from_dict({**base, **overrides})
+
+    def forward(
+        self,
+        tuned_logits: torch.Tensor,
+        base: BaseInput,
+        labels: torch.Tensor,
+        *,
+        thresholds: Optional[Mapping[str, float]] = None,
+        num_items_in_batch: Optional[int] = None,
+    ) -> tuple[torch.Tensor, dict]:
+        """tuned_logits ``[B, T, V]`` float; base: full base logits ``[B, T, V]`` or ``BaseStats``
+        with one row per labelled position (``labelled_positions`` order); labels ``[B, T]`` long,
+        -100 ignored, not yet shifted. ``thresholds`` (from ``AdaptiveGeometryScheduler``) override
+        the config's ``kl_threshold``/``dh_threshold``/``cal_threshold`` for this call.
+
+        Returns ``(loss, metrics)``: a scalar, and detached scalars named as in the design note
+        (``task_loss``, ``KL_mean``, ``dH_mean``, ``cal_gap_mean``, ``positions_penalized_KL``,
+        ``positions_penalized_cal``, ``positions_penalized_H``) plus the direction, estimator and
+        thresholds in force.
+        """
+        cfg = self.config
+        th = {"kl_threshold": cfg.kl_threshold, "dh_threshold": cfg.dh_threshold, "cal_threshold": cfg.cal_threshold}
+        th.update(thresholds or {})
+        if tuned_logits.dim() != 3 or labels.shape != tuned_logits.shape[:2]:
+            raise ValueError(
+                f"tuned_logits must be [batch, seq, vocab] and labels [batch, seq]; got {tuple(tuned_logits.shape)} "
+                f"and {tuple(labels.shape)}"
+            )
+        vocab = tuned_logits.shape[-1]
+        rows, targets = labelled_positions(labels)
+        if targets.numel() and (targets.min() < 0 or targets.max() >= vocab):
+            raise ValueError(f"labels must be -100 or token ids in [0, {vocab}); found {targets.min()}..{targets.max()}")
+        estimator = self._check_base(base, tuned_logits, rows.numel())
+        n = rows.numel()
+        denom = float(num_items_in_batch) if num_items_in_batch else float(max(n, 1))
+        need_grad = torch.is_grad_enabled() and tuned_logits.requires_grad
+        with torch.no_grad():  # the gradient is computed in closed form inside the pass
+            per_pos, grad = self._chunked_pass(tuned_logits, base, rows, targets, th, denom, need_grad)
+
+        kl, h_q, h_p, nll = per_pos
+        d_h, gap = h_q - h_p, nll - h_q
+        kl_pen = (kl - th["kl_threshold"]).clamp_min(0)
+        cal_pen = (gap - th["cal_threshold"]).clamp_min(0)
+        h_pen = (-d_h - th["dh_threshold"]).clamp_min(0)
+        task = nll.sum() / denom
+        value = task + (cfg.lambda_kl * kl_pen.sum() + cfg.lambda_cal * cal_pen.sum() + cfg.lambda_entropy * h_pen.sum()) / denom
+        value = value.to(torch.float32) if value.dtype != torch.float64 else value
+        loss = _AttachGrad.apply(tuned_logits, value, grad) if need_grad else value
+
+        def mean(x: torch.Tensor) -> torch.Tensor:
+            return x.mean() if n else x.new_zeros(())
+
+        metrics = {
+            "task_loss": task.detach(),
+            "KL_mean": mean(kl),
+            "dH_mean": mean(d_h),
+            "cal_gap_mean": mean(gap),
+            "H_q_mean": mean(h_q),
+            "H_p_mean": mean(h_p),
+            "kl_penalty": (kl_pen.sum() / denom),
+            "cal_penalty": (cal_pen.sum() / denom),
+            "entropy_penalty": (h_pen.sum() / denom),
+            "positions_penalized_KL": mean((kl > th["kl_threshold"]).float()),
+            "positions_penalized_cal": mean((gap > th["cal_threshold"]).float()),
+            "positions_penalized_H": mean((d_h < -th["dh_threshold"]).float()),
+            "num_positions": n,
+            "kl_direction": cfg.kl_direction,
+            "kl_estimator": estimator,
+            **th,
+        }
+        return loss, metrics
+
+    def _check_base(self, base: BaseInput, tuned_logits: torch.Tensor, n: int) -> str:
+        """Validates ``base`` against the logits; returns the KL estimator name in use."""
+        if isinstance(base, BaseStats):
+            if base.num_positions != n:
+                raise ValueError(
+                    f"base statistics hold {base.num_positions} positions but the labels mark {n}: "
+                    "the cache and the batch are not aligned"
+                )
+            if n and int(base.topk_ids.max()) >= tuned_logits.shape[-1]:
+                raise ValueError(
+                    f"cached top-k ids reach {int(base.topk_ids.max())} but the model has {tuned_logits.shape[-1]} "
+                    "output rows: the cache was built for another vocabulary"
+                )
+            if self.config.kl_estimator == "topk_sampled" and self.config.kl_direction == "forward" and base.m == 0:
+                raise ValueError("kl_estimator='topk_sampled' needs tail samples, but the base statistics have m=0")
+            return self.config.kl_estimator if self.config.kl_direction == "forward" else "coarse"
+        if isinstance(base, torch.Tensor):
+            if base.shape != tuned_logits.shape:
+                raise ValueError(f"base logits {tuple(base.shape)} must match tuned logits {tuple(tuned_logits.shape)}")
+            return "exact"
+        raise TypeError(f"base must be base logits (a tensor) or BaseStats, not {type(base).__name__}")
+
+    def _chunked_pass(self, logits, base, rows, targets, th, denom, need_grad):
+        """Per-position KL, H(q), H(p), NLL ``[N]`` and, if asked, d(loss)/d(logits) ``[B, T, V]``.
+
+        Gradient of the loss for one position's logits z (q = softmax z, y the label), with the
+        hinge masks m_KL, m_cal, m_H, all divided by the normaliser:
+          ∂NLL = q − e_y;  ∂H(q) = −q ⊙ (log q + H(q));  ∂gap = ∂NLL − ∂H(q);  ∂(−dH) = −∂H(q)
+          ⇒ g = q ⊙ (a + b·(log q + H(q))) − c·e_y + λ_KL·m_KL·∂KL
+        with a = c = 1 + λ_cal·m_cal and b = λ_cal·m_cal + λ_H·m_H.
+        ∂KL: forward exact q − p; reverse exact q ⊙ (log q − log p − KL); cached: see
+        ``signals.cached_kl_terms`` (alpha·q plus sparse terms on the top-k ids and samples).
+        """
+        cfg = self.config
+        vocab = logits.shape[-1]
+        flat = logits.reshape(-1, vocab)
+        dtype = math_dtype(logits.dtype)
+        n_total = rows.numel()
+        chunk = cfg.chunk_size or default_chunk_rows(vocab, logits.device)
+        exact = isinstance(base, torch.Tensor)
+        base_flat = base.reshape(-1, vocab) if exact else None
+        out = torch.empty(4, n_total, dtype=dtype, device=logits.device)
+        grad = torch.zeros_like(flat) if need_grad else None
+        rows_buf = min(chunk, max(n_total, 1))
+        zq, lq, q, tmp = (torch.empty(rows_buf, vocab, dtype=dtype, device=logits.device) for _ in range(4))
+        if exact:
+            lp, p = torch.empty_like(zq), torch.empty_like(zq)
+        forward = cfg.kl_direction == "forward"
+        lam_kl, lam_cal, lam_h = cfg.lambda_kl, cfg.lambda_cal, cfg.lambda_entropy
+
+        for start in range(0, n_total, chunk):
+            stop = min(start + chunk, n_total)
+            r, y = rows[start:stop], targets[start:stop].unsqueeze(-1)
+            n = stop - start
+            lq_c, q_c, h_q = _log_softmax_rows(_rows_into(flat, r, zq), lq[:n], q[:n], tmp[:n])
+            nll = -lq_c.gather(1, y).squeeze(-1)
+            if exact:
+                lp_c, p_c, h_p = _log_softmax_rows(_rows_into(base_flat, r, zq), lp[:n], p[:n], tmp[:n])
+                if forward:  # Σ p (log p − log q) = −H(p) − Σ p log q
+                    kl = -h_p - torch.mul(p_c, lq_c, out=tmp[:n]).sum(-1)
+                else:  # Σ q (log q − log p) = −H(q) − Σ q log p
+                    kl = -h_q - torch.mul(q_c, lp_c, out=tmp[:n]).sum(-1)
+            else:
+                st = base.select(slice(start, stop))
+                h_p = st.entropy.to(dtype)
+                # q restricted to the tail (outside the cached top-k), normalised: q_j / q_T.
+                tail = _tail_softmax_into(lq_c, st.topk_ids, zq[:n])
+                kl, (alpha, s_coef, x_coef, tail_coef) = cached_kl_terms(
+                    lq_c.gather(1, st.topk_ids), lq_c.gather(1, st.sample_ids), tail.log_mass, st, cfg.kl_estimator, cfg.kl_direction
+                )
+            out[0, start:stop], out[1, start:stop], out[2, start:stop], out[3, start:stop] = kl, h_q, h_p, nll
+            if not need_grad:
+                continue
+
+            m_kl = (kl > th["kl_threshold"]).to(dtype)
+            m_cal = (nll - h_q > th["cal_threshold"]).to(dtype)
+            m_h = (h_q - h_p < -th["dh_threshold"]).to(dtype)
+            c = (1.0 + lam_cal * m_cal) / denom
+            b = (lam_cal * m_cal + lam_h * m_h) / denom
+            d = lam_kl * m_kl / denom
+            a = c.clone()
+            if exact and forward:
+                a += d
+            elif not exact:
+                a += d * alpha
+            g = tmp[:n]
+            if bool(b.any()):
+                torch.add(lq_c, h_q.unsqueeze(-1), out=g).mul_(b.unsqueeze(-1)).add_(a.unsqueeze(-1)).mul_(q_c)
+            else:
+                torch.mul(q_c, a.unsqueeze(-1), out=g)
+            if exact and forward:
+                g.sub_(p_c.mul_(d.unsqueeze(-1)))
+            elif exact:  # reverse: + d · q ⊙ (log q − log p − KL), built in the log p buffer
+                g.add_(lp_c.sub_(lq_c).neg_().sub_(kl.unsqueeze(-1)).mul_(q_c).mul_(d.unsqueeze(-1)))
+            else:
+                if bool(tail_coef.any()):
+                    g.add_(tail.dist.mul_((d * tail_coef).unsqueeze(-1)))
+                g.scatter_add_(1, st.topk_ids, d.unsqueeze(-1) * s_coef)
+                if st.m:
+                    g.scatter_add_(1, st.sample_ids, d.unsqueeze(-1) * x_coef)
+            g.scatter_add_(1, y, -c.unsqueeze(-1))
+            grad.index_copy_(0, r, g.to(grad.dtype))
+
+        return tuple(out), (grad.view_as(logits) if need_grad else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Adaptive thresholds
+# ----------------------------------------------------------------------------------------------
+
+
+class AdaptiveGeometryScheduler:
+    """The note's threshold schedule: KL threshold linear from ``initial_kl`` to ``final_kl`` over
+    ``warmup_steps``, then held; dH and calibration thresholds fixed. Also carries ``lambda_router``
+    (the note's ``scheduler.λ_router``)."""
+
+    def __init__(
+        self,
+        initial_kl: float = 0.15,
+        final_kl: float = 0.08,
+        warmup_steps: int = 1000,
+        dh_threshold: float = 0.1,
+        cal_threshold: float = 0.05,
+        lambda_router: float = 0.1,
+    ) -> None:
+        # GeometryConfig holds the validation rules; building one validates these values.
+        cfg = GeometryConfig(
+            kl_threshold=initial_kl,
+            final_kl_threshold=final_kl,
+            kl_warmup_steps=warmup_steps,
+            dh_threshold=dh_threshold,
+            cal_threshold=cal_threshold,
+            lambda_router=lambda_router,
+        )
+        self.initial_kl, self.final_kl, self.warmup_steps = cfg.kl_threshold, cfg.final_kl_threshold, cfg.kl_warmup_steps
+        self.dh_threshold, self.cal_threshold, self.lambda_router = cfg.dh_threshold, cfg.cal_threshold, cfg.lambda_router
+
+    @classmethod
+    def from_config(cls, config: GeometryConfig) -> "AdaptiveGeometryScheduler":
+        final = config.kl_threshold if config.final_kl_threshold is None else config.final_kl_threshold
+        return cls(config.kl_threshold, final, config.kl_warmup_steps, config.dh_threshold, config.cal_threshold, config.lambda_router)
+
+    def get_thresholds(self, step: int) -> dict[str, float]:
+        if step < 0:
+            raise ValueError(f"step={step} must be >= 0")
+        ratio = min(step / self.warmup_steps, 1.0)
+        kl = self.initial_kl - ratio * (self.initial_kl - self.final_kl)
+        return {"kl_threshold": kl, "dh_threshold": self.dh_threshold, "cal_threshold": self.cal_threshold}
+
+
+# ----------------------------------------------------------------------------------------------
+# MoE router divergence
+# ----------------------------------------------------------------------------------------------
+
+
+def midband_layer_weights(n_layers: int, floor: float = 0.1) -> torch.Tensor:
+    """Layer weights ``[n_layers]`` summing to 1 that emphasise the middle of the MoE stack.
+
+    A smooth bump over layer position x = (l + ½)/n: flat at 1 over the middle third, falling as
+    cos² to ``floor`` at the ends (SPEC: "a smooth bump ... peaking at the middle third").
+    """
+    if n_layers <= 0:
+        raise ValueError(f"n_layers={n_layers} must be positive")
+    if not 0 <= floor <= 1:
+        raise ValueError(f"floor={floor} must be in [0, 1]")
+    x = (torch.arange(n_layers, dtype=torch.float64) + 0.5) / n_layers
+    dist = ((x - 0.5).abs() - 1 / 6).clamp(min=0) / (1 / 3)
+    w = floor + (1 - floor) * torch.cos(0.5 * math.pi * dist.clamp(max=1)) ** 2
+    return (w / w.sum()).float()
+
+
+def resolve_layer_weights(layer_weights: Optional[Sequence[float] | torch.Tensor], n_layers: int) -> torch.Tensor:
+    """Explicit weights (validated, normalised to sum 1) or ``midband_layer_weights(n_layers)``."""
+    if layer_weights is None:
+        return midband_layer_weights(n_layers)
+    w = torch.as_tensor(layer_weights, dtype=torch.float32).flatten()
+    if w.numel() != n_layers:
+        raise ValueError(f"layer_weights has {w.numel()} entries but the model has {n_layers} MoE layers")
+    if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"layer_weights {w.tolist()} must be finite, >= 0 and not all zero")
+    return w / w.sum()
+
+
+def router_log_probs(router_logits: torch.Tensor, scoring: str = "softmax") -> torch.Tensor:
+    """log r over experts in float32 (float64 kept): softmax, or normalised sigmoid scores (DeepSeek-V3)."""
+    x = router_logits.to(math_dtype(router_logits.dtype))
+    if scoring == "softmax":
+        return torch.log_softmax(x, -1)
+    if scoring == "sigmoid":
+        ls = torch.nn.functional.logsigmoid(x)
+        return ls - ls.logsumexp(-1, keepdim=True)
+    raise ValueError(f"router scoring {scoring!r} must be 'softmax' or 'sigmoid'")
+
+
+def router_jaccard(base_sets: torch.Tensor, tuned_sets: torch.Tensor) -> torch.Tensor:
+    """|S_base ∩ S_tuned| / |S_base ∪ S_tuned| per token. Sets ``[N, k]`` of distinct ids → ``[N]``."""
+    inter = (base_sets.unsqueeze(-1) == tuned_sets.unsqueeze(-2)).any(-1).sum(-1)
+    union = base_sets.shape[-1] + tuned_sets.shape[-1] - inter
+    return inter.float() / union.float()
+
+
+def router_divergence_loss(
+    tuned_router_logits: Sequence[torch.Tensor],
+    base_router_logits: Sequence[torch.Tensor],
+    layer_weights: Optional[Sequence[float] | torch.Tensor] = None,
+    top_k: int = 2,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    scoring: str = "softmax",
+) -> tuple[torch.Tensor, dict]:
+    """Differentiable router drift, weighted over MoE layers, with top-k Jaccard as a metric.
+
+    tuned_router_logits: one ``[N, E]`` float tensor per MoE layer (as transformers returns them).
+    base_router_logits: per layer either full base logits ``[N, E]`` float → KL(r_base‖r_tuned),
+    or base expert ids ``[N, ≥top_k]`` int (top first) → escaped mass 1 − Σ_{e∈S_base} r_tuned(e).
+    mask ``[N]`` bool selects the tokens that count. The note's Jaccard has no gradient, so it is
+    reported (``router_jaccard``, mean over tokens and layers) but not trained on.
+    """
+    n_layers = len(tuned_router_logits)
+    if n_layers == 0 or len(base_router_logits) != n_layers:
+        raise ValueError(f"got {n_layers} tuned and {len(base_router_logits)} base router layers; they must match and be > 0")
+    weights = resolve_layer_weights(layer_weights, n_layers)
+    divs, jaccs = [], []
+    for tuned, base in zip(tuned_router_logits, base_router_logits):
+        if mask is not None:
+            tuned, base = tuned[mask], base[mask]
+        if tuned.shape[0] != base.shape[0]:
+            raise ValueError(f"tuned router logits cover {tuned.shape[0]} tokens but base ones {base.shape[0]}")
+        if top_k > tuned.shape[-1]:
+            raise ValueError(f"top_k={top_k} exceeds the {tuned.shape[-1]} experts")
+        log_rt = router_log_probs(tuned, scoring)
+        if base.is_floating_point():
+            log_rb = router_log_probs(base, scoring)
+            div = (log_rb.exp() * (log_rb - log_rt)).sum(-1)
+            base_sets = base.topk(top_k, dim=-1).indices
+        else:
+            base_sets = base[:, :top_k].long()
+            div = 1.0 - log_rt.gather(-1, base_sets).exp().sum(-1)
+        tuned_sets = tuned.detach().topk(top_k, dim=-1).indices
+        divs.append(div.mean() if div.numel() else div.sum())
+        jaccs.append(router_jaccard(base_sets, tuned_sets).mean() if div.numel() else div.new_ones(()))
+    per_layer_div = torch.stack(divs)
+    loss = (weights.to(per_layer_div.device) * per_layer_div).sum()
+    per_layer_jacc = torch.stack(jaccs).detach()
+    return loss, {
+        "router_divergence": loss.detach(),
+        "router_jaccard": per_layer_jacc.mean(),
+        "router_divergence_per_layer": per_layer_div.detach(),
+        "router_jaccard_per_layer": per_layer_jacc,
+    }

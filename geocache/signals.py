@@ -1,0 +1,407 @@
+"""The geometry signals of the design note, written once.
+
+Everything here is a pure function on tensors: the causal shift and ``-100`` mask, entropies,
+both KL directions, NLL and calibration gap from full logits; the base statistics that precompute
+caches (``compute_base_stats``); and the cached KL estimators that read them back.
+
+Notation follows SPEC.md: ``p`` is the base next-token distribution, ``q`` the tuned one, both the
+softmax of logits computed in float32 (float64 inputs stay float64, so ``gradcheck`` can run).
+Only positions whose label after the causal shift is not ``-100`` count anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+IGNORE_INDEX = -100
+KL_DIRECTIONS = ("forward", "reverse")
+KL_ESTIMATORS = ("topk_tail", "topk_sampled", "topk_renorm")
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype softmax math runs in: float64 stays float64, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_chunk_rows(vocab: int, device: torch.device | str) -> int:
+    """Rows per chunk for [rows × vocab] float32 temporaries: about 8 MiB on CPU, where a chunk
+    that stays in cache is measured 1.5-2.5x faster than 128+ rows (benchmarks/loss_memory.py),
+    and 512 MiB on an accelerator, where larger launches win."""
+    budget = 1 << 21 if torch.device(device).type == "cpu" else 1 << 27
+    return max(1, budget // vocab)
+
+
+def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal shift and the ``-100`` mask, in one place.
+
+    labels ``[B, T]`` long in the transformers convention (same shape as ``input_ids``).
+    The logit at ``(b, t)`` predicts ``labels[b, t + 1]``. Returns ``rows [N]``, the flat index
+    ``b * T + t`` of every logit row whose shifted label is not ``-100`` (row-major order), and
+    ``targets [N]``, those labels. N is the number of positions every term and metric averages over.
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [batch, seq], got shape {tuple(labels.shape)}")
+    seq_len = labels.shape[1]
+    shifted = labels[:, 1:]
+    b, t = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
+    return b * seq_len + t, shifted[b, t]
+
+
+def shift_and_select(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labelled logit rows ``[N, V]`` and their targets ``[N]`` (a copy; for small inputs and tests)."""
+    rows, targets = labelled_positions(labels)
+    return logits.reshape(-1, logits.shape[-1]).index_select(0, rows), targets
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact per-position signals from full logits (autograd-friendly; used by metrics, V2, tests).
+# ----------------------------------------------------------------------------------------------
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """``log_softmax`` over the last dim in float32 (float64 kept), whatever the logits dtype."""
+    return torch.log_softmax(logits.to(math_dtype(logits.dtype)), dim=-1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H = -Σ p log p in nats. logits ``[..., V]`` → ``[...]``."""
+    lp = log_probs(logits)
+    return -(lp.exp() * lp).sum(-1)
+
+
+def kl_forward(base_logits: torch.Tensor, tuned_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p‖q) = Σ p log(p/q), the note's code (``F.kl_div(log q, p)``). ``[..., V]`` → ``[...]``."""
+    lp, lq = log_probs(base_logits), log_probs(tuned_logits)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def kl_reverse(base_logits: torch.Tensor, tuned_logits: torch.Tensor) -> torch.Tensor:
+    """KL(q‖p) = Σ q log(q/p), the note's text. ``[..., V]`` → ``[...]``."""
+    return kl_forward(tuned_logits, base_logits)
+
+
+def nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log q(y). logits ``[N, V]``, targets ``[N]`` → ``[N]``."""
+    return -log_probs(logits).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def calibration_gap(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """NLL − H(q), in nats. logits ``[N, V]``, targets ``[N]`` → ``[N]``."""
+    return nll(logits, targets) - entropy(logits)
+
+
+def geometry_signals(tuned_logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Every exact per-position signal at the labelled positions.
+
+    tuned_logits, base_logits ``[B, T, V]``; labels ``[B, T]`` long, -100 ignored (shifted here).
+    Returns ``[N]`` tensors: ``H_q``, ``H_p``, ``dH``, ``kl_forward``, ``kl_reverse``, ``nll``,
+    ``cal_gap``. Materialises ``[N, V]``; the training loss uses the chunked path instead.
+    """
+    q_rows, targets = shift_and_select(tuned_logits, labels)
+    p_rows, _ = shift_and_select(base_logits, labels)
+    h_q, h_p = entropy(q_rows), entropy(p_rows)
+    n = nll(q_rows, targets)
+    return {
+        "H_q": h_q,
+        "H_p": h_p,
+        "dH": h_q - h_p,
+        "kl_forward": kl_forward(p_rows, q_rows),
+        "kl_reverse": kl_reverse(p_rows, q_rows),
+        "nll": n,
+        "cal_gap": n - h_q,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Base statistics: what precompute caches per labelled position.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BaseStats:
+    """Base-model statistics for N positions, packed in the order of ``labelled_positions``.
+
+    lse ``[N]`` float: logsumexp of the base logits.
+    entropy ``[N]`` float: exact H(p) in nats.
+    topk_ids ``[N, k]`` int: the k most probable token ids, by descending probability.
+    topk_logprobs ``[N, k]`` float: their log p (logit − lse).
+    sample_ids ``[N, m]`` int: m tokens drawn from p restricted to the tail (outside the top-k).
+    sample_logprobs ``[N, m]`` float: their log p; ``-inf`` marks a missing sample (empty tail).
+
+    Whatever mode produced them (cache, live, copy, periodic), the loss only ever sees this.
+    """
+
+    lse: torch.Tensor
+    entropy: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+    sample_ids: Optional[torch.Tensor] = None
+    sample_logprobs: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        n = self.lse.shape[0]
+        if self.sample_ids is None:
+            self.sample_ids = torch.zeros(n, 0, dtype=torch.long, device=self.lse.device)
+            self.sample_logprobs = torch.zeros(n, 0, dtype=self.topk_logprobs.dtype, device=self.lse.device)
+        for f in fields(self):
+            t = getattr(self, f.name)
+            assert t.shape[0] == n, f"BaseStats.{f.name} has {t.shape[0]} rows, lse has {n}"
+
+    @property
+    def num_positions(self) -> int:
+        return self.lse.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.topk_ids.shape[1]
+
+    @property
+    def m(self) -> int:
+        return self.sample_ids.shape[1]
+
+    def select(self, index: torch.Tensor | slice) -> "BaseStats":
+        """The statistics of a subset of positions (a slice or an index tensor)."""
+        return BaseStats(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def to(self, device: torch.device | str) -> "BaseStats":
+        return BaseStats(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @classmethod
+    def from_logits(cls, base_logits: torch.Tensor, labels: torch.Tensor, k: int, m: int = 0, **kw) -> "BaseStats":
+        """Statistics at the labelled positions of ``base_logits [B, T, V]`` (shift applied here)."""
+        rows, _ = labelled_positions(labels)
+        flat = base_logits.reshape(-1, base_logits.shape[-1])
+        return compute_base_stats(flat, k=k, m=m, rows=rows, **kw)
+
+
+def _blocked(x: torch.Tensor, block: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Split ``x [n, V]`` into a strided view ``[n, V // block, block]`` and the ragged rest ``[n, r]``."""
+    full = (x.shape[1] // block) * block
+    rest = x[:, full:] if full < x.shape[1] else None
+    return x[:, :full].unflatten(1, (-1, block)), rest
+
+
+def _block_reduce(x: torch.Tensor, block: int, op: str) -> torch.Tensor:
+    """Per-block ``amax`` or ``sum`` of ``x [n, V]`` → ``[n, ceil(V / block)]``."""
+    body, rest = _blocked(x, block)
+    parts = [getattr(body, op)(-1)]
+    if rest is not None:
+        parts.append(getattr(rest, op)(-1, keepdim=True))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def _block_members(blocks: torch.Tensor, block: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``[..., block]`` of the given block indices, clamped into range, and a validity mask."""
+    ids = blocks.unsqueeze(-1) * block + torch.arange(block, device=blocks.device)
+    valid = ids < vocab
+    return ids.clamp_max(vocab - 1), valid
+
+
+def compute_base_stats(
+    logits: torch.Tensor,
+    k: int,
+    m: int = 0,
+    *,
+    rows: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    chunk_size: Optional[int] = None,
+    block_size: int = 256,
+) -> BaseStats:
+    """lse, entropy, top-k and m tail samples of ``softmax(logits)``, in one fused pass per chunk.
+
+    logits ``[N, V]`` any float dtype (rows already shifted and selected, or pick them with
+    ``rows [n]``). Math is float32 (float64 kept). Tail samples use ``generator`` (seed it for
+    reproducible caches). Raises ``ValueError`` naming the rows if any logit row is not finite.
+
+    Why hand-written: a plain ``logsumexp`` + ``softmax``-weighted entropy + ``topk`` reads the
+    logits 3-4x more than a bare ``logsumexp``. Here one read of per-block maxima (blocks of
+    ``block_size`` tokens) gives the row max for the logsumexp *and* the top-k candidates: every
+    top-k token lies in one of the k blocks with the largest maxima, so ``topk`` runs on k·block
+    candidates instead of V. The shifted logits and their exponentials feed the normaliser, the
+    entropy (H = log s − Σ e·(z−max)/s, a BLAS dot) and, for sampling, per-block tail masses:
+    a sample picks a block by mass, then a token inside it, never scanning the vocabulary again.
+    """
+    vocab = logits.shape[-1]
+    if not 0 < k <= vocab:
+        raise ValueError(f"k={k} must be between 1 and the vocabulary size {vocab}")
+    if m < 0:
+        raise ValueError(f"m={m} tail samples must be >= 0")
+    n_total = logits.shape[0] if rows is None else rows.shape[0]
+    chunk_size = chunk_size or default_chunk_rows(vocab, logits.device)
+    dtype = math_dtype(logits.dtype)
+    dev = logits.device
+    lse = torch.empty(n_total, dtype=dtype, device=dev)
+    ent = torch.empty(n_total, dtype=dtype, device=dev)
+    topk_ids = torch.empty(n_total, k, dtype=torch.long, device=dev)
+    topk_lp = torch.empty(n_total, k, dtype=dtype, device=dev)
+    sample_ids = torch.zeros(n_total, m, dtype=torch.long, device=dev)
+    sample_lp = torch.full((n_total, m), -math.inf, dtype=dtype, device=dev)
+    block = min(block_size, vocab)
+    n_blocks = -(-vocab // block)
+    use_blocks = k < n_blocks and k * block < vocab // 2
+
+    # Chunk buffers are allocated once and reused: on CPU, touching fresh memory costs as much
+    # as the arithmetic (a `torch.sub` into a new tensor is ~8x slower than into an old one).
+    rows_per_chunk = min(chunk_size, max(n_total, 1))
+    shifted_buf = torch.empty(rows_per_chunk, vocab, dtype=dtype, device=dev)
+    e_buf = torch.empty_like(shifted_buf)
+    z_buf = None if (rows is None and logits.dtype == dtype) else torch.empty_like(shifted_buf)
+
+    for start in range(0, n_total, chunk_size):
+        stop = min(start + chunk_size, n_total)
+        n = stop - start
+        if z_buf is None:
+            z = logits[start:stop]
+        elif rows is None:
+            z = z_buf[:n].copy_(logits[start:stop])
+        else:
+            z = z_buf[:n]
+            z.copy_(logits.index_select(0, rows[start:stop])) if logits.dtype != dtype else torch.index_select(logits, 0, rows[start:stop], out=z)
+        bmax = _block_reduce(z, block, "amax")  # [n, n_blocks]
+        zmax = bmax.amax(-1, keepdim=True)
+        shifted = torch.sub(z, zmax, out=shifted_buf[:n])
+        e = torch.exp(shifted, out=e_buf[:n])
+        bsum = _block_reduce(e, block, "sum") if m else None
+        s = bsum.sum(-1) if m else e.sum(-1)
+        # Σ e·(z − max): multiply into the shifted buffer (no longer needed) and reduce.
+        dot = shifted.mul_(e).sum(-1)
+        row_lse = zmax.squeeze(-1) + s.log()
+        bad = ~torch.isfinite(row_lse)
+        if bad.any():
+            where = bad.nonzero().flatten() + start
+            idx = where if rows is None else rows[where]
+            raise ValueError(f"base logits contain NaN or inf at rows {idx[:8].tolist()}")
+        lse[start:stop] = row_lse
+        ent[start:stop] = s.log() - dot / s
+
+        if use_blocks:
+            cand_blocks = bmax.topk(k, dim=-1).indices
+            cand_ids, valid = _block_members(cand_blocks, block, vocab)
+            cand_ids, valid = cand_ids.flatten(1), valid.flatten(1)
+            cand_vals = z.gather(1, cand_ids).masked_fill_(~valid, -math.inf)
+            vals, pos = cand_vals.topk(k, dim=-1)
+            ids = cand_ids.gather(1, pos)
+        else:
+            vals, ids = z.topk(k, dim=-1)
+        topk_ids[start:stop] = ids
+        topk_lp[start:stop] = vals - row_lse.unsqueeze(-1)
+
+        if m:
+            # Tail mass per block: zero the top-k in e, then re-sum only the blocks they live in.
+            e.scatter_(1, ids, 0.0)
+            touched = ids // block
+            members, valid = _block_members(touched, block, vocab)
+            touched_sum = (e.gather(1, members.flatten(1)).view_as(members) * valid).sum(-1)
+            bsum.scatter_(1, touched, touched_sum)
+            # Rows with an empty tail (k = V, or all tail mass underflowed) draw from dummy uniform
+            # weights so every row can be sampled in one call; their samples are marked -inf.
+            no_tail = bsum.sum(-1) <= 0
+            bsum[no_tail] = 1.0
+            blk = torch.multinomial(bsum, m, replacement=True, generator=generator)  # [n, m]
+            members, valid = _block_members(blk, block, vocab)  # [n, m, block]
+            weights = e.gather(1, members.flatten(1)).view_as(members) * valid
+            empty = weights.sum(-1, keepdim=True) <= 0
+            weights = torch.where(empty, valid.to(weights.dtype), weights)
+            offs = torch.multinomial(weights.view(-1, block), 1, generator=generator).view(n, m)
+            picked = blk * block + offs
+            sample_ids[start:stop] = picked
+            picked_lp = z.gather(1, picked) - row_lse.unsqueeze(-1)
+            sample_lp[start:stop] = picked_lp.masked_fill_(no_tail.unsqueeze(-1) | empty.squeeze(-1), -math.inf)
+
+    return BaseStats(lse, ent, topk_ids, topk_lp, sample_ids, sample_lp)
+
+
+# ----------------------------------------------------------------------------------------------
+# KL from cached statistics (forward estimators and coarse-grained reverse), per SPEC.
+# ----------------------------------------------------------------------------------------------
+
+
+def _tail_mass(logprobs: torch.Tensor) -> torch.Tensor:
+    """1 − Σ exp(logprobs) clamped at 0: the mass outside the cached set."""
+    return (1.0 - logprobs.exp().sum(-1)).clamp_min(0.0)
+
+
+def cached_kl_terms(
+    lq_s: torch.Tensor,
+    lq_x: torch.Tensor,
+    log_q_tail: torch.Tensor,
+    base: BaseStats,
+    estimator: str = "topk_tail",
+    direction: str = "forward",
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Cached KL per position, and its gradient with respect to the tuned logits, in sparse form.
+
+    lq_s ``[n, k]``: tuned log q at the cached top-k ids; lq_x ``[n, m]``: at the tail samples;
+    log_q_tail ``[n]``: log q_T, the tuned log-mass outside the top-k (a logsumexp over the
+    complement, not log(1 − Σ_S q), which cancels catastrophically when the tuned tail collapses).
+    With S = cached top-k and p_T = 1 − Σ_S p (SPEC, "The cache and its estimators"):
+
+    forward, KL(p‖q):
+      ``topk_tail``    Σ_S p log(p/q) + p_T log(p_T/q_T)           — a lower bound (coarse-graining)
+      ``topk_sampled`` Σ_S p log(p/q) + p_T · mean_j log(p/q)(x_j) — unbiased, x_j ~ p(·|tail)
+      ``topk_renorm``  KL of p and q renormalised on S            — biased (Anshumann et al., ACL
+                                                                     2025); for comparison only
+    reverse, KL(q‖p): over the coarse partition S ∪ {tail}, a lower bound (``estimator`` unused).
+
+    Returns ``kl [n]`` and ``(alpha [n], s_coef [n, k], x_coef [n, m], tail_coef [n])`` such that
+    ∂kl/∂z = alpha·q + tail_coef·q/q_T (on tokens outside S) + scatter(S, s_coef)
+    + scatter(samples, x_coef). The value is differentiable by autograd through the inputs; the
+    sparse gradient is what the chunked loss uses.
+    """
+    dtype = lq_s.dtype
+    tiny = torch.finfo(dtype).tiny
+    lp_s = base.topk_logprobs.to(dtype)
+    p_s, q_s = lp_s.exp(), lq_s.exp()
+    p_t, q_t = _tail_mass(lp_s), log_q_tail.exp()
+    log_p_t, log_q_t = p_t.clamp_min(tiny).log(), log_q_tail.clamp_min(math.log(tiny))
+    zeros_n, x_coef = torch.zeros_like(p_t), torch.zeros_like(lq_x)
+    if direction == "reverse":
+        # ∂/∂z_j = q_j (log(Q_c(j)/P_c(j)) − KL), c(j) the coarse cell of j.
+        kl = (q_s * (lq_s - lp_s)).sum(-1) + q_t * (log_q_t - log_p_t)
+        s_coef = q_s * (lq_s - lp_s - kl.unsqueeze(-1))
+        return kl, (zeros_n, s_coef, x_coef, q_t * (log_q_t - log_p_t - kl))
+    if direction != "forward":
+        raise ValueError(f"kl direction {direction!r} is not one of {KL_DIRECTIONS}")
+    head = (p_s * (lp_s - lq_s)).sum(-1)
+    ones_n = torch.ones_like(p_t)
+    if estimator == "topk_tail":
+        # ∂/∂z_j = q_j − p_j on S, q_j − p_T·q_j/q_T off S.
+        kl = head + torch.xlogy(p_t, p_t) - p_t * log_q_t
+        return kl, (ones_n, -p_s, x_coef, -p_t)
+    if estimator == "topk_sampled":
+        # ∂/∂z_j = q_j − p_j·1[j∈S] − p_T·(count of j among the samples)/m.
+        lp_x = base.sample_logprobs.to(dtype)
+        valid = torch.isfinite(lp_x)
+        count = valid.sum(-1).clamp_min(1)
+        log_ratio_x = torch.where(valid, lp_x - lq_x, torch.zeros_like(lq_x))
+        kl = head + p_t * log_ratio_x.sum(-1) / count
+        x_coef = -(p_t / count).unsqueeze(-1) * valid.to(dtype)
+        return kl, (ones_n, -p_s, x_coef, zeros_n)
+    if estimator == "topk_renorm":
+        # ∂/∂z_j = q̂_j − p̂_j on S, 0 off S.
+        log_ps = lp_s - lp_s.logsumexp(-1, keepdim=True)
+        log_qs = lq_s - lq_s.logsumexp(-1, keepdim=True)
+        kl = (log_ps.exp() * (log_ps - log_qs)).sum(-1)
+        return kl, (zeros_n, log_qs.exp() - log_ps.exp(), x_coef, zeros_n)
+    raise ValueError(f"kl estimator {estimator!r} is not one of {KL_ESTIMATORS}")
+
+
+def log_tail_mass(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log Σ_{j∉ids} p_j from full log-probs ``[n, V]`` and ids ``[n, k]`` → ``[n]`` (−inf if empty)."""
+    return logp.scatter(-1, ids, -math.inf).logsumexp(-1)
+
+
+def cached_kl(tuned_logits: torch.Tensor, base: BaseStats, estimator: str = "topk_tail", direction: str = "forward") -> torch.Tensor:
+    """KL between the base (from its cached statistics) and tuned logits ``[N, V]`` → ``[N]``.
+
+    Autograd-friendly; see ``cached_kl_terms`` for the estimators' definitions.
+    """
+    lq = log_probs(tuned_logits)
+    kl, _ = cached_kl_terms(
+        lq.gather(-1, base.topk_ids), lq.gather(-1, base.sample_ids), log_tail_mass(lq, base.topk_ids), base, estimator, direction
+    )
+    return kl

@@ -1,0 +1,36 @@
+"""Shared fixtures: offline, tiny models saved like hub repos and loaded back the user's way."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from geocache.testing import build_tiny_model, build_tokenizer  # noqa: E402
+
+torch.set_num_threads(1)  # tests run two workers on two cores
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir):
+    """``tiny_model_dir(model_type)`` → a directory holding a saved tiny model and tokenizer."""
+    built = {}
+
+    def make(model_type: str):
+        if model_type not in built:
+            built[model_type] = build_tiny_model(tmp_path_factory.mktemp(model_type), model_type, tokenizer_dir=tokenizer_dir)
+        return built[model_type]
+
+    return make

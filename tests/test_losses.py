@@ -1,0 +1,376 @@
+"""GeometryAwareLoss, the scheduler and the router divergence against references computed another way."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from geocache import (
+    AdaptiveGeometryScheduler,
+    BaseStats,
+    GeometryAwareLoss,
+    GeometryConfig,
+    midband_layer_weights,
+    router_divergence_loss,
+    router_jaccard,
+)
+from geocache.signals import cached_kl, kl_forward, kl_reverse, labelled_positions
+
+ESTIMATORS = ["topk_tail", "topk_sampled", "topk_renorm"]
+DIRECTIONS = ["forward", "reverse"]
+
+
+def reference_loss(tuned, base, labels, cfg: GeometryConfig, estimator=None):
+    """The note's sketch with SPEC's masking, written with plain autograd ops in float64.
+
+    ``base`` is full logits (exact KL) or BaseStats (KL from ``signals.cached_kl``).
+    """
+    rows, y = labelled_positions(labels)
+    q = tuned.reshape(-1, tuned.shape[-1])[rows].double()
+    task = F.cross_entropy(q, y, reduction="none")
+    h_q = -(F.softmax(q, -1) * F.log_softmax(q, -1)).sum(-1)
+    if isinstance(base, BaseStats):
+        h_p = base.entropy.double()
+        kl = cached_kl(q, base, estimator or cfg.kl_estimator, cfg.kl_direction)
+    else:
+        p = base.reshape(-1, base.shape[-1])[rows].double()
+        h_p = -(F.softmax(p, -1) * F.log_softmax(p, -1)).sum(-1)
+        kl = kl_forward(p, q) if cfg.kl_direction == "forward" else kl_reverse(p, q)
+    d_h, gap = h_q - h_p, task - h_q
+    kl_pen = torch.where(kl > cfg.kl_threshold, kl - cfg.kl_threshold, torch.zeros_like(kl))
+    cal_pen = torch.where(gap > cfg.cal_threshold, gap - cfg.cal_threshold, torch.zeros_like(gap))
+    h_pen = torch.where(d_h < -cfg.dh_threshold, -d_h - cfg.dh_threshold, torch.zeros_like(d_h))
+    loss = task.mean() + cfg.lambda_kl * kl_pen.mean() + cfg.lambda_cal * cal_pen.mean() + cfg.lambda_entropy * h_pen.mean()
+    return loss, {"KL_mean": kl.mean(), "dH_mean": d_h.mean(), "cal_gap_mean": gap.mean(), "task_loss": task.mean()}
+
+
+def make_batch(seed=0, B=3, T=6, V=13, dtype=torch.float64, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    tuned = torch.randn(B, T, V, generator=g, dtype=dtype) * scale
+    base = torch.randn(B, T, V, generator=g, dtype=dtype) * scale
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, 2] = labels[-1, 4] = labels[1, 1] = -100
+    return tuned, base, labels, g
+
+
+# Thresholds low enough, and λ's large enough, that every hinge is active on some positions.
+ACTIVE = dict(lambda_kl=0.5, lambda_cal=0.7, lambda_entropy=0.3, kl_threshold=0.3, final_kl_threshold=0.3, dh_threshold=0.05, cal_threshold=0.2)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_exact_loss_and_gradient_match_the_autograd_reference(direction):
+    tuned, base, labels, _ = make_batch()
+    loss_fn = GeometryAwareLoss(kl_direction=direction, chunk_size=4, **ACTIVE)
+    x = tuned.clone().requires_grad_()
+    loss, metrics = loss_fn(x, base, labels)
+    loss.backward()
+    x_ref = tuned.clone().requires_grad_()
+    ref, ref_metrics = reference_loss(x_ref, base, labels, loss_fn.config)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for name, value in ref_metrics.items():
+        torch.testing.assert_close(metrics[name], value.detach())
+    assert 0 < metrics["positions_penalized_KL"] < 1 or metrics["positions_penalized_KL"] == 1
+    assert metrics["kl_direction"] == direction and metrics["kl_estimator"] == "exact"
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("k", [4, 13])
+def test_cached_loss_and_gradient_match_the_autograd_reference(direction, estimator, k):
+    tuned, base_logits, labels, g = make_batch(seed=k)
+    stats = BaseStats.from_logits(base_logits, labels, k=k, m=3, generator=g)
+    loss_fn = GeometryAwareLoss(kl_direction=direction, kl_estimator=estimator, chunk_size=5, **ACTIVE)
+    x = tuned.clone().requires_grad_()
+    loss, metrics = loss_fn(x, stats, labels)
+    loss.backward()
+    x_ref = tuned.clone().requires_grad_()
+    ref, _ = reference_loss(x_ref, stats, labels, loss_fn.config)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert metrics["kl_estimator"] == (estimator if direction == "forward" else "coarse")
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("base_kind", ["exact", *ESTIMATORS])
+def test_gradcheck_in_float64(direction, base_kind):
+    tuned, base_logits, labels, g = make_batch(seed=7, B=2, T=5, V=9)
+    estimator = "topk_tail" if base_kind == "exact" else base_kind
+    base = base_logits if base_kind == "exact" else BaseStats.from_logits(base_logits, labels, k=4, m=3, generator=g)
+    loss_fn = GeometryAwareLoss(kl_direction=direction, kl_estimator=estimator, chunk_size=3, **ACTIVE)
+    x = tuned.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: loss_fn(z, base, labels)[0], (x,), eps=1e-6, atol=1e-6)
+
+
+def test_cached_loss_equals_exact_loss_when_k_is_the_vocabulary():
+    tuned, base_logits, labels, g = make_batch(seed=3)
+    stats = BaseStats.from_logits(base_logits, labels, k=13, m=2, generator=g)
+    for estimator in ESTIMATORS:
+        loss_fn = GeometryAwareLoss(kl_estimator=estimator, **ACTIVE)
+        x1, x2 = tuned.clone().requires_grad_(), tuned.clone().requires_grad_()
+        l1, _ = loss_fn(x1, stats, labels)
+        l2, _ = loss_fn(x2, base_logits, labels)
+        l1.backward(), l2.backward()
+        torch.testing.assert_close(l1, l2)
+        torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from(DIRECTIONS), st.sampled_from(["exact", "topk_tail"]))
+def test_masked_positions_have_no_influence_on_loss_or_gradients(seed, direction, base_kind):
+    tuned, base_logits, labels, g = make_batch(seed=seed)
+    base = base_logits if base_kind == "exact" else BaseStats.from_logits(base_logits, labels, k=5, m=2, generator=g)
+    loss_fn = GeometryAwareLoss(kl_direction=direction, **ACTIVE)
+    # Logit rows that predict an ignored label, and the last position of every row, never count.
+    counted = torch.zeros(tuned.shape[:2], dtype=torch.bool)
+    rows, _ = labelled_positions(labels)
+    counted.view(-1)[rows] = True
+    noise = torch.randn(tuned.shape, generator=g, dtype=tuned.dtype) * 5 * (~counted).unsqueeze(-1)
+    x1, x2 = tuned.clone().requires_grad_(), (tuned + noise).requires_grad_()
+    l1, _ = loss_fn(x1, base, labels)
+    l2, _ = loss_fn(x2, base, labels)
+    l1.backward(), l2.backward()
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    assert (x1.grad[~counted] == 0).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(-40, 40), st.sampled_from(DIRECTIONS))
+def test_kl_is_nonnegative_zero_for_equal_inputs_and_invariant_to_logit_shifts(seed, c, direction):
+    tuned, base_logits, labels, _ = make_batch(seed=seed)
+    loss_fn = GeometryAwareLoss(kl_direction=direction)
+    _, m = loss_fn(tuned, base_logits, labels)
+    assert m["KL_mean"] >= 0
+    _, same = loss_fn(tuned, tuned.clone(), labels)
+    assert abs(same["KL_mean"]) < 1e-12 and abs(same["dH_mean"]) < 1e-12
+    _, shifted = loss_fn(tuned + c, base_logits - c, labels)
+    torch.testing.assert_close(shifted["KL_mean"], m["KL_mean"])
+
+
+def test_penalties_are_zero_below_their_thresholds():
+    tuned, base_logits, labels, _ = make_batch()
+    loose = GeometryAwareLoss(kl_threshold=1e6, final_kl_threshold=1e6, dh_threshold=1e6, cal_threshold=1e6)
+    loss, m = loose(tuned, base_logits, labels)
+    torch.testing.assert_close(loss, m["task_loss"])
+    assert m["positions_penalized_KL"] == m["positions_penalized_cal"] == m["positions_penalized_H"] == 0
+
+
+@pytest.mark.parametrize(
+    "lam,threshold",
+    [("lambda_kl", "kl_threshold"), ("lambda_cal", "cal_threshold"), ("lambda_entropy", "dh_threshold")],
+)
+def test_each_penalty_is_linear_above_its_threshold(lam, threshold):
+    """Lowering a threshold by δ while every position stays above it adds exactly λ·δ."""
+    tuned, base_logits, labels, _ = make_batch(scale=4.0)
+    tuned = tuned * 0.05  # flat tuned: far from the base, entropy far above it
+    if threshold == "dh_threshold":
+        tuned, base_logits = base_logits, tuned  # now entropy dropped everywhere
+    if threshold == "cal_threshold":  # confident and wrong: every label is the least likely token
+        tuned = tuned * 20
+        labels[:, 1:] = torch.where(labels[:, 1:] == -100, -100, tuned[:, :-1].argmin(-1))
+    others = dict(lambda_kl=0.0, lambda_cal=0.0, lambda_entropy=0.0, kl_threshold=1e6, final_kl_threshold=None, dh_threshold=1e6, cal_threshold=1e6)
+    values = []
+    for t in (0.0, 0.01, 0.02):
+        cfg = {**others, lam: 0.7, threshold: t, "final_kl_threshold": None}
+        loss, m = GeometryAwareLoss(**cfg)(tuned, base_logits, labels)
+        assert m[{"kl_threshold": "positions_penalized_KL", "cal_threshold": "positions_penalized_cal", "dh_threshold": "positions_penalized_H"}[threshold]] == 1
+        values.append((loss - m["task_loss"]).item())
+    assert values[0] > 0
+    assert values[0] - values[1] == pytest.approx(0.7 * 0.01, rel=1e-9)
+    assert values[1] - values[2] == pytest.approx(0.7 * 0.01, rel=1e-9)
+
+
+def test_chunk_size_does_not_change_loss_or_gradient():
+    tuned, base_logits, labels, g = make_batch(dtype=torch.float32)
+    stats = BaseStats.from_logits(base_logits, labels, k=5, m=2, generator=g)
+    results = []
+    for chunk in (1, 4, 1000):
+        x = tuned.clone().requires_grad_()
+        loss, _ = GeometryAwareLoss(chunk_size=chunk, **ACTIVE)(x, stats, labels)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    for loss, grad in results[1:]:
+        torch.testing.assert_close(loss, results[0][0])
+        torch.testing.assert_close(grad, results[0][1])
+
+
+def test_thresholds_argument_overrides_the_config_for_one_call():
+    tuned, base_logits, labels, _ = make_batch()
+    loss_fn = GeometryAwareLoss(**ACTIVE)
+    _, m = loss_fn(tuned, base_logits, labels, thresholds={"kl_threshold": 1e6})
+    assert m["positions_penalized_KL"] == 0 and m["kl_threshold"] == 1e6
+
+
+def test_num_items_in_batch_normalises_every_term():
+    tuned, base_logits, labels, _ = make_batch()
+    loss_fn = GeometryAwareLoss(**ACTIVE)
+    n = labelled_positions(labels)[0].numel()
+    x1, x2 = tuned.clone().requires_grad_(), tuned.clone().requires_grad_()
+    l1, _ = loss_fn(x1, base_logits, labels)
+    l2, _ = loss_fn(x2, base_logits, labels, num_items_in_batch=4 * n)
+    l1.backward(), l2.backward()
+    torch.testing.assert_close(l2, l1 / 4)
+    torch.testing.assert_close(x2.grad, x1.grad / 4)
+
+
+def test_bfloat16_logits_get_float32_math_and_a_bfloat16_gradient():
+    tuned, base_logits, labels, g = make_batch(dtype=torch.float32, V=50)
+    stats = BaseStats.from_logits(base_logits, labels, k=8, m=2, generator=g)
+    x = tuned.to(torch.bfloat16).requires_grad_()
+    loss, m = GeometryAwareLoss(**ACTIVE)(x, stats, labels)
+    loss.backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    x32 = x.detach().float().requires_grad_()
+    loss32, _ = GeometryAwareLoss(**ACTIVE)(x32, stats, labels)
+    loss32.backward()
+    torch.testing.assert_close(loss, loss32)
+    torch.testing.assert_close(x.grad.float(), x32.grad, atol=1e-3, rtol=1e-2)
+
+
+def test_without_grad_the_loss_still_reports_everything():
+    tuned, base_logits, labels, _ = make_batch()
+    with torch.no_grad():
+        loss, m = GeometryAwareLoss()(tuned.requires_grad_(), base_logits, labels)
+    assert not loss.requires_grad and math.isfinite(loss.item())
+    expected = {"task_loss", "KL_mean", "dH_mean", "cal_gap_mean", "positions_penalized_KL", "positions_penalized_cal", "positions_penalized_H", "kl_direction", "kl_estimator"}
+    assert expected <= set(m)
+
+
+def test_a_batch_without_labels_gives_zero_loss():
+    tuned, base_logits, _, _ = make_batch()
+    labels = torch.full(tuned.shape[:2], -100)
+    x = tuned.clone().requires_grad_()
+    loss, m = GeometryAwareLoss()(x, base_logits, labels)
+    loss.backward()
+    assert loss.item() == 0 and m["num_positions"] == 0 and (x.grad == 0).all()
+
+
+def test_bad_inputs_are_one_clear_sentence():
+    tuned, base_logits, labels, g = make_batch()
+    stats = BaseStats.from_logits(base_logits, labels, k=4, m=0, generator=g)
+    loss_fn = GeometryAwareLoss()
+    with pytest.raises(ValueError, match="not aligned"):
+        loss_fn(tuned, stats.select(slice(0, 3)), labels)
+    with pytest.raises(ValueError, match="another vocabulary"):
+        loss_fn(tuned[..., :5], stats, labels.clamp(max=4))
+    with pytest.raises(ValueError, match="must match tuned logits"):
+        loss_fn(tuned, base_logits[..., :5], labels)
+    with pytest.raises(ValueError, match="needs tail samples"):
+        GeometryAwareLoss(kl_estimator="topk_sampled")(tuned, stats, labels)
+    with pytest.raises(ValueError, match=r"token ids in \[0, 13\)"):
+        loss_fn(tuned, base_logits, labels.masked_fill(labels == 0, 99) + 50)
+    with pytest.raises(TypeError, match="BaseStats"):
+        loss_fn(tuned, [1, 2], labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Scheduler
+# --------------------------------------------------------------------------------------------
+
+
+def test_scheduler_follows_the_notes_schedule():
+    s = AdaptiveGeometryScheduler()
+    assert s.get_thresholds(0) == {"kl_threshold": 0.15, "dh_threshold": 0.1, "cal_threshold": 0.05}
+    assert s.get_thresholds(500)["kl_threshold"] == pytest.approx(0.115)
+    assert s.get_thresholds(1000)["kl_threshold"] == pytest.approx(0.08)
+    assert s.get_thresholds(10**6)["kl_threshold"] == pytest.approx(0.08)
+    cfg = GeometryConfig(kl_threshold=0.2, final_kl_threshold=None, kl_warmup_steps=10)
+    assert AdaptiveGeometryScheduler.from_config(cfg).get_thresholds(5)["kl_threshold"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(warmup_steps=0), "kl_warmup_steps=0 must be a positive integer"),
+        (dict(initial_kl=0.05, final_kl=0.1), "final_kl_threshold=0.1 is above kl_threshold=0.05"),
+        (dict(dh_threshold=-0.1), "dh_threshold=-0.1 must be a finite number >= 0"),
+        (dict(lambda_router=-1.0), "lambda_router=-1.0 must be a finite number >= 0"),
+    ],
+)
+def test_scheduler_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AdaptiveGeometryScheduler(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Router divergence
+# --------------------------------------------------------------------------------------------
+
+
+def test_router_jaccard_on_hand_made_sets():
+    base = torch.tensor([[0, 1], [0, 1], [0, 1], [2, 5]])
+    tuned = torch.tensor([[1, 0], [1, 2], [3, 4], [5, 2]])
+    assert router_jaccard(base, tuned).tolist() == pytest.approx([1.0, 1 / 3, 0.0, 1.0])
+
+
+def test_router_kl_matches_torch_distributions_with_layer_weights():
+    g = torch.Generator().manual_seed(0)
+    tuned = [torch.randn(10, 6, generator=g, dtype=torch.float64) for _ in range(3)]
+    base = [torch.randn(10, 6, generator=g, dtype=torch.float64) for _ in range(3)]
+    w = torch.tensor([1.0, 2.0, 1.0])
+    loss, m = router_divergence_loss(tuned, base, w, top_k=2)
+    per_layer = [
+        torch.distributions.kl_divergence(torch.distributions.Categorical(logits=b), torch.distributions.Categorical(logits=t)).mean()
+        for t, b in zip(tuned, base)
+    ]
+    expected = sum(wi * d for wi, d in zip(w / w.sum(), per_layer))
+    torch.testing.assert_close(loss, expected.to(loss.dtype))
+    jacc = torch.stack([router_jaccard(b.topk(2).indices, t.topk(2).indices).mean() for t, b in zip(tuned, base)]).mean()
+    torch.testing.assert_close(m["router_jaccard"], jacc.float())
+
+
+def test_escaped_mass_from_base_topk_ids_and_mask():
+    tuned = [torch.tensor([[2.0, 1.0, 0.0, -1.0], [3.0, 2.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0]])]
+    base_ids = [torch.tensor([[0, 1, 3], [2, 3, 0], [1, 2, 0]])]  # top-(k+1) cached; only the first k count
+    mask = torch.tensor([True, True, False])
+    loss, m = router_divergence_loss(tuned, base_ids, None, top_k=2, mask=mask)
+    r0, r1 = torch.softmax(tuned[0][0], -1), torch.softmax(tuned[0][1], -1)
+    expected = ((1 - (r0[0] + r0[1])) + (1 - (r1[2] + r1[3]))) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert m["router_jaccard"].item() == pytest.approx((1.0 + 0.0) / 2)
+
+
+def test_sigmoid_scoring_normalises_sigmoid_scores():
+    tuned, base = [torch.randn(5, 8, dtype=torch.float64)], [torch.randn(5, 8, dtype=torch.float64)]
+    loss, _ = router_divergence_loss(tuned, base, None, top_k=2, scoring="sigmoid")
+    rt = torch.sigmoid(tuned[0]) / torch.sigmoid(tuned[0]).sum(-1, keepdim=True)
+    rb = torch.sigmoid(base[0]) / torch.sigmoid(base[0]).sum(-1, keepdim=True)
+    torch.testing.assert_close(loss, (rb * (rb / rt).log()).sum(-1).mean())
+
+
+def test_router_divergence_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    tuned = [torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    base = [torch.randn(4, 5, generator=g, dtype=torch.float64), torch.tensor([[0, 1], [2, 3], [4, 0], [1, 2]])]
+    assert torch.autograd.gradcheck(lambda a, b: router_divergence_loss([a, b], base, None, top_k=2)[0], tuple(tuned))
+
+
+def test_midband_weights_peak_over_the_middle_third_and_sum_to_one():
+    for n in (1, 2, 3, 7, 24, 61):
+        w = midband_layer_weights(n)
+        assert w.sum().item() == pytest.approx(1.0)
+        torch.testing.assert_close(w, w.flip(0))  # symmetric
+        x = (torch.arange(n) + 0.5) / n
+        middle = (x >= 1 / 3) & (x <= 2 / 3)
+        if middle.any():
+            assert torch.allclose(w[middle], w.max())
+    w = midband_layer_weights(24)
+    assert w[0] < w[4] < w[8] and w[0] == pytest.approx(0.1 * w.max().item(), rel=0.2)
+
+
+def test_router_layer_weight_and_shape_errors():
+    t = [torch.randn(3, 4), torch.randn(3, 4)]
+    with pytest.raises(ValueError, match="layer_weights has 3 entries but the model has 2 MoE layers"):
+        router_divergence_loss(t, t, [1, 1, 1])
+    with pytest.raises(ValueError, match="must be finite, >= 0"):
+        router_divergence_loss(t, t, [1, -1])
+    with pytest.raises(ValueError, match="top_k=5 exceeds the 4 experts"):
+        router_divergence_loss(t, t, None, top_k=5)
+    with pytest.raises(ValueError, match="they must match"):
+        router_divergence_loss(t, t[:1])

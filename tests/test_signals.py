@@ -1,0 +1,258 @@
+"""Geometry signals, base statistics and cached KL estimators against independent references."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats as sps
+
+from geocache.signals import (
+    BaseStats,
+    cached_kl,
+    calibration_gap,
+    compute_base_stats,
+    entropy,
+    geometry_signals,
+    kl_forward,
+    kl_reverse,
+    labelled_positions,
+    nll,
+)
+
+
+def brute_softmax(row):
+    m = max(row)
+    e = [math.exp(x - m) for x in row]
+    s = sum(e)
+    return [x / s for x in e]
+
+
+def brute_signals(q_row, p_row, y):
+    """Per-position signals with Python floats and loops: the independent reference."""
+    q, p = brute_softmax(q_row), brute_softmax(p_row)
+    h_q = -sum(x * math.log(x) for x in q if x > 0)
+    h_p = -sum(x * math.log(x) for x in p if x > 0)
+    kl_f = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+    kl_r = sum(qi * math.log(qi / pi) for pi, qi in zip(p, q) if qi > 0)
+    n = -math.log(q[y])
+    return {"H_q": h_q, "H_p": h_p, "dH": h_q - h_p, "kl_forward": kl_f, "kl_reverse": kl_r, "nll": n, "cal_gap": n - h_q}
+
+
+def test_labelled_positions_shift_labels_once_and_drop_ignored():
+    labels = torch.tensor([[5, 6, -100, 7], [-100, 1, 2, -100]])
+    rows, targets = labelled_positions(labels)
+    # Row b*T + t predicts labels[b, t+1]; -100 labels (and the first token) never count.
+    assert rows.tolist() == [0, 2, 4, 5]
+    assert targets.tolist() == [6, 7, 1, 2]
+
+
+def test_exact_signals_match_brute_force_loops():
+    g = torch.Generator().manual_seed(0)
+    tuned, base = torch.randn(2, 5, 7, generator=g) * 3, torch.randn(2, 5, 7, generator=g) * 3
+    labels = torch.randint(0, 7, (2, 5), generator=g)
+    labels[0, 3] = labels[1, 1] = -100
+    sig = geometry_signals(tuned, base, labels)
+    rows, targets = labelled_positions(labels)
+    flat_q, flat_p = tuned.reshape(-1, 7).double().tolist(), base.reshape(-1, 7).double().tolist()
+    for i, (r, y) in enumerate(zip(rows.tolist(), targets.tolist())):
+        ref = brute_signals(flat_q[r], flat_p[r], y)
+        for name, value in ref.items():
+            assert sig[name][i].item() == pytest.approx(value, abs=2e-5), name
+
+
+def test_exact_signals_match_torch_distributions():
+    g = torch.Generator().manual_seed(1)
+    q_logits, p_logits = torch.randn(6, 11, generator=g, dtype=torch.float64), torch.randn(6, 11, generator=g, dtype=torch.float64)
+    cq, cp = torch.distributions.Categorical(logits=q_logits), torch.distributions.Categorical(logits=p_logits)
+    torch.testing.assert_close(entropy(q_logits), cq.entropy())
+    torch.testing.assert_close(kl_forward(p_logits, q_logits), torch.distributions.kl_divergence(cp, cq))
+    torch.testing.assert_close(kl_reverse(p_logits, q_logits), torch.distributions.kl_divergence(cq, cp))
+    y = torch.arange(6) % 11
+    torch.testing.assert_close(nll(q_logits, y), -cq.log_prob(y))
+    torch.testing.assert_close(calibration_gap(q_logits, y), -cq.log_prob(y) - cq.entropy())
+
+
+def test_half_precision_logits_are_computed_in_float32():
+    logits = (torch.randn(4, 50) * 8).to(torch.bfloat16)
+    h = entropy(logits)
+    assert h.dtype == torch.float32
+    torch.testing.assert_close(h, torch.distributions.Categorical(logits=logits.double()).entropy().float())
+
+
+# --------------------------------------------------------------------------------------------
+# compute_base_stats
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n,vocab,k,block_size,chunk_size",
+    [
+        (7, 13, 3, 256, None),  # vocabulary smaller than one block
+        (9, 1000, 5, 64, 4),  # block path, ragged last block (1000 = 15·64 + 40)
+        (5, 1000, 5, 7, 2),  # tiny blocks, many candidates
+        (4, 300, 300, 64, 3),  # k = V
+        (6, 513, 20, 16, 5),  # k·block > V/2: full top-k path
+    ],
+)
+def test_base_stats_match_references(n, vocab, k, block_size, chunk_size):
+    g = torch.Generator().manual_seed(vocab + k)
+    logits = torch.randn(n, vocab, generator=g) * 4
+    logits[0, 17 % vocab] = 30.0  # one very peaked row
+    got = compute_base_stats(logits, k=k, m=3, block_size=block_size, chunk_size=chunk_size, generator=g)
+    ref = logits.double()
+    torch.testing.assert_close(got.lse.double(), ref.logsumexp(-1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.entropy.double(), torch.distributions.Categorical(logits=ref).entropy(), rtol=0, atol=1e-5)
+    top_vals = ref.topk(k, dim=-1).values
+    torch.testing.assert_close(got.topk_logprobs.double(), top_vals - ref.logsumexp(-1, keepdim=True), rtol=0, atol=1e-5)
+    # ids are the tokens whose log-probs were reported, distinct, sorted by descending probability
+    torch.testing.assert_close(ref.gather(1, got.topk_ids), top_vals, rtol=0, atol=1e-6)
+    assert all(len(set(r)) == k for r in got.topk_ids.tolist())
+    assert (got.topk_logprobs[:, :-1] >= got.topk_logprobs[:, 1:]).all()
+
+
+def test_base_stats_of_selected_rows_equal_stats_of_those_rows():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(20, 40, generator=g)
+    rows = torch.tensor([3, 0, 19, 7])
+    a = compute_base_stats(logits, k=4, rows=rows)
+    b = compute_base_stats(logits[rows], k=4)
+    torch.testing.assert_close(a.lse, b.lse)
+    assert torch.equal(a.topk_ids, b.topk_ids)
+
+
+def test_tail_samples_follow_the_base_distribution_restricted_to_the_tail():
+    g = torch.Generator().manual_seed(4)
+    vocab, k, draws = 30, 5, 6000
+    row = torch.randn(vocab, generator=g) * 2
+    stats_ = compute_base_stats(row.expand(draws // 4, vocab).contiguous(), k=k, m=4, generator=g, block_size=8)
+    top = set(stats_.topk_ids[0].tolist())
+    ids = stats_.sample_ids.flatten()
+    assert not top & set(ids.tolist()), "a tail sample landed in the top-k"
+    lp = torch.log_softmax(row.double(), -1)
+    torch.testing.assert_close(stats_.sample_logprobs.double(), lp[stats_.sample_ids], rtol=0, atol=1e-5)
+    tail = [j for j in range(vocab) if j not in top]
+    p_tail = lp.exp()[tail] / lp.exp()[tail].sum()
+    observed = np.bincount(ids.numpy(), minlength=vocab)[tail]
+    assert sps.chisquare(observed, p_tail.numpy() * observed.sum()).pvalue > 1e-3
+
+
+def test_tail_samples_are_reproducible_with_a_seeded_generator_and_chunking_does_not_change_statistics():
+    logits = torch.randn(10, 200, generator=torch.Generator().manual_seed(5))
+    a = compute_base_stats(logits, k=8, m=4, generator=torch.Generator().manual_seed(9), chunk_size=3)
+    b = compute_base_stats(logits, k=8, m=4, generator=torch.Generator().manual_seed(9), chunk_size=3)
+    c = compute_base_stats(logits, k=8, m=4, generator=torch.Generator().manual_seed(9), chunk_size=10)
+    assert torch.equal(a.sample_ids, b.sample_ids)
+    torch.testing.assert_close(a.lse, c.lse)
+    torch.testing.assert_close(a.entropy, c.entropy)
+    assert torch.equal(a.topk_ids, c.topk_ids)
+
+
+def test_empty_tail_marks_samples_missing():
+    stats_ = compute_base_stats(torch.randn(3, 6), k=6, m=2)
+    assert torch.isneginf(stats_.sample_logprobs).all()
+
+
+def test_bfloat16_base_logits_give_float32_statistics():
+    logits = (torch.randn(4, 300) * 5).to(torch.bfloat16)
+    got = compute_base_stats(logits, k=4)
+    assert got.lse.dtype == torch.float32
+    torch.testing.assert_close(got.lse, logits.float().logsumexp(-1))
+
+
+def test_non_finite_base_logits_are_an_error_naming_the_rows():
+    logits = torch.randn(5, 40)
+    logits[3, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf at rows \[3\]"):
+        compute_base_stats(logits, k=2)
+    logits[3, 2] = float("inf")
+    # With a row selection, the error names the rows of the logits tensor it was given.
+    with pytest.raises(ValueError, match=r"rows \[3\]"):
+        compute_base_stats(logits, k=2, rows=torch.tensor([0, 3, 4]), chunk_size=1)
+
+
+@pytest.mark.parametrize("k", [0, 41])
+def test_k_outside_the_vocabulary_is_an_error(k):
+    with pytest.raises(ValueError, match=f"k={k} must be between 1 and the vocabulary size 40"):
+        compute_base_stats(torch.randn(2, 40), k=k)
+
+
+# --------------------------------------------------------------------------------------------
+# Cached estimators
+# --------------------------------------------------------------------------------------------
+
+rows_and_vocab = st.tuples(st.integers(1, 4), st.integers(2, 24), st.integers(0, 2**31 - 1))
+
+
+def _pair(n, vocab, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, vocab, generator=g, dtype=torch.float64) * scale, torch.randn(n, vocab, generator=g, dtype=torch.float64) * scale, g)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows_and_vocab, st.data())
+def test_topk_tail_is_a_lower_bound_and_reverse_coarse_too(shape, data):
+    n, vocab, seed = shape
+    p_logits, q_logits, g = _pair(n, vocab, seed)
+    k = data.draw(st.integers(1, vocab))
+    base = compute_base_stats(p_logits, k=k, m=2, generator=g)
+    assert (cached_kl(q_logits, base, "topk_tail") <= kl_forward(p_logits, q_logits) + 1e-10).all()
+    assert (cached_kl(q_logits, base, direction="reverse") <= kl_reverse(p_logits, q_logits) + 1e-10).all()
+    assert (cached_kl(q_logits, base, "topk_tail") >= -1e-12).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows_and_vocab, st.sampled_from(["topk_tail", "topk_sampled", "topk_renorm"]), st.sampled_from(["forward", "reverse"]))
+def test_every_estimator_is_exact_when_k_is_the_vocabulary(shape, estimator, direction):
+    n, vocab, seed = shape
+    p_logits, q_logits, g = _pair(n, vocab, seed)
+    base = compute_base_stats(p_logits, k=vocab, m=2, generator=g)
+    exact = kl_forward(p_logits, q_logits) if direction == "forward" else kl_reverse(p_logits, q_logits)
+    torch.testing.assert_close(cached_kl(q_logits, base, estimator, direction), exact, rtol=1e-9, atol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows_and_vocab, st.floats(-50, 50), st.floats(-50, 50))
+def test_estimators_are_invariant_to_adding_a_constant_to_the_logits(shape, c_p, c_q):
+    n, vocab, seed = shape
+    p_logits, q_logits, _ = _pair(n, vocab, seed)
+    k = max(1, vocab // 3)
+    a = compute_base_stats(p_logits, k=k, m=3, generator=torch.Generator().manual_seed(1))
+    b = compute_base_stats(p_logits + c_p, k=k, m=3, generator=torch.Generator().manual_seed(1))
+    for est in ("topk_tail", "topk_sampled", "topk_renorm"):
+        torch.testing.assert_close(cached_kl(q_logits, a, est), cached_kl(q_logits + c_q, b, est), rtol=1e-7, atol=1e-9)
+
+
+def _constructed_case():
+    """A base with a fat tail and a tuned model that moved mass inside the tail."""
+    vocab, k = 40, 5
+    p_logits = torch.zeros(vocab, dtype=torch.float64)
+    p_logits[:k] = torch.tensor([3.0, 2.5, 2.0, 1.5, 1.0], dtype=torch.float64)
+    q_logits = p_logits.clone()
+    q_logits[:k] += torch.tensor([0.5, -0.5, 0.3, 0.0, -0.2], dtype=torch.float64)
+    q_logits[k : k + 10] += 1.5  # redistributes tail mass: invisible to the top-k head
+    return p_logits, q_logits, k
+
+
+def test_topk_sampled_is_unbiased_and_topk_renorm_is_not():
+    p_logits, q_logits, k = _constructed_case()
+    reps = 4000
+    base = compute_base_stats(p_logits.expand(reps, -1).contiguous(), k=k, m=4, generator=torch.Generator().manual_seed(0))
+    exact = kl_forward(p_logits, q_logits).item()
+    sampled = cached_kl(q_logits.expand(reps, -1), base, "topk_sampled")
+    stderr = sampled.std().item() / math.sqrt(reps)
+    assert abs(sampled.mean().item() - exact) < 4 * stderr
+    renorm = cached_kl(q_logits.expand(1, -1), base.select(slice(0, 1)), "topk_renorm").item()
+    tail = cached_kl(q_logits.expand(1, -1), base.select(slice(0, 1)), "topk_tail").item()
+    assert abs(renorm - exact) > 20 * stderr and abs(renorm - exact) > 0.4 * exact  # biased: blind to the tail
+    assert tail < exact - 20 * stderr  # the coarse-grained bound loses the within-tail move
+
+
+def test_base_stats_select_and_sizes():
+    base = compute_base_stats(torch.randn(6, 30), k=4, m=2)
+    assert (base.num_positions, base.k, base.m) == (6, 4, 2)
+    sub = base.select(torch.tensor([5, 1]))
+    assert torch.equal(sub.topk_ids, base.topk_ids[[5, 1]])
+    assert isinstance(sub, BaseStats)
