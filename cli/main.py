@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import click
+import yaml
 
 import geocache
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class GeocacheGroup(click.Group):
+    """Turns library errors on bad input into one sentence and a non-zero exit, not a traceback."""
+
+    def invoke(self, ctx):
+        from geocache.cache import CacheError, CacheWriteError
+        from geocache.data import BadRowError
+
+        try:
+            return super().invoke(ctx)
+        except (ValueError, FileNotFoundError, CacheError, CacheWriteError, BadRowError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=GeocacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(geocache.__version__, "--version", "-V", prog_name="geocache")
 def main() -> None:
     """geocache: cache a base model's next-token statistics once, then fine-tune against them.
@@ -15,6 +34,103 @@ def main() -> None:
     geometry-aware DoRA fine-tuning that keeps the tuned model close to its base where it matters:
     per-position KL to the base, entropy drop, calibration gap and MoE router drift.
     """
+
+
+def _load_yaml(path: str | None) -> dict:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of options")
+    return data
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(), help="YAML file of options; CLI options override it.")
+@click.option("--model", help="Base model: local directory or hub id.")
+@click.option("--revision", help="Model revision (hub).")
+@click.option("--data", multiple=True, help="Data file, directory or hub dataset id (repeatable).")
+@click.option("--out", help="Cache directory or fsspec URL.")
+@click.option("--backend", type=click.Choice(["zarr", "arrow"]), help="Storage backend (default zarr).")
+@click.option("--top-k", "k", type=int, help="k: top-k log-probs cached per position (default 64).")
+@click.option("--tail-samples", "m", type=int, help="m: tail samples cached per position (default 0).")
+@click.option("--router", type=click.Choice(["auto", "full", "topk", "none"]), help="MoE router logits to cache.")
+@click.option("--router-k", type=int, help="Experts kept per layer with --router topk.")
+@click.option("--format", "format_", type=click.Choice(["auto", "text", "prompt_completion", "messages"]), help="Example shape.")
+@click.option("--text-field", help="Field holding plain text.")
+@click.option("--max-length", type=int, help="Tokens per sequence (default 1024).")
+@click.option("--packing/--truncate", default=None, help="Pack whole examples into rows, or truncate each (default).")
+@click.option("--max-sequences", type=int, help="Stop after this many sequences.")
+@click.option("--max-tokens", type=int, help="Stop once this many tokens are cached.")
+@click.option("--split", help="Dataset split (hub datasets).")
+@click.option("--batch-size", type=int, help="Sequences per forward (default 8).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Base compute dtype.")
+@click.option("--device", help="Device, e.g. cpu or cuda:0.")
+@click.option("--device-map", help="accelerate device_map for bases larger than one device (e.g. auto).")
+@click.option("--seed", type=int, help="Seed of the tail samples.")
+@click.option("--shard-sequences", type=int, help="Sequences per shard (default 256).")
+@click.option("--resume", is_flag=True, default=None, help="Continue an interrupted run.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace a cache already at --out.")
+@click.option("--dry-run", is_flag=True, default=None, help="Print the estimated size and token count only.")
+@click.option("--skip-bad-rows", is_flag=True, default=None, help="Count and skip malformed rows instead of failing.")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Allow model code from the hub.")
+@click.option("--no-progress", is_flag=True, default=False, help="Hide the progress bar.")
+def precompute(config_path, no_progress, format_, **options):
+    """Stream a dataset through the base model once and cache its statistics."""
+    from geocache.precompute import config_from_options, precompute as run
+
+    merged = _load_yaml(config_path)
+    options["format"] = format_
+    options["data"] = list(options["data"]) or None
+    merged.update({k: v for k, v in options.items() if v is not None})
+    if no_progress:
+        merged["progress"] = False
+    for required in ("model", "data", "out"):
+        if not merged.get(required) and not (required == "out" and merged.get("dry_run")):
+            raise ValueError(f"--{required} is required (on the command line or in --config)")
+    merged.setdefault("out", "")
+    result = run(config_from_options(merged))
+    if isinstance(result, dict):
+        click.echo(json.dumps(result, indent=2))
+    else:
+        c = result.counts
+        click.echo(f"cached {c['sequences']} sequences, {c['tokens']} tokens, {c['positions']} positions in {len(result.shards)} shards at {merged['out']}")
+
+
+@main.group()
+def cache() -> None:
+    """Inspect and verify caches."""
+
+
+@cache.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(path, as_json):
+    """What a cache holds: model, data, statistics, sizes and bytes per token."""
+    from geocache.cache.inspect import summarize
+
+    summary = summarize(path)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for key, value in summary.items():
+        click.echo(f"{key:>28}: {value}")
+
+
+@cache.command()
+@click.argument("path")
+def verify(path):
+    """Recompute every shard's checksum and check its schema; exit 1 naming the first bad shard."""
+    from geocache.cache.inspect import verify as run
+
+    bad = run(path)
+    if bad:
+        click.echo(f"error: {bad}", err=True)
+        sys.exit(1)
+    click.echo(f"ok: every shard of {path} matches its checksum and schema")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -256,3 +256,16 @@ def test_base_stats_select_and_sizes():
     sub = base.select(torch.tensor([5, 1]))
     assert torch.equal(sub.topk_ids, base.topk_ids[[5, 1]])
     assert isinstance(sub, BaseStats)
+
+
+def test_rounded_cached_logprobs_at_k_equal_vocab_add_no_phantom_tail():
+    """With k = V the tail is empty on both sides: rounding noise in Σ p must not become a tail term."""
+    p_logits, q_logits, g = _pair(6, 300, 11, scale=0.5)  # flat: float16 rounding of log p is coarsest
+    base = compute_base_stats(p_logits.float(), k=300, m=0, generator=g)
+    base.topk_logprobs = base.topk_logprobs.half()
+    assert (1 - base.topk_logprobs.double().exp().sum(-1)).abs().max() > 1e-5  # the noise is there
+    exact = kl_forward(p_logits, q_logits)
+    for direction in ("forward", "reverse"):
+        est = cached_kl(q_logits.float(), base, "topk_tail", direction).double()
+        ref = exact if direction == "forward" else kl_reverse(p_logits, q_logits)
+        torch.testing.assert_close(est, ref, rtol=2e-2, atol=1e-4)

@@ -1,0 +1,186 @@
+"""Two storage backends behind one small interface: write a shard's arrays, open a shard for reading.
+
+A shard's arrays, in memory and on disk, are sequence-major and flat (``docs/cache-format.md``):
+
+- per sequence ``[S]``: ``sequence_index``; offsets ``token_offsets``/``position_offsets`` ``[S+1]``
+- per token ``[T]``: ``input_ids``, ``labels``, (``position_ids`` when packed)
+- per labelled position ``[P, ...]``: ``lse``, ``entropy``, ``topk_ids``, ``topk_logprobs``,
+  (``tail_ids``, ``tail_logprobs``), (``router_logits`` or ``router_topk_ids``/``router_topk_logits``)
+
+Zarr v3: a group per shard, one array per name, chunked along the first axis, zstd-compressed with
+a crc32c checksum per chunk, inside one sharding-codec file per array. Arrow IPC: one file per
+shard, one row per sequence with list columns (token and position arrays as ``list<...>``, the
+trailing dimensions as fixed-size lists), uncompressed so that it memory-maps with zero copies.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+TOKEN_KEYS = ("input_ids", "labels", "position_ids")
+POSITION_KEYS = (
+    "lse",
+    "entropy",
+    "topk_ids",
+    "topk_logprobs",
+    "tail_ids",
+    "tail_logprobs",
+    "router_logits",
+    "router_topk_ids",
+    "router_topk_logits",
+)
+BACKENDS = ("zarr", "arrow")
+
+
+class ShardView:
+    """Read access to one shard: offsets in memory, arrays sliced on demand."""
+
+    def __init__(self, sequence_index: np.ndarray, token_offsets: np.ndarray, position_offsets: np.ndarray, arrays: dict):
+        self.sequence_index = sequence_index
+        self.token_offsets = token_offsets
+        self.position_offsets = position_offsets
+        self.arrays = arrays  # name → object supporting [a:b] slicing into numpy
+
+    def __len__(self) -> int:
+        return len(self.sequence_index)
+
+    def row(self, i: int) -> dict[str, np.ndarray]:
+        t0, t1 = int(self.token_offsets[i]), int(self.token_offsets[i + 1])
+        p0, p1 = int(self.position_offsets[i]), int(self.position_offsets[i + 1])
+        out = {}
+        for name, arr in self.arrays.items():
+            a, b = (t0, t1) if name in TOKEN_KEYS else (p0, p1)
+            out[name] = np.asarray(arr[a:b])
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Zarr v3
+# ----------------------------------------------------------------------------------------------
+
+
+def _zarr_store(fs, path: str, read_only: bool):
+    import zarr.storage
+
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return zarr.storage.LocalStore(path, read_only=read_only)
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+    afs = fs if getattr(fs, "async_impl", False) else AsyncFileSystemWrapper(fs)
+    return zarr.storage.FsspecStore(afs, path=path, read_only=read_only)
+
+
+class ZarrBackend:
+    name = "zarr"
+    suffix = ".zarr"
+
+    def __init__(self, rows_per_chunk: int = 2048, zstd_level: int = 3):
+        self.rows_per_chunk = rows_per_chunk
+        self.zstd_level = zstd_level
+
+    def write(self, fs, path: str, arrays: dict[str, np.ndarray]) -> None:
+        import zarr
+        from zarr.codecs import Crc32cCodec, ZstdCodec
+
+        group = zarr.open_group(store=_zarr_store(fs, path, read_only=False), mode="w")
+        for name, data in arrays.items():
+            chunk = (max(1, min(self.rows_per_chunk, data.shape[0])),) + data.shape[1:]
+            shard = (max(chunk[0], -(-data.shape[0] // chunk[0]) * chunk[0]),) + data.shape[1:]
+            arr = group.create_array(
+                name,
+                shape=data.shape,
+                dtype=data.dtype,
+                chunks=chunk,
+                shards=shard,
+                compressors=[ZstdCodec(level=self.zstd_level), Crc32cCodec()],
+                fill_value=0,
+            )
+            if data.size:
+                arr[...] = data
+
+    def open(self, fs, path: str) -> ShardView:
+        import zarr
+
+        group = zarr.open_group(store=_zarr_store(fs, path, read_only=True), mode="r")
+        names = set(group.array_keys())
+        arrays = {n: group[n] for n in (*TOKEN_KEYS, *POSITION_KEYS) if n in names}
+        return ShardView(group["sequence_index"][:], group["token_offsets"][:], group["position_offsets"][:], arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+# Arrow IPC
+# ----------------------------------------------------------------------------------------------
+
+
+def _nested_list(values: np.ndarray, offsets: np.ndarray):
+    """``list<fixed_size_list<...>>`` over ``values [P, ...]`` split by ``offsets [S+1]``."""
+    import pyarrow as pa
+
+    flat = pa.array(values.reshape(-1))
+    for dim in reversed(values.shape[1:]):
+        flat = pa.FixedSizeListArray.from_arrays(flat, dim)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), flat)
+
+
+def _flatten(column) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets [S+1], values [P, ...]) of a ``list<fixed_size_list<...>>`` column, zero-copy."""
+    import pyarrow as pa
+
+    offsets = column.offsets.to_numpy()
+    values, shape = column.values, []
+    while pa.types.is_fixed_size_list(values.type):
+        shape.append(values.type.list_size)
+        values = values.values
+    flat = values.to_numpy(zero_copy_only=True)
+    return offsets, flat.reshape((-1, *shape))
+
+
+class ArrowBackend:
+    name = "arrow"
+    suffix = ".arrow"
+
+    def write(self, fs, path: str, arrays: dict[str, np.ndarray]) -> None:
+        import pyarrow as pa
+
+        columns = {"sequence_index": pa.array(arrays["sequence_index"])}
+        for name, data in arrays.items():
+            if name in TOKEN_KEYS:
+                columns[name] = _nested_list(data, arrays["token_offsets"])
+            elif name in POSITION_KEYS:
+                columns[name] = _nested_list(data, arrays["position_offsets"])
+        batch = pa.RecordBatch.from_pydict(columns)
+        with fs.open(path, "wb") as f, pa.ipc.new_file(f, batch.schema) as writer:
+            writer.write_batch(batch)
+
+    def open(self, fs, path: str) -> ShardView:
+        import pyarrow as pa
+
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            source = pa.memory_map(path, "r")
+        else:
+            source = pa.BufferReader(fs.cat_file(path))
+        batch = pa.ipc.open_file(source).get_batch(0)
+        arrays: dict[str, np.ndarray] = {}
+        token_offsets: Optional[np.ndarray] = None
+        position_offsets: Optional[np.ndarray] = None
+        for name in batch.schema.names:
+            if name == "sequence_index":
+                continue
+            offsets, values = _flatten(batch.column(name))
+            arrays[name] = values
+            if name in TOKEN_KEYS:
+                token_offsets = offsets
+            else:
+                position_offsets = offsets
+        seq_index = batch.column("sequence_index").to_numpy()
+        return ShardView(seq_index, token_offsets, position_offsets, arrays)
+
+
+def get_backend(name: str):
+    if name == "zarr":
+        return ZarrBackend()
+    if name == "arrow":
+        return ArrowBackend()
+    raise ValueError(f"backend {name!r} must be one of {', '.join(BACKENDS)}")

@@ -1,0 +1,94 @@
+"""``geocache cache inspect`` and ``verify``: a cache's summary, and a full integrity check."""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Optional
+
+import numpy as np
+
+from geocache.cache.backends import get_backend
+from geocache.cache.manifest import shard_checksum
+from geocache.cache.reader import _fs, read_manifest
+
+LM_KEYS = ("lse", "entropy", "topk_ids", "topk_logprobs", "tail_ids", "tail_logprobs")
+ROUTER_KEYS = ("router_logits", "router_topk_ids", "router_topk_logits")
+
+
+def _bytes_by_kind(fs, path: str) -> dict[str, int]:
+    """Stored (compressed) bytes of a shard split into LM statistics, router statistics and the rest."""
+    out = {"lm": 0, "router": 0, "other": 0}
+    files = fs.find(path) if fs.isdir(path) else []
+    if not files:  # a single-file shard (Arrow): split by the arrays' in-memory sizes
+        view = get_backend("arrow").open(fs, path)
+        sizes = {k: np.asarray(v).nbytes for k, v in view.arrays.items()}
+        total = fs.size(path)
+        whole = sum(sizes.values()) or 1
+        for k, n in sizes.items():
+            kind = "lm" if k in LM_KEYS else "router" if k in ROUTER_KEYS else "other"
+            out[kind] += int(total * n / whole)
+        return out
+    for f in files:
+        name = posixpath.relpath(f, path).split("/")[0]
+        kind = "lm" if name in LM_KEYS else "router" if name in ROUTER_KEYS else "other"
+        out[kind] += fs.size(f)
+    return out
+
+
+def summarize(url: str) -> dict:
+    fs, root = _fs(url)
+    m = read_manifest(fs, root)
+    kinds = {"lm": 0, "router": 0, "other": 0}
+    for s in m.shards:
+        for k, v in _bytes_by_kind(fs, posixpath.join(root, s.name)).items():
+            kinds[k] += v
+    tokens = max(m.counts["tokens"], 1)
+    return {
+        "cache": url,
+        "complete": m.complete,
+        "backend": m.backend,
+        "geocache_version": m.geocache_version,
+        "base_model": f"{m.base_model['id']} ({m.base_model['model_type']}, {m.base_model['output_size']} output rows, tokenizer {m.base_model['tokenizer_size']})",
+        "k / m": f"{m.statistics['k']} / {m.statistics['m']}",
+        "moe": "dense" if not m.moe else f"{len(m.moe['layers'])} layers x {m.moe['num_experts']} experts, top-{m.moe['top_k']}, {m.moe['scoring']}, router {m.moe['router_mode']}",
+        "sequences": m.counts["sequences"],
+        "tokens": m.counts["tokens"],
+        "labelled positions": m.counts["positions"],
+        "shards": len(m.shards),
+        "bytes": sum(s.bytes for s in m.shards),
+        "lm bytes/token": round(kinds["lm"] / tokens, 2),
+        "router bytes/token": round(kinds["router"] / tokens, 2),
+        "token data bytes/token": round(kinds["other"] / tokens, 2),
+    }
+
+
+def verify(url: str) -> Optional[str]:
+    """None if every shard matches its checksum and schema; else a sentence naming the first bad one."""
+    fs, root = _fs(url)
+    m = read_manifest(fs, root)
+    backend = get_backend(m.backend)
+    k, mm = m.statistics["k"], m.statistics["m"]
+    for s in m.shards:
+        path = posixpath.join(root, s.name)
+        if not fs.exists(path):
+            return f"shard {s.name} is missing"
+        if shard_checksum(fs, path)[0] != s.sha256:
+            return f"shard {s.name} fails its checksum"
+        try:
+            view = backend.open(fs, path)
+            problems = []
+            if len(view) != s.sequences or int(view.token_offsets[-1]) != s.tokens or int(view.position_offsets[-1]) != s.positions:
+                problems.append("counts differ from the manifest")
+            for name, width in (("topk_ids", k), ("topk_logprobs", k), ("tail_ids", mm), ("tail_logprobs", mm)):
+                if (name in view.arrays) != (width > 0 or name.startswith("topk")):
+                    problems.append(f"array {name} is {'missing' if name not in view.arrays else 'unexpected'}")
+                elif name in view.arrays and tuple(view.arrays[name].shape[1:]) != (width,):
+                    problems.append(f"array {name} has shape {tuple(view.arrays[name].shape)}")
+            expected = np.arange(s.first_sequence, s.first_sequence + s.sequences * s.stride, s.stride)
+            if not np.array_equal(view.sequence_index, expected):
+                problems.append("its sequence indices are not the ones the manifest lists")
+        except Exception as exc:  # a decoder error is a bad shard, not a crash
+            return f"shard {s.name} cannot be read ({exc})"
+        if problems:
+            return f"shard {s.name} fails the schema check: {problems[0]}"
+    return None

@@ -1,0 +1,287 @@
+"""dataset → sequences: load with ``datasets``, render, tokenise, mask labels, truncate or pack.
+
+Three shapes of example, detected per row (or forced with ``DataConfig.format``):
+
+- ``text``: a plain text field; every token is a label.
+- ``prompt`` + ``completion``: loss only on the completion.
+- ``messages``: a chat rendered with the tokenizer's chat template; loss only on the assistant
+  turns' content (the role header the template inserts before it is not a label).
+
+A ``Sequence`` is one row of the cache: ``input_ids``, ``labels`` (-100 where ignored, not yet
+shifted) and ``position_ids``. Packing (``DataConfig.packing``) concatenates whole examples into
+rows of at most ``max_length`` tokens; each example keeps its own ``position_ids`` from 0 and the
+first token of every example is never a label, so no label is predicted across an example
+boundary. Precompute runs the base on each example separately, so no attention crosses a
+boundary in what is cached either (see ``Sequence.segments``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+from geocache.signals import IGNORE_INDEX
+
+FORMATS = ("auto", "text", "prompt_completion", "messages")
+_EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".text": "text"}
+
+
+class BadRowError(ValueError):
+    """A malformed example; the message names its row number."""
+
+
+@dataclass
+class DataConfig:
+    """How examples become cached sequences. Every field changes which tokens are cached, so all
+    of them are part of the cache fingerprint."""
+
+    format: str = field(default="auto", metadata={"help": "auto | text | prompt_completion | messages."})
+    text_field: str = field(default="text", metadata={"help": "Field holding plain text."})
+    prompt_field: str = field(default="prompt", metadata={"help": "Field holding the prompt (no loss)."})
+    completion_field: str = field(default="completion", metadata={"help": "Field holding the completion (loss)."})
+    messages_field: str = field(default="messages", metadata={"help": "Field holding chat messages [{role, content}]."})
+    max_length: int = field(default=1024, metadata={"help": "Tokens per cached sequence; longer examples are truncated."})
+    packing: bool = field(default=False, metadata={"help": "Pack whole examples into rows of up to max_length tokens."})
+    add_eos: bool = field(default=True, metadata={"help": "Append the EOS token to text and completions."})
+    max_sequences: Optional[int] = field(default=None, metadata={"help": "Stop after this many cached sequences."})
+    max_tokens: Optional[int] = field(default=None, metadata={"help": "Stop once this many tokens are cached."})
+    split: str = field(default="train", metadata={"help": "Dataset split to read."})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "Count and skip malformed rows instead of failing."})
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r} must be one of {', '.join(FORMATS)}")
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length!r} must be an integer >= 2")
+        for name in ("max_sequences", "max_tokens"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise ValueError(f"{name}={v!r} must be a positive integer or null")
+
+    def fingerprint_fields(self) -> dict:
+        """The settings that decide which tokens are cached (``skip_bad_rows`` included: it
+        changes which rows survive)."""
+        return asdict(self)
+
+
+@dataclass
+class Sequence:
+    """One cached row. ``segments`` are (start, end) token spans of the examples packed in it."""
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+    segments: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def _local_files(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in _EXTENSIONS)
+        else:
+            files.append(p)
+    return files
+
+
+def load_examples(data: str | list[str], split: str = "train", streaming: bool = True) -> Iterable[dict]:
+    """Rows of local JSONL/JSON/Parquet/CSV/text files (or directories of them), or a hub dataset id.
+
+    All local files must share one format. Streaming by default, so large inputs never load whole.
+    """
+    import datasets
+
+    sources = [data] if isinstance(data, str) else list(data)
+    paths = [Path(s) for s in sources]
+    if all(p.exists() for p in paths):
+        files = _local_files(paths)
+        if not files:
+            raise FileNotFoundError(f"no data files ({', '.join(sorted(_EXTENSIONS))}) found in {', '.join(sources)}")
+        kinds = {_EXTENSIONS.get(f.suffix) for f in files}
+        if None in kinds or len(kinds) != 1:
+            raise ValueError(
+                f"data files must all be one of {', '.join(sorted(_EXTENSIONS))} and share a format; got {sorted({f.suffix for f in files})}"
+            )
+        builder = kinds.pop()
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming)
+    missing = [s for s, p in zip(sources, paths) if not p.exists()]
+    if len(sources) == 1 and "/" in sources[0] and not sources[0].startswith((".", "/")):
+        try:
+            return datasets.load_dataset(sources[0], split=split, streaming=streaming)
+        except Exception as exc:  # datasets raises many types; the user needs one sentence
+            raise FileNotFoundError(f"data {sources[0]!r} is neither a local path nor a loadable hub dataset ({exc})") from None
+    raise FileNotFoundError(f"data path(s) {missing} do not exist")
+
+
+def data_fingerprint(data: str | list[str]) -> dict:
+    """Identity of the input data: sha256 of every local file, or the hub id."""
+    sources = [data] if isinstance(data, str) else list(data)
+    paths = [Path(s) for s in sources]
+    if all(p.exists() for p in paths):
+        h = hashlib.sha256()
+        files = _local_files(paths)
+        for f in files:
+            h.update(f.name.encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+        return {"kind": "local", "files": [str(f) for f in files], "sha256": h.hexdigest()}
+    return {"kind": "hub", "id": sources[0]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering and tokenisation
+# ----------------------------------------------------------------------------------------------
+
+
+def _detect(row: dict, cfg: DataConfig) -> str:
+    if cfg.format != "auto":
+        return cfg.format
+    # Files mixing shapes load with every column in every row, None where absent.
+    if row.get(cfg.messages_field) is not None:
+        return "messages"
+    if row.get(cfg.prompt_field) is not None or row.get(cfg.completion_field) is not None:
+        return "prompt_completion"
+    return "text"
+
+
+def _field(row: dict, name: str, index: int) -> str:
+    if name not in row or row[name] is None:
+        raise BadRowError(f"row {index}: missing field {name!r} (fields: {sorted(row)})")
+    value = row[name]
+    if not isinstance(value, str):
+        raise BadRowError(f"row {index}: field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def tokenize_example(row: dict, index: int, tokenizer, cfg: DataConfig) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one example; labels are -100 where no loss is taken.
+
+    Raises ``BadRowError`` naming ``index`` for a missing field, a wrong type or empty text.
+    """
+    if not isinstance(row, dict):
+        raise BadRowError(f"row {index}: expected a mapping, got {type(row).__name__}")
+    kind = _detect(row, cfg)
+    eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
+    if kind == "text":
+        text = _field(row, cfg.text_field, index)
+        if not text.strip():
+            raise BadRowError(f"row {index}: field {cfg.text_field!r} is empty")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+        return ids, list(ids)
+    if kind == "prompt_completion":
+        prompt, completion = _field(row, cfg.prompt_field, index), _field(row, cfg.completion_field, index)
+        if not completion.strip():
+            raise BadRowError(f"row {index}: field {cfg.completion_field!r} is empty")
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
+        return p + c, [IGNORE_INDEX] * len(p) + c
+    return _tokenize_chat(row, index, tokenizer, cfg)
+
+
+def _tokenize_chat(row: dict, index: int, tokenizer, cfg: DataConfig) -> tuple[list[int], list[int]]:
+    messages = row.get(cfg.messages_field)
+    if not isinstance(messages, list) or not messages:
+        raise BadRowError(f"row {index}: field {cfg.messages_field!r} must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise BadRowError(f"row {index}: message {i} must have string 'role' and 'content'")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise BadRowError(f"row {index}: no non-empty assistant turn to learn from")
+    if tokenizer.chat_template is None:
+        raise ValueError("the tokenizer has no chat template, so chat `messages` rows cannot be rendered")
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    # Assistant spans in characters: from the end of the prompt that asks for that turn (the
+    # template's generation prompt, i.e. the role header) to the end of the turn as rendered.
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+            end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+            if text[:end] != tokenizer.apply_chat_template(messages[: i + 1], tokenize=False):
+                raise ValueError("the chat template does not render conversations prefix by prefix; cannot mask labels")
+            spans.append((start, end))
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, labels = enc["input_ids"], []
+    for tok, (a, b) in zip(ids, enc["offset_mapping"]):
+        inside = any(s <= a and b <= e for s, e in spans) and b > a
+        labels.append(tok if inside else IGNORE_INDEX)
+    return ids, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Sequences
+# ----------------------------------------------------------------------------------------------
+
+
+def iter_sequences(rows: Iterable[dict], tokenizer, cfg: DataConfig, bad_rows: Optional[list] = None) -> Iterator[Sequence]:
+    """Cached sequences from example rows, in order, truncated or packed, capped by the config.
+
+    ``bad_rows`` collects the messages of skipped rows when ``cfg.skip_bad_rows``.
+    """
+    n_seq = n_tok = 0
+    pending: list[tuple[list[int], list[int]]] = []
+    pending_len = 0
+
+    def emit(examples):
+        ids, labels, pos, segs = [], [], [], []
+        for e_ids, e_labels in examples:
+            segs.append((len(ids), len(ids) + len(e_ids)))
+            # The first token of an example is never predicted from the example before it.
+            first = IGNORE_INDEX if ids else e_labels[0]
+            ids += e_ids
+            labels += [first] + e_labels[1:]
+            pos += list(range(len(e_ids)))
+        return Sequence(ids, labels, pos, segs)
+
+    def capped() -> bool:
+        return (cfg.max_sequences is not None and n_seq >= cfg.max_sequences) or (cfg.max_tokens is not None and n_tok >= cfg.max_tokens)
+
+    for index, row in enumerate(rows):
+        try:
+            ids, labels = tokenize_example(row, index, tokenizer, cfg)
+        except BadRowError as exc:
+            if not cfg.skip_bad_rows:
+                raise
+            if bad_rows is not None:
+                bad_rows.append(str(exc))
+            continue
+        ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            continue  # nothing to learn after truncation
+        if not cfg.packing:
+            seq = emit([(ids, labels)])
+        elif pending_len + len(ids) <= cfg.max_length:
+            pending.append((ids, labels))
+            pending_len += len(ids)
+            continue
+        else:
+            seq = emit(pending)
+            pending, pending_len = [(ids, labels)], len(ids)
+        yield seq
+        n_seq, n_tok = n_seq + 1, n_tok + len(seq)
+        if capped():
+            return
+    if pending:
+        yield emit(pending)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's full serialisation (vocabulary, merges, normaliser, specials,
+    chat template)."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    h.update((tokenizer.chat_template or "").encode())
+    return h.hexdigest()
+

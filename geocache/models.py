@@ -1,0 +1,97 @@
+"""Loading a base model the way a user names it, and what identifies it: fingerprint, sizes, MoE layout."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Optional
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Router scoring per architecture, where the config does not say (SPEC: "in the architecture's
+# own scoring space"). DeepSeek-V3 scores experts with a sigmoid; the others with a softmax.
+_SIGMOID_SCORING = {"deepseek_v3", "glm4_moe"}
+_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def load_model_and_tokenizer(
+    model_id: str,
+    *,
+    revision: Optional[str] = None,
+    dtype: str = "float32",
+    device: Optional[str] = None,
+    device_map: Optional[str] = None,
+    trust_remote_code: bool = False,
+):
+    """``AutoModelForCausalLM`` and ``AutoTokenizer`` from a local path or hub id, in eval mode.
+
+    ``device_map`` (e.g. ``"auto"``) spreads a base too large for one device through accelerate;
+    otherwise the model goes to ``device`` (default: CUDA when available, else CPU).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
+    kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES[dtype], device_map=device_map, **kwargs)
+    except OSError as exc:
+        raise FileNotFoundError(f"model {model_id!r} is neither a local model directory nor a reachable hub model ({exc})") from None
+    if device_map is None:
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.eval()
+    return model, tokenizer
+
+
+def output_size(model) -> int:
+    """Rows of the model's output projection (may exceed the tokenizer's vocabulary)."""
+    head = model.get_output_embeddings()
+    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+
+
+def model_fingerprint(model) -> dict:
+    """sha256 of the config, and of the weights sampled: per tensor (sorted by name) its name,
+    shape and up to 4,096 evenly strided values rounded to bfloat16, so the same weights loaded
+    in float32 or bfloat16 agree while any retrained or other model differs."""
+    config = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures", "_attn_implementation_autoset"):
+        config.pop(volatile, None)
+    h = hashlib.sha256()
+    for name, param in sorted(model.state_dict().items()):
+        if param.device.type == "meta":
+            continue
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float32).to(torch.bfloat16)
+        h.update(name.encode())
+        h.update(str(tuple(param.shape)).encode())
+        h.update(sample.view(torch.int16).numpy().tobytes())
+    return {
+        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+        "weights_sha256": h.hexdigest(),
+    }
+
+
+def moe_layout(model) -> Optional[dict]:
+    """MoE layers (indices into the decoder stack), experts, top-k and scoring; None for dense."""
+    config = model.config
+    n_experts = next((getattr(config, k) for k in _EXPERT_COUNT_KEYS if getattr(config, k, None)), None)
+    if not n_experts:
+        return None
+    layers = sorted(
+        {
+            int(m.group(1))
+            for name, module in model.named_modules()
+            if (m := re.search(r"layers\.(\d+)\.mlp\.(gate|router)$", name)) and not isinstance(module, torch.nn.Linear)
+        }
+    )
+    scoring = getattr(config, "scoring_func", None) or ("sigmoid" if config.model_type in _SIGMOID_SCORING else "softmax")
+    return {
+        "layers": layers,
+        "num_experts": int(n_experts),
+        "top_k": int(config.num_experts_per_tok),
+        "scoring": scoring,
+    }

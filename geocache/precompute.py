@@ -1,0 +1,381 @@
+"""``geocache precompute``: stream a dataset through the frozen base once and cache its statistics.
+
+Reads top to bottom: resolve the run (model, sizes, MoE layout, manifest template) → check the
+output (fresh, resume or overwrite) → stream sequences, this rank's share only → forward each batch
+under ``no_grad`` → ``compute_base_stats`` per sequence → hand records to the background shard
+writer → merge the ranks' parts into ``manifest.json``.
+
+Under ``torchrun``/``accelerate launch`` rank r takes sequences r, r + W, r + 2W, ... of the one
+deterministic stream, writes its own shards and part manifest; rank 0 merges them at the end.
+Tail samples are drawn with a generator seeded from (seed, sequence index), so a resumed or
+differently-split run caches exactly the same rows.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+import geocache
+from geocache.cache.backends import BACKENDS, get_backend
+from geocache.cache.manifest import FORMAT_VERSION, MANIFEST, PARTS_DIR, SHARDS_DIR, Manifest, first_difference
+from geocache.cache.reader import CacheError, _fs
+from geocache.cache.writer import ShardWriter, atomic_write_text, part_path
+from geocache.data import DataConfig, Sequence, data_fingerprint, iter_sequences, load_examples, tokenizer_fingerprint
+from geocache.models import load_model_and_tokenizer, model_fingerprint, moe_layout, output_size
+from geocache.signals import compute_base_stats, labelled_positions
+
+ROUTER_MODES = ("auto", "full", "topk", "none")
+# Above this many router logits per token (MoE layers × experts), `auto` keeps only the top-(k+1)
+# per layer: 2,048 float16 values are 4 KiB per token, already ~20x the LM statistics.
+_FULL_ROUTER_LIMIT = 2048
+
+
+@dataclass
+class PrecomputeConfig:
+    model: str = field(metadata={"help": "Base model: a local directory or a hub id."})
+    data: list[str] = field(metadata={"help": "Data files, directories of them, or a hub dataset id."})
+    out: str = field(metadata={"help": "Cache directory or fsspec URL."})
+    revision: Optional[str] = field(default=None, metadata={"help": "Model revision (hub)."})
+    backend: str = field(default="zarr", metadata={"help": "Storage backend: zarr | arrow."})
+    k: int = field(default=64, metadata={"help": "Top-k token log-probs cached per position."})
+    m: int = field(default=0, metadata={"help": "Tail samples (outside the top-k) cached per position."})
+    router: str = field(default="auto", metadata={"help": "MoE router logits: auto | full | topk | none."})
+    router_k: Optional[int] = field(default=None, metadata={"help": "Experts kept per layer with router=topk (default top_k + 1)."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
+    dtype: str = field(default="float32", metadata={"help": "Base compute dtype: float32 | bfloat16 | float16."})
+    device: Optional[str] = field(default=None, metadata={"help": "Device (default: cuda when available, else cpu)."})
+    device_map: Optional[str] = field(default=None, metadata={"help": "accelerate device_map (e.g. auto) for large bases."})
+    seed: int = field(default=0, metadata={"help": "Seed of the tail samples."})
+    shard_sequences: int = field(default=256, metadata={"help": "Sequences per shard."})
+    resume: bool = field(default=False, metadata={"help": "Continue an interrupted run after its last committed shard."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a cache already at --out."})
+    dry_run: bool = field(default=False, metadata={"help": "Only estimate size and token count; do not run the model."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless asked)."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+    data_config: DataConfig = field(default_factory=DataConfig, metadata={"help": "How examples become sequences."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r} must be one of {', '.join(BACKENDS)}")
+        if self.router not in ROUTER_MODES:
+            raise ValueError(f"router={self.router!r} must be one of {', '.join(ROUTER_MODES)}")
+        for name in ("k", "batch_size", "shard_sequences"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.m < 0:
+            raise ValueError(f"m={self.m} must be >= 0")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: pick one")
+
+
+def _id_dtype(size: int) -> np.dtype:
+    """Smallest unsigned integer type holding ids below ``size``."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if size - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.int64)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size), initialising a process group under torchrun when needed."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and torch.distributed.is_available() and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+class _Run:
+    """Everything resolved about one precompute: model, sizes, layout, manifest template."""
+
+    def __init__(self, cfg: PrecomputeConfig, rank: int, world: int):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        device = cfg.device
+        if device is None and torch.cuda.is_available() and cfg.device_map is None:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            cfg.model,
+            revision=cfg.revision,
+            dtype=cfg.dtype,
+            device=device,
+            device_map=cfg.device_map,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        self.out_size = output_size(self.model)
+        if cfg.k > self.out_size:
+            raise ValueError(f"k={cfg.k} exceeds the {self.out_size} output rows of model {cfg.model!r}")
+        self.layout = moe_layout(self.model)
+        if self.layout is None and (cfg.router in ("full", "topk") or cfg.router_k is not None):
+            raise ValueError(f"router statistics were asked for (router={cfg.router}), but model {cfg.model!r} is dense")
+        self.router_mode = self._router_mode()
+        self.id_dtype = _id_dtype(self.out_size)
+        self.template = self._template()
+
+    def _router_mode(self) -> str:
+        cfg, layout = self.cfg, self.layout
+        if layout is None or cfg.router == "none":
+            return "none"
+        if cfg.router_k is not None and not layout["top_k"] <= cfg.router_k <= layout["num_experts"]:
+            raise ValueError(f"router_k={cfg.router_k} must be between the model's top_k={layout['top_k']} and its {layout['num_experts']} experts")
+        if cfg.router == "auto":
+            return "full" if len(layout["layers"]) * layout["num_experts"] <= _FULL_ROUTER_LIMIT else "topk"
+        return cfg.router
+
+    def _template(self) -> Manifest:
+        cfg = self.cfg
+        moe = None
+        if self.layout is not None:
+            router_k = None
+            if self.router_mode == "topk":
+                router_k = cfg.router_k or min(self.layout["top_k"] + 1, self.layout["num_experts"])
+            moe = {**self.layout, "router_mode": self.router_mode, "router_k": router_k}
+        return Manifest(
+            format_version=FORMAT_VERSION,
+            geocache_version=geocache.__version__,
+            backend=cfg.backend,
+            base_model={
+                "id": cfg.model,
+                "revision": cfg.revision,
+                "model_type": self.model.config.model_type,
+                **model_fingerprint(self.model),
+                "output_size": self.out_size,
+                "tokenizer_size": len(self.tokenizer),
+                "dtype": cfg.dtype,
+            },
+            tokenizer_sha256=tokenizer_fingerprint(self.tokenizer),
+            data={"source": data_fingerprint(cfg.data), "preprocessing": cfg.data_config.fingerprint_fields()},
+            statistics={
+                "k": cfg.k,
+                "m": cfg.m,
+                "temperature": 1.0,
+                "seed": cfg.seed,
+                "id_dtype": self.id_dtype.name,
+                "logprob_dtype": "float16",
+                "lse_dtype": "float32",
+                "entropy_dtype": "float32",
+                "router_dtype": "float16",
+            },
+            moe=moe,
+            world_size=self.world,
+        )
+
+    # ------------------------------------------------------------------------------------------
+
+    def sequences(self, bad_rows: list) -> Iterator[tuple[int, Sequence]]:
+        rows = load_examples(self.cfg.data, split=self.cfg.data_config.split)
+        for i, seq in enumerate(iter_sequences(rows, self.tokenizer, self.cfg.data_config, bad_rows)):
+            if i % self.world == self.rank:
+                yield i, seq
+
+    @torch.no_grad()
+    def records(self, batch: list[tuple[int, Sequence]]) -> list[dict]:
+        """Forward a batch (each example segment on its own, right-padded) and build the records."""
+        cfg, model = self.cfg, self.model
+        segments = [(b, s, e) for b, (_, seq) in enumerate(batch) for s, e in seq.segments]
+        width = max(e - s for _, s, e in segments)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(segments), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, (b, s, e) in enumerate(segments):
+            ids[j, : e - s] = torch.tensor(batch[b][1].input_ids[s:e])
+            mask[j, : e - s] = 1
+        device = model.get_input_embeddings().weight.device
+        want_router = self.router_mode != "none"
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_router_logits=want_router, use_cache=False)
+        logits = out.logits.reshape(-1, out.logits.shape[-1])
+        router = torch.stack(out.router_logits) if want_router else None  # [layers, segments*width, E]
+
+        records, seg_row = [], 0
+        for i, seq in batch:
+            labels = torch.tensor(seq.labels).unsqueeze(0)
+            positions, _ = labelled_positions(labels)  # token positions t whose label t+1 counts
+            # Flat logit row of position t: (its segment's row in the batch) * width + offset in segment.
+            starts = torch.tensor([s for s, _ in seq.segments])
+            seg_idx = torch.searchsorted(starts, positions, right=True) - 1
+            rows = (seg_row + seg_idx) * width + (positions - starts[seg_idx])
+            seg_row += len(seq.segments)
+            generator = torch.Generator(device=logits.device).manual_seed((cfg.seed * 1_000_003 + i) % (2**63))
+            try:
+                st = compute_base_stats(logits, k=cfg.k, m=cfg.m, rows=rows.to(logits.device), generator=generator)
+            except ValueError as exc:
+                raise ValueError(f"sequence {i}: {exc}") from None
+            rec = {
+                "sequence_index": i,
+                "input_ids": np.asarray(seq.input_ids, dtype=self.id_dtype),
+                "labels": np.asarray(seq.labels, dtype=np.int32),
+                "lse": st.lse.float().cpu().numpy(),
+                "entropy": st.entropy.float().cpu().numpy(),
+                "topk_ids": st.topk_ids.cpu().numpy().astype(self.id_dtype),
+                "topk_logprobs": st.topk_logprobs.cpu().numpy().astype(np.float16),
+            }
+            if cfg.data_config.packing:
+                rec["position_ids"] = np.asarray(seq.position_ids, dtype=np.int32)
+            if cfg.m:
+                rec["tail_ids"] = st.sample_ids.cpu().numpy().astype(self.id_dtype)
+                rec["tail_logprobs"] = st.sample_logprobs.cpu().numpy().astype(np.float16)
+            if router is not None:
+                r = router[:, rows.to(router.device)].transpose(0, 1).float()  # [P, layers, E]
+                if self.router_mode == "full":
+                    rec["router_logits"] = r.cpu().numpy().astype(np.float16)
+                else:
+                    top = r.topk(self.template.moe["router_k"], dim=-1)
+                    rec["router_topk_ids"] = top.indices.cpu().numpy().astype(_id_dtype(self.layout["num_experts"]))
+                    rec["router_topk_logits"] = top.values.cpu().numpy().astype(np.float16)
+            records.append(rec)
+        return records
+
+
+def _estimate(run: _Run, bad_rows: list) -> dict:
+    """Sequences, tokens, labelled positions and bytes a run would store, without the model forward."""
+    n_seq = n_tok = n_pos = 0
+    for _, seq in run.sequences(bad_rows):
+        n_seq, n_tok = n_seq + 1, n_tok + len(seq)
+        n_pos += labelled_positions(torch.tensor(seq.labels).unsqueeze(0))[0].numel()
+    cfg, idb = run.cfg, run.id_dtype.itemsize
+    per_pos = 4 + 4 + cfg.k * (idb + 2) + cfg.m * (idb + 2)
+    router_per_pos = 0
+    if run.template.moe:
+        n_layers = len(run.template.moe["layers"])
+        width = run.template.moe["num_experts"] if run.router_mode == "full" else run.template.moe["router_k"]
+        router_per_pos = n_layers * width * (2 if run.router_mode == "full" else 3)
+    per_tok = idb + 4 + (4 if cfg.data_config.packing else 0)
+    return {
+        "sequences": n_seq,
+        "tokens": n_tok,
+        "positions": n_pos,
+        "lm_bytes": n_pos * per_pos + n_tok * per_tok,
+        "router_bytes": n_pos * router_per_pos,
+        "bytes_per_token_lm_uncompressed": (n_pos * per_pos) / max(n_tok, 1),
+        "bytes_per_token_router_uncompressed": (n_pos * router_per_pos) / max(n_tok, 1),
+        "skipped_rows": len(bad_rows),
+    }
+
+
+def _prepare_output(fs, root: str, run: _Run) -> Manifest:
+    """Check the output location and return this rank's part manifest to continue from."""
+    cfg = run.cfg
+    has_cache = fs.exists(posixpath.join(root, MANIFEST)) or fs.exists(posixpath.join(root, PARTS_DIR))
+    if has_cache and not (cfg.resume or cfg.overwrite):
+        raise CacheError(f"output {cfg.out!r} already holds a geocache cache; pass --overwrite to replace it or --resume to continue it")
+    if not has_cache and fs.exists(root) and fs.ls(root) and not cfg.resume:
+        raise CacheError(f"output {cfg.out!r} exists and is not an empty directory or a geocache cache; choose another path")
+    _barrier(run.world)  # every rank has looked before any rank changes the output
+    if cfg.overwrite and has_cache and run.rank == 0:
+        fs.rm(root, recursive=True)
+    _barrier(run.world)
+    fs.makedirs(posixpath.join(root, SHARDS_DIR), exist_ok=True)
+    fs.makedirs(posixpath.join(root, PARTS_DIR), exist_ok=True)
+    part = replace(run.template)
+    ppath = part_path(root, run.rank)
+    if cfg.resume and fs.exists(ppath):
+        previous = Manifest.from_json(fs.cat_file(ppath).decode(), where=ppath)
+        diff = first_difference(previous.fingerprint(), run.template.fingerprint())
+        if diff:
+            raise CacheError(f"cannot resume cache {cfg.out!r}: it was built with different settings ({diff})")
+        part = previous
+    # Remove this rank's shards that its part does not list: debris of an interrupted commit.
+    listed = {posixpath.basename(s.name) for s in part.shards}
+    prefix = f"rank{run.rank:03d}-"
+    for path in fs.ls(posixpath.join(root, SHARDS_DIR), detail=False):
+        base = posixpath.basename(path.rstrip("/"))
+        if (base.startswith(prefix) or base.startswith(f".tmp-{prefix}")) and base not in listed:
+            fs.rm(path, recursive=True)
+    return part
+
+
+def _merge(fs, root: str, run: _Run) -> Manifest:
+    parts = []
+    for r in range(run.world):
+        p = part_path(root, r)
+        parts.append(Manifest.from_json(fs.cat_file(p).decode(), where=p))
+    merged = replace(run.template, shards=[s for p in parts for s in p.shards], complete=all(p.complete for p in parts))
+    merged.recount()
+    merged.counts["skipped_rows"] = max(p.counts.get("skipped_rows", 0) for p in parts)
+    atomic_write_text(fs, posixpath.join(root, MANIFEST), merged.to_json())
+    return merged
+
+
+def precompute(cfg: PrecomputeConfig) -> Manifest | dict:
+    """Run a precompute; returns the merged manifest (or, with ``dry_run``, the estimate)."""
+    rank, world = _distributed()
+    run = _Run(cfg, rank, world)
+    bad_rows: list[str] = []
+    if cfg.dry_run:
+        return _estimate(run, bad_rows)
+    fs, root = _fs(cfg.out)
+    part = _prepare_output(fs, root, run)
+    done = sum(s.sequences for s in part.shards)
+    writer = ShardWriter(fs, root, get_backend(cfg.backend), part, rank, cfg.shard_sequences, stride=world)
+    from tqdm.auto import tqdm
+
+    cap = cfg.data_config.max_sequences
+    total = None if cap is None else -(-max(cap - rank, 0) // world)
+    bar = tqdm(total=total, unit="seq", desc=f"precompute[{rank}]" if world > 1 else "precompute", disable=not cfg.progress, file=sys.stderr)
+    bar.update(done)
+    tokens, started = 0, time.perf_counter()
+    batch: list[tuple[int, Sequence]] = []
+    try:
+        for n, (i, seq) in enumerate(run.sequences(bad_rows)):
+            if n < done:
+                continue  # committed before an interruption
+            batch.append((i, seq))
+            if len(batch) == cfg.batch_size:
+                tokens += _flush(run, batch, writer, bar, tokens, started)
+                batch = []
+        if batch:
+            tokens += _flush(run, batch, writer, bar, tokens, started)
+    finally:
+        bar.close()
+        writer.close()
+    part = writer.part
+    part.complete = True
+    part.counts["skipped_rows"] = len(bad_rows)
+    atomic_write_text(fs, part_path(root, rank), part.to_json())
+    _barrier(world)
+    merged = _merge(fs, root, run) if rank == 0 else None
+    _barrier(world)
+    if merged is None:
+        fs_manifest = fs.cat_file(posixpath.join(root, MANIFEST)).decode()
+        merged = Manifest.from_json(fs_manifest)
+    if bad_rows:
+        print(f"skipped {len(bad_rows)} malformed row(s); first: {bad_rows[0]}", file=sys.stderr)
+    return merged
+
+
+def _flush(run: _Run, batch, writer: ShardWriter, bar, tokens: int, started: float) -> int:
+    for rec in run.records(batch):
+        writer.put(rec)
+    n_tok = sum(len(seq) for _, seq in batch)
+    bar.update(len(batch))
+    bar.set_postfix(tokens_per_s=f"{(tokens + n_tok) / max(time.perf_counter() - started, 1e-9):,.0f}")
+    return n_tok
+
+
+def config_from_options(options: dict) -> PrecomputeConfig:
+    """Build a config from a flat mapping (YAML + CLI overrides); DataConfig fields go into ``data_config``."""
+    data_fields = set(DataConfig.__dataclass_fields__)
+    run_fields = set(PrecomputeConfig.__dataclass_fields__) - {"data_config"}
+    unknown = sorted(set(options) - data_fields - run_fields)
+    if unknown:
+        raise ValueError(f"unknown precompute option(s) {unknown}")
+    data_cfg = DataConfig(**{k: v for k, v in options.items() if k in data_fields})
+    return PrecomputeConfig(**{k: v for k, v in options.items() if k in run_fields}, data_config=data_cfg)
+
+
+__all__ = ["PrecomputeConfig", "config_from_options", "precompute"]

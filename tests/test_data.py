@@ -1,0 +1,125 @@
+"""dataset → sequences: the three example shapes, label masking, truncation, packing, caps, bad rows."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from geocache.data import BadRowError, DataConfig, data_fingerprint, iter_sequences, load_examples, tokenize_example
+
+IGNORE = -100
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def labelled_text(tok, ids, labels):
+    return tok.decode([i for i, lab in zip(ids, labels) if lab != IGNORE])
+
+
+def test_text_rows_are_all_labels_and_end_with_eos(tok):
+    ids, labels = tokenize_example({"text": "def f(x):\n    return x"}, 0, tok, DataConfig())
+    assert labels == ids and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids[:-1]) == "def f(x):\n    return x"
+
+
+def test_prompt_completion_takes_loss_on_the_completion_only(tok):
+    ids, labels = tokenize_example({"prompt": "Question: why?", "completion": " Because."}, 0, tok, DataConfig())
+    assert tok.decode(ids) == "Question: why? Because.<|endoftext|>"
+    assert labelled_text(tok, ids, labels) == " Because.<|endoftext|>"
+    assert labels[0] == IGNORE
+
+
+def test_chat_takes_loss_on_assistant_turns_only(tok):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello there"},
+        {"role": "user", "content": "more"},
+        {"role": "assistant", "content": "return x"},
+    ]
+    ids, labels = tokenize_example({"messages": messages}, 0, tok, DataConfig())
+    assert tok.decode(ids) == tok.apply_chat_template(messages, tokenize=False)
+    # Both assistant contents and their end-of-turn markers; no role header, no user or system text.
+    assert labelled_text(tok, ids, labels) == "hello there<|im_end|>\nreturn x<|im_end|>\n"
+
+
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({"txt": "a"}, r"row 7: missing field 'text'"),
+        ({"text": 3}, r"row 7: field 'text' must be a string, got int"),
+        ({"text": "   "}, r"row 7: field 'text' is empty"),
+        ({"prompt": "a", "completion": ""}, r"row 7: field 'completion' is empty"),
+        ({"messages": []}, r"row 7: field 'messages' must be a non-empty list"),
+        ({"messages": [{"role": "user", "content": "x"}]}, r"row 7: no non-empty assistant turn"),
+        ({"messages": [{"role": "user"}]}, r"row 7: message 0 must have string 'role' and 'content'"),
+    ],
+)
+def test_malformed_rows_name_their_row(tok, row, message):
+    with pytest.raises(BadRowError, match=message):
+        tokenize_example(row, 7, tok, DataConfig())
+
+
+def test_skip_bad_rows_counts_and_skips(tok):
+    rows = [{"text": "one"}, {"text": ""}, {"text": 5}, {"text": "four"}]
+    with pytest.raises(BadRowError, match="row 1"):
+        list(iter_sequences(rows, tok, DataConfig()))
+    bad = []
+    seqs = list(iter_sequences(rows, tok, DataConfig(skip_bad_rows=True), bad))
+    assert len(seqs) == 2 and len(bad) == 2 and bad[0].startswith("row 1:")
+
+
+def test_truncation_caps_and_determinism(tok):
+    rows = [{"text": "word " * 50}] * 10
+    seqs = list(iter_sequences(rows, tok, DataConfig(max_length=16)))
+    assert len(seqs) == 10 and all(len(s) == 16 for s in seqs)
+    assert len(list(iter_sequences(rows, tok, DataConfig(max_length=16, max_sequences=3)))) == 3
+    assert len(list(iter_sequences(rows, tok, DataConfig(max_length=16, max_tokens=40)))) == 3
+    again = list(iter_sequences(rows, tok, DataConfig(max_length=16)))
+    assert [s.input_ids for s in again] == [s.input_ids for s in seqs]
+
+
+def test_packing_never_crosses_example_boundaries(tok):
+    rows = [{"text": f"example number {i} " + "x " * i} for i in range(12)]
+    cfg = DataConfig(max_length=40, packing=True)
+    seqs = list(iter_sequences(rows, tok, cfg))
+    singles = [tokenize_example(r, i, tok, cfg)[0] for i, r in enumerate(rows)]
+    assert sum(len(s.segments) for s in seqs) == len(rows)
+    assert [t for s in seqs for t in s.input_ids] == [t for ids in singles for t in ids]
+    for s in seqs:
+        assert len(s) <= 40 and len(s.segments) >= 1
+        for a, b in s.segments:
+            assert s.position_ids[a:b] == list(range(b - a))  # positions restart per example
+            if a > 0:
+                assert s.labels[a] == IGNORE  # never predicted from the previous example
+    assert max(len(s.segments) for s in seqs) > 1
+
+
+def test_load_examples_from_each_local_format_and_directories(tmp_path):
+    rows = [{"text": "alpha"}, {"text": "beta"}]
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "j" / "b.jsonl").write_text(json.dumps({"text": "gamma"}))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    (tmp_path / "d.csv").write_text("text\nalpha\nbeta\n")
+    (tmp_path / "d.txt").write_text("alpha\nbeta\n")
+    assert [r["text"] for r in load_examples(str(tmp_path / "j"))] == ["alpha", "beta", "gamma"]
+    for name in ("d.parquet", "d.csv", "d.txt"):
+        assert [r["text"] for r in load_examples(str(tmp_path / name))] == ["alpha", "beta"]
+    fp = data_fingerprint(str(tmp_path / "j"))
+    (tmp_path / "j" / "b.jsonl").write_text(json.dumps({"text": "delta"}))
+    assert data_fingerprint(str(tmp_path / "j"))["sha256"] != fp["sha256"]
+
+
+def test_missing_and_mixed_inputs_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        load_examples(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "a.jsonl").write_text("{}")
+    (tmp_path / "b.csv").write_text("text\nx\n")
+    with pytest.raises(ValueError, match="share a format"):
+        load_examples(str(tmp_path))

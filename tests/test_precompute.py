@@ -1,0 +1,331 @@
+"""precompute → cache → reader, checked against a direct forward of the base, plus bad input and faults."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from geocache import BaseStats, GeometryAwareLoss
+from geocache.cache import CacheError, CacheWriteError, collate_cache_rows, open_cache
+from geocache.cache.inspect import verify
+from geocache.data import DataConfig
+from geocache.precompute import PrecomputeConfig, precompute
+from geocache.signals import labelled_positions
+from geocache.testing import MODEL_TYPES, build_tiny_model
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """Text, prompt/completion and chat rows with some length spread."""
+    import inspect
+    import textwrap
+
+    path = tmp_path_factory.mktemp("data") / "mixed.jsonl"
+    chunks = [c for c in inspect.getsource(textwrap).split("\n\n") if c.strip()][:30]
+    rows = [{"text": c} for c in chunks]
+    rows.insert(3, {"prompt": "Q: what is wrap?", "completion": " A: it wraps text."})
+    rows.insert(7, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "def f(): pass"}]})
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def run(model, data, out, **kw) -> object:
+    data_kw = {k: kw.pop(k) for k in list(kw) if k in DataConfig.__dataclass_fields__}
+    cfg = PrecomputeConfig(model=str(model), data=[str(data)], out=str(out), progress=False, data_config=DataConfig(**{"max_length": 48, **data_kw}), **kw)
+    return precompute(cfg)
+
+
+def rows_of(path):
+    cache = open_cache(str(path))
+    return [cache[i] for i in range(len(cache))]
+
+
+def assert_same_rows(a, b):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            assert torch.equal(ra[key], rb[key]), key
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_cached_statistics_equal_a_direct_forward(tmp_path, tiny_model_dir, data_file, model_type):
+    model_dir = tiny_model_dir(model_type)
+    manifest = run(model_dir, data_file, tmp_path / "c", k=16, m=2, shard_sequences=7, batch_size=3)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    cache = open_cache(str(tmp_path / "c"))
+    assert len(cache) == manifest.counts["sequences"] > 20
+    moe = manifest.moe
+    assert (moe is None) == (model_type in ("llama", "qwen3"))
+    for i in (0, 3, 7, len(cache) - 1):
+        row = cache[i]
+        with torch.no_grad():
+            out = model(row["input_ids"].unsqueeze(0), output_router_logits=moe is not None)
+        rows, _ = labelled_positions(row["labels"].unsqueeze(0))
+        logits = out.logits[0][rows].double()
+        torch.testing.assert_close(row["lse"].double(), logits.logsumexp(-1), rtol=0, atol=1e-4)
+        torch.testing.assert_close(row["entropy"].double(), torch.distributions.Categorical(logits=logits).entropy(), rtol=0, atol=1e-4)
+        lp = torch.log_softmax(logits, -1)
+        torch.testing.assert_close(lp.gather(1, row["topk_ids"]), lp.topk(16).values, rtol=0, atol=1e-5)
+        torch.testing.assert_close(row["topk_logprobs"].double(), lp.topk(16).values, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(row["tail_logprobs"].double(), lp.gather(1, row["tail_ids"]), rtol=2e-3, atol=2e-3)
+        if moe is not None:
+            router = torch.stack(out.router_logits)[:, rows].transpose(0, 1)
+            assert row["router_logits"].shape == (len(rows), len(moe["layers"]), 8)
+            torch.testing.assert_close(row["router_logits"].float(), router, rtol=2e-3, atol=2e-3)
+
+
+def test_loss_from_the_cache_at_k_equal_vocab_equals_the_loss_from_live_logits(tmp_path, tiny_model_dir, data_file):
+    model_dir = tiny_model_dir("qwen3")
+    run(model_dir, data_file, tmp_path / "c", k=512, backend="arrow")
+    cache = open_cache(str(tmp_path / "c"))
+    batch = collate_cache_rows([cache[i] for i in (0, 1, 2, 3)])
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        base_logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    tuned = (base_logits + 0.3 * torch.randn_like(base_logits)).requires_grad_()
+    loss_fn = GeometryAwareLoss(kl_threshold=0.0, final_kl_threshold=0.0)
+    cached, m_cached = loss_fn(tuned, batch["base"], batch["labels"])
+    live, m_live = loss_fn(tuned, base_logits, batch["labels"])
+    # float16 log-probs in the cache are the only difference
+    torch.testing.assert_close(cached, live, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(m_cached["KL_mean"], m_live["KL_mean"], rtol=5e-3, atol=1e-4)
+    torch.testing.assert_close(m_cached["dH_mean"], m_live["dH_mean"], rtol=1e-4, atol=1e-5)
+
+
+def test_both_backends_store_the_same_rows_and_a_dataloader_shuffles_them(tmp_path, tiny_model_dir, data_file):
+    model_dir = tiny_model_dir("olmoe")
+    run(model_dir, data_file, tmp_path / "z", k=8, m=2, backend="zarr", shard_sequences=5)
+    run(model_dir, data_file, tmp_path / "a", k=8, m=2, backend="arrow", shard_sequences=5)
+    assert_same_rows(rows_of(tmp_path / "z"), rows_of(tmp_path / "a"))
+    cache = open_cache(str(tmp_path / "z"))
+    loader = torch.utils.data.DataLoader(cache, batch_size=4, shuffle=True, num_workers=2, collate_fn=collate_cache_rows)
+    seen = 0
+    for batch in loader:
+        assert batch["base"].num_positions == labelled_positions(batch["labels"])[0].numel()
+        assert batch["router_logits"].shape[0] == batch["base"].num_positions
+        seen += batch["input_ids"].shape[0]
+    assert seen == len(cache)
+
+
+def test_dropout_is_off_and_statistics_are_reproducible(tmp_path, tokenizer_dir, data_file):
+    model_dir = build_tiny_model(tmp_path / "m", "llama", tokenizer_dir=tokenizer_dir, attention_dropout=0.5, mlp_bias=True)
+    cfg = AutoModelForCausalLM.from_pretrained(model_dir).config
+    assert cfg.attention_dropout == 0.5
+    run(model_dir, data_file, tmp_path / "a", k=4, m=3)
+    run(model_dir, data_file, tmp_path / "b", k=4, m=3)
+    assert_same_rows(rows_of(tmp_path / "a"), rows_of(tmp_path / "b"))
+
+
+def test_packed_sequences_cache_each_example_as_if_alone(tmp_path, tiny_model_dir, data_file):
+    model_dir = tiny_model_dir("qwen3")
+    run(model_dir, data_file, tmp_path / "single", k=8, max_length=48)
+    run(model_dir, data_file, tmp_path / "packed", k=8, max_length=48, packing=True)
+    single, packed = rows_of(tmp_path / "single"), rows_of(tmp_path / "packed")
+    assert len(packed) < len(single)
+    assert "position_ids" in packed[0]
+    cat = lambda rows, key: torch.cat([r[key] for r in rows])  # noqa: E731
+    # Same examples, same statistics: packing only changed how rows are grouped.
+    torch.testing.assert_close(cat(packed, "lse"), cat(single, "lse"))
+    assert torch.equal(cat(packed, "topk_ids"), cat(single, "topk_ids"))
+
+
+def test_models_with_more_output_rows_than_the_tokenizer(tmp_path, tokenizer_dir, data_file):
+    model_dir = build_tiny_model(tmp_path / "m", "qwen3", tokenizer_dir=tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.resize_token_embeddings(576)  # like Qwen2.5: 152,064 rows for a 151,936-token tokenizer
+    model.save_pretrained(model_dir)
+    manifest = run(model_dir, data_file, tmp_path / "c", k=4)
+    assert manifest.base_model["output_size"] == 576 and manifest.base_model["tokenizer_size"] == 512
+    row = open_cache(str(tmp_path / "c"))[0]
+    with torch.no_grad():
+        logits = model.eval()(row["input_ids"].unsqueeze(0)).logits[0]
+    rows, _ = labelled_positions(row["labels"].unsqueeze(0))
+    torch.testing.assert_close(row["lse"], logits[rows].logsumexp(-1), rtol=0, atol=1e-4)
+
+
+def test_bad_inputs_are_one_clear_sentence(tmp_path, tiny_model_dir, tokenizer_dir, data_file):
+    dense = tiny_model_dir("llama")
+    with pytest.raises(ValueError, match="k=513 exceeds the 512 output rows"):
+        run(dense, data_file, tmp_path / "a", k=513)
+    with pytest.raises(ValueError, match=r"router statistics were asked for \(router=full\), but model .* is dense"):
+        run(dense, data_file, tmp_path / "b", router="full")
+    nan_dir = build_tiny_model(tmp_path / "nan", "llama", tokenizer_dir=tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(nan_dir)
+    with torch.no_grad():
+        model.lm_head.weight[5] = float("nan")
+    model.save_pretrained(nan_dir)
+    with pytest.raises(ValueError, match=r"sequence 0: base logits contain NaN or inf"):
+        run(nan_dir, data_file, tmp_path / "c")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": ""}\n{"text": "also fine"}\n')
+    with pytest.raises(ValueError, match="row 1: field 'text' is empty"):
+        run(dense, bad, tmp_path / "d")
+    manifest = run(dense, bad, tmp_path / "e", skip_bad_rows=True)
+    assert manifest.counts["sequences"] == 2 and manifest.counts["skipped_rows"] == 1
+
+
+def test_an_existing_cache_is_refused_unless_overwrite_or_resume(tmp_path, tiny_model_dir, data_file):
+    model = tiny_model_dir("llama")
+    run(model, data_file, tmp_path / "c", k=4)
+    with pytest.raises(CacheError, match="already holds a geocache cache; pass --overwrite"):
+        run(model, data_file, tmp_path / "c", k=4)
+    with pytest.raises(CacheError, match=r"different settings \(statistics.k: 4 != 8\)"):
+        run(model, data_file, tmp_path / "c", k=8, resume=True)
+    run(model, data_file, tmp_path / "c", k=8, overwrite=True)
+    assert open_cache(str(tmp_path / "c")).manifest.statistics["k"] == 8
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="is not an empty directory or a geocache cache"):
+        run(model, data_file, tmp_path / "other", k=4)
+
+
+def test_check_compatible_refuses_another_model_or_tokenizer(tmp_path, tiny_model_dir, tokenizer_dir, data_file):
+    model_dir = tiny_model_dir("qwen3_moe")
+    run(model_dir, data_file, tmp_path / "c", k=4)
+    cache = open_cache(str(tmp_path / "c"))
+    cache.check_compatible(AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir))
+    other = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "o", "qwen3_moe", tokenizer_dir=tokenizer_dir, seed=1))
+    with pytest.raises(CacheError, match="was built for base model .* this model's weights differ"):
+        cache.check_compatible(other)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = "{{ messages }}"
+    with pytest.raises(CacheError, match="another tokenizer"):
+        cache.check_compatible(tokenizer=tok)
+    expected = cache.manifest.fingerprint()
+    expected["data"]["preprocessing"]["max_length"] = 2048
+    with pytest.raises(CacheError, match=r"different settings \(data.preprocessing.max_length: 48 != 2048\)"):
+        cache.check_compatible(expected=expected)
+
+
+def test_a_flipped_byte_is_caught_by_verify_and_by_the_reader(tmp_path, tiny_model_dir, data_file):
+    for backend in ("zarr", "arrow"):
+        out = tmp_path / backend
+        run(tiny_model_dir("llama"), data_file, out, k=4, backend=backend, shard_sequences=10)
+        assert verify(str(out)) is None
+        files = sorted(p for p in (out / "shards").rglob("rank000-000001*") if p.is_file()) or sorted(
+            p for p in (out / "shards" / "rank000-000001.zarr").rglob("*") if p.is_file() and p.name != "zarr.json"
+        )
+        target = files[-1]
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        target.write_bytes(bytes(data))
+        assert verify(str(out)) == "shard shards/rank000-000001" + (".zarr" if backend == "zarr" else ".arrow") + " fails its checksum"
+        cache = open_cache(str(out))
+        cache[0]  # shard 0 is intact
+        with pytest.raises(CacheError, match="fails its checksum"):
+            cache[12]
+
+
+def test_a_full_disk_fails_clearly_and_keeps_only_whole_shards(tmp_path, tiny_model_dir, data_file, monkeypatch):
+    from geocache.cache import backends
+
+    model = tiny_model_dir("llama")
+    run(model, data_file, tmp_path / "ref", k=4, shard_sequences=8)
+    real_write, calls = backends.ZarrBackend.write, []
+
+    def flaky_write(self, fs, path, arrays):
+        calls.append(path)
+        if len(calls) == 3:
+            real_write(self, fs, path, {k: v[:1] for k, v in arrays.items()})  # something half-written...
+            raise OSError(errno.ENOSPC, "No space left on device")  # ...then the disk fills
+        return real_write(self, fs, path, arrays)
+
+    monkeypatch.setattr(backends.ZarrBackend, "write", flaky_write)
+    with pytest.raises(CacheWriteError, match=r"could not write shard shards/rank000-000002.zarr .*: the disk is full; nothing half-written"):
+        run(model, data_file, tmp_path / "c", k=4, shard_sequences=8)
+    assert sorted(p.name for p in (tmp_path / "c" / "shards").iterdir()) == ["rank000-000000.zarr", "rank000-000001.zarr"]
+    monkeypatch.setattr(backends.ZarrBackend, "write", real_write)
+    run(model, data_file, tmp_path / "c", k=4, shard_sequences=8, resume=True)
+    assert_same_rows(rows_of(tmp_path / "c"), rows_of(tmp_path / "ref"))
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "geocache_cli.main", "precompute", *args, "--no-progress"]
+
+
+def test_a_killed_precompute_resumes_to_exactly_the_uninterrupted_arrays(tmp_path, tiny_model_dir, data_file):
+    model = tiny_model_dir("qwen2_moe")
+    big = tmp_path / "big.jsonl"
+    big.write_text("\n".join([data_file.read_text()] * 6))
+    args = ["--model", str(model), "--data", str(big), "--top-k", "8", "--tail-samples", "2", "--max-length", "48", "--shard-sequences", "6", "--batch-size", "2"]
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "ref")), check=True, env=ENV, capture_output=True)
+    proc = subprocess.Popen(_cli(*args, "--out", str(tmp_path / "c")), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    part = tmp_path / "c" / "parts" / "rank-000.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if part.exists() and len(json.loads(part.read_text())["shards"]) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "precompute finished before it could be killed; make the input bigger"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with pytest.raises(CacheError, match="no manifest.json"):
+        open_cache(str(tmp_path / "c"))
+    done = subprocess.run(_cli(*args, "--out", str(tmp_path / "c"), "--resume"), env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert_same_rows(rows_of(tmp_path / "c"), rows_of(tmp_path / "ref"))
+
+
+def test_two_processes_over_gloo_cache_the_same_rows_as_one(tmp_path, tiny_model_dir, data_file):
+    model = tiny_model_dir("mixtral")
+    args = ["--model", str(model), "--data", str(data_file), "--top-k", "8", "--tail-samples", "2", "--max-length", "48", "--shard-sequences", "4"]
+    subprocess.run(_cli(*args, "--out", str(tmp_path / "one")), check=True, env=ENV, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571", "-m", "geocache_cli.main"]
+    done = subprocess.run(
+        torchrun + _cli(*args, "--out", str(tmp_path / "two"))[3:],
+        env={**ENV, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = open_cache(str(tmp_path / "two"))
+    assert two.manifest.world_size == 2 and {s.rank for s in two.manifest.shards} == {0, 1}
+    assert_same_rows(rows_of(tmp_path / "two"), rows_of(tmp_path / "one"))
+
+
+def test_an_fsspec_url_works_as_output(tiny_model_dir, data_file):
+    for backend in ("zarr", "arrow"):
+        url = f"memory://geocache-test-{backend}"
+        run(tiny_model_dir("llama"), data_file, url, k=4, backend=backend, shard_sequences=10)
+        cache = open_cache(url)
+        assert len(cache) > 20 and verify(url) is None
+        assert cache[5]["lse"].shape[0] == labelled_positions(cache[5]["labels"].unsqueeze(0))[0].numel()
+
+
+def test_plain_zarr_and_pyarrow_read_the_documented_schema(tmp_path, tiny_model_dir, data_file):
+    """docs/cache-format.md: a reader with no geocache gets the same arrays."""
+    import pyarrow as pa
+    import zarr
+
+    model = tiny_model_dir("qwen3_moe")
+    run(model, data_file, tmp_path / "z", k=8, m=2, backend="zarr", shard_sequences=10)
+    run(model, data_file, tmp_path / "a", k=8, m=2, backend="arrow", shard_sequences=10)
+    ref = rows_of(tmp_path / "z")
+    manifest = json.loads((tmp_path / "z" / "manifest.json").read_text())
+    shard = manifest["shards"][1]
+    g = zarr.open_group(str(tmp_path / "z" / shard["name"]), mode="r")
+    tok_off, pos_off = g["token_offsets"][:], g["position_offsets"][:]
+    seq = g["sequence_index"][:]
+    j = 3
+    row = ref[int(seq[j])]
+    assert np.array_equal(g["input_ids"][tok_off[j] : tok_off[j + 1]], row["input_ids"].numpy())
+    assert np.array_equal(g["topk_logprobs"][pos_off[j] : pos_off[j + 1]], row["topk_logprobs"].numpy())
+    assert np.array_equal(g["router_logits"][pos_off[j] : pos_off[j + 1]], row["router_logits"].numpy())
+    manifest_a = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    batch = pa.ipc.open_file(pa.memory_map(str(tmp_path / "a" / manifest_a["shards"][1]["name"]))).get_batch(0)
+    seq_a = batch.column("sequence_index").to_numpy()
+    assert int(seq_a[j]) == int(seq[j])
+    topk = np.array(batch.column("topk_ids")[j].as_py())
+    assert np.array_equal(topk, row["topk_ids"].numpy())
