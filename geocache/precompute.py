@@ -96,6 +96,11 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _barrier(world: int) -> None:
     if world > 1:
         torch.distributed.barrier()
@@ -126,6 +131,7 @@ class _Run:
         self.router_mode = self._router_mode()
         self.id_dtype = _id_dtype(self.out_size)
         self.template = self._template()
+        self.timings = {"forward_s": 0.0, "statistics_s": 0.0}
 
     def _router_mode(self) -> str:
         cfg, layout = self.cfg, self.layout
@@ -197,7 +203,11 @@ class _Run:
             mask[j, : e - s] = 1
         device = model.get_input_embeddings().weight.device
         want_router = self.router_mode != "none"
+        started = time.perf_counter()
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_router_logits=want_router, use_cache=False)
+        _sync(device)
+        self.timings["forward_s"] += time.perf_counter() - started
+        started = time.perf_counter()
         logits = out.logits.reshape(-1, out.logits.shape[-1])
         router = torch.stack(out.router_logits) if want_router else None  # [layers, segments*width, E]
 
@@ -238,6 +248,7 @@ class _Run:
                     rec["router_topk_ids"] = top.indices.cpu().numpy().astype(_id_dtype(self.layout["num_experts"]))
                     rec["router_topk_logits"] = top.values.cpu().numpy().astype(np.float16)
             records.append(rec)
+        self.timings["statistics_s"] += time.perf_counter() - started
         return records
 
 
@@ -311,8 +322,13 @@ def _merge(fs, root: str, run: _Run) -> Manifest:
     return merged
 
 
-def precompute(cfg: PrecomputeConfig) -> Manifest | dict:
-    """Run a precompute; returns the merged manifest (or, with ``dry_run``, the estimate)."""
+def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifest | dict:
+    """Run a precompute; returns the merged manifest (or, with ``dry_run``, the estimate).
+
+    ``timings``, if given, is filled with this rank's seconds spent in the base forward, the
+    statistics pass (with the copies to host), the writer thread, and the whole run.
+    """
+    wall = time.perf_counter()
     rank, world = _distributed()
     run = _Run(cfg, rank, world)
     bad_rows: list[str] = []
@@ -353,6 +369,8 @@ def precompute(cfg: PrecomputeConfig) -> Manifest | dict:
     if merged is None:
         fs_manifest = fs.cat_file(posixpath.join(root, MANIFEST)).decode()
         merged = Manifest.from_json(fs_manifest)
+    if timings is not None:
+        timings.update(run.timings, write_s=writer.write_s, wall_s=time.perf_counter() - wall)
     if bad_rows:
         print(f"skipped {len(bad_rows)} malformed row(s); first: {bad_rows[0]}", file=sys.stderr)
     return merged

@@ -34,3 +34,63 @@ def test_cli_is_not_installed_as_a_bare_top_level_module():
     assert importlib.util.find_spec("geocache_cli") is not None
     spec = importlib.util.find_spec("cli")
     assert spec is None or "site-packages" not in str(spec.origin or "")
+
+
+def _write_rows(path, n=12):
+    import json
+
+    path.write_text("\n".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}"}) for i in range(n)))
+    return path
+
+
+def test_precompute_inspect_and_verify_from_the_command_line(tmp_path, tiny_model_dir):
+    import json
+
+    runner = CliRunner()
+    data = _write_rows(tmp_path / "d.jsonl")
+    model = str(tiny_model_dir("qwen3_moe"))
+    dry = runner.invoke(main, ["precompute", "--model", model, "--data", str(data), "--dry-run", "--top-k", "8", "--no-progress"])
+    assert dry.exit_code == 0, dry.output
+    estimate = json.loads(dry.output)
+    assert estimate["sequences"] == 12 and estimate["tokens"] > 12 and estimate["router_bytes"] > 0
+    assert not (tmp_path / "c").exists()
+    out = runner.invoke(main, ["precompute", "--model", model, "--data", str(data), "--out", str(tmp_path / "c"), "--top-k", "8", "--no-progress"])
+    assert out.exit_code == 0 and "cached 12 sequences" in out.output
+    assert estimate["tokens"] == json.loads((tmp_path / "c" / "manifest.json").read_text())["counts"]["tokens"]
+    inspect = runner.invoke(main, ["cache", "inspect", str(tmp_path / "c"), "--json"])
+    summary = json.loads(inspect.output)
+    assert summary["sequences"] == 12 and summary["lm bytes/token"] > 0 and summary["router bytes/token"] > 0
+    assert runner.invoke(main, ["cache", "verify", str(tmp_path / "c")]).exit_code == 0
+    victim = next(p for p in (tmp_path / "c" / "shards").rglob("*") if p.is_file() and p.name != "zarr.json")
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\x00")
+    bad = runner.invoke(main, ["cache", "verify", str(tmp_path / "c")])
+    assert bad.exit_code == 1 and "fails its checksum" in bad.output
+
+
+def test_bad_command_line_input_is_one_sentence_and_exit_2(tmp_path, tiny_model_dir):
+    runner = CliRunner()
+    data = _write_rows(tmp_path / "d.jsonl")
+    missing = runner.invoke(main, ["precompute", "--data", str(data), "--out", str(tmp_path / "c")])
+    assert missing.exit_code == 2 and "--model is required" in missing.output
+    nodata = runner.invoke(main, ["precompute", "--model", str(tiny_model_dir("llama")), "--data", str(tmp_path / "no.jsonl"), "--out", str(tmp_path / "c")])
+    assert nodata.exit_code == 2 and "do not exist" in nodata.output and "Traceback" not in nodata.output
+    nomodel = runner.invoke(main, ["precompute", "--model", str(tmp_path / "nomodel"), "--data", str(data), "--out", str(tmp_path / "c")])
+    assert nomodel.exit_code == 2 and "neither a local model directory nor a reachable hub model" in nomodel.output
+    notcache = runner.invoke(main, ["cache", "inspect", str(tmp_path)])
+    assert notcache.exit_code == 2 and "is not a geocache cache" in notcache.output
+
+
+def test_yaml_config_with_cli_overrides(tmp_path, tiny_model_dir):
+    import json
+
+    data = _write_rows(tmp_path / "d.jsonl")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"model: {tiny_model_dir('llama')}\ndata: [{data}]\nk: 4\nmax_length: 16\nbackend: arrow\n")
+    result = CliRunner().invoke(main, ["precompute", "--config", str(cfg), "--out", str(tmp_path / "c"), "--top-k", "6", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["statistics"]["k"] == 6 and manifest["backend"] == "arrow"
+    assert manifest["data"]["preprocessing"]["max_length"] == 16
+    (tmp_path / "bad.yaml").write_text("modle: x\n")
+    bad = CliRunner().invoke(main, ["precompute", "--config", str(tmp_path / "bad.yaml"), "--model", "m", "--data", "d", "--out", "o"])
+    assert bad.exit_code == 2 and "unknown precompute option(s) ['modle']" in bad.output

@@ -123,3 +123,8 @@ def test_missing_and_mixed_inputs_are_clear_errors(tmp_path):
     (tmp_path / "b.csv").write_text("text\nx\n")
     with pytest.raises(ValueError, match="share a format"):
         load_examples(str(tmp_path))
+
+
+def test_an_unreachable_hub_dataset_is_one_sentence():
+    with pytest.raises(FileNotFoundError, match="'nobody/no-such-dataset' is neither a local path nor a loadable hub dataset"):
+        load_examples("nobody/no-such-dataset")

@@ -329,3 +329,12 @@ def test_plain_zarr_and_pyarrow_read_the_documented_schema(tmp_path, tiny_model_
     assert int(seq_a[j]) == int(seq[j])
     topk = np.array(batch.column("topk_ids")[j].as_py())
     assert np.array_equal(topk, row["topk_ids"].numpy())
+
+
+def test_timings_split_forward_statistics_and_background_writing(tmp_path, tiny_model_dir, data_file):
+    timings = {}
+    cfg = PrecomputeConfig(model=str(tiny_model_dir("llama")), data=[str(data_file)], out=str(tmp_path / "c"), k=4, progress=False, shard_sequences=5)
+    precompute(cfg, timings=timings)
+    assert set(timings) == {"forward_s", "statistics_s", "write_s", "wall_s"}
+    assert all(v > 0 for v in timings.values())
+    assert timings["forward_s"] + timings["statistics_s"] < timings["wall_s"]

@@ -68,7 +68,7 @@ def _zarr_store(fs, path: str, read_only: bool):
         return zarr.storage.LocalStore(path, read_only=read_only)
     from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
-    afs = fs if getattr(fs, "async_impl", False) else AsyncFileSystemWrapper(fs)
+    afs = fs if getattr(fs, "async_impl", False) else AsyncFileSystemWrapper(fs, asynchronous=True)
     return zarr.storage.FsspecStore(afs, path=path, read_only=read_only)
 
 

@@ -13,6 +13,7 @@ import errno
 import posixpath
 import queue
 import threading
+import time
 from dataclasses import replace
 from typing import Callable, Optional
 
@@ -81,6 +82,7 @@ class ShardWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: Optional[BaseException] = None
         self._pending: list[dict] = []
+        self.write_s = 0.0  # seconds spent packing, writing and committing shards
         self._next_index = max((s.index for s in part.shards if s.rank == rank), default=-1) + 1
         self._thread = threading.Thread(target=self._run, name="geocache-shard-writer", daemon=True)
         self._thread.start()
@@ -108,11 +110,15 @@ class ShardWriter:
             try:
                 if record is None:
                     if self._pending:
+                        started = time.perf_counter()
                         self._commit(self._pending)
+                        self.write_s += time.perf_counter() - started
                     return
                 self._pending.append(record)
                 if len(self._pending) >= self.shard_sequences:
+                    started = time.perf_counter()
                     self._commit(self._pending)
+                    self.write_s += time.perf_counter() - started
                     self._pending = []
             except BaseException as exc:  # handed to the main thread by put()/close()
                 self._error = exc
