@@ -100,6 +100,69 @@ def precompute(config_path, no_progress, format_, **options):
         click.echo(f"cached {c['sequences']} sequences, {c['tokens']} tokens, {c['positions']} positions in {len(result.shards)} shards at {merged['out']}")
 
 
+def _dataclass_options(cls, skip=()):
+    """Click options generated from a config dataclass: one ``--field-name`` per field, its help
+    from the field's metadata, so the CLI and the Python API never drift apart."""
+    import dataclasses
+    import typing
+
+    def decorate(func):
+        hints = typing.get_type_hints(cls)
+        for f in reversed(dataclasses.fields(cls)):
+            if f.name in skip:
+                continue
+            hint = hints[f.name]
+            args = typing.get_args(hint)
+            base = next((a for a in args if a is not type(None)), hint) if args else hint
+            opt = "--" + f.name.replace("_", "-")
+            help_text = f.metadata.get("help", "")
+            if base is bool:
+                func = click.option(opt, f.name, is_flag=True, default=None, help=help_text)(func)
+            elif typing.get_origin(base) is list:
+                func = click.option(opt, f.name, multiple=True, help=help_text + " (repeatable)")(func)
+            else:
+                func = click.option(opt, f.name, type=base if base in (int, float) else str, default=None, help=help_text)(func)
+        return func
+
+    return decorate
+
+
+def _train_options(func):
+    from geocache.config import GeometryConfig
+    from geocache.train import TrainConfig
+
+    func = _dataclass_options(GeometryConfig)(func)
+    return _dataclass_options(TrainConfig, skip=("geometry",))(func)
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(), help="YAML file of options (a `geometry:` section for λ's and thresholds); CLI options override it.")
+@_train_options
+def train(config_path, **options):
+    """Fine-tune a DoRA adapter with the geometry-aware loss, base from the cache (or live/copy/periodic)."""
+    import dataclasses
+
+    from geocache.config import GeometryConfig
+    from geocache.train import TrainConfig, train as run
+
+    merged = _load_yaml(config_path)
+    geometry = dict(merged.pop("geometry", None) or {})
+    geo_fields = {f.name for f in dataclasses.fields(GeometryConfig)}
+    for key, value in options.items():
+        if value is None or value == ():
+            continue
+        value = list(value) if isinstance(value, tuple) else value
+        (geometry if key in geo_fields else merged)[key] = value
+    for required in ("model", "cache", "out"):
+        if not merged.get(required):
+            raise ValueError(f"--{required} is required (on the command line or in --config)")
+    if isinstance(merged.get("layer_weights"), list):
+        merged["layer_weights"] = [float(w) for w in merged["layer_weights"]]
+    trainer = run(TrainConfig.from_dict({**merged, "geometry": geometry}))
+    last = next((r for r in reversed(trainer.state.log_history) if "loss" in r), {})
+    click.echo(f"trained {trainer.state.global_step} steps; adapter saved in {merged['out']}/adapter; last task loss {last.get('task_loss', float('nan')):.4f}")
+
+
 @main.group()
 def cache() -> None:
     """Inspect and verify caches."""

@@ -27,7 +27,7 @@ from geocache.signals import (
     math_dtype,
 )
 
-BaseInput = Union[torch.Tensor, BaseStats]
+BaseInput = Union[torch.Tensor, BaseStats, None]
 
 
 class _AttachGrad(torch.autograd.Function):
@@ -110,8 +110,10 @@ class GeometryAwareLoss(nn.Module):
         thresholds: Optional[Mapping[str, float]] = None,
         num_items_in_batch: Optional[int] = None,
     ) -> tuple[torch.Tensor, dict]:
-        """tuned_logits ``[B, T, V]`` float; base: full base logits ``[B, T, V]`` or ``BaseStats``
-        with one row per labelled position (``labelled_positions`` order); labels ``[B, T]`` long,
+        """tuned_logits ``[B, T, V]`` float; base: full base logits ``[B, T, V]``, ``BaseStats``
+        with one row per labelled position (``labelled_positions`` order), or None when no base is
+        available this step (``periodic`` mode): then only the task and calibration terms, which
+        need no base, apply, and the base metrics are NaN; labels ``[B, T]`` long,
         -100 ignored, not yet shifted. ``thresholds`` (from ``AdaptiveGeometryScheduler``) override
         the config's ``kl_threshold``/``dh_threshold``/``cal_threshold`` for this call.
 
@@ -149,16 +151,18 @@ class GeometryAwareLoss(nn.Module):
         value = value.to(torch.float32) if value.dtype != torch.float64 else value
         loss = _AttachGrad.apply(tuned_logits, value, grad) if need_grad else value
 
-        def mean(x: torch.Tensor) -> torch.Tensor:
+        def mean(x: torch.Tensor, needs_base: bool = False) -> torch.Tensor:
+            if needs_base and base is None:
+                return x.new_full((), float("nan"))
             return x.mean() if n else x.new_zeros(())
 
         metrics = {
             "task_loss": task.detach(),
-            "KL_mean": mean(kl),
-            "dH_mean": mean(d_h),
+            "KL_mean": mean(kl, needs_base=True),
+            "dH_mean": mean(d_h, needs_base=True),
             "cal_gap_mean": mean(gap),
             "H_q_mean": mean(h_q),
-            "H_p_mean": mean(h_p),
+            "H_p_mean": mean(h_p, needs_base=True),
             "kl_penalty": (kl_pen.sum() / denom),
             "cal_penalty": (cal_pen.sum() / denom),
             "entropy_penalty": (h_pen.sum() / denom),
@@ -174,6 +178,8 @@ class GeometryAwareLoss(nn.Module):
 
     def _check_base(self, base: BaseInput, tuned_logits: torch.Tensor, n: int) -> str:
         """Validates ``base`` against the logits; returns the KL estimator name in use."""
+        if base is None:
+            return "none"
         if isinstance(base, BaseStats):
             if base.num_positions != n:
                 raise ValueError(
@@ -228,7 +234,9 @@ class GeometryAwareLoss(nn.Module):
             n = stop - start
             lq_c, q_c, h_q = _log_softmax_rows(_rows_into(flat, r, zq), lq[:n], q[:n], tmp[:n])
             nll = -lq_c.gather(1, y).squeeze(-1)
-            if exact:
+            if base is None:  # no base this step: KL and dH contribute nothing
+                kl, h_p = torch.zeros_like(h_q), h_q
+            elif exact:
                 lp_c, p_c, h_p = _log_softmax_rows(_rows_into(base_flat, r, zq), lp[:n], p[:n], tmp[:n])
                 if forward:  # Σ p (log p − log q) = −H(p) − Σ p log q
                     kl = -h_p - torch.mul(p_c, lq_c, out=tmp[:n]).sum(-1)
@@ -255,7 +263,7 @@ class GeometryAwareLoss(nn.Module):
             a = c.clone()
             if exact and forward:
                 a += d
-            elif not exact:
+            elif base is not None and not exact:
                 a += d * alpha
             g = tmp[:n]
             if bool(b.any()):
@@ -266,7 +274,7 @@ class GeometryAwareLoss(nn.Module):
                 g.sub_(p_c.mul_(d.unsqueeze(-1)))
             elif exact:  # reverse: + d · q ⊙ (log q − log p − KL), built in the log p buffer
                 g.add_(lp_c.sub_(lq_c).neg_().sub_(kl.unsqueeze(-1)).mul_(q_c).mul_(d.unsqueeze(-1)))
-            else:
+            elif base is not None:
                 if bool(tail_coef.any()):
                     g.add_(tail.dist.mul_((d * tail_coef).unsqueeze(-1)))
                 g.scatter_add_(1, st.topk_ids, d.unsqueeze(-1) * s_coef)

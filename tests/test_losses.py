@@ -374,3 +374,16 @@ def test_router_layer_weight_and_shape_errors():
         router_divergence_loss(t, t, None, top_k=5)
     with pytest.raises(ValueError, match="they must match"):
         router_divergence_loss(t, t[:1])
+
+
+def test_without_a_base_only_task_and_calibration_terms_apply():
+    tuned, base_logits, labels, _ = make_batch()
+    cfg = dict(ACTIVE, lambda_kl=0.0, lambda_entropy=0.0)
+    x1, x2 = tuned.clone().requires_grad_(), tuned.clone().requires_grad_()
+    l1, m1 = GeometryAwareLoss(**ACTIVE)(x1, None, labels)
+    l2, _ = GeometryAwareLoss(**cfg)(x2, base_logits, labels)  # the same terms, with a base present
+    l1.backward(), l2.backward()
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    assert math.isnan(m1["KL_mean"]) and math.isnan(m1["dH_mean"]) and m1["kl_estimator"] == "none"
+    assert m1["positions_penalized_KL"] == 0 and m1["positions_penalized_cal"] > 0

@@ -1,0 +1,136 @@
+"""Where the base distribution comes from during training: ``cache`` | ``live`` | ``copy`` | ``periodic``.
+
+Every mode returns a ``BaseBatch`` for a training batch, and the loss cannot tell them apart:
+
+| mode | base weights in memory | extra compute per step |
+|---|---|---|
+| ``cache`` | none beyond the model being tuned | none: statistics come with the batch |
+| ``live`` | none extra: the PEFT model with its adapter disabled | one no-grad forward |
+| ``copy`` | a second frozen model (optionally offloaded to CPU) | one forward |
+| ``periodic`` | as ``live``/``copy`` | one forward every N steps |
+
+``periodic`` gives no base on the other steps: there the loss keeps the task loss and the
+calibration-gap penalty (which need only the tuned model) and drops the KL, entropy-drop and router
+terms. That is what it loses: the base-relative penalties act on 1/N of the batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from geocache.signals import BaseStats, labelled_positions
+
+BASE_MODES = ("cache", "live", "copy", "periodic")
+
+
+@dataclass
+class BaseBatch:
+    """The base side of one batch.
+
+    lm: ``BaseStats`` over the labelled positions, full base logits ``[B, T, V]``, or None (no base).
+    router: one tensor per MoE layer over the labelled positions: base router logits ``[P, E]``
+    (float) or base expert ids ``[P, r]`` (int, best first); None for dense models or no base.
+    """
+
+    lm: Union[BaseStats, torch.Tensor, None]
+    router: Optional[list[torch.Tensor]] = None
+
+
+def _router_from_batch(batch: dict) -> Optional[list[torch.Tensor]]:
+    if "router_logits" in batch:
+        return list(batch["router_logits"].unbind(1))  # [P, L, E] → L × [P, E]
+    if "router_topk_ids" in batch:
+        return list(batch["router_topk_ids"].unbind(1))
+    return None
+
+
+def select_router_rows(router_logits, labels: torch.Tensor) -> list[torch.Tensor]:
+    """Router logits of a forward (one ``[B*T, E]`` tensor per MoE layer) at the labelled positions."""
+    rows, _ = labelled_positions(labels)
+    return [r[rows.to(r.device)] for r in router_logits]
+
+
+class CacheBase:
+    """Base statistics read from the cache beside each batch: no base forward at all."""
+
+    mode = "cache"
+
+    def __call__(self, model, batch: dict, step: int) -> BaseBatch:
+        if "base" not in batch:
+            raise ValueError("base mode 'cache' needs batches from a geocache cache (collate_cache_rows), which carry base statistics")
+        return BaseBatch(batch["base"], _router_from_batch(batch))
+
+
+def _forward_base(model, batch: dict, want_router: bool) -> BaseBatch:
+    """One no-grad, eval-mode (dropout off) forward of ``model`` on the batch."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            kwargs = {"output_router_logits": True} if want_router else {}
+            if "position_ids" in batch:
+                kwargs["position_ids"] = batch["position_ids"]
+            out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False, **kwargs)
+    finally:
+        model.train(was_training)
+    router = select_router_rows(out.router_logits, batch["labels"]) if want_router and out.router_logits else None
+    return BaseBatch(out.logits, router)
+
+
+class LiveBase:
+    """The base is the tuned PEFT model with its adapter disabled: no second copy of the weights."""
+
+    mode = "live"
+
+    def __init__(self, want_router: bool = False):
+        self.want_router = want_router
+
+    def __call__(self, model, batch: dict, step: int) -> BaseBatch:
+        disable = getattr(model, "disable_adapter", None)
+        if disable is None:
+            raise ValueError("base mode 'live' needs a PEFT model (its adapter disabled is the base); use 'copy' for a full model")
+        with disable():
+            return _forward_base(model, batch, self.want_router)
+
+
+class CopyBase:
+    """A separate frozen base model, for when the starting weights differ from the base (or the
+    tuned model is not a PEFT model). ``offload`` keeps its weights on the CPU through accelerate
+    and streams them to the compute device layer by layer."""
+
+    mode = "copy"
+
+    def __init__(self, base_model, want_router: bool = False, offload: bool = False, device: Optional[torch.device] = None):
+        base_model.requires_grad_(False)
+        base_model.eval()
+        if offload:
+            from accelerate import cpu_offload
+
+            cpu_offload(base_model, execution_device=device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        elif device is not None:
+            base_model.to(device)
+        self.base_model = base_model
+        self.want_router = want_router
+
+    def __call__(self, model, batch: dict, step: int) -> BaseBatch:
+        return _forward_base(self.base_model, batch, self.want_router)
+
+
+class PeriodicBase:
+    """Queries an inner ``live``/``copy`` base every ``every`` steps (step 0 included); no base otherwise."""
+
+    mode = "periodic"
+
+    def __init__(self, inner, every: int):
+        if every < 1:
+            raise ValueError(f"periodic base every={every} must be >= 1")
+        self.inner, self.every = inner, every
+
+    def __call__(self, model, batch: dict, step: int) -> BaseBatch:
+        if step % self.every == 0:
+            return self.inner(model, batch, step)
+        return BaseBatch(None, None)
+

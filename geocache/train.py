@@ -1,0 +1,195 @@
+"""``geocache train``: DoRA SFT with the geometry-aware loss, reading batches and base statistics from a cache.
+
+Reads top to bottom: check the run directory → load the model and the cache, refuse a cache built
+for another model/tokenizer/preprocessing → add the DoRA adapter → pick the base source → build
+``TrainingArguments`` → ``GeometryTrainer.train`` → save the adapter and the resolved config.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from geocache.base import BASE_MODES, CacheBase, CopyBase, LiveBase, PeriodicBase
+from geocache.cache.reader import CacheError, open_cache
+from geocache.config import GeometryConfig
+from geocache.models import load_model_and_tokenizer, moe_layout
+
+RUN_CONFIG = "geocache_run.yaml"
+
+
+@dataclass
+class TrainConfig:
+    model: str = field(metadata={"help": "Base model: local directory or hub id (the one the cache was built for)."})
+    cache: str = field(metadata={"help": "Training cache (from geocache precompute)."})
+    out: str = field(metadata={"help": "Run directory: checkpoints, adapter, logs, resolved config."})
+    base: str = field(default="cache", metadata={"help": "Base source: cache | live | copy | periodic."})
+    base_model: Optional[str] = field(default=None, metadata={"help": "Base for `copy` (default: --model)."})
+    periodic_inner: str = field(default="live", metadata={"help": "What `periodic` queries: live | copy."})
+    periodic_every: int = field(default=10, metadata={"help": "`periodic`: query the base every N steps."})
+    offload_base: bool = field(default=False, metadata={"help": "`copy`: keep the base's weights on CPU (accelerate)."})
+    eval_cache: Optional[str] = field(default=None, metadata={"help": "Eval cache; its base statistics are used in `cache` mode."})
+    revision: Optional[str] = field(default=None, metadata={"help": "Model revision (hub)."})
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32 | bfloat16 | float16."})
+    lora_r: int = field(default=16, metadata={"help": "DoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "DoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "DoRA dropout."})
+    target_modules: Optional[list[str]] = field(default=None, metadata={"help": "Modules to adapt (default: per architecture)."})
+    adapt_experts: bool = field(default=False, metadata={"help": "Adapt fused MoE experts (refused: not possible with DoRA)."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name."})
+    warmup_steps: int = field(default=0, metadata={"help": "Learning-rate warmup steps."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs (ignored when max_steps > 0)."})
+    max_steps: int = field(default=-1, metadata={"help": "Total optimizer steps (-1: from epochs)."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per device per micro-batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast."})
+    fp16: bool = field(default=False, metadata={"help": "float16 autocast."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    seed: int = field(default=0, metadata={"help": "Seed."})
+    train_sampling_strategy: str = field(default="random", metadata={"help": "random | sequential (transformers' option)."})
+    eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (needs eval_cache)."})
+    save_steps: int = field(default=500, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep at most N checkpoints."})
+    logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
+    layer_weights: Optional[list[float]] = field(default=None, metadata={"help": "Router-loss weight per MoE layer (default: mid-band)."})
+    resume: bool = field(default=False, metadata={"help": "Resume from the run directory's last checkpoint."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a run already in the run directory."})
+    use_cpu: bool = field(default=False, metadata={"help": "Train on CPU even when a GPU is present."})
+    geometry: GeometryConfig = field(default_factory=GeometryConfig, metadata={"help": "λ's and thresholds."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.geometry, dict):
+            self.geometry = GeometryConfig.from_dict(self.geometry)
+        if self.base not in BASE_MODES:
+            raise ValueError(f"base={self.base!r} must be one of {', '.join(BASE_MODES)}")
+        if self.periodic_inner not in ("live", "copy"):
+            raise ValueError(f"periodic_inner={self.periodic_inner!r} must be live or copy")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other: pick one")
+        if self.eval_steps is not None and not self.eval_cache:
+            raise ValueError("eval_steps was given but no eval_cache to evaluate on")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown train option(s) {unknown}")
+        return cls(**values)
+
+
+def _check_run_dir(cfg: TrainConfig) -> Optional[str]:
+    """Refuse a directory holding another run unless resuming or overwriting; return the checkpoint to resume."""
+    out = Path(cfg.out)
+    holds_run = (out / RUN_CONFIG).exists() or any(out.glob("checkpoint-*"))
+    if holds_run and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"run directory {cfg.out!r} holds another run; pass --resume to continue it or --overwrite to replace it")
+    if not holds_run and out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise ValueError(f"run directory {cfg.out!r} is not empty and holds no geocache run; choose another")
+    if cfg.overwrite and out.exists():
+        shutil.rmtree(out)
+    if cfg.resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(out)) if out.exists() else None
+        if last is None:
+            raise ValueError(f"--resume was given but run directory {cfg.out!r} has no checkpoint")
+        return last
+    return None
+
+
+def _base_source(cfg: TrainConfig, want_router: bool):
+    def copy():
+        base_model, _ = load_model_and_tokenizer(cfg.base_model or cfg.model, revision=cfg.revision, dtype=cfg.dtype)
+        return CopyBase(base_model, want_router=want_router, offload=cfg.offload_base)
+
+    if cfg.base == "cache":
+        return CacheBase()
+    if cfg.base == "live":
+        return LiveBase(want_router)
+    if cfg.base == "copy":
+        return copy()
+    inner = LiveBase(want_router) if cfg.periodic_inner == "live" else copy()
+    return PeriodicBase(inner, cfg.periodic_every)
+
+
+def train(cfg: TrainConfig, callbacks: Optional[list] = None):
+    """Run a training; returns the ``GeometryTrainer`` (its ``state`` has the log history)."""
+    from transformers import TrainingArguments, set_seed
+
+    from geocache.trainer import GeometryTrainer, JsonlLogger, add_dora_adapter
+
+    resume_from = _check_run_dir(cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, revision=cfg.revision, dtype=cfg.dtype)
+    try:
+        cache = open_cache(cfg.cache)
+        eval_cache = open_cache(cfg.eval_cache) if cfg.eval_cache else None
+    except CacheError as exc:
+        raise CacheError(f"{exc}") from None
+    for c in (cache, eval_cache):
+        if c is not None:
+            c.check_compatible(model, tokenizer)
+    if eval_cache is not None and eval_cache.manifest.data["preprocessing"] != cache.manifest.data["preprocessing"]:
+        raise CacheError("the eval cache was preprocessed differently from the training cache (max length, packing or masking)")
+    layout = moe_layout(model)
+    if layout is None and cfg.layer_weights is not None:
+        raise ValueError(f"router layer weights were given, but model {cfg.model!r} is dense (it has no MoE router)")
+    if cfg.base == "cache" and layout is not None and cfg.geometry.lambda_router > 0 and cache.manifest.moe.get("router_mode") == "none":
+        raise CacheError("the cache holds no router statistics (precompute --router none), so base mode 'cache' cannot train the router loss")
+
+    set_seed(cfg.seed)  # the adapter's random init must not depend on what ran before in this process
+    model = add_dora_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.adapt_experts)
+    want_router = layout is not None and cfg.geometry.lambda_router > 0
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_CONFIG).write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    args = TrainingArguments(
+        output_dir=str(out),
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        bf16=cfg.bf16,
+        fp16=cfg.fp16,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        train_sampling_strategy=cfg.train_sampling_strategy,
+        eval_strategy="steps" if cfg.eval_steps else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        report_to=report_to,
+        remove_unused_columns=False,  # batches carry base statistics beside the model inputs
+        prediction_loss_only=True,
+        use_cpu=cfg.use_cpu,
+        dataloader_num_workers=0,
+    )
+    trainer = GeometryTrainer(
+        model=model,
+        args=args,
+        train_dataset=cache,
+        eval_dataset=eval_cache,
+        processing_class=tokenizer,
+        geometry_config=cfg.geometry,
+        base=_base_source(cfg, want_router),
+        layer_weights=cfg.layer_weights,
+        callbacks=[JsonlLogger(out / "metrics.jsonl"), *(callbacks or [])],
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+    trainer.model.save_pretrained(str(out / "adapter"))
+    tokenizer.save_pretrained(str(out / "adapter"))
+    return trainer

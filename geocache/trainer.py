@@ -1,0 +1,216 @@
+"""``GeometryTrainer``: a thin ``transformers.Trainer`` whose ``compute_loss`` is the geometry-aware loss.
+
+Users keep their ``TrainingArguments``, callbacks, ``report_to``, DDP/FSDP through accelerate and
+checkpointing; everything geometry-specific is a component this class calls: a base source
+(``geocache.base``), ``GeometryAwareLoss``, ``AdaptiveGeometryScheduler`` and, for MoE models,
+``router_divergence_loss``. Batches come from a cache (``open_cache`` + ``collate_cache_rows``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from geocache.base import BaseBatch, CacheBase, select_router_rows
+from geocache.cache.reader import collate_cache_rows
+from geocache.config import GeometryConfig
+from geocache.losses import AdaptiveGeometryScheduler, GeometryAwareLoss, router_divergence_loss
+from geocache.models import moe_layout
+from geocache.signals import labelled_positions
+
+# Modules never adapted: the output head, MoE routers and the shared-expert gate (a scalar gate).
+_NEVER_ADAPT = ("lm_head", "mlp.gate", "mlp.router", "shared_expert_gate")
+
+
+def _peft_remapped_suffixes(model: nn.Module) -> tuple[str, ...]:
+    """Target-name suffixes that peft (0.21) rewrites into fused-expert *parameters* for this
+    architecture when converting v4-style MoE configs (e.g. any ``*.gate_proj`` of DeepSeek-V3,
+    its dense first layers and shared experts included). Such targets would end as LoRA on the
+    experts, which refuses DoRA, so they cannot be DoRA targets. Read from peft's private tables;
+    empty if they move."""
+    try:
+        from peft.utils import transformers_weight_conversion as conv
+
+        model_type = model.config.model_type
+        if conv.get_checkpoint_conversion_mapping(model_type) is None:
+            return ()
+        return tuple(conv._MOE_TARGET_MODULE_MAPPING.get(conv._MODEL_TO_CONVERSION_PATTERN.get(model_type), {}))
+    except (ImportError, AttributeError):
+        return ()
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """Names of every ``nn.Linear`` that DoRA can adapt: attention projections, dense MLPs and
+    shared experts. Fused MoE experts (3-D parameters in transformers 5) and routers are not
+    ``nn.Linear`` and are never listed, so ``use_dora=True`` never meets PEFT's ``ParamWrapper``.
+    On architectures where peft remaps MLP names onto fused experts (DeepSeek-V3), the dense MLPs
+    and shared experts are left out too, with a warning."""
+    remapped = _peft_remapped_suffixes(model)
+    names, dropped = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not any(name == n or name.endswith("." + n) for n in _NEVER_ADAPT):
+            (dropped if any(name.endswith("." + s) for s in remapped) else names).append(name)
+    if dropped:
+        warnings.warn(
+            f"{len(dropped)} dense-MLP/shared-expert projections of this {model.config.model_type} model are not adapted: "
+            "peft remaps their names onto fused experts, where DoRA is impossible",
+            stacklevel=2,
+        )
+    return names
+
+
+def add_dora_adapter(
+    model: nn.Module,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.0,
+    target_modules: Optional[Sequence[str]] = None,
+    adapt_experts: bool = False,
+):
+    """Wrap ``model`` with a DoRA adapter (``peft``, ``use_dora=True``) on ``target_modules``
+    (default: ``default_target_modules``). MoE experts can only take plain LoRA through PEFT's
+    ``target_parameters``, which refuses DoRA, so ``adapt_experts`` is refused here."""
+    from peft import LoraConfig, get_peft_model
+
+    if adapt_experts:
+        raise ValueError(
+            "adapting MoE experts needs LoRA through peft's target_parameters, which does not support DoRA; "
+            "geocache trains DoRA on attention, dense MLPs and shared experts only"
+        )
+    targets = list(target_modules) if target_modules else default_target_modules(model)
+    if not targets:
+        raise ValueError("no nn.Linear modules to adapt were found; pass target_modules explicitly")
+    # target_parameters=[] explicitly: left None, peft 0.21 fills in per-architecture expert
+    # parameters for some models (DeepSeek-V3), which DoRA cannot wrap.
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, target_parameters=[], use_dora=True, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)
+
+
+class JsonlLogger(TrainerCallback):
+    """Appends every log record (train and eval) to a JSONL file, one object per line."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}, default=float) + "\n")
+
+
+class GeometryTrainer(Trainer):
+    """``Trainer`` with the geometry-aware loss.
+
+    Extra arguments: ``geometry_config`` (``GeometryConfig``), ``base`` (a base source from
+    ``geocache.base``; default ``CacheBase()``), ``layer_weights`` for the router loss (default:
+    mid-band). Train and eval datasets are caches (``open_cache``); the default collator pads them
+    and carries their base statistics. Logged per step: task loss, every geometry metric, the
+    thresholds in force, penalised fractions, router Jaccard/divergence (MoE), tokens/s, base mode.
+    """
+
+    def __init__(self, *args, geometry_config: Optional[GeometryConfig] = None, base=None, layer_weights=None, **kwargs):
+        if kwargs.get("data_collator") is None:
+            tok = kwargs.get("processing_class")
+            pad = getattr(tok, "pad_token_id", None) or 0
+            kwargs["data_collator"] = partial(collate_cache_rows, pad_token_id=pad)
+        super().__init__(*args, **kwargs)
+        self.geometry_config = geometry_config or GeometryConfig()
+        self.geometry_loss = GeometryAwareLoss(self.geometry_config)
+        self.geometry_scheduler = AdaptiveGeometryScheduler.from_config(self.geometry_config)
+        self.base_source = base or CacheBase()
+        self.layout = moe_layout(self.accelerator.unwrap_model(self.model))
+        self.layer_weights = layer_weights
+        if self.layout is None and layer_weights is not None:
+            raise ValueError("router layer weights were given, but the model is dense (it has no MoE router)")
+        self._sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._tokens, self._clock = 0, time.perf_counter()
+
+    # --------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        step = self.state.global_step
+        labels = inputs["labels"]
+        want_router = self.layout is not None and self.geometry_config.lambda_router > 0
+        kwargs = {"output_router_logits": True} if self.layout is not None else {}
+        if "position_ids" in inputs:
+            kwargs["position_ids"] = inputs["position_ids"]
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False, **kwargs)
+        base: BaseBatch = self.base_source(self.accelerator.unwrap_model(model), inputs, step)
+        lm = base.lm.to(outputs.logits.device) if base.lm is not None else None
+        thresholds = self.geometry_scheduler.get_thresholds(step)
+        n_local = int(labelled_positions(labels)[0].numel())
+        denom = int(num_items_in_batch) if num_items_in_batch is not None else None
+        loss, metrics = self.geometry_loss(outputs.logits, lm, labels, thresholds=thresholds, num_items_in_batch=denom)
+
+        if want_router and base.router is not None:
+            tuned_router = select_router_rows(outputs.router_logits, labels)
+            base_router = [r.to(tuned_router[0].device) for r in base.router]
+            r_loss, r_metrics = router_divergence_loss(
+                tuned_router, base_router, self.layer_weights, self.layout["top_k"], scoring=self.layout["scoring"]
+            )
+            # a mean over this micro-batch's positions, re-weighted like the token terms
+            scale = n_local / denom if denom else 1.0
+            loss = loss + self.geometry_config.lambda_router * scale * r_loss
+            metrics.update(r_metrics)
+        if denom is not None and self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does for token-summed losses
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the loss is {loss.item()} at step {step}; training stopped, and the last good checkpoint in {self.args.output_dir} is kept"
+            )
+        self._accumulate("train" if model.training else "eval", metrics, n_local)
+        if model.training:
+            self._tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
+        return (loss, outputs) if return_outputs else loss
+
+    def _accumulate(self, split: str, metrics: dict, weight: int) -> None:
+        sums = self._sums[split]
+        for key, value in metrics.items():
+            if isinstance(value, torch.Tensor) and value.dim() == 0:
+                value = value.item()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "num_positions":
+                if isinstance(value, float) and math.isnan(value):
+                    continue
+                sums[key] += value * weight
+                sums[f"__w_{key}"] += weight
+            elif isinstance(value, torch.Tensor) and value.dim() == 1:  # per-layer router metrics
+                for i, v in enumerate(value.tolist()):
+                    sums[f"{key}/{i}"] += v * weight
+                    sums[f"__w_{key}/{i}"] += weight
+
+    def _flush(self, split: str) -> dict[str, float]:
+        sums, out = self._sums[split], {}
+        for key, value in sums.items():
+            if not key.startswith("__w_") and sums[f"__w_{key}"] > 0:
+                out[key] = value / sums[f"__w_{key}"]
+        sums.clear()
+        return out
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:  # a training log
+            logs.update(self._flush("train"))
+            now = time.perf_counter()
+            logs["tokens_per_s"] = self._tokens / max(now - self._clock, 1e-9)
+            self._tokens, self._clock = 0, now
+            logs["base_mode"] = self.base_source.mode
+            logs["kl_direction"] = self.geometry_config.kl_direction
+        super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._sums["eval"].clear()
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[3] if len(args) > 3 else "eval")
+        for key, value in self._flush("eval").items():
+            output.metrics[f"{prefix}_{key}"] = value
+        return output

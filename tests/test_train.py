@@ -1,0 +1,269 @@
+"""geocache train: base modes agree, runs resume exactly, ranks agree, bad input is refused."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+
+from geocache.base import CacheBase, LiveBase, PeriodicBase
+from geocache.cache import CacheError, collate_cache_rows, open_cache
+from geocache.config import GeometryConfig
+from geocache.data import DataConfig
+from geocache.precompute import PrecomputeConfig, precompute
+from geocache.testing import MOE_MODEL_TYPES, build_tiny_model
+from geocache.train import TrainConfig, train
+from geocache.trainer import GeometryTrainer, add_dora_adapter, default_target_modules
+from geocache_cli.main import main
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+ALL_ON = GeometryConfig(kl_threshold=0.0, final_kl_threshold=0.0, dh_threshold=0.0, cal_threshold=0.0, lambda_router=0.5)
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory):
+    import inspect
+    import textwrap
+
+    path = tmp_path_factory.mktemp("sft") / "sft.jsonl"
+    chunks = [c for c in inspect.getsource(textwrap).split("\n\n") if c.strip()][:24]
+    rows = [{"prompt": f"Explain part {i}:\n", "completion": c} for i, c in enumerate(chunks)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def moe_cache(tmp_path_factory, tiny_model_dir, sft_data):
+    """A MoE model and caches of it at k = vocab and at k = 64."""
+    model = tiny_model_dir("qwen3_moe")
+    root = tmp_path_factory.mktemp("caches")
+    for k in (512, 64):
+        precompute(PrecomputeConfig(model=str(model), data=[str(sft_data)], out=str(root / f"k{k}"), k=k, m=4, progress=False, data_config=DataConfig(max_length=64)))
+    return model, root
+
+
+def _trainer(model_dir, cache_path, base, out, geometry=ALL_ON, **args):
+    torch.manual_seed(0)
+    model = add_dora_adapter(AutoModelForCausalLM.from_pretrained(model_dir), r=4, alpha=8)
+    targs = TrainingArguments(output_dir=str(out), report_to=[], save_strategy="no", use_cpu=True, remove_unused_columns=False, seed=0, **args)
+    return GeometryTrainer(model=model, args=targs, train_dataset=open_cache(str(cache_path)), geometry_config=geometry, base=base)
+
+
+def _loss_and_grads(trainer, rows):
+    batch = collate_cache_rows(rows)
+    trainer.model.train()
+    # Perturb the adapter so that tuned != base and every term has a gradient.
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=None)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def test_one_step_from_the_cache_at_k_vocab_matches_the_live_base(tmp_path, moe_cache):
+    model, root = moe_cache
+    rows = [open_cache(str(root / "k512"))[i] for i in range(4)]
+    l_cache, g_cache = _loss_and_grads(_trainer(model, root / "k512", CacheBase(), tmp_path / "a"), rows)
+    l_live, g_live = _loss_and_grads(_trainer(model, root / "k512", LiveBase(want_router=True), tmp_path / "b"), rows)
+    # The only difference: the cache stores log-probs and router logits in float16.
+    torch.testing.assert_close(l_cache, l_live, rtol=1e-3, atol=1e-4)
+    assert g_cache.keys() == g_live.keys() and len(g_cache) > 10
+    for name in g_cache:
+        torch.testing.assert_close(g_cache[name], g_live[name], rtol=2e-2, atol=2e-4)
+
+
+def test_at_k_64_the_cached_loss_is_within_the_estimators_error(tmp_path, moe_cache):
+    """topk_tail misses exactly the divergence inside the tail: KL − KL_tail = p_T · KL(p|tail ‖ q|tail)."""
+    from geocache.signals import labelled_positions
+
+    model, root = moe_cache
+    rows = [open_cache(str(root / "k64"))[i] for i in range(4)]
+    geometry = GeometryConfig(kl_threshold=0.0, final_kl_threshold=0.0, lambda_kl=1.0, lambda_cal=0.0, lambda_entropy=0.0, lambda_router=0.0)
+    t_cache = _trainer(model, root / "k64", CacheBase(), tmp_path / "a", geometry)
+    t_live = _trainer(model, root / "k64", LiveBase(), tmp_path / "b", geometry)
+    l_cache, _ = _loss_and_grads(t_cache, rows)
+    l_live, _ = _loss_and_grads(t_live, rows)
+    kl_cache = t_cache._flush("train")["KL_mean"]
+    kl_live = t_live._flush("train")["KL_mean"]
+    assert kl_cache <= kl_live + 1e-5
+    # With λ_KL = 1 and every position penalised, the loss gap is the KL gap.
+    assert (l_live - l_cache).item() == pytest.approx(kl_live - kl_cache, abs=1e-5)
+    batch = collate_cache_rows(rows)
+    peft_model = t_live.model
+    with torch.no_grad():
+        tuned = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    idx, _ = labelled_positions(batch["labels"])
+    lp = torch.log_softmax(base.reshape(-1, base.shape[-1])[idx].double(), -1)
+    lq = torch.log_softmax(tuned.reshape(-1, tuned.shape[-1])[idx].double(), -1)
+    tail = torch.ones_like(lp, dtype=torch.bool).scatter_(1, batch["base"].topk_ids, False)
+    lp_t, lq_t = lp.masked_fill(~tail, -torch.inf), lq.masked_fill(~tail, -torch.inf)
+    p_mass = lp_t.logsumexp(-1)
+    p_cond, q_cond = lp_t - p_mass.unsqueeze(-1), lq_t - lq_t.logsumexp(-1, keepdim=True)
+    within = torch.where(tail, p_cond.exp() * (p_cond - q_cond), torch.zeros_like(lp)).sum(-1)
+    expected_gap = (p_mass.exp() * within).mean().item()
+    assert kl_live - kl_cache == pytest.approx(expected_gap, rel=2e-2, abs=2e-5)
+
+
+def test_short_runs_with_cache_and_live_end_with_matching_metrics(tmp_path, moe_cache):
+    model, root = moe_cache
+    logs = {}
+    for name, base in (("cache", CacheBase()), ("live", LiveBase(want_router=True))):
+        tr = _trainer(model, root / "k512", base, tmp_path / name, max_steps=8, per_device_train_batch_size=4, learning_rate=2e-2, logging_steps=4)
+        tr.train()
+        logs[name] = [r for r in tr.state.log_history if "loss" in r]
+    for a, b in zip(logs["cache"], logs["live"]):
+        for key in ("task_loss", "KL_mean", "dH_mean", "cal_gap_mean", "router_jaccard", "router_divergence"):
+            assert a[key] == pytest.approx(b[key], rel=2e-2, abs=2e-4), key
+    assert logs["cache"][-1]["KL_mean"] > 1e-3  # the adapter really moved
+    assert logs["cache"][-1]["base_mode"] == "cache" and logs["live"][-1]["base_mode"] == "live"
+
+
+def test_periodic_queries_the_base_every_n_steps(tmp_path, moe_cache):
+    model, root = moe_cache
+    calls = []
+
+    class Spy(LiveBase):
+        def __call__(self, model, batch, step):
+            calls.append(step)
+            return super().__call__(model, batch, step)
+
+    tr = _trainer(model, root / "k512", PeriodicBase(Spy(want_router=True), every=3), tmp_path / "p", max_steps=7, per_device_train_batch_size=2, logging_steps=1)
+    tr.train()
+    assert calls == [0, 3, 6]
+    logged = {r["step"]: r for r in tr.state.log_history if "loss" in r}
+    assert "KL_mean" in logged[1] and "KL_mean" not in logged[2]  # step 2 ran on steps without a base
+
+
+def test_default_targets_avoid_fused_experts_and_routers(tiny_model_dir):
+    for model_type in MOE_MODEL_TYPES:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(model_type))
+        if model_type == "deepseek_v3":
+            with pytest.warns(UserWarning, match="peft remaps their names onto fused experts"):
+                targets = default_target_modules(model)
+            assert not any(t.endswith(("gate_proj", "up_proj", "down_proj")) for t in targets)
+        else:
+            targets = default_target_modules(model)
+        assert targets and not any("experts." in t and "shared" not in t for t in targets)
+        assert not any(t.endswith(("mlp.gate", "mlp.router", "lm_head")) for t in targets)
+        peft_model = add_dora_adapter(model, r=2, alpha=4)  # DoRA on every default target works
+        assert peft_model.peft_config["default"].use_dora
+        if model_type == "qwen2_moe":
+            assert any("shared_expert." in t for t in targets)
+    with pytest.raises(ValueError, match="does not support DoRA"):
+        add_dora_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir("mixtral")), adapt_experts=True)
+
+
+class _Crash(TrainerCallback):
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def test_a_killed_run_resumed_from_its_checkpoint_continues_with_the_same_losses(tmp_path, moe_cache):
+    model, root = moe_cache
+    common = dict(model=str(model), cache=str(root / "k512"), max_steps=6, save_steps=3, logging_steps=1, per_device_train_batch_size=4, learning_rate=1e-2, use_cpu=True, geometry=ALL_ON, lora_r=4, lora_alpha=8)
+    full = train(TrainConfig(out=str(tmp_path / "full"), **common))
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(tmp_path / "cut"), **common), callbacks=[_Crash(4)])
+    resumed = train(TrainConfig(out=str(tmp_path / "cut"), resume=True, **common))
+    losses = lambda tr: {r["step"]: r["loss"] for r in tr.state.log_history if "loss" in r}  # noqa: E731
+    full_l, resumed_l = losses(full), losses(resumed)
+    for step in (4, 5, 6):
+        assert resumed_l[step] == pytest.approx(full_l[step], rel=1e-5), step
+    a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
+
+
+def test_train_cli_writes_adapter_logs_and_resolved_config(tmp_path, moe_cache):
+    from peft import PeftModel
+
+    model, root = moe_cache
+    out = tmp_path / "run"
+    args = ["train", "--model", str(model), "--cache", str(root / "k64"), "--eval-cache", str(root / "k64"), "--out", str(out),
+            "--max-steps", "4", "--eval-steps", "2", "--logging-steps", "2", "--per-device-train-batch-size", "4",
+            "--lora-r", "4", "--lambda-kl", "0.3", "--use-cpu"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rec = next(r for r in records if "loss" in r)
+    for key in ("task_loss", "KL_mean", "dH_mean", "cal_gap_mean", "positions_penalized_KL", "positions_penalized_cal",
+                "positions_penalized_H", "kl_threshold", "dh_threshold", "cal_threshold", "tokens_per_s", "base_mode",
+                "router_jaccard", "router_divergence", "router_jaccard_per_layer/0"):
+        assert key in train_rec, key
+    eval_rec = next(r for r in records if "eval_loss" in r)
+    assert {"eval_KL_mean", "eval_dH_mean", "eval_cal_gap_mean", "eval_router_jaccard"} <= set(eval_rec)
+    resolved = (out / "geocache_run.yaml").read_text()
+    assert "lambda_kl: 0.3" in resolved and "max_steps: 4" in resolved
+    base = AutoModelForCausalLM.from_pretrained(model)
+    tuned = PeftModel.from_pretrained(base, out / "adapter")
+    assert any("lora_magnitude_vector" in n for n, _ in tuned.named_parameters())  # DoRA, loaded back
+
+
+def test_bad_inputs_are_refused_in_one_sentence(tmp_path, moe_cache, tiny_model_dir, tokenizer_dir, sft_data):
+    model, root = moe_cache
+    base = dict(cache=str(root / "k64"), max_steps=2, use_cpu=True, lora_r=2, lora_alpha=4)
+    other = build_tiny_model(tmp_path / "other", "qwen3_moe", tokenizer_dir=tokenizer_dir, seed=3)
+    with pytest.raises(CacheError, match="this model's weights differ"):
+        train(TrainConfig(model=str(other), out=str(tmp_path / "a"), **base))
+    with pytest.raises(CacheError, match="is not a geocache cache"):
+        train(TrainConfig(model=str(model), out=str(tmp_path / "b"), **{**base, "cache": str(tmp_path)}))
+    dense = tiny_model_dir("llama")
+    dense_cache = tmp_path / "dense-cache"
+    precompute(PrecomputeConfig(model=str(dense), data=[str(sft_data)], out=str(dense_cache), k=8, progress=False))
+    with pytest.raises(ValueError, match="is dense"):
+        train(TrainConfig(model=str(dense), out=str(tmp_path / "c"), layer_weights=[1.0, 1.0], **{**base, "cache": str(dense_cache)}))
+    train(TrainConfig(model=str(model), out=str(tmp_path / "d"), **base))
+    with pytest.raises(ValueError, match="holds another run; pass --resume"):
+        train(TrainConfig(model=str(model), out=str(tmp_path / "d"), **base))
+    with pytest.raises(ValueError, match="eval_steps was given but no eval_cache"):
+        TrainConfig(model="m", cache="c", out="o", eval_steps=3)
+
+
+def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, moe_cache):
+    model, root = moe_cache
+
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+
+    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 2; training stopped, and the last good checkpoint"):
+        train(TrainConfig(model=str(model), cache=str(root / "k64"), out=str(tmp_path / "r"), max_steps=5, save_steps=2, use_cpu=True, lora_r=2, lora_alpha=4), callbacks=[Poison()])
+    assert (tmp_path / "r" / "checkpoint-2").is_dir()
+
+
+def test_two_processes_over_gloo_train_like_one_with_the_same_global_batch(tmp_path, moe_cache):
+    model, root = moe_cache
+    common = ["--model", str(model), "--cache", str(root / "k512"), "--max-steps", "3", "--logging-steps", "1", "--save-steps", "100",
+              "--train-sampling-strategy", "sequential", "--lora-r", "4", "--learning-rate", "0.01", "--use-cpu",
+              "--kl-threshold", "0", "--final-kl-threshold", "0"]
+    one = subprocess.run([sys.executable, "-m", "geocache_cli.main", "train", *common, "--out", str(tmp_path / "one"), "--per-device-train-batch-size", "4"],
+                         env=ENV, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29573", "-m", "geocache_cli.main",
+                          "train", *common, "--out", str(tmp_path / "two"), "--per-device-train-batch-size", "2"],
+                         env=ENV, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max(a[n].abs().max() for n in a if "lora_B" in n) > 1e-4  # trained away from the zero init
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
