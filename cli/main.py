@@ -163,6 +163,16 @@ def train(config_path, **options):
     click.echo(f"trained {trainer.state.global_step} steps; adapter saved in {merged['out']}/adapter; last task loss {last.get('task_loss', float('nan')):.4f}")
 
 
+@main.command()
+@click.option("--out", default="geocache-demo", show_default=True, help="Directory for the data, caches and runs.")
+@click.option("--steps", default=40, show_default=True, help="Training steps per run.")
+def demo(out, steps):
+    """Run the whole pipeline offline on an embedded default (a small MoE model pretrained locally)."""
+    from geocache.demo import run_demo
+
+    run_demo(out, steps=steps, log=click.echo)
+
+
 @main.group()
 def cache() -> None:
     """Inspect and verify caches."""

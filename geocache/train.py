@@ -54,6 +54,7 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "Seed."})
     train_sampling_strategy: str = field(default="random", metadata={"help": "random | sequential (transformers' option)."})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (needs eval_cache)."})
+    eval_on_start: bool = field(default=False, metadata={"help": "Also evaluate before the first step (the base itself)."})
     save_steps: int = field(default=500, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep at most N checkpoints."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
@@ -61,6 +62,7 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "Resume from the run directory's last checkpoint."})
     overwrite: bool = field(default=False, metadata={"help": "Replace a run already in the run directory."})
     use_cpu: bool = field(default=False, metadata={"help": "Train on CPU even when a GPU is present."})
+    progress: bool = field(default=True, metadata={"help": "Show transformers' progress bar and log printing."})
     geometry: GeometryConfig = field(default_factory=GeometryConfig, metadata={"help": "λ's and thresholds."})
 
     def __post_init__(self) -> None:
@@ -145,7 +147,7 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None):
 
     set_seed(cfg.seed)  # the adapter's random init must not depend on what ran before in this process
     model = add_dora_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.adapt_experts)
-    want_router = layout is not None and cfg.geometry.lambda_router > 0
+    want_router = layout is not None  # router drift is always measured on MoE; trained on when λ_router > 0
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_CONFIG).write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
@@ -168,6 +170,7 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None):
         train_sampling_strategy=cfg.train_sampling_strategy,
         eval_strategy="steps" if cfg.eval_steps else "no",
         eval_steps=cfg.eval_steps,
+        eval_on_start=cfg.eval_on_start,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
@@ -177,6 +180,7 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None):
         prediction_loss_only=True,
         use_cpu=cfg.use_cpu,
         dataloader_num_workers=0,
+        disable_tqdm=not cfg.progress,
     )
     trainer = GeometryTrainer(
         model=model,
@@ -189,6 +193,10 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None):
         layer_weights=cfg.layer_weights,
         callbacks=[JsonlLogger(out / "metrics.jsonl"), *(callbacks or [])],
     )
+    if not cfg.progress:
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=resume_from)
     trainer.model.save_pretrained(str(out / "adapter"))
     tokenizer.save_pretrained(str(out / "adapter"))

@@ -141,7 +141,7 @@ class GeometryTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         step = self.state.global_step
         labels = inputs["labels"]
-        want_router = self.layout is not None and self.geometry_config.lambda_router > 0
+        lam_router = self.geometry_config.lambda_router
         kwargs = {"output_router_logits": True} if self.layout is not None else {}
         if "position_ids" in inputs:
             kwargs["position_ids"] = inputs["position_ids"]
@@ -153,7 +153,7 @@ class GeometryTrainer(Trainer):
         denom = int(num_items_in_batch) if num_items_in_batch is not None else None
         loss, metrics = self.geometry_loss(outputs.logits, lm, labels, thresholds=thresholds, num_items_in_batch=denom)
 
-        if want_router and base.router is not None:
+        if self.layout is not None and base.router is not None:
             tuned_router = select_router_rows(outputs.router_logits, labels)
             base_router = [r.to(tuned_router[0].device) for r in base.router]
             r_loss, r_metrics = router_divergence_loss(
@@ -161,7 +161,8 @@ class GeometryTrainer(Trainer):
             )
             # a mean over this micro-batch's positions, re-weighted like the token terms
             scale = n_local / denom if denom else 1.0
-            loss = loss + self.geometry_config.lambda_router * scale * r_loss
+            if lam_router > 0:  # measured either way; trained on only when weighted
+                loss = loss + lam_router * scale * r_loss
             metrics.update(r_metrics)
         if denom is not None and self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
             loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does for token-summed losses

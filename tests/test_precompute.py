@@ -258,7 +258,7 @@ def _cli(*args):
 def test_a_killed_precompute_resumes_to_exactly_the_uninterrupted_arrays(tmp_path, tiny_model_dir, data_file):
     model = tiny_model_dir("qwen2_moe")
     big = tmp_path / "big.jsonl"
-    big.write_text("\n".join([data_file.read_text()] * 6))
+    big.write_text("\n".join([data_file.read_text()] * 3))
     args = ["--model", str(model), "--data", str(big), "--top-k", "8", "--tail-samples", "2", "--max-length", "48", "--shard-sequences", "6", "--batch-size", "2"]
     subprocess.run(_cli(*args, "--out", str(tmp_path / "ref")), check=True, env=ENV, capture_output=True)
     proc = subprocess.Popen(_cli(*args, "--out", str(tmp_path / "c")), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -267,3 +267,17 @@ def test_two_processes_over_gloo_train_like_one_with_the_same_global_batch(tmp_p
     assert max(a[n].abs().max() for n in a if "lora_B" in n) > 1e-4  # trained away from the zero init
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_copy_base_with_the_same_weights_equals_the_live_base(tmp_path, moe_cache):
+    from geocache.base import CopyBase
+
+    model, root = moe_cache
+    rows = [open_cache(str(root / "k512"))[i] for i in range(4)]
+    l_live, g_live = _loss_and_grads(_trainer(model, root / "k512", LiveBase(want_router=True), tmp_path / "a"), rows)
+    copy = CopyBase(AutoModelForCausalLM.from_pretrained(model), want_router=True)
+    assert not any(p.requires_grad for p in copy.base_model.parameters())
+    l_copy, g_copy = _loss_and_grads(_trainer(model, root / "k512", copy, tmp_path / "b"), rows)
+    torch.testing.assert_close(l_copy, l_live)
+    for name in g_live:
+        torch.testing.assert_close(g_copy[name], g_live[name])
