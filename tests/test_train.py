@@ -281,3 +281,17 @@ def test_copy_base_with_the_same_weights_equals_the_live_base(tmp_path, moe_cach
     torch.testing.assert_close(l_copy, l_live)
     for name in g_live:
         torch.testing.assert_close(g_copy[name], g_live[name])
+
+
+def test_gradient_checkpointing_trains_the_adapter_identically(tmp_path, moe_cache):
+    model, root = moe_cache
+    common = dict(model=str(model), cache=str(root / "k64"), max_steps=3, use_cpu=True, learning_rate=1e-2, lora_r=4, progress=False, logging_steps=1)
+    plain = train(TrainConfig(out=str(tmp_path / "a"), **common))
+    ckpt = train(TrainConfig(out=str(tmp_path / "b"), gradient_checkpointing=True, **common))
+    losses = lambda tr: [r["loss"] for r in tr.state.log_history if "loss" in r]  # noqa: E731
+    assert losses(ckpt) == pytest.approx(losses(plain), rel=1e-5)
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert max(a[n].abs().max() for n in a if "lora_B" in n) > 1e-4
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
