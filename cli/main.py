@@ -54,7 +54,7 @@ def _load_yaml(path: str | None) -> dict:
 @click.option("--revision", help="Model revision (hub).")
 @click.option("--data", multiple=True, help="Data file, directory or hub dataset id (repeatable).")
 @click.option("--out", help="Cache directory or fsspec URL.")
-@click.option("--backend", type=click.Choice(["zarr", "arrow"]), help="Storage backend (default zarr).")
+@click.option("--backend", type=click.Choice(["zarr", "arrow"]), help="Storage backend: arrow (default, fastest random access) or zarr (compressed, object-store friendly).")
 @click.option("--top-k", "k", type=int, help="k: top-k log-probs cached per position (default 64).")
 @click.option("--tail-samples", "m", type=int, help="m: tail samples cached per position (default 0).")
 @click.option("--router", type=click.Choice(["auto", "full", "topk", "none"]), help="MoE router logits to cache.")

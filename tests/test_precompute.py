@@ -232,7 +232,7 @@ def test_a_full_disk_fails_clearly_and_keeps_only_whole_shards(tmp_path, tiny_mo
     from geocache.cache import backends
 
     model = tiny_model_dir("llama")
-    run(model, data_file, tmp_path / "ref", k=4, shard_sequences=8)
+    run(model, data_file, tmp_path / "ref", k=4, shard_sequences=8, backend="zarr")
     real_write, calls = backends.ZarrBackend.write, []
 
     def flaky_write(self, fs, path, arrays):
@@ -244,10 +244,10 @@ def test_a_full_disk_fails_clearly_and_keeps_only_whole_shards(tmp_path, tiny_mo
 
     monkeypatch.setattr(backends.ZarrBackend, "write", flaky_write)
     with pytest.raises(CacheWriteError, match=r"could not write shard shards/rank000-000002.zarr .*: the disk is full; nothing half-written"):
-        run(model, data_file, tmp_path / "c", k=4, shard_sequences=8)
+        run(model, data_file, tmp_path / "c", k=4, shard_sequences=8, backend="zarr")
     assert sorted(p.name for p in (tmp_path / "c" / "shards").iterdir()) == ["rank000-000000.zarr", "rank000-000001.zarr"]
     monkeypatch.setattr(backends.ZarrBackend, "write", real_write)
-    run(model, data_file, tmp_path / "c", k=4, shard_sequences=8, resume=True)
+    run(model, data_file, tmp_path / "c", k=4, shard_sequences=8, resume=True, backend="zarr")
     assert_same_rows(rows_of(tmp_path / "c"), rows_of(tmp_path / "ref"))
 
 
