@@ -295,3 +295,13 @@ def test_gradient_checkpointing_trains_the_adapter_identically(tmp_path, moe_cac
     assert max(a[n].abs().max() for n in a if "lora_B" in n) > 1e-4
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_trains_close_to_float32(tmp_path, moe_cache):
+    model, root = moe_cache
+    common = dict(model=str(model), cache=str(root / "k64"), max_steps=3, use_cpu=True, learning_rate=1e-2, lora_r=4, progress=False, logging_steps=1)
+    fp32 = train(TrainConfig(out=str(tmp_path / "a"), **common))
+    bf16 = train(TrainConfig(out=str(tmp_path / "b"), bf16=True, **common))
+    losses = lambda tr: [r["loss"] for r in tr.state.log_history if "loss" in r]  # noqa: E731
+    assert losses(bf16) == pytest.approx(losses(fp32), rel=1e-2)
+    assert bf16.args.bf16 and all(torch.isfinite(torch.tensor(losses(bf16))))
