@@ -216,7 +216,7 @@ class GeometryAwareLoss(nn.Module):
         flat = logits.reshape(-1, vocab)
         dtype = math_dtype(logits.dtype)
         n_total = rows.numel()
-        chunk = cfg.chunk_size or default_chunk_rows(vocab, logits.device)
+        chunk = cfg.chunk_size or default_chunk_rows(vocab, logits.device, n_total)
         exact = isinstance(base, torch.Tensor)
         base_flat = base.reshape(-1, vocab) if exact else None
         out = torch.empty(4, n_total, dtype=dtype, device=logits.device)

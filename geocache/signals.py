@@ -27,13 +27,18 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def default_chunk_rows(vocab: int, device: torch.device | str) -> int:
+def default_chunk_rows(vocab: int, device: torch.device | str, n_rows: Optional[int] = None) -> int:
     """Rows per chunk for [rows × vocab] float32 temporaries: about 8 MiB on CPU, where a chunk
     that stays in cache is several times faster than one of hundreds of rows (the fused statistics
     pass and the loss were both written and timed this way; benchmarks/loss_memory.py has the
-    default's numbers), and 512 MiB on an accelerator (a setting, not yet measured on a GPU)."""
+    default's numbers), and 512 MiB on an accelerator (a setting, not yet measured on a GPU).
+    With ``n_rows`` given, at most an eighth of them (and at least 16), so that a handful of chunk
+    buffers never outweighs the logits themselves when the vocabulary is small."""
     budget = 1 << 21 if torch.device(device).type == "cpu" else 1 << 27
-    return max(1, budget // vocab)
+    rows = max(1, budget // vocab)
+    if n_rows is not None:
+        rows = min(rows, max(16, -(-n_rows // 8)))
+    return rows
 
 
 def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +238,7 @@ def compute_base_stats(
     if m < 0:
         raise ValueError(f"m={m} tail samples must be >= 0")
     n_total = logits.shape[0] if rows is None else rows.shape[0]
-    chunk_size = chunk_size or default_chunk_rows(vocab, logits.device)
+    chunk_size = chunk_size or default_chunk_rows(vocab, logits.device, n_total)
     dtype = math_dtype(logits.dtype)
     dev = logits.device
     lse = torch.empty(n_total, dtype=dtype, device=dev)

@@ -8,6 +8,7 @@ for another model/tokenizer/preprocessing → add the DoRA adapter → pick the 
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -127,7 +128,14 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None):
 
     from geocache.trainer import GeometryTrainer, JsonlLogger, add_dora_adapter
 
-    resume_from = _check_run_dir(cfg)
+    # Under torchrun only rank 0 checks and prepares the run directory (the others would find
+    # rank 0's files and refuse); a refusal there stops every rank.
+    if int(os.environ.get("RANK", "0")) == 0:
+        resume_from = _check_run_dir(cfg)
+    else:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume_from = get_last_checkpoint(cfg.out) if cfg.resume and Path(cfg.out).exists() else None
     model, tokenizer = load_model_and_tokenizer(cfg.model, revision=cfg.revision, dtype=cfg.dtype)
     try:
         cache = open_cache(cfg.cache)
@@ -150,7 +158,8 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None):
     want_router = layout is not None  # router drift is always measured on MoE; trained on when λ_router > 0
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / RUN_CONFIG).write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    if int(os.environ.get("RANK", "0")) == 0:
+        (out / RUN_CONFIG).write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
     args = TrainingArguments(
         output_dir=str(out),
@@ -198,6 +207,5 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None):
 
         trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=resume_from)
-    trainer.model.save_pretrained(str(out / "adapter"))
-    tokenizer.save_pretrained(str(out / "adapter"))
+    trainer.save_model(str(out / "adapter"))  # the adapter (PEFT) and tokenizer, from the main process only
     return trainer
