@@ -1,0 +1,956 @@
+#!/usr/bin/env python
+"""Cache storage: Zarr vs Arrow backends: bytes per token, write speed, and shuffled random-access
+read speed against a plain sequential read of the same bytes.
+
+Setup (everything generated into a temporary directory, never into the repository):
+
+- Data: the ``.py`` files of the standard-library packages ``json``, ``email`` and ``asyncio``, cut
+  into examples of ``--lines-per-example`` lines, one JSONL ``{"text": ...}`` row each; precompute
+  keeps the first ``--sequences`` of them at ``max_length`` ``--max-length`` (default: 448
+  sequences, ~92k tokens, 2 shards of 256 sequences).
+- Tokenizer: ``geocache.testing.build_tokenizer`` (byte-level BPE, ``--tokenizer-vocab`` entries).
+- Model: a random qwen3-shaped model (``--layers`` layers, hidden ``--hidden``) whose output
+  projection has ``--vocab`` rows, more than the tokenizer has: the cached statistics cover all of
+  them, so top-k picks among 32,768 candidates. Freshly initialised weights give near-uniform
+  logits (std ~0.16): sorted float16 log-probs of a near-uniform distribution compress far better
+  than a real model's, so the output projection is rescaled so the logits' standard deviation on
+  the corpus is ``--logit-std`` (default 3; the resulting mean entropy is reported).
+- Optional MoE variant (``--moe-experts``; 0 to skip): a 2-layer qwen3_moe model of the same
+  shape, built at k = ``--moe-k`` with ``router=full`` and ``router=topk``, to report router
+  bytes/token apart from the LM statistics.
+
+Per (backend, k), each step in a fresh subprocess (this script with the hidden ``--worker`` flag):
+
+(a) **Build** with the real ``geocache.precompute.precompute(PrecomputeConfig(..., backend, k,
+    m=--m, progress=False, data_config=DataConfig(max_length, max_sequences)), timings=...)``.
+    Bytes/token from ``geocache.cache.inspect.summarize`` ("lm", "router", "token data" bytes per
+    token: Zarr by file sizes, Arrow split in proportion to the arrays' in-memory sizes), plus the
+    shards' bytes (manifest) and the whole directory (manifest and parts included) per token.
+(b) **Write MB/s** = the shards' stored bytes / ``timings["write_s"]`` (seconds the background
+    writer thread spent packing, encoding, writing, checksumming and committing shards).
+(c) **Shuffled read**: ``DataLoader(open_cache(path), batch_size=--batch-size, shuffle=True,
+    num_workers=w, collate_fn=collate_cache_rows)`` for w in ``--workers``: one warm-up epoch, then
+    one timed epoch (from ``iter(loader)`` to the last batch, so worker start-up, which with the
+    default ``persistent_workers=False`` happens every epoch, is included). tokens/s = the cache's
+    tokens / epoch seconds. A fresh ``open_cache`` per w.
+(d) **Plain sequential read of the same bytes**: every file under the cache directory read in
+    sorted order, warm page cache (one untimed pass first), min of ``--plain-reps``, two ways:
+    ``open(f, "rb").read()`` (a new bytes object per file) and ``readinto`` through one reused
+    8 MiB buffer. ``read()`` of a file above glibc's largest mmap threshold (32 MiB: the Arrow
+    shards at k=256) gets fresh pages from the kernel every time and pays a page fault per 4 KiB
+    (the minor faults are recorded), so it can be several times slower than the bytes need; the
+    faster of the two is taken as **the limit**. tokens/s = tokens / seconds.
+    Ratio = shuffled / limit per (backend, k, workers) (the ratio to ``read()`` is reported beside
+    it); target ``>= 0.3``. An extra diagnostic row per cache uses ``persistent_workers=True`` (worker
+    start-up and checksums paid in the warm-up epoch only).
+
+Diagnostics in the read worker (w = 0, warm): ``cache[i]`` alone over a random permutation,
+``collate_cache_rows`` alone over the same batches, ``shard_checksum`` of every shard (what each
+process does on first touch of a shard; DataLoader workers are new processes every epoch), and
+the mean time of one row's slice of each array through the backend's ``ShardView``.
+
+Before every subprocess the script waits (up to ``--idle-timeout`` s) until other processes use
+at most ``--max-busy`` of the machine; every measurement records the CPU seconds other processes
+used while it ran (``/proc/stat`` busy time minus this benchmark's own).
+
+Reference points (published, not measured here): DistillKit stores ~300 bytes/token at k=128 (16
+exact log-probs + a fitted tail) and ~114 bytes/token at k=50.
+
+Results go to ``benchmarks/results/storage.{json,md,png}`` with the command line, machine and
+versions (``--replot`` re-renders the Markdown and PNG from the JSON). ``--help`` for the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for p in (str(REPO), str(HERE)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from _common import (  # noqa: E402
+    MB,
+    dir_bytes,
+    fmt,
+    loadavg,
+    provenance,
+    provenance_markdown,
+    spawn_measured,
+    write_corpus_jsonl,
+)
+
+NAME = "storage"
+TARGET_RATIO = 0.3
+# Published reference points: (k, bytes/token, label).
+DISTILLKIT = [(128, 300.0, "DistillKit k=128 (16 exact + fitted tail)"), (50, 114.0, "DistillKit k=50")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+def _sample_batch(tokenizer, data_path: Path, n: int, max_length: int):
+    import torch
+
+    texts = [json.loads(line)["text"] for _, line in zip(range(n), open(data_path))]
+    enc = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"].to(torch.long)
+
+
+def build_model(out_dir: Path, tok_dir: Path, data_path: Path, args, moe: bool) -> dict:
+    """Random qwen3 (or qwen3_moe) model with ``--vocab`` output rows; logits rescaled to ``--logit-std``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from geocache.testing import tiny_config
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    shape = dict(
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=args.hidden // 4,
+        max_position_embeddings=max(512, args.max_length),
+        tie_word_embeddings=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.eos_token_id,
+    )
+    if moe:
+        config = tiny_config(
+            "qwen3_moe",
+            vocab_size=args.vocab,
+            num_experts=args.moe_experts,
+            num_experts_per_tok=args.moe_top_k,
+            moe_intermediate_size=max(8, args.hidden // 2),
+            decoder_sparse_step=1,
+            **shape,
+        )
+    else:
+        config = tiny_config("qwen3", vocab_size=args.vocab, **shape)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids, mask = _sample_batch(tok, data_path, 16, args.max_length)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+        std0 = float(logits.std())
+        scale = args.logit_std / std0 if args.logit_std > 0 else 1.0
+        model.get_output_embeddings().weight.mul_(scale)
+        logits = model(input_ids=ids, attention_mask=mask).logits[mask.bool()].float()
+        logp = logits.log_softmax(-1)
+        entropy = float(-(logp.exp() * logp).sum(-1).mean())
+    model.save_pretrained(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+    return {
+        "path": str(out_dir),
+        "model_type": config.model_type,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "output_rows": args.vocab,
+        "tokenizer_size": len(tok),
+        "logit_std_initial": std0,
+        "logit_scale": scale,
+        "logit_std": float(logits.std()),
+        "mean_entropy_nats_sample": entropy,
+        **({"num_experts": args.moe_experts, "top_k": args.moe_top_k} if moe else {}),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers
+# ----------------------------------------------------------------------------------------------
+
+
+def raw_lm_bytes_per_position(k: int, m: int, id_bytes: int = 2) -> int:
+    """Uncompressed LM statistics per labelled position: lse + entropy (float32), k and m (id, float16)."""
+    return 4 + 4 + k * (id_bytes + 2) + m * (id_bytes + 2)
+
+
+def worker_build(p: dict) -> dict:
+    import resource
+
+    from geocache.cache.inspect import summarize
+    from geocache.cache.reader import read_manifest, _fs
+    from geocache.data import DataConfig
+    from geocache.precompute import PrecomputeConfig, precompute
+
+    out = p["out"]
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    cfg = PrecomputeConfig(
+        model=p["model"],
+        data=[p["data"]],
+        out=out,
+        backend=p["backend"],
+        k=p["k"],
+        m=p["m"],
+        router=p.get("router", "auto"),
+        batch_size=p["precompute_batch_size"],
+        shard_sequences=p["shard_sequences"],
+        progress=False,
+        data_config=DataConfig(max_length=p["max_length"], max_sequences=p["sequences"]),
+    )
+    timings: dict = {}
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    precompute(cfg, timings=timings)
+    elapsed = time.perf_counter() - started
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    summary = summarize(out)
+    fs, root = _fs(out)
+    manifest = read_manifest(fs, root)
+    total, n_files = dir_bytes(Path(out))
+    # Mean entropy of the cached positions (how peaked the base distribution is).
+    from geocache.cache import open_cache
+
+    cache = open_cache(out, verify=False)
+    ent_sum = ent_n = 0.0
+    for i in range(0, len(cache), max(1, len(cache) // 32)):
+        e = cache[i]["entropy"]
+        ent_sum, ent_n = ent_sum + float(e.sum()), ent_n + e.numel()
+    return {
+        "backend": p["backend"],
+        "k": p["k"],
+        "m": p["m"],
+        "router": p.get("router", "auto"),
+        "moe": manifest.moe,
+        "timings": timings,
+        "precompute_call_s": elapsed,
+        "rusage": {
+            "user_s": r1.ru_utime - r0.ru_utime,
+            "sys_s": r1.ru_stime - r0.ru_stime,
+            "minor_faults": r1.ru_minflt - r0.ru_minflt,
+        },
+        "summary": summary,
+        "counts": manifest.counts,
+        "shards": len(manifest.shards),
+        "shard_bytes": sum(s.bytes for s in manifest.shards),
+        "dir_bytes": total,
+        "dir_files": n_files,
+        "id_dtype": manifest.statistics["id_dtype"],
+        "mean_entropy_nats": ent_sum / max(ent_n, 1),
+    }
+
+
+def _plain_read(files: list[str]) -> int:
+    """Every file whole into memory with ``open().read()`` (a new bytes object per file)."""
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            total += len(fh.read())
+    return total
+
+
+def _plain_readinto(files: list[str], buf: bytearray) -> int:
+    """Every file sequentially through one reused buffer (no fresh allocation per file)."""
+    total, view = 0, memoryview(buf)
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(view):
+                total += n
+    return total
+
+
+def worker_read(p: dict) -> dict:
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    from geocache.cache import collate_cache_rows, get_backend, open_cache
+    from geocache.cache.manifest import shard_checksum
+    from geocache.cache.reader import _fs
+
+    path = p["out"]
+    torch.manual_seed(p["seed"])
+    files = sorted(os.path.join(r, f) for r, _, fs_ in os.walk(path) for f in fs_)
+    probe = open_cache(path, verify=False)
+    tokens, sequences = probe.manifest.counts["tokens"], len(probe)
+    del probe
+
+    # (d) plain sequential read of every file, warm: read() whole, and through a reused buffer.
+    import resource
+
+    buf = bytearray(8 << 20)
+    nbytes = _plain_read(files)
+    _plain_readinto(files, buf)
+    plain = {}
+    for name, fn in (("read", lambda: _plain_read(files)), ("readinto", lambda: _plain_readinto(files, buf))):
+        times, faults = [], []
+        for _ in range(p["plain_reps"]):
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t0 = time.perf_counter()
+            assert fn() == nbytes
+            times.append(time.perf_counter() - t0)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        plain[name] = {"times_s": times, "s": min(times), "tokens_per_s": tokens / min(times), "mb_per_s": nbytes / min(times) / MB,
+                       "minor_faults": faults}
+    plain_s = min(plain["read"]["s"], plain["readinto"]["s"])  # the limit: the faster of the two
+    result = {
+        "backend": p["backend"],
+        "k": p["k"],
+        "tokens": tokens,
+        "sequences": sequences,
+        "plain": {
+            "bytes": nbytes,
+            "files": len(files),
+            **plain,
+            "s": plain_s,
+            "tokens_per_s": tokens / plain_s,
+            "mb_per_s": nbytes / plain_s / MB,
+        },
+        "shuffled": [],
+    }
+
+    # (c) shuffled DataLoader epochs (the persistent-workers row is a diagnostic: start-up paid once).
+    settings = [(w, False) for w in p["workers"]] + [(w, True) for w in p.get("persistent_workers", [])]
+    for workers, persistent in settings:
+        cache = open_cache(path)
+        loader = DataLoader(cache, batch_size=p["batch_size"], shuffle=True, num_workers=workers, collate_fn=collate_cache_rows,
+                            persistent_workers=persistent)
+        epochs = []
+        for _ in range(2):  # warm-up epoch, timed epoch
+            t0 = time.perf_counter()
+            rows = 0
+            for batch in loader:
+                rows += batch["input_ids"].shape[0]
+            epochs.append(time.perf_counter() - t0)
+            assert rows == sequences, (rows, sequences)
+        result["shuffled"].append(
+            {
+                "workers": workers,
+                "persistent_workers": persistent,
+                "warmup_s": epochs[0],
+                "s": epochs[1],
+                "tokens_per_s": tokens / epochs[1],
+                "ratio_to_plain": plain_s / epochs[1],
+                "ratio_to_plain_read": plain["read"]["s"] / epochs[1],
+            }
+        )
+
+    # Diagnostics, single process, warm.
+    cache = open_cache(path)
+    for i in range(len(cache)):  # opens (and verifies) every shard once
+        cache[i]
+    # Streamed like a DataLoader with 0 workers (rows of one batch alive at a time), timed apart:
+    # cache[i] for the batch's rows, collate_cache_rows, and moving the batch's tensors into shared
+    # memory (what a DataLoader worker does before sending a batch to the main process).
+    perm = torch.randperm(len(cache)).tolist()
+    getitem_s = collate_s = share_s = 0.0
+    row_bytes = n_batches = n_tensors = 0
+    for start in range(0, len(perm), p["batch_size"]):
+        t0 = time.perf_counter()
+        rows = [cache[i] for i in perm[start : start + p["batch_size"]]]
+        t1 = time.perf_counter()
+        batch = collate_cache_rows(rows)
+        t2 = time.perf_counter()
+        getitem_s, collate_s = getitem_s + (t1 - t0), collate_s + (t2 - t1)
+        row_bytes += sum(t.numel() * t.element_size() for r in rows for t in r.values())
+        tensors = [v for v in batch.values() if torch.is_tensor(v)]
+        base = batch["base"]
+        tensors += [getattr(base, f) for f in ("lse", "entropy", "topk_ids", "topk_logprobs", "sample_ids", "sample_logprobs")
+                    if torch.is_tensor(getattr(base, f, None))]
+        t3 = time.perf_counter()
+        for t in tensors:
+            t.share_memory_()
+        share_s += time.perf_counter() - t3
+        n_batches, n_tensors = n_batches + 1, n_tensors + len(tensors)
+        del rows, batch, tensors, base
+    fs, root = _fs(path)
+    t0 = time.perf_counter()
+    for s in cache.manifest.shards:
+        shard_checksum(fs, os.path.join(root, s.name))
+    checksum_s = time.perf_counter() - t0
+    backend = get_backend(cache.manifest.backend)
+    shard0 = os.path.join(root, cache.manifest.shards[0].name)
+    t0 = time.perf_counter()
+    view = backend.open(fs, shard0)
+    open_s = time.perf_counter() - t0
+    n_probe = min(64, len(view))
+    slice_ms = {}
+    for name, arr in view.arrays.items():
+        token_key = name in ("input_ids", "labels", "position_ids")
+        offsets = view.token_offsets if token_key else view.position_offsets
+        t0 = time.perf_counter()
+        for i in range(n_probe):
+            np.asarray(arr[int(offsets[i]) : int(offsets[i + 1])])
+        slice_ms[name] = (time.perf_counter() - t0) / n_probe * 1e3
+    result["diagnostics"] = {
+        "getitem_s": getitem_s,
+        "getitem_tokens_per_s": tokens / getitem_s,
+        "getitem_ms_per_row": getitem_s / len(perm) * 1e3,
+        "row_tensor_bytes_per_token": row_bytes / tokens,
+        "collate_s": collate_s,
+        "collate_ms_per_batch": collate_s / n_batches * 1e3,
+        "share_memory_ms_per_batch": share_s / n_batches * 1e3,
+        "tensors_per_batch": n_tensors / n_batches,
+        "streamed_tokens_per_s": tokens / (getitem_s + collate_s),
+        "checksum_all_shards_s": checksum_s,
+        "open_first_shard_s": open_s,
+        "slice_ms_per_row_by_array": slice_ms,
+        "slice_ms_per_row_total": sum(slice_ms.values()),
+        "arrays_per_row": len(slice_ms),
+    }
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+# ----------------------------------------------------------------------------------------------
+
+
+def _rows(data: dict, key: str) -> dict:
+    return {(r["backend"], r["k"]): r for r in data[key] if "error" not in r}
+
+
+def conclusion(data: dict) -> str:
+    """The 'Default backend' paragraph, from the measured numbers."""
+    builds, reads = _rows(data, "builds"), _rows(data, "reads")
+    ks = data["config"]["ks"]
+    parts, faster, smaller = [], {"zarr": 0, "arrow": 0}, {"zarr": 0, "arrow": 0}
+    for k in ks:
+        bz, ba, rz, ra = builds.get(("zarr", k)), builds.get(("arrow", k)), reads.get(("zarr", k)), reads.get(("arrow", k))
+        if not (bz and ba and rz and ra):
+            continue
+        size_z = bz["shard_bytes"] / bz["counts"]["tokens"]
+        size_a = ba["shard_bytes"] / ba["counts"]["tokens"]
+        tz = {s["workers"]: s["tokens_per_s"] for s in rz["shuffled"] if not s.get("persistent_workers")}
+        ta = {s["workers"]: s["tokens_per_s"] for s in ra["shuffled"] if not s.get("persistent_workers")}
+        speed = {w: ta[w] / tz[w] for w in tz if w in ta}
+        faster["arrow" if min(speed.values()) > 1 else "zarr"] += 1
+        smaller["zarr" if size_z < size_a else "arrow"] += 1
+        parts.append(
+            f"k={k}: Arrow reads {', '.join(f'{v:.0f}x' for v in speed.values())} faster shuffled "
+            f"(workers {', '.join(str(w) for w in speed)}), Zarr stores {size_a / size_z:.2f}x fewer bytes/token "
+            f"({size_z:.0f} vs {size_a:.0f})"
+        )
+    if not parts:
+        return "Not enough measurements to compare the backends."
+    read_winner = max(faster, key=faster.get)
+    size_winner = max(smaller, key=smaller.get)
+    pass_a = [s["ratio_to_plain"] >= TARGET_RATIO for (b, _), r in reads.items() if b == "arrow" for s in r["shuffled"] if not s.get("persistent_workers")]
+    pass_z = [s["ratio_to_plain"] >= TARGET_RATIO for (b, _), r in reads.items() if b == "zarr" for s in r["shuffled"] if not s.get("persistent_workers")]
+    text = (
+        f"**Default backend.** The numbers favour **{read_winner.capitalize()}** as the default. "
+        + "; ".join(parts)
+        + ". "
+        f"The cache is written once and read every epoch by the trainer, in random order; the read side is what "
+        f"a training run pays. {read_winner.capitalize()} met the ≥ {TARGET_RATIO}x-of-plain-read target in "
+        f"{sum(pass_a if read_winner == 'arrow' else pass_z)} of {len(pass_a if read_winner == 'arrow' else pass_z)} "
+        f"configurations, {('Zarr' if read_winner == 'arrow' else 'Arrow')} in "
+        f"{sum(pass_z if read_winner == 'arrow' else pass_a)} of {len(pass_z if read_winner == 'arrow' else pass_a)}. "
+    )
+    if size_winner != read_winner:
+        text += (
+            f"{size_winner.capitalize()} is the choice when disk or network bytes are the constraint (archival, "
+            f"remote object stores read sequentially), at the read speed shown."
+        )
+    return text
+
+
+def write_markdown(path: Path, data: dict) -> None:
+    cfg, prov = data["config"], data["provenance"]
+    builds, reads = _rows(data, "builds"), _rows(data, "reads")
+    model = data["models"]["dense"]
+    lines = [
+        "# Cache storage: Zarr vs Arrow",
+        "",
+        f"Generated by `benchmarks/storage.py` on {prov['date_utc']} in {data['total_runtime_s']:.0f} s.",
+        "",
+        "**What and how.** Caches built with the real `geocache.precompute.precompute` "
+        f"(m={cfg['m']}, max_length {cfg['max_length']}, {cfg['sequences']} sequences, batch {cfg['precompute_batch_size']}, "
+        f"{cfg['shard_sequences']} sequences per shard) on the `.py` sources of the standard-library packages "
+        f"{', '.join(data['corpus']['packages'])} cut into {cfg['lines_per_example']}-line examples "
+        f"({data['corpus']['rows']} rows available). Base: random {model['model_type']} model, {cfg['layers']} layers, hidden "
+        f"{cfg['hidden']}, **{model['output_rows']:,} output rows** (tokenizer {model['tokenizer_size']:,} entries; "
+        f"ids stored as {next(iter(builds.values()))['id_dtype'] if builds else '?'}), output projection rescaled "
+        f"x{model['logit_scale']:.1f} so that logits have std {model['logit_std']:.2f} "
+        f"(freshly initialised: {model['logit_std_initial']:.2f}, near-uniform, unrealistically compressible); "
+        f"mean entropy of the cached positions in the table below. Each build and each read set runs in a fresh "
+        "subprocess. **Bytes/token** = stored bytes / tokens (not labelled positions), from "
+        "`geocache.cache.inspect.summarize` (LM statistics, token data = ids + labels + offsets + index + metadata; "
+        "Zarr by file sizes, Arrow split in proportion to in-memory array sizes) and the directory's total. "
+        "**Write MB/s** = shard bytes / `timings['write_s']` (writer thread: pack, encode, write, checksum, commit). "
+        f"**Shuffled read** = `DataLoader(open_cache(path), batch_size={cfg['batch_size']}, shuffle=True, num_workers=w, "
+        "collate_fn=collate_cache_rows)`, one timed epoch after one warm-up epoch (worker start-up included: "
+        "`persistent_workers=False`, the default; a `persistent_workers=True` row is a diagnostic); **plain read** = every file "
+        f"of the cache directory read sequentially, warm page cache, min of {cfg['plain_reps']}, with `open().read()` and through "
+        "one reused 8 MiB buffer (`readinto`); the faster is **the limit** (`read()` of a file over glibc's 32 MiB mmap "
+        "threshold pays a page fault per 4 KiB on every read, which is the allocator, not the bytes); all as cache "
+        "tokens / seconds. Every measurement is rerun (up to "
+        f"{cfg.get('retries', 0)} times) when other processes took more than {cfg.get('max_other_share', 1):.0%} of the machine's "
+        "CPU while it ran; the cleanest attempt is kept. This VM runs DAMON with a `pageout` scheme (pages idle ≥ 60 s are "
+        "reclaimed), hence a warm-up pass before every timed read.",
+        "",
+        *provenance_markdown(prov, data["loadavg_at_end"]),
+        "",
+        "## Bytes per token",
+        "",
+        "| backend | k | tokens | labelled positions | mean entropy (nats) | raw LM bytes / position | LM B/token | token data B/token | router B/token | shards B/token | directory B/token | vs Arrow |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k in cfg["ks"]:
+        for backend in cfg["backends"]:
+            b = builds.get((backend, k))
+            if not b:
+                lines.append(f"| {backend} | {k} | error | | | | | | | | | |")
+                continue
+            s, tok = b["summary"], b["counts"]["tokens"]
+            ref = builds.get(("arrow", k))
+            vs = f"{b['shard_bytes'] / ref['shard_bytes']:.2f}x" if ref else "—"
+            lines.append(
+                f"| {backend} | {k} | {tok:,} | {b['counts']['positions']:,} | {b['mean_entropy_nats']:.2f} | "
+                f"{raw_lm_bytes_per_position(k, b['m'])} | {s['lm bytes/token']:.1f} | {s['token data bytes/token']:.2f} | "
+                f"{s['router bytes/token']:.1f} | {b['shard_bytes'] / tok:.1f} | {b['dir_bytes'] / tok:.1f} | {vs} |"
+            )
+    lines += [
+        "",
+        "Reference points (published, not measured here): "
+        + "; ".join(f"{label}: ~{bpt:.0f} bytes/token" for _, bpt, label in DISTILLKIT)
+        + ". Raw LM bytes per position = 4 (lse) + 4 (entropy) + k·(2 + 2) + m·(2 + 2) (uint16 ids, float16 log-probs).",
+    ]
+    moe = [r for r in data.get("moe_builds", []) if "error" not in r]
+    if moe:
+        mm = data["models"].get("moe", {})
+        lines += [
+            "",
+            f"### MoE variant (router statistics apart): {mm.get('model_type')} {cfg['layers']} layers × "
+            f"{mm.get('num_experts')} experts, top-{mm.get('top_k')}, k={cfg['moe_k']}",
+            "",
+            "| backend | router mode | router k | LM B/token | router B/token | token data B/token | shards B/token | write MB/s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in moe:
+            s, tok = r["summary"], r["counts"]["tokens"]
+            rm = r["moe"] or {}
+            lines.append(
+                f"| {r['backend']} | {rm.get('router_mode')} | {rm.get('router_k') or '—'} | {s['lm bytes/token']:.1f} | "
+                f"{s['router bytes/token']:.1f} | {s['token data bytes/token']:.2f} | {r['shard_bytes'] / tok:.1f} | "
+                f"{r['shard_bytes'] / max(r['timings']['write_s'], 1e-9) / MB:.1f} |"
+            )
+    lines += [
+        "",
+        "## Write",
+        "",
+        "| backend | k | precompute wall (s) | forward_s | statistics_s | write_s (writer thread) | shard MB | write MB/s | process user / sys CPU (s) | other CPU (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for k in cfg["ks"]:
+        for backend in cfg["backends"]:
+            b = builds.get((backend, k))
+            if not b:
+                continue
+            t = b["timings"]
+            lines.append(
+                f"| {backend} | {k} | {t['wall_s']:.1f} | {t['forward_s']:.1f} | {t['statistics_s']:.1f} | {t['write_s']:.2f} | "
+                f"{b['shard_bytes'] / MB:.1f} | {b['shard_bytes'] / max(t['write_s'], 1e-9) / MB:.0f} | "
+                f"{b['rusage']['user_s']:.0f} / {b['rusage']['sys_s']:.0f} | {b['other_cpu_s']:.1f} |"
+            )
+    lines += [
+        "",
+        "## Read: shuffled DataLoader vs plain sequential read",
+        "",
+        "| backend | k | plain MB | plain `read()` (ms) | plain reused buffer (ms) | plain tokens/s (faster = limit) | workers | shuffled epoch (s) | warm-up epoch (s) | shuffled tokens/s | **shuffled / limit** | shuffled / `read()` | target | verdict |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for k in cfg["ks"]:
+        for backend in cfg["backends"]:
+            r = reads.get((backend, k))
+            if not r:
+                continue
+            pl = r["plain"]
+            for s in r["shuffled"]:
+                ok = "PASS" if s["ratio_to_plain"] >= TARGET_RATIO else "FAIL"
+                persistent = s.get("persistent_workers")
+                w = f"{s['workers']} persistent (diagnostic)" if persistent else str(s["workers"])
+                pr, pi = pl.get("read", {}).get("s"), pl.get("readinto", {}).get("s")
+                lines.append(
+                    f"| {backend} | {k} | {pl['bytes'] / MB:.1f} | {fmt(pr and pr * 1e3, '.1f')} | {fmt(pi and pi * 1e3, '.1f')} | "
+                    f"{pl['tokens_per_s']:,.0f} | {w} | {s['s']:.3f} | {s['warmup_s']:.3f} | {s['tokens_per_s']:,.0f} | "
+                    f"**{s['ratio_to_plain']:.4f}** | {fmt(s.get('ratio_to_plain_read'), '.4f')} | ≥ {TARGET_RATIO} | {'—' if persistent else ok} |"
+                )
+    lines += [
+        "",
+        "## Where the shuffled read's time goes (single process, warm)",
+        "",
+        "Streamed in random order one batch at a time, as a 0-worker DataLoader does, with each step timed apart. "
+        "*share_memory_* = moving the batch's tensors into shared memory, the first step of sending a batch from a "
+        "DataLoader worker to the main process (the fd passing and unpickling on the other side come on top).",
+        "",
+        "| backend | k | `cache[i]` ms/row | array slices ms/row (sum over arrays) | slowest array slice (ms) | collate ms/batch | `cache[i]` + collate tokens/s | row tensors B/token (ids as int64) | share_memory_ ms/batch (tensors) | sha256 of all shards (s) | open one shard (ms) | other CPU during reads (s) |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k in cfg["ks"]:
+        for backend in cfg["backends"]:
+            r = reads.get((backend, k))
+            if not r:
+                continue
+            d = r["diagnostics"]
+            slowest = max(d["slice_ms_per_row_by_array"].items(), key=lambda kv: kv[1])
+            lines.append(
+                f"| {backend} | {k} | {d['getitem_ms_per_row']:.3f} | {d['slice_ms_per_row_total']:.3f} ({d['arrays_per_row']} arrays) | "
+                f"{slowest[0]} {slowest[1]:.3f} | {d['collate_ms_per_batch']:.3f} | {fmt(d.get('streamed_tokens_per_s'))} | "
+                f"{d.get('row_tensor_bytes_per_token', float('nan')):.0f} | "
+                f"{fmt(d.get('share_memory_ms_per_batch'), '.2f')} ({fmt(d.get('tensors_per_batch'), '.0f')}) | "
+                f"{d['checksum_all_shards_s']:.3f} | {d['open_first_shard_s'] * 1e3:.1f} | {r['other_cpu_s']:.1f} |"
+            )
+    lines += ["", "## Findings", "", *data.get("findings", []), "", conclusion(data), "", f"Raw numbers: `{NAME}.json`; plot: `{NAME}.png`.", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_plot(path: Path, data: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = data["config"]
+    builds, reads = _rows(data, "builds"), _rows(data, "reads")
+    colors = {"zarr": "#4c72b0", "arrow": "#dd8452"}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 5.8))
+
+    ks = cfg["ks"]
+    for backend in cfg["backends"]:
+        pts = [(k, builds[(backend, k)]) for k in ks if (backend, k) in builds]
+        if not pts:
+            continue
+        x = [k for k, _ in pts]
+        left.plot(x, [b["shard_bytes"] / b["counts"]["tokens"] for _, b in pts], "o-", color=colors[backend], label=f"{backend}: stored (shards)")
+        left.plot(x, [b["summary"]["lm bytes/token"] for _, b in pts], "s--", color=colors[backend], alpha=0.7, label=f"{backend}: LM statistics only")
+        for k, b in pts:
+            v = b["shard_bytes"] / b["counts"]["tokens"]
+            left.annotate(f"{v:.0f}", (k, v), textcoords="offset points", xytext=(6, -10 if backend == "zarr" else 4), fontsize=8, color=colors[backend])
+    if builds:
+        any_b = next(iter(builds.values()))
+        frac = any_b["counts"]["positions"] / any_b["counts"]["tokens"]
+        grid = [min(ks) * (max(ks) / min(ks)) ** (i / 20) for i in range(21)]
+        left.plot(grid, [raw_lm_bytes_per_position(k, cfg["m"]) * frac for k in grid], ":", color="gray", label="raw LM bytes (uncompressed formula)")
+    for k, bpt, label in DISTILLKIT:
+        left.plot([k], [bpt], "*", ms=14, color="#c44e52", label=label)
+        left.annotate(f"{label}: ~{bpt:.0f} B/token", (k, bpt), textcoords="offset points", xytext=(-10, 10), fontsize=8, color="#c44e52", ha="right")
+    left.set_xscale("log", base=2)
+    left.set_yscale("log")
+    left.set_xticks(sorted(set(ks) | {50, 128}), [str(k) for k in sorted(set(ks) | {50, 128})])
+    left.set_xlabel("k (top-k log-probs per position), m = %d" % cfg["m"])
+    left.set_ylabel("bytes per token")
+    left.set_title("Stored bytes per token")
+    left.legend(fontsize=7, loc="upper left")
+    left.grid(alpha=0.3, which="both")
+
+    groups = [(b, k) for k in ks for b in cfg["backends"] if (b, k) in reads]
+    settings = [(w, False) for w in cfg["workers"]] + [(w, True) for w in cfg.get("persistent_workers", [])]
+    series = [("plain sequential read (limit)", None, "#55a868")] + [
+        (f"shuffled DataLoader, {w} workers" + (" (persistent)" if ps else ""), (w, ps), c)
+        for (w, ps), c in zip(settings, ("#8172b2", "#937860", "#da8bc3", "#8c8c8c"))
+    ]
+    width = 0.8 / len(series)
+    for i, (label, w, color) in enumerate(series):
+        for j, g in enumerate(groups):
+            r = reads[g]
+            x = j + (i - (len(series) - 1) / 2) * width
+            if w is None:
+                v = r["plain"]["tokens_per_s"]
+                right.bar(x, v, width, color=color, label=label if j == 0 else None)
+                right.plot([x - width / 2, x + width * (len(series) - 0.5)], [v * TARGET_RATIO] * 2, "k--", lw=0.8,
+                           label=f"target: {TARGET_RATIO}x plain" if j == 0 else None)
+            else:
+                s = next((s for s in r["shuffled"] if (s["workers"], bool(s.get("persistent_workers"))) == w), None)
+                if s is None:
+                    continue
+                right.bar(x, s["tokens_per_s"], width, color=color, label=label if j == 0 else None)
+                right.text(x, s["tokens_per_s"], f"{s['ratio_to_plain']:.3g}x", ha="center", va="bottom", fontsize=6.5, rotation=90)
+    right.set_yscale("log")
+    lo, hi = right.get_ylim()
+    right.set_ylim(lo, hi * 30)  # head room for the legend
+    right.set_xticks(range(len(groups)), [f"{b}\nk={k}" for b, k in groups], fontsize=8)
+    right.set_ylabel("tokens / s (log)")
+    right.set_title("Read speed, warm page cache (labels: shuffled / plain)")
+    right.legend(fontsize=7, loc="upper center", ncol=2)
+    right.grid(alpha=0.3, axis="y", which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def _tps(r: dict, workers: int, persistent: bool = False):
+    s = next((s for s in r["shuffled"] if s["workers"] == workers and bool(s.get("persistent_workers")) == persistent), None)
+    return s and s["tokens_per_s"]
+
+
+def findings(data: dict) -> list[str]:
+    """Observations computed from the numbers (the conclusion follows them)."""
+    reads, builds = _rows(data, "reads"), _rows(data, "builds")
+    out = []
+    z = sorted((r for (b, _), r in reads.items() if b == "zarr"), key=lambda r: r["k"])
+    a = sorted((r for (b, _), r in reads.items() if b == "arrow"), key=lambda r: r["k"])
+    ks = lambda rs: ", ".join(str(r["k"]) for r in rs)  # noqa: E731
+    if z:
+        d = [r["diagnostics"] for r in z]
+        out.append(
+            f"- **Zarr random access is the bottleneck of the Zarr reader** (k = {ks(z)}): one row costs "
+            + ", ".join(f"{x['getitem_ms_per_row']:.1f} ms" for x in d)
+            + " in `cache[i]`, of which "
+            + ", ".join(f"{x['slice_ms_per_row_total']:.1f} ms" for x in d)
+            + f" are the {d[0]['arrays_per_row']} array slices, about "
+            + ", ".join(f"{x['slice_ms_per_row_total'] / x['arrays_per_row']:.2f} ms" for x in d)
+            + " per array whatever its width: every `arr[a:b]` goes through zarr's synchronous wrapper around its asyncio "
+            "loop, reads the shard index and decodes (zstd + crc32c) the whole 2,048-row chunk(s) holding the row, with no "
+            "cache of decoded chunks, so a row of ~200 positions decodes up to 2 × 2,048 rows of every array. Two DataLoader "
+            "workers speed it up "
+            + ", ".join(
+                f"{_tps(r, 2) / _tps(r, 0):.1f}x" for r in z if _tps(r, 2) and _tps(r, 0)
+            )
+            + " (the decode is CPU-bound and runs in parallel across processes)."
+        )
+    if a:
+        d = [r["diagnostics"] for r in a]
+        w0 = {r["k"]: next((s for s in r["shuffled"] if s["workers"] == 0 and not s.get("persistent_workers")), None) for r in a}
+        out.append(
+            f"- **Arrow, 0 workers** (k = {ks(a)}): `cache[i]` costs "
+            + ", ".join(f"{x['getitem_ms_per_row']:.3f} ms" for x in d)
+            + " per row, of which the memory-mapped slices are only "
+            + ", ".join(f"{x['slice_ms_per_row_total'] * 1e3:.0f} µs" for x in d)
+            + "; the rest is building 8 torch tensors per row, with every id array widened from uint16 to int64 "
+            "(`LONG_KEYS`): the rows handed over hold "
+            + ", ".join(f"{x['row_tensor_bytes_per_token']:.0f}" for x in d)
+            + " bytes/token against "
+            + ", ".join(f"{builds[('arrow', r['k'])]['shard_bytes'] / r['tokens']:.0f}" for r in a if ("arrow", r["k"]) in builds)
+            + " stored. `collate_cache_rows` adds "
+            + ", ".join(f"{x['collate_ms_per_batch']:.2f} ms" for x in d)
+            + " per batch of 8. The ratio to the plain read ("
+            + ", ".join(f"{w0[r['k']]['ratio_to_plain']:.3f}" for r in a if w0[r["k"]])
+            + ") is a per-row Python cost against a memory-bandwidth limit: at 0.3x the reader would have "
+            + ", ".join(f"{r['plain']['s'] / TARGET_RATIO / r['sequences'] * 1e6:.0f}" for r in a)
+            + " µs per row (batching and collation included), against the "
+            + ", ".join(f"{w0[r['k']]['s'] / r['sequences'] * 1e6:.0f}" for r in a if w0[r["k"]])
+            + " µs it takes."
+        )
+        out.append(
+            "- **Arrow with 2 workers is ~10x slower than with none.** Per batch a worker moves "
+            + ", ".join(f"{x['tensors_per_batch']:.0f}" for x in d[:1])
+            + " tensors into shared memory ("
+            + ", ".join(f"{x['share_memory_ms_per_batch']:.2f} ms" for x in d)
+            + " per batch for `share_memory_` alone, one shm file per tensor) and sends them as file descriptors; that "
+            "costs more than producing the batch (`cache[i]` × 8 + collate). Persistent workers do not help, so it is "
+            "per-batch IPC, not start-up. Non-persistent workers also reopen every shard and re-verify its sha256 each epoch: "
+            + ", ".join(
+                f"{r['diagnostics']['checksum_all_shards_s'] * 1e3:.0f} ms for {r['plain']['bytes'] / MB:.0f} MB "
+                f"({r['plain']['bytes'] / r['diagnostics']['checksum_all_shards_s'] / 1e9:.2f} GB/s)"
+                for r in a
+            )
+            + " per worker per epoch here, which grows with the cache (every worker touches every shard when shuffling)."
+        )
+        big = [r for r in a if r["plain"].get("read", {}).get("s", 0) > 2 * r["plain"].get("readinto", {}).get("s", 1e9)]
+        if big:
+            r = big[0]
+            out.append(
+                f"- **The plain `read()` itself is slow for files over 32 MiB**: Arrow k={r['k']} ({r['plain']['bytes'] / MB:.0f} MB "
+                f"in 2 shards) reads in {r['plain']['read']['s'] * 1e3:.1f} ms with `read()` "
+                f"({r['plain']['read']['minor_faults'][-1]:,} minor faults per pass) but {r['plain']['readinto']['s'] * 1e3:.1f} ms "
+                "through a reused buffer: glibc serves allocations above its 32 MiB mmap ceiling with fresh pages every "
+                "time. The limit uses the faster read; against `read()` the shuffled Arrow read would pass."
+            )
+    slow = [b for b in builds.values() if b["timings"]["statistics_s"] > b["timings"]["forward_s"]]
+    if slow:
+        b0 = slow[0]
+        out.append(
+            "- **Building these caches** is dominated by the statistics pass, not the forward: "
+            + ", ".join(
+                f"{b['backend']} k={b['k']}: forward {b['timings']['forward_s']:.1f} s, statistics {b['timings']['statistics_s']:.1f} s"
+                for b in sorted(slow, key=lambda b: (b["k"], b["backend"]))
+            )
+            + f" (a 2-layer, hidden-{data['config']['hidden']} base is nearly all output projection; `benchmarks/precompute.py` "
+            f"measures realistic shapes). A quarter of the process CPU is the kernel's: {b0['rusage']['sys_s']:.0f} s system of "
+            f"{b0['rusage']['user_s'] + b0['rusage']['sys_s']:.0f} s, {b0['rusage']['minor_faults'] / 1e6:.1f}M minor page faults "
+            f"({b0['backend']} k={b0['k']}): each batch's logits and buffers are fresh allocations served by mmap."
+        )
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description="Zarr vs Arrow cache backends: bytes/token, write MB/s, shuffled DataLoader read vs plain "
+        "sequential read. Writes storage.{json,md,png}.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument("--backends", nargs="+", default=["zarr", "arrow"], choices=["zarr", "arrow"])
+    ap.add_argument("--ks", type=int, nargs="+", default=[16, 64, 256], help="top-k values")
+    ap.add_argument("--m", type=int, default=8, help="tail samples per position")
+    ap.add_argument("--vocab", type=int, default=32768, help="output rows of the random base model")
+    ap.add_argument("--hidden", type=int, default=64, help="hidden size of the base model")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers of the base model")
+    ap.add_argument("--tokenizer-vocab", type=int, default=4096, help="entries of the BPE tokenizer (< --vocab is fine)")
+    ap.add_argument("--logit-std", type=float, default=3.0, help="rescale the output projection so logits have this std (0: keep init)")
+    ap.add_argument("--max-length", type=int, default=256, help="DataConfig.max_length")
+    ap.add_argument("--sequences", type=int, default=448, help="DataConfig.max_sequences")
+    ap.add_argument("--lines-per-example", type=int, default=20, help="source lines per JSONL example")
+    ap.add_argument("--precompute-batch-size", type=int, default=8, help="PrecomputeConfig.batch_size")
+    ap.add_argument("--shard-sequences", type=int, default=256, help="PrecomputeConfig.shard_sequences")
+    ap.add_argument("--batch-size", type=int, default=8, help="DataLoader batch size")
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers values")
+    ap.add_argument("--persistent-workers", type=int, nargs="*", default=[2],
+                    help="extra diagnostic rows: these num_workers with persistent_workers=True (start-up paid once)")
+    ap.add_argument("--plain-reps", type=int, default=5, help="timed repetitions of the plain read (min reported)")
+    ap.add_argument("--moe-experts", type=int, default=64, help="experts of the MoE variant (0: skip it)")
+    ap.add_argument("--moe-top-k", type=int, default=8, help="experts per token of the MoE variant")
+    ap.add_argument("--moe-k", type=int, default=64, help="top-k of the MoE variant's caches")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the model weights and the shuffles")
+    ap.add_argument("--max-busy", type=float, default=0.15, help="wait until other processes use at most this fraction of the machine")
+    ap.add_argument("--idle-timeout", type=float, default=120.0, help="longest wait for an idle machine per measurement (s)")
+    ap.add_argument("--max-other-share", type=float, default=0.05,
+                    help="rerun a measurement when other processes used more than this fraction of the machine's CPU during it")
+    ap.add_argument("--retries", type=int, default=2, help="reruns allowed per measurement for --max-other-share")
+    ap.add_argument("--worker-timeout", type=float, default=1800.0, help="seconds before a worker is abandoned")
+    ap.add_argument("--work-dir", type=Path, default=None, help="where models, data and caches go (default: a new temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--out-dir", type=Path, default=HERE / "results", help=f"where {NAME}.{{json,md,png}} go")
+    ap.add_argument("--replot", action="store_true", help=f"only re-render {NAME}.md and .png from {NAME}.json in --out-dir")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        params = json.loads(args.worker)
+        fn = {"build": worker_build, "read": worker_read}[params["task"]]
+        print(json.dumps(fn(params)), flush=True)
+        return
+    out = Path(args.out_dir)
+    if args.replot:
+        data = json.loads((out / f"{NAME}.json").read_text())
+        data["findings"] = findings(data)
+        write_markdown(out / f"{NAME}.md", data)
+        write_plot(out / f"{NAME}.png", data)
+        print(f"re-rendered {out / f'{NAME}.md'} and {out / f'{NAME}.png'} from {out / f'{NAME}.json'}")
+        return
+
+    started = time.perf_counter()
+    prov = provenance()
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "worker"}
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="geocache-storage-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"work dir {work}", flush=True)
+    script = Path(__file__).resolve()
+    try:
+        from geocache.testing import build_tokenizer
+
+        data_path = work / "data.jsonl"
+        corpus = write_corpus_jsonl(data_path, args.lines_per_example)
+        build_tokenizer(work / "tokenizer", vocab_size=args.tokenizer_vocab)
+        models = {"dense": build_model(work / "model", work / "tokenizer", data_path, args, moe=False)}
+        print(f"[model] dense: {models['dense']['parameters']:,} params, logits x{models['dense']['logit_scale']:.1f} -> std "
+              f"{models['dense']['logit_std']:.2f}, sample entropy {models['dense']['mean_entropy_nats_sample']:.2f} nats", flush=True)
+        if args.moe_experts:
+            models["moe"] = build_model(work / "model-moe", work / "tokenizer", data_path, args, moe=True)
+        common = {
+            "data": str(data_path),
+            "m": args.m,
+            "max_length": args.max_length,
+            "sequences": args.sequences,
+            "precompute_batch_size": args.precompute_batch_size,
+            "shard_sequences": args.shard_sequences,
+        }
+        idle_log, builds, reads, moe_builds = [], [], [], []
+
+        def measured(params: dict, label: str) -> dict:
+            r, attempts = spawn_measured(script, params, args.worker_timeout, max_busy=args.max_busy, idle_timeout=args.idle_timeout,
+                                         max_other_share=args.max_other_share, retries=args.retries, label=label)
+            idle_log.extend(attempts)
+            return r
+
+        for k in args.ks:
+            for backend in args.backends:
+                params = {"task": "build", "model": models["dense"]["path"], "out": str(work / f"cache-{backend}-k{k}"), "backend": backend, "k": k, **common}
+                r = measured(params, f"build {backend} k={k}")
+                builds.append(r if "error" not in r else {**r, "backend": backend, "k": k})
+                if "error" in r:
+                    print(f"[build] {backend} k={k}: ERROR {r['error']}\n{r.get('stderr_tail', '')}", flush=True)
+                    continue
+                t = r["timings"]
+                print(
+                    f"[build] {backend:>5} k={k:>3}: {r['shard_bytes'] / r['counts']['tokens']:7.1f} B/token "
+                    f"(LM {r['summary']['lm bytes/token']}), wall {t['wall_s']:.1f} s (fwd {t['forward_s']:.1f}, stats "
+                    f"{t['statistics_s']:.1f}, write {t['write_s']:.2f}), other CPU {r['other_cpu_s']:.1f} s",
+                    flush=True,
+                )
+        for k in args.ks:
+            for backend in args.backends:
+                if not any(b.get("backend") == backend and b.get("k") == k and "error" not in b for b in builds):
+                    continue
+                params = {
+                    "task": "read",
+                    "out": str(work / f"cache-{backend}-k{k}"),
+                    "backend": backend,
+                    "k": k,
+                    "workers": args.workers,
+                    "persistent_workers": args.persistent_workers,
+                    "batch_size": args.batch_size,
+                    "plain_reps": args.plain_reps,
+                    "seed": args.seed,
+                }
+                r = measured(params, f"read {backend} k={k}")
+                reads.append(r if "error" not in r else {**r, "backend": backend, "k": k})
+                if "error" in r:
+                    print(f"[read] {backend} k={k}: ERROR {r['error']}\n{r.get('stderr_tail', '')}", flush=True)
+                    continue
+                shuf = ", ".join(f"w={s['workers']}{'p' if s['persistent_workers'] else ''}: {s['tokens_per_s']:,.0f} tok/s "
+                                 f"({s['ratio_to_plain']:.4f}x)" for s in r["shuffled"])
+                print(f"[read]  {backend:>5} k={k:>3}: plain {r['plain']['tokens_per_s']:,.0f} tok/s; shuffled {shuf}", flush=True)
+        if args.moe_experts:
+            for backend in args.backends:
+                for router in ("full", "topk"):
+                    params = {"task": "build", "model": models["moe"]["path"], "out": str(work / f"cache-moe-{backend}-{router}"),
+                              "backend": backend, "k": args.moe_k, "router": router, **common}
+                    r = measured(params, f"moe build {backend} {router}")
+                    moe_builds.append(r if "error" not in r else {**r, "backend": backend, "k": args.moe_k})
+                    if "error" in r:
+                        print(f"[moe]   {backend} {router}: ERROR {r['error']}\n{r.get('stderr_tail', '')}", flush=True)
+                        continue
+                    print(f"[moe]   {backend:>5} {router}: router {r['summary']['router bytes/token']} B/token, LM {r['summary']['lm bytes/token']} B/token", flush=True)
+    finally:
+        if not args.keep and not args.work_dir:
+            shutil.rmtree(work, ignore_errors=True)
+
+    data = {
+        "provenance": prov,
+        "config": config,
+        "target_shuffled_over_plain": TARGET_RATIO,
+        "reference_points": [{"k": k, "bytes_per_token": b, "label": label} for k, b, label in DISTILLKIT],
+        "corpus": corpus,
+        "models": models,
+        "builds": builds,
+        "reads": reads,
+        "moe_builds": moe_builds,
+        "measurement_attempts": idle_log,
+    }
+    data["total_runtime_s"] = time.perf_counter() - started
+    data["loadavg_at_end"] = loadavg()
+    data["findings"] = findings(data)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{NAME}.json").write_text(json.dumps(data, indent=2) + "\n")
+    write_markdown(out / f"{NAME}.md", data)
+    write_plot(out / f"{NAME}.png", data)
+    print(conclusion(data))
+    print(f"wrote {out / f'{NAME}.json'}, {out / f'{NAME}.md'}, {out / f'{NAME}.png'} in {data['total_runtime_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

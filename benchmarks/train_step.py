@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""Training-step time and peak memory of each base mode against plain DoRA SFT, side by side.
+
+Variants, each one optimizer step of a DoRA-adapted MoE model (``add_dora_adapter``, r=16) on the
+same batches read from a geocache cache (k=64, m=8, router logits), through the real code:
+``Trainer.training_step`` (backward included) then ``optimizer.step()``:
+
+  plain     ``transformers.Trainer`` with the model's own cross-entropy (task loss only)
+  cache     ``GeometryTrainer`` + ``CacheBase``: base statistics from the batch, no base forward
+  live      ``GeometryTrainer`` + ``LiveBase``: the same PEFT model, adapter disabled, one no-grad forward
+  copy      ``GeometryTrainer`` + ``CopyBase``: a second frozen model, one forward
+  periodic  ``GeometryTrainer`` + ``PeriodicBase(LiveBase, every=4)``
+
+Each (shape, variant) runs in a fresh subprocess (``--worker``): model, cache reader, optimizer and
+``--warmup`` steps first; then VmRSS is read, the high-water mark reset (``/proc/self/clear_refs``),
+``--steps`` steps timed; peak = VmHWM − that baseline (what the steps add on top of the weights,
+optimizer state and data). Step time = the median of the timed steps, except ``periodic``, whose
+mean is reported (its 1-in-4 base forwards are the point). Shapes: ``tiny`` (the test fixture's Qwen3-MoE) and ``small`` (Qwen3-MoE,
+hidden 256, 4 layers, 8 experts top-2, vocab 32,768), sequences of ``--seq`` tokens.
+
+Results: ``benchmarks/results/train_step.{json,md,png}`` with command, machine and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for p in (str(REPO), str(HERE)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import torch  # noqa: E402
+
+from loss_memory import loadavg, proc_status_kib, provenance, reset_peak_rss  # noqa: E402
+
+VARIANTS = ("plain", "cache", "live", "copy", "periodic")
+SHAPES = {
+    "tiny": dict(),
+    "small": dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=64, vocab_size=32768),
+}
+TARGETS = {"time_cache_over_plain": 1.10, "mem_cache_over_plain": 1.05, "time_live_over_cache": 1.2}
+
+
+def build(shape: str, root: Path, seq: int, n_seq: int) -> tuple[Path, Path]:
+    """A seeded random Qwen3-MoE of the shape, and a cache of stdlib text for it."""
+    import inspect
+    import json as _json
+
+    from transformers import AutoModelForCausalLM
+
+    from geocache.data import DataConfig
+    from geocache.precompute import PrecomputeConfig, precompute
+    from geocache.testing import build_tokenizer, tiny_config
+
+    model_dir, cache_dir = root / f"model-{shape}", root / f"cache-{shape}"
+    tok = build_tokenizer(model_dir)
+    kw = {"vocab_size": len(tok), **SHAPES[shape]}
+    torch.manual_seed(0)
+    config = tiny_config("qwen3_moe", eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_position_embeddings=max(256, seq), **kw)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    import email
+    import json as js
+
+    text = inspect.getsource(email) + inspect.getsource(js) + "".join(inspect.getsource(m) for m in (inspect, argparse))
+    rows = [{"text": text[i : i + 6 * seq]} for i in range(0, len(text) - 6 * seq, 6 * seq)][:n_seq]
+    (root / "data.jsonl").write_text("\n".join(_json.dumps(r) for r in rows))
+    precompute(PrecomputeConfig(model=str(model_dir), data=[str(root / "data.jsonl")], out=str(cache_dir), k=64, m=8, overwrite=True,
+                                progress=False, data_config=DataConfig(max_length=seq)))
+    return model_dir, cache_dir
+
+
+def run_worker(p: dict) -> dict:
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from geocache.base import CacheBase, CopyBase, LiveBase, PeriodicBase
+    from geocache.cache import collate_cache_rows, open_cache
+    from geocache.config import GeometryConfig
+    from geocache.trainer import GeometryTrainer, add_dora_adapter
+
+    torch.manual_seed(0)
+    torch.set_num_threads(p["threads"])
+    cache = open_cache(p["cache"])
+    model = add_dora_adapter(AutoModelForCausalLM.from_pretrained(p["model"]), r=16, alpha=32)
+    args = TrainingArguments(output_dir=p["tmp"], report_to=[], use_cpu=True, remove_unused_columns=False, per_device_train_batch_size=p["batch"])
+    variant = p["variant"]
+    if variant == "plain":
+        trainer = Trainer(model=model, args=args, train_dataset=cache, data_collator=collate_cache_rows)
+    else:
+        base = {
+            "cache": lambda: CacheBase(),
+            "live": lambda: LiveBase(want_router=True),
+            "copy": lambda: CopyBase(AutoModelForCausalLM.from_pretrained(p["model"]), want_router=True),
+            "periodic": lambda: PeriodicBase(LiveBase(want_router=True), every=4),
+        }[variant]()
+        # every penalty active, so that no branch is skipped
+        geometry = GeometryConfig(kl_threshold=0.0, final_kl_threshold=0.0, dh_threshold=0.0, cal_threshold=0.0)
+        trainer = GeometryTrainer(model=model, args=args, train_dataset=cache, geometry_config=geometry, base=base)
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which this loop replaces
+    batches = [collate_cache_rows([cache[(i * p["batch"] + j) % len(cache)] for j in range(p["batch"])]) for i in range(p["warmup"] + p["steps"])]
+
+    def step(i: int, batch: dict) -> None:
+        trainer.state.global_step = i
+        inputs = {k: v for k, v in batch.items() if variant != "plain" or k in ("input_ids", "attention_mask", "labels")}
+        trainer.training_step(model, inputs)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    for i in range(p["warmup"]):
+        step(i, batches[i])
+    import gc
+
+    gc.collect()
+    baseline = proc_status_kib("VmRSS")
+    exact = reset_peak_rss()
+    times = []
+    for i in range(p["warmup"], p["warmup"] + p["steps"]):
+        t = time.perf_counter()
+        step(i, batches[i])
+        times.append(time.perf_counter() - t)
+    peak = proc_status_kib("VmHWM") - baseline
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches[p["warmup"] :])
+    # the median: a few-millisecond tiny step is easily doubled by one stall of the machine
+    return {"variant": variant, "shape": p["shape"], "step_s": sum(times) / len(times) if variant == "periodic" else sorted(times)[len(times) // 2], "times_s": times, "peak_kib": peak,
+            "peak_exact": exact, "baseline_kib": baseline, "tokens_per_s": tokens / sum(times)}
+
+
+def spawn(params: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(params)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {params['shape']}/{params['variant']} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    rows = []
+    for shape in sorted({r["shape"] for r in results}):
+        by = {r["variant"]: r for r in results if r["shape"] == shape}
+        checks = [
+            ("cache / plain step time", by["cache"]["step_s"] / by["plain"]["step_s"], "<=", TARGETS["time_cache_over_plain"]),
+            ("cache / plain peak memory", by["cache"]["peak_kib"] / max(by["plain"]["peak_kib"], 1), "<=", TARGETS["mem_cache_over_plain"]),
+            ("live / cache step time", by["live"]["step_s"] / by["cache"]["step_s"], ">=", TARGETS["time_live_over_cache"]),
+            ("copy / cache step time", by["copy"]["step_s"] / by["cache"]["step_s"], None, None),
+            ("periodic / cache step time", by["periodic"]["step_s"] / by["cache"]["step_s"], None, None),
+            ("live / plain peak memory", by["live"]["peak_kib"] / max(by["plain"]["peak_kib"], 1), None, None),
+            ("copy / plain peak memory", by["copy"]["peak_kib"] / max(by["plain"]["peak_kib"], 1), None, None),
+        ]
+        for name, value, op, target in checks:
+            ok = None if op is None else (value <= target if op == "<=" else value >= target)
+            rows.append({"shape": shape, "ratio": name, "value": value, "target": None if op is None else f"{op} {target}", "pass": ok})
+    return rows
+
+
+def write_outputs(data: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prov = data["provenance"]
+    lines = [
+        "# Training step: plain DoRA SFT vs the geometry-aware loss with each base mode",
+        "",
+        __doc__.split("Results:")[0].strip().replace("\n\n", "\n\n"),
+        "",
+        f"**Command:** `{data['command']}`  ",
+        f"**Machine:** {prov.get('machine', prov)}  ",
+        f"**Versions:** {prov.get('versions', '')}  ",
+        f"**Load average before/after:** {data['load_before']} / {data['load_after']}",
+        "",
+        "| shape | variant | step time (s) | tokens/s | peak memory over baseline (MiB) |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in data["results"]:
+        lines.append(f"| {r['shape']} | {r['variant']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['peak_kib'] / 1024:.1f} |")
+    lines += ["", "| shape | ratio | value | target | verdict |", "|---|---|---:|---|---|"]
+    for r in data["ratios"]:
+        verdict = "" if r["pass"] is None else ("PASS" if r["pass"] else "FAIL")
+        lines.append(f"| {r['shape']} | {r['ratio']} | {r['value']:.3f} | {r['target'] or ''} | {verdict} |")
+    (out / "train_step.md").write_text("\n".join(lines) + "\n")
+
+    shapes = sorted({r["shape"] for r in data["results"]})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(VARIANTS)
+    for j, variant in enumerate(VARIANTS):
+        rs = [next(r for r in data["results"] if r["shape"] == s and r["variant"] == variant) for s in shapes]
+        plain = [next(r for r in data["results"] if r["shape"] == s and r["variant"] == "plain") for s in shapes]
+        xs = [i + j * width for i in range(len(shapes))]
+        axes[0].bar(xs, [r["step_s"] / p_["step_s"] for r, p_ in zip(rs, plain)], width, label=variant)
+        axes[1].bar(xs, [r["peak_kib"] / max(p_["peak_kib"], 1) for r, p_ in zip(rs, plain)], width, label=variant)
+    for ax, title in zip(axes, ("step time / plain", "peak memory over baseline / plain")):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    axes[0].axhline(TARGETS["time_cache_over_plain"], color="k", ls="--", lw=0.8)
+    fig.tight_layout()
+    fig.savefig(out / "train_step.png", dpi=110)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--seq", type=int, default=256, help="Tokens per sequence.")
+    ap.add_argument("--batch", type=int, default=4, help="Sequences per step.")
+    ap.add_argument("--steps", type=int, default=16, help="Timed steps per variant.")
+    ap.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in each worker.")
+    ap.add_argument("--out", type=Path, default=HERE / "results", help="Where results go.")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        print(json.dumps(run_worker(json.loads(a.worker))))
+        return
+    load_before = loadavg()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in a.shapes:
+            model_dir, cache_dir = build(shape, Path(tmp) / shape, a.seq, n_seq=(a.warmup + a.steps) * a.batch)
+            for variant in VARIANTS:
+                params = dict(shape=shape, variant=variant, model=str(model_dir), cache=str(cache_dir), tmp=str(Path(tmp) / "run"),
+                              batch=a.batch, steps=a.steps, warmup=a.warmup, threads=a.threads)
+                r = spawn(params)
+                print(f"{shape:6s} {variant:9s} {r['step_s']:.3f} s/step  peak +{r['peak_kib'] / 1024:.0f} MiB", flush=True)
+                results.append(r)
+    data = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "provenance": provenance(), "load_before": load_before,
+            "load_after": loadavg(), "results": results, "ratios": ratios(results), "targets": TARGETS}
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "train_step.json").write_text(json.dumps(data, indent=2))
+    write_outputs(data, a.out)
+    print((a.out / "train_step.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
