@@ -44,10 +44,12 @@ Per (backend, k), each step in a fresh subprocess (this script with the hidden `
     it); target ``>= 0.3``. An extra diagnostic row per cache uses ``persistent_workers=True`` (worker
     start-up and checksums paid in the warm-up epoch only).
 
-Diagnostics in the read worker (w = 0, warm): ``cache[i]`` alone over a random permutation,
-``collate_cache_rows`` alone over the same batches, ``shard_checksum`` of every shard (what each
-process does on first touch of a shard; DataLoader workers are new processes every epoch), and
-the mean time of one row's slice of each array through the backend's ``ShardView``.
+Diagnostics in the read worker (0 workers, warm), streamed one batch at a time in random order:
+``cache[i]`` for the batch's rows, ``collate_cache_rows``, and ``share_memory_`` of the batch's
+tensors (the first step of handing a batch from a DataLoader worker to the main process), each
+timed apart; ``shard_checksum`` of every shard (what each process does on first touch of a shard;
+non-persistent DataLoader workers are new processes every epoch); and the mean time of one row's
+slice of each array through the backend's ``ShardView``.
 
 Before every subprocess the script waits (up to ``--idle-timeout`` s) until other processes use
 at most ``--max-busy`` of the machine; every measurement records the CPU seconds other processes
@@ -639,7 +641,8 @@ def write_plot(path: Path, data: dict) -> None:
         left.plot(grid, [raw_lm_bytes_per_position(k, cfg["m"]) * frac for k in grid], ":", color="gray", label="raw LM bytes (uncompressed formula)")
     for k, bpt, label in DISTILLKIT:
         left.plot([k], [bpt], "*", ms=14, color="#c44e52", label=label)
-        left.annotate(f"{label}: ~{bpt:.0f} B/token", (k, bpt), textcoords="offset points", xytext=(-10, 10), fontsize=8, color="#c44e52", ha="right")
+        left.annotate(f"{label}:\n~{bpt:.0f} B/token (published)", (k, bpt), textcoords="offset points", xytext=(8, -22), fontsize=7.5,
+                      color="#c44e52", ha="left")
     left.set_xscale("log", base=2)
     left.set_yscale("log")
     left.set_xticks(sorted(set(ks) | {50, 128}), [str(k) for k in sorted(set(ks) | {50, 128})])
@@ -706,9 +709,10 @@ def findings(data: dict) -> list[str]:
         out.append(
             f"- **Zarr random access is the bottleneck of the Zarr reader** (k = {ks(z)}): one row costs "
             + ", ".join(f"{x['getitem_ms_per_row']:.1f} ms" for x in d)
-            + " in `cache[i]`, of which "
+            + " in `cache[i]`; the "
+            + f"{d[0]['arrays_per_row']} array slices of a row, timed alone on the first shard, take "
             + ", ".join(f"{x['slice_ms_per_row_total']:.1f} ms" for x in d)
-            + f" are the {d[0]['arrays_per_row']} array slices, about "
+            + ", about "
             + ", ".join(f"{x['slice_ms_per_row_total'] / x['arrays_per_row']:.2f} ms" for x in d)
             + " per array whatever its width: every `arr[a:b]` goes through zarr's synchronous wrapper around its asyncio "
             "loop, reads the shard index and decodes (zstd + crc32c) the whole 2,048-row chunk(s) holding the row, with no "
@@ -742,14 +746,25 @@ def findings(data: dict) -> list[str]:
             + ", ".join(f"{w0[r['k']]['s'] / r['sequences'] * 1e6:.0f}" for r in a if w0[r["k"]])
             + " µs it takes."
         )
+        bs = data["config"]["batch_size"]
+        n_batches = {r["k"]: -(-r["sequences"] // bs) for r in a}
+        w2 = {r["k"]: next((s for s in r["shuffled"] if s["workers"] == 2 and not s.get("persistent_workers")), None) for r in a}
+        w2p = {r["k"]: next((s for s in r["shuffled"] if s["workers"] == 2 and s.get("persistent_workers")), None) for r in a}
+        slower = [w0[r["k"]]["tokens_per_s"] / w2[r["k"]]["tokens_per_s"] for r in a if w0[r["k"]] and w2[r["k"]]]
         out.append(
-            "- **Arrow with 2 workers is ~10x slower than with none.** Per batch a worker moves "
-            + ", ".join(f"{x['tensors_per_batch']:.0f}" for x in d[:1])
-            + " tensors into shared memory ("
+            f"- **Arrow with 2 workers is {min(slower):.0f}-{max(slower):.0f}x slower than with none** (k = {ks(a)}): the epoch "
+            "takes "
+            + ", ".join(f"{w2[r['k']]['s'] / n_batches[r['k']] * 1e3:.1f} ms" for r in a if w2[r["k"]])
+            + " per batch ("
+            + ", ".join(f"{w2p[r['k']]['s'] / n_batches[r['k']] * 1e3:.1f} ms" for r in a if w2p[r["k"]])
+            + " with persistent workers, so it is per-batch cost, not start-up) against "
+            + ", ".join(f"{(x['getitem_ms_per_row'] * bs + x['collate_ms_per_batch']):.2f} ms" for x in d)
+            + " to produce a batch in one process. Each batch crosses processes as "
+            + f"{d[0]['tensors_per_batch']:.0f} tensors, one shared-memory file each: `share_memory_` alone costs "
             + ", ".join(f"{x['share_memory_ms_per_batch']:.2f} ms" for x in d)
-            + " per batch for `share_memory_` alone, one shm file per tensor) and sends them as file descriptors; that "
-            "costs more than producing the batch (`cache[i]` × 8 + collate). Persistent workers do not help, so it is "
-            "per-batch IPC, not start-up. Non-persistent workers also reopen every shard and re-verify its sha256 each epoch: "
+            + " per batch, more than producing it; passing the descriptors, rebuilding the tensors in the main process and "
+            "three processes on two cores make up the rest. Non-persistent workers also reopen every shard and re-verify "
+            "its sha256 each epoch: "
             + ", ".join(
                 f"{r['diagnostics']['checksum_all_shards_s'] * 1e3:.0f} ms for {r['plain']['bytes'] / MB:.0f} MB "
                 f"({r['plain']['bytes'] / r['diagnostics']['checksum_all_shards_s'] / 1e9:.2f} GB/s)"
