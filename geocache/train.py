@@ -137,11 +137,8 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None):
 
         resume_from = get_last_checkpoint(cfg.out) if cfg.resume and Path(cfg.out).exists() else None
     model, tokenizer = load_model_and_tokenizer(cfg.model, revision=cfg.revision, dtype=cfg.dtype)
-    try:
-        cache = open_cache(cfg.cache)
-        eval_cache = open_cache(cfg.eval_cache) if cfg.eval_cache else None
-    except CacheError as exc:
-        raise CacheError(f"{exc}") from None
+    cache = open_cache(cfg.cache)
+    eval_cache = open_cache(cfg.eval_cache) if cfg.eval_cache else None
     for c in (cache, eval_cache):
         if c is not None:
             c.check_compatible(model, tokenizer)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from geocache import BaseStats, GeometryAwareLoss
+from geocache import GeometryAwareLoss
 from geocache.cache import CacheError, CacheWriteError, collate_cache_rows, open_cache
 from geocache.cache.inspect import verify
 from geocache.data import DataConfig

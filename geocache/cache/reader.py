@@ -94,10 +94,9 @@ class CacheReader(torch.utils.data.Dataset):
         if not -len(self) <= idx < len(self):
             raise IndexError(f"row {idx} out of range for a cache of {len(self)} rows")
         idx = int(idx) % len(self)
+        view = self._view(int(self._shard_of[idx]))  # raises CacheError itself
         try:
-            row = self._view(int(self._shard_of[idx])).row(int(self._local[idx]))
-        except CacheError:
-            raise
+            row = view.row(int(self._local[idx]))
         except Exception as exc:
             info = self.manifest.shards[int(self._shard_of[idx])]
             raise CacheError(f"shard {info.name} of cache {self.url!r} cannot be read ({exc})") from None
