@@ -45,10 +45,10 @@ Per (backend, k), each step in a fresh subprocess (this script with the hidden `
     start-up and checksums paid in the warm-up epoch only).
 
 Diagnostics in the read worker (0 workers, warm), streamed one batch at a time in random order:
-``cache[i]`` for the batch's rows, ``collate_cache_rows``, and ``share_memory_`` of the batch's
-tensors (the first step of handing a batch from a DataLoader worker to the main process), each
-timed apart; ``shard_checksum`` of every shard (what each process does on first touch of a shard;
-non-persistent DataLoader workers are new processes every epoch); and the mean time of one row's
+``cache.__getitems__`` for the batch's rows (what ``DataLoader`` calls), ``collate_cache_rows``,
+and ``share_memory_`` of the batch's tensors (the first step of handing a batch from a DataLoader
+worker to the main process), each timed apart; ``shard_checksum`` of every shard (done once per
+cache: the reader keeps its "verified" flags in shared memory); and the mean time of one row's
 slice of each array through the backend's ``ShardView``.
 
 Before every subprocess the script waits (up to ``--idle-timeout`` s) until other processes use
@@ -266,6 +266,16 @@ def _plain_readinto(files: list[str], buf: bytearray) -> int:
     return total
 
 
+def _batch_tensors(batch: dict) -> list:
+    """Every tensor of a collated batch, the ``BaseStats`` fields included."""
+    import torch
+
+    tensors = [v for v in batch.values() if torch.is_tensor(v)]
+    base = batch["base"]
+    return tensors + [getattr(base, f) for f in ("lse", "entropy", "topk_ids", "topk_logprobs", "sample_ids", "sample_logprobs")
+                      if torch.is_tensor(getattr(base, f, None))]
+
+
 def worker_read(p: dict) -> dict:
     import numpy as np
     import torch
@@ -347,29 +357,32 @@ def worker_read(p: dict) -> dict:
     for i in range(len(cache)):  # opens (and verifies) every shard once
         cache[i]
     # Streamed like a DataLoader with 0 workers (rows of one batch alive at a time), timed apart:
-    # cache[i] for the batch's rows, collate_cache_rows, and moving the batch's tensors into shared
-    # memory (what a DataLoader worker does before sending a batch to the main process).
+    # cache.__getitems__ for the batch's rows (what DataLoader calls), collate_cache_rows, and moving
+    # the batch's tensors into shared memory (what a DataLoader worker does before sending a batch).
     perm = torch.randperm(len(cache)).tolist()
     getitem_s = collate_s = share_s = 0.0
-    row_bytes = n_batches = n_tensors = 0
+    row_bytes = batch_bytes = n_batches = n_tensors = 0
     for start in range(0, len(perm), p["batch_size"]):
         t0 = time.perf_counter()
-        rows = [cache[i] for i in perm[start : start + p["batch_size"]]]
+        rows = cache.__getitems__(perm[start : start + p["batch_size"]])
         t1 = time.perf_counter()
         batch = collate_cache_rows(rows)
         t2 = time.perf_counter()
         getitem_s, collate_s = getitem_s + (t1 - t0), collate_s + (t2 - t1)
-        row_bytes += sum(t.numel() * t.element_size() for r in rows for t in r.values())
-        tensors = [v for v in batch.values() if torch.is_tensor(v)]
-        base = batch["base"]
-        tensors += [getattr(base, f) for f in ("lse", "entropy", "topk_ids", "topk_logprobs", "sample_ids", "sample_logprobs")
-                    if torch.is_tensor(getattr(base, f, None))]
+        row_bytes += sum(t.nbytes for r in rows for t in r.values())
+        batch_bytes += sum(t.numel() * t.element_size() for t in _batch_tensors(batch))
+        n_batches += 1
+        del rows, batch
+    # share_memory_ in a pass of its own: freeing shared-memory tensors changes how the allocator
+    # serves the next batch, which would show up in the collate time above.
+    for start in range(0, len(perm), p["batch_size"]):
+        tensors = _batch_tensors(collate_cache_rows(cache.__getitems__(perm[start : start + p["batch_size"]])))
         t3 = time.perf_counter()
         for t in tensors:
             t.share_memory_()
         share_s += time.perf_counter() - t3
-        n_batches, n_tensors = n_batches + 1, n_tensors + len(tensors)
-        del rows, batch, tensors, base
+        n_tensors += len(tensors)
+        del tensors
     fs, root = _fs(path)
     t0 = time.perf_counter()
     for s in cache.manifest.shards:
@@ -393,7 +406,8 @@ def worker_read(p: dict) -> dict:
         "getitem_s": getitem_s,
         "getitem_tokens_per_s": tokens / getitem_s,
         "getitem_ms_per_row": getitem_s / len(perm) * 1e3,
-        "row_tensor_bytes_per_token": row_bytes / tokens,
+        "row_bytes_per_token": row_bytes / tokens,
+        "batch_bytes_per_token": batch_bytes / tokens,
         "collate_s": collate_s,
         "collate_ms_per_batch": collate_s / n_batches * 1e3,
         "share_memory_ms_per_batch": share_s / n_batches * 1e3,
@@ -591,8 +605,8 @@ def write_markdown(path: Path, data: dict) -> None:
         "*share_memory_* = moving the batch's tensors into shared memory, the first step of sending a batch from a "
         "DataLoader worker to the main process (the fd passing and unpickling on the other side come on top).",
         "",
-        "| backend | k | `cache[i]` ms/row | array slices ms/row (sum over arrays) | slowest array slice (ms) | collate ms/batch | `cache[i]` + collate tokens/s | row tensors B/token (ids as int64) | share_memory_ ms/batch (tensors) | sha256 of all shards (s) | open one shard (ms) | other CPU during reads (s) |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| backend | k | `__getitems__` ms/row | array slices ms/row (sum over arrays) | slowest array slice (ms) | collate ms/batch | `__getitems__` + collate tokens/s | rows B/token (stored dtypes) | batch B/token (padded; ids int32) | share_memory_ ms/batch (tensors) | sha256 of all shards (s) | open one shard (ms) | other CPU during reads (s) |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k in cfg["ks"]:
         for backend in cfg["backends"]:
@@ -604,7 +618,7 @@ def write_markdown(path: Path, data: dict) -> None:
             lines.append(
                 f"| {backend} | {k} | {d['getitem_ms_per_row']:.3f} | {d['slice_ms_per_row_total']:.3f} ({d['arrays_per_row']} arrays) | "
                 f"{slowest[0]} {slowest[1]:.3f} | {d['collate_ms_per_batch']:.3f} | {fmt(d.get('streamed_tokens_per_s'))} | "
-                f"{d.get('row_tensor_bytes_per_token', float('nan')):.0f} | "
+                f"{d.get('row_bytes_per_token', float('nan')):.0f} | {d.get('batch_bytes_per_token', float('nan')):.0f} | "
                 f"{fmt(d.get('share_memory_ms_per_batch'), '.2f')} ({fmt(d.get('tensors_per_batch'), '.0f')}) | "
                 f"{d['checksum_all_shards_s']:.3f} | {d['open_first_shard_s'] * 1e3:.1f} | {r['other_cpu_s']:.1f} |"
             )
@@ -709,7 +723,7 @@ def findings(data: dict) -> list[str]:
         out.append(
             f"- **Zarr random access is the bottleneck of the Zarr reader** (k = {ks(z)}): one row costs "
             + ", ".join(f"{x['getitem_ms_per_row']:.1f} ms" for x in d)
-            + " in `cache[i]`; the "
+            + " in `__getitems__`; the "
             + f"{d[0]['arrays_per_row']} array slices of a row, timed alone on the first shard, take "
             + ", ".join(f"{x['slice_ms_per_row_total']:.1f} ms" for x in d)
             + ", about "
@@ -727,20 +741,21 @@ def findings(data: dict) -> list[str]:
         d = [r["diagnostics"] for r in a]
         w0 = {r["k"]: next((s for s in r["shuffled"] if s["workers"] == 0 and not s.get("persistent_workers")), None) for r in a}
         out.append(
-            f"- **Arrow, 0 workers** (k = {ks(a)}): `cache[i]` costs "
-            + ", ".join(f"{x['getitem_ms_per_row']:.3f} ms" for x in d)
-            + " per row, of which the memory-mapped slices are only "
+            f"- **Arrow, 0 workers** (k = {ks(a)}): `__getitems__` (what `DataLoader` calls for a batch) costs "
+            + ", ".join(f"{x['getitem_ms_per_row'] * 1e3:.0f} µs" for x in d)
+            + " per row, of which the memory-mapped slices are "
             + ", ".join(f"{x['slice_ms_per_row_total'] * 1e3:.0f} µs" for x in d)
-            + "; the rest is building 8 torch tensors per row, with every id array widened from uint16 to int64 "
-            "(`LONG_KEYS`): the rows handed over hold "
-            + ", ".join(f"{x['row_tensor_bytes_per_token']:.0f}" for x in d)
+            + " (rows are numpy views in their stored dtypes, no tensors); `collate_cache_rows` adds "
+            + ", ".join(f"{x['collate_ms_per_batch']:.2f} ms" for x in d)
+            + " per batch of 8 (padding, one concatenation per array, ids widened from uint16 to int32, not int64): the batch "
+            "holds "
+            + ", ".join(f"{x['batch_bytes_per_token']:.0f}" for x in d)
             + " bytes/token against "
             + ", ".join(f"{builds[('arrow', r['k'])]['shard_bytes'] / r['tokens']:.0f}" for r in a if ("arrow", r["k"]) in builds)
-            + " stored. `collate_cache_rows` adds "
-            + ", ".join(f"{x['collate_ms_per_batch']:.2f} ms" for x in d)
-            + " per batch of 8. The ratio to the plain read ("
+            + " stored. The ratio to the plain read ("
             + ", ".join(f"{w0[r['k']]['ratio_to_plain']:.3f}" for r in a if w0[r["k"]])
-            + ") is a per-row Python cost against a memory-bandwidth limit: at 0.3x the reader would have "
+            + ") compares a per-batch cost with a memory copy of a cache that sits in the CPU's caches at small k: at 0.3x "
+            "the reader would have "
             + ", ".join(f"{r['plain']['s'] / TARGET_RATIO / r['sequences'] * 1e6:.0f}" for r in a)
             + " µs per row (batching and collation included), against the "
             + ", ".join(f"{w0[r['k']]['s'] / r['sequences'] * 1e6:.0f}" for r in a if w0[r["k"]])
@@ -751,27 +766,26 @@ def findings(data: dict) -> list[str]:
         w2 = {r["k"]: next((s for s in r["shuffled"] if s["workers"] == 2 and not s.get("persistent_workers")), None) for r in a}
         w2p = {r["k"]: next((s for s in r["shuffled"] if s["workers"] == 2 and s.get("persistent_workers")), None) for r in a}
         slower = [w0[r["k"]]["tokens_per_s"] / w2[r["k"]]["tokens_per_s"] for r in a if w0[r["k"]] and w2[r["k"]]]
-        out.append(
-            f"- **Arrow with 2 workers is {min(slower):.0f}-{max(slower):.0f}x slower than with none** (k = {ks(a)}): the epoch "
-            "takes "
-            + ", ".join(f"{w2[r['k']]['s'] / n_batches[r['k']] * 1e3:.1f} ms" for r in a if w2[r["k"]])
-            + " per batch ("
-            + ", ".join(f"{w2p[r['k']]['s'] / n_batches[r['k']] * 1e3:.1f} ms" for r in a if w2p[r["k"]])
-            + " with persistent workers, so it is per-batch cost, not start-up) against "
-            + ", ".join(f"{(x['getitem_ms_per_row'] * bs + x['collate_ms_per_batch']):.2f} ms" for x in d)
-            + " to produce a batch in one process. Each batch crosses processes as "
-            + f"{d[0]['tensors_per_batch']:.0f} tensors, one shared-memory file each: `share_memory_` alone costs "
-            + ", ".join(f"{x['share_memory_ms_per_batch']:.2f} ms" for x in d)
-            + " per batch, more than producing it; passing the descriptors, rebuilding the tensors in the main process and "
-            "three processes on two cores make up the rest. Non-persistent workers also reopen every shard and re-verify "
-            "its sha256 each epoch: "
-            + ", ".join(
-                f"{r['diagnostics']['checksum_all_shards_s'] * 1e3:.0f} ms for {r['plain']['bytes'] / MB:.0f} MB "
-                f"({r['plain']['bytes'] / r['diagnostics']['checksum_all_shards_s'] / 1e9:.2f} GB/s)"
-                for r in a
+        if slower:
+            out.append(
+                f"- **Arrow with 2 workers is {min(slower):.0f}-{max(slower):.0f}x slower than with none** (k = {ks(a)}): the epoch "
+                "takes "
+                + ", ".join(f"{w2[r['k']]['s'] / n_batches[r['k']] * 1e3:.1f} ms" for r in a if w2[r["k"]])
+                + " per batch ("
+                + ", ".join(f"{w2p[r['k']]['s'] / n_batches[r['k']] * 1e3:.1f} ms" for r in a if w2p[r["k"]])
+                + " with persistent workers, so it is per-batch cost, not start-up) against "
+                + ", ".join(f"{(x['getitem_ms_per_row'] * bs + x['collate_ms_per_batch']):.2f} ms" for x in d)
+                + " to produce a batch in one process. Each batch crosses processes as "
+                + f"{d[0]['tensors_per_batch']:.0f} tensors, one shared-memory file each: `share_memory_` alone costs "
+                + ", ".join(f"{x['share_memory_ms_per_batch']:.2f} ms" for x in d)
+                + " per batch, more than producing it; passing the descriptors, rebuilding the tensors in the main process and "
+                "three processes on two cores make up the rest. Shard checksums (sha256 of all shards: "
+                + ", ".join(
+                    f"{r['diagnostics']['checksum_all_shards_s'] * 1e3:.0f} ms for {r['plain']['bytes'] / MB:.0f} MB"
+                    for r in a
+                )
+                + ") are checked once per cache, not per worker per epoch: the verified flags live in shared memory."
             )
-            + " per worker per epoch here, which grows with the cache (every worker touches every shard when shuffling)."
-        )
         big = [r for r in a if r["plain"].get("read", {}).get("s", 0) > 2 * r["plain"].get("readinto", {}).get("s", 1e9)]
         if big:
             r = big[0]

@@ -174,7 +174,12 @@ class BaseStats:
         return BaseStats(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     def to(self, device: torch.device | str) -> "BaseStats":
-        return BaseStats(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        """Move to ``device``; narrow ids (int32 from a cache batch) are widened to int64 there
+        when it is not the CPU, so the host-to-device copy stays small."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)}
+        if torch.device(device).type != "cpu":
+            moved = {n: t.long() if n.endswith("_ids") else t for n, t in moved.items()}
+        return BaseStats(**moved)
 
     @classmethod
     def from_logits(cls, base_logits: torch.Tensor, labels: torch.Tensor, k: int, m: int = 0, **kw) -> "BaseStats":

@@ -119,6 +119,46 @@ def test_both_backends_store_the_same_rows_and_a_dataloader_shuffles_them(tmp_pa
     assert seen == len(cache)
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_batched_fetch_a_dataloader_uses_equals_row_by_row_reads(tmp_path, tiny_model_dir, data_file, packing):
+    """DataLoader calls ``__getitems__`` (numpy views, stored dtypes); the batch must be the one
+    built from ``cache[i]`` rows, value for value, with the statistics' ids as int32."""
+    run(tiny_model_dir("qwen3_moe"), data_file, tmp_path / "c", k=8, m=2, router="topk", shard_sequences=4, packing=packing)
+    cache = open_cache(str(tmp_path / "c"))
+    order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(0)).tolist()
+    loader = torch.utils.data.DataLoader(cache, batch_size=5, sampler=order, collate_fn=collate_cache_rows)
+    start = 0
+    for batch in loader:
+        idx = order[start : start + 5]
+        start += len(idx)
+        ref = collate_cache_rows([cache[i] for i in idx])
+        assert batch.keys() == ref.keys() and ("position_ids" in batch) == packing
+        for key in batch:
+            if key == "base":
+                for f in ("lse", "entropy", "topk_ids", "topk_logprobs", "sample_ids", "sample_logprobs"):
+                    assert torch.equal(getattr(batch["base"], f), getattr(ref["base"], f)), f
+            else:
+                assert torch.equal(batch[key], ref[key]), key
+        assert batch["base"].topk_ids.dtype == batch["router_topk_ids"].dtype == torch.int32
+        assert batch["input_ids"].dtype == batch["labels"].dtype == torch.int64
+        rows, _ = labelled_positions(batch["labels"])
+        assert batch["base"].num_positions == rows.numel() == batch["router_topk_ids"].shape[0]
+        # Off the CPU the ids are widened where they land (meta: no real device needed).
+        assert batch["base"].to("meta").topk_ids.dtype == torch.int64
+    assert start == len(cache)
+
+
+def test_dataloader_workers_share_which_shards_were_verified(tmp_path, tiny_model_dir, data_file):
+    """Checksums are checked once per cache, not once per worker per epoch: a forked worker's
+    verification is visible to the parent (and to the next epoch's workers)."""
+    run(tiny_model_dir("qwen3"), data_file, tmp_path / "c", k=8, backend="arrow", shard_sequences=4)
+    cache = open_cache(str(tmp_path / "c"))
+    assert len(cache.manifest.shards) > 2 and not cache._verified.any()
+    loader = torch.utils.data.DataLoader(cache, batch_size=4, shuffle=True, num_workers=2, collate_fn=collate_cache_rows)
+    assert sum(b["input_ids"].shape[0] for b in loader) == len(cache)
+    assert cache._verified.all() and not cache._views  # the workers did it, the parent opened nothing
+
+
 def test_dropout_is_off_and_statistics_are_reproducible(tmp_path, tokenizer_dir, data_file):
     model_dir = build_tiny_model(tmp_path / "m", "llama", tokenizer_dir=tokenizer_dir, attention_dropout=0.5, mlp_bias=True)
     cfg = AutoModelForCausalLM.from_pretrained(model_dir).config

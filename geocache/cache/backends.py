@@ -39,20 +39,23 @@ class ShardView:
 
     def __init__(self, sequence_index: np.ndarray, token_offsets: np.ndarray, position_offsets: np.ndarray, arrays: dict):
         self.sequence_index = sequence_index
-        self.token_offsets = token_offsets
-        self.position_offsets = position_offsets
+        # Offsets as Python lists and (name, array, per-token?) triples: a row is read per batch
+        # element, and numpy scalar indexing costs more than the slices themselves.
+        self.token_offsets = token_offsets.tolist()
+        self.position_offsets = position_offsets.tolist()
         self.arrays = arrays  # name → object supporting [a:b] slicing into numpy
+        self._columns = [(name, arr, name in TOKEN_KEYS, isinstance(arr, np.ndarray)) for name, arr in arrays.items()]
 
     def __len__(self) -> int:
         return len(self.sequence_index)
 
     def row(self, i: int) -> dict[str, np.ndarray]:
-        t0, t1 = int(self.token_offsets[i]), int(self.token_offsets[i + 1])
-        p0, p1 = int(self.position_offsets[i]), int(self.position_offsets[i + 1])
+        t0, t1 = self.token_offsets[i], self.token_offsets[i + 1]
+        p0, p1 = self.position_offsets[i], self.position_offsets[i + 1]
         out = {}
-        for name, arr in self.arrays.items():
-            a, b = (t0, t1) if name in TOKEN_KEYS else (p0, p1)
-            out[name] = np.asarray(arr[a:b])
+        for name, arr, per_token, is_numpy in self._columns:
+            part = arr[t0:t1] if per_token else arr[p0:p1]
+            out[name] = part if is_numpy else np.asarray(part)
         return out
 
 

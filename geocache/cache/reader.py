@@ -1,8 +1,15 @@
 """``open_cache``: a cache as a random-access, sized ``Dataset`` of rows, plus batch collation.
 
 Rows come back in global sequence order whatever the number of ranks that wrote them. Shards are
-opened lazily, once per process (so ``DataLoader`` workers each open their own), and each shard's
-checksum is verified the first time this process touches it.
+opened lazily, once per process (so ``DataLoader`` workers each open their own). Each shard's
+checksum is verified the first time any process touches it: the "verified" flags live in shared
+memory, so ``DataLoader`` workers (new processes every epoch unless ``persistent_workers``) do not
+hash the whole cache again each epoch.
+
+``DataLoader`` fetches a batch through ``__getitems__``, which returns the rows as numpy arrays in
+their stored dtypes (memory-mapped views for Arrow); ``collate_cache_rows`` pads and widens the ids
+once per batch. Building torch tensors row by row cost more than reading the bytes
+(``benchmarks/results/storage.md``).
 """
 
 from __future__ import annotations
@@ -14,9 +21,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from geocache.cache.backends import ShardView, get_backend
+from geocache.cache.backends import TOKEN_KEYS, ShardView, get_backend
 from geocache.cache.manifest import MANIFEST, Manifest, first_difference, shard_checksum
-from geocache.signals import IGNORE_INDEX, BaseStats, labelled_positions
+from geocache.signals import IGNORE_INDEX, BaseStats
 
 LONG_KEYS = ("input_ids", "labels", "position_ids", "topk_ids", "tail_ids", "router_topk_ids")
 
@@ -68,6 +75,9 @@ class CacheReader(torch.utils.data.Dataset):
         self._local = np.concatenate(local)[order] if seq else seq_all
         self._views: dict[int, ShardView] = {}
         self._pid = os.getpid()
+        # One byte per shard, in shared memory: set once a shard's checksum has been checked by any
+        # process holding this reader (the parent or a DataLoader worker, forked or spawned).
+        self._verified = torch.zeros(len(self.manifest.shards), dtype=torch.uint8).share_memory_()
 
     def __len__(self) -> int:
         return len(self._shard_of)
@@ -81,8 +91,10 @@ class CacheReader(torch.utils.data.Dataset):
             path = posixpath.join(self.root, info.name)
             if not self.fs.exists(path):
                 raise CacheError(f"shard {info.name} of cache {self.url!r} is missing")
-            if self.verify and shard_checksum(self.fs, path)[0] != info.sha256:
-                raise CacheError(f"shard {info.name} of cache {self.url!r} fails its checksum: the cache is corrupt")
+            if self.verify and not self._verified[i]:
+                if shard_checksum(self.fs, path)[0] != info.sha256:
+                    raise CacheError(f"shard {info.name} of cache {self.url!r} fails its checksum: the cache is corrupt")
+                self._verified[i] = 1
             try:
                 view = self.backend.open(self.fs, path)
             except Exception as exc:  # any decoder error on a shard means corruption to the user
@@ -90,17 +102,27 @@ class CacheReader(torch.utils.data.Dataset):
             self._views[i] = view
         return view
 
-    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+    def _row(self, idx: int) -> dict[str, np.ndarray]:
         if not -len(self) <= idx < len(self):
             raise IndexError(f"row {idx} out of range for a cache of {len(self)} rows")
         idx = int(idx) % len(self)
-        view = self._view(int(self._shard_of[idx]))  # raises CacheError itself
+        shard = int(self._shard_of[idx])
+        view = self._view(shard)  # raises CacheError itself
         try:
-            row = view.row(int(self._local[idx]))
+            return view.row(int(self._local[idx]))
         except Exception as exc:
-            info = self.manifest.shards[int(self._shard_of[idx])]
+            info = self.manifest.shards[shard]
             raise CacheError(f"shard {info.name} of cache {self.url!r} cannot be read ({exc})") from None
+
+    def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
+        row = self._row(idx)
         return {k: torch.from_numpy(v.astype(np.int64) if k in LONG_KEYS else np.array(v)) for k, v in row.items()}
+
+    def __getitems__(self, indices) -> list[dict[str, np.ndarray]]:
+        """The rows of one batch, for ``DataLoader``: numpy arrays in their stored dtypes (ids not
+        widened; read-only memory-mapped views for Arrow), to be handed to ``collate_cache_rows``,
+        which copies them into the batch. Use ``cache[i]`` for a row of owned tensors."""
+        return [self._row(i) for i in indices]
 
     def check_compatible(self, model=None, tokenizer=None, expected: Optional[dict] = None) -> None:
         """Refuse, in one sentence, a cache built for another model, revision, tokenizer or
@@ -136,19 +158,34 @@ def open_cache(url: str, *, verify: bool = True, storage_options: Optional[dict]
 def collate_cache_rows(rows: list[dict], pad_token_id: int = 0) -> dict:
     """Pad rows into a batch: ``input_ids``/``labels``/``attention_mask`` (and ``position_ids``)
     ``[B, T]`` (right padding, labels -100), ``base``: a ``BaseStats`` over the batch's labelled
-    positions in ``labelled_positions`` order, and the router arrays concatenated ``[P, L, ...]``."""
-    width = max(len(r["input_ids"]) for r in rows)
+    positions in ``labelled_positions`` order, and the router arrays concatenated ``[P, L, ...]``.
+
+    Rows may hold tensors (``cache[i]``) or numpy arrays (``cache.__getitems__``, what
+    ``DataLoader`` uses); the work is done in numpy, one copy per array per batch. Token arrays
+    are int64; the statistics' ids (``topk_ids``, ``sample_ids``, ``router_topk_ids``) int32."""
+    rows = [{k: v.numpy() for k, v in r.items()} if isinstance(r["lse"], torch.Tensor) else r for r in rows]
     B = len(rows)
-    input_ids = torch.full((B, width), pad_token_id, dtype=torch.long)
-    labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((B, width), dtype=torch.long)
-    positions = torch.zeros((B, width), dtype=torch.long) if "position_ids" in rows[0] else None
-    for b, r in enumerate(rows):
-        n = len(r["input_ids"])
-        input_ids[b, :n], labels[b, :n], attention[b, :n] = r["input_ids"], r["labels"], 1
-        if positions is not None:
+    lengths = [len(r["input_ids"]) for r in rows]
+    width = max(lengths)
+    input_ids = np.full((B, width), pad_token_id, dtype=np.int64)
+    labels = np.full((B, width), IGNORE_INDEX, dtype=np.int64)
+    attention = (np.arange(width) < np.array(lengths)[:, None]).astype(np.int64)
+    packed = "position_ids" in rows[0]
+    positions = np.zeros((B, width), dtype=np.int64) if packed else None
+    for b, (r, n) in enumerate(zip(rows, lengths)):
+        input_ids[b, :n], labels[b, :n] = r["input_ids"], r["labels"]
+        if packed:
             positions[b, :n] = r["position_ids"]
-    cat = {k: torch.cat([r[k] for r in rows]) for k in rows[0] if k not in ("input_ids", "labels", "position_ids")}
+    cat = {}
+    for k in rows[0]:
+        if k in TOKEN_KEYS:
+            continue
+        # Ids as int32, not int64: gather/scatter take them, and the batch (and its copy to an
+        # accelerator, where ``BaseStats.to`` widens them) is up to 1.7x smaller at k = 256.
+        cat[k] = torch.from_numpy(np.concatenate([r[k] for r in rows], dtype=np.int32 if k in LONG_KEYS else None))
+    n_labelled = int(np.count_nonzero(labels[:, 1:] != IGNORE_INDEX))
+    if cat["lse"].shape[0] != n_labelled:
+        raise CacheError(f"cache rows hold {cat['lse'].shape[0]} positions but their labels mark {n_labelled}: the cache is corrupt")
     base = BaseStats(
         lse=cat["lse"],
         entropy=cat["entropy"],
@@ -157,10 +194,9 @@ def collate_cache_rows(rows: list[dict], pad_token_id: int = 0) -> dict:
         sample_ids=cat.get("tail_ids"),
         sample_logprobs=cat.get("tail_logprobs"),
     )
-    assert base.num_positions == labelled_positions(labels)[0].numel(), "cache rows and their labels disagree"
-    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "base": base}
-    if positions is not None:
-        batch["position_ids"] = positions
+    batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels), "attention_mask": torch.from_numpy(attention), "base": base}
+    if packed:
+        batch["position_ids"] = torch.from_numpy(positions)
     for k in ("router_logits", "router_topk_ids", "router_topk_logits"):
         if k in cat:
             batch[k] = cat[k]
