@@ -1,6 +1,7 @@
-"""Helpers shared by ``benchmarks/storage.py`` and ``benchmarks/precompute.py``.
+"""Helpers shared by the scripts under ``benchmarks/``.
 
-Provenance (command, machine, versions, load average), CPU accounting from ``/proc/stat`` (how much
+Provenance (command, machine, versions, load average), process memory from ``/proc/self/status``
+(current and peak RSS, and resetting the peak), CPU accounting from ``/proc/stat`` (how much
 CPU *other* processes used while we measured), waiting for an idle machine, subprocess workers
 that answer one line of JSON, and the offline corpus: the source files of a few standard-library
 packages written as JSONL ``{"text": ...}`` rows.
@@ -13,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import resource
 import shlex
 import subprocess
@@ -155,6 +157,27 @@ def provenance_markdown(prov: dict, loadavg_at_end) -> list[str]:
         "and counts this script's own work; the per-measurement \"other CPU\" columns (CPU time used by processes other "
         "than this benchmark's during the measurement, from `/proc/stat`) are the direct check.",
     ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Process memory
+# ----------------------------------------------------------------------------------------------
+
+
+def proc_status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (VmRSS, VmHWM, VmSize, ...)."""
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1))
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); True if the reset took effect."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    # After a reset VmHWM equals VmRSS (allow a little slack for pages touched in between).
+    return proc_status_kib("VmHWM") <= proc_status_kib("VmRSS") + 1024
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,30 +39,25 @@ Run ``python benchmarks/loss_memory.py --help`` for the options.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
-import hashlib
 import json
-import os
-import platform
-import re
 import resource
-import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-if str(REPO) not in sys.path:  # `import geocache` from a source checkout without PYTHONPATH
-    sys.path.insert(0, str(REPO))
+for _p in (str(REPO), str(HERE)):  # `import geocache` from a source checkout; `_common` beside this file
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import geocache  # noqa: E402
 from geocache import BaseStats, GeometryAwareLoss, GeometryConfig, compute_base_stats  # noqa: E402
+
+from _common import loadavg, proc_status_kib, provenance, reset_peak_rss, spawn_worker  # noqa: E402
 
 VARIANTS = ("plain_ce", "geometry_cache", "geometry_live", "note_sketch")
 GEOMETRY_VARIANTS = ("geometry_cache", "geometry_live")
@@ -76,24 +71,8 @@ TARGETS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Process memory
+# Allocation failures
 # ----------------------------------------------------------------------------------------------
-
-
-def proc_status_kib(field: str) -> int:
-    """A ``/proc/self/status`` field in KiB (VmRSS, VmHWM, VmSize, ...)."""
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1))
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0); True if the reset took effect."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    # After a reset VmHWM equals VmRSS (allow a little slack for pages touched in between).
-    return proc_status_kib("VmHWM") <= proc_status_kib("VmRSS") + 1024
 
 
 def is_allocation_failure(exc: BaseException) -> bool:
@@ -255,26 +234,6 @@ def run_worker(params: dict) -> dict:
     return result
 
 
-def spawn_worker(params: dict, timeout: float) -> dict:
-    """Run one (variant, vocab) in a fresh interpreter and parse its JSON reply."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(params)]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"variant": params["variant"], "vocab": params["vocab"], "error": f"worker timed out after {timeout} s"}
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    if proc.returncode != 0 or not lines:
-        return {
-            "variant": params["variant"],
-            "vocab": params["vocab"],
-            "error": f"worker exited with {proc.returncode}",
-            "stderr_tail": proc.stderr[-2000:],
-        }
-    return json.loads(lines[-1])
-
-
 # ----------------------------------------------------------------------------------------------
 # B) base statistics
 # ----------------------------------------------------------------------------------------------
@@ -377,57 +336,6 @@ def loss_ratios(loss_results: list[dict], vocabs: list[int]) -> list[dict]:
                     }
                 )
     return out
-
-
-def loadavg() -> list[float]:
-    """1, 5 and 15 minute load averages (other work on the machine skews wall times)."""
-    try:
-        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    except OSError:
-        return []
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def source_digest() -> str:
-    """sha256 over geocache's sources, to tie results to the code that produced them."""
-    h = hashlib.sha256()
-    pkg = Path(geocache.__file__).resolve().parent
-    for path in sorted(pkg.glob("*.py")):
-        h.update(path.name.encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def provenance() -> dict:
-    return {
-        "command": shlex.join([sys.executable] + sys.argv),
-        "cwd": os.getcwd(),
-        "pythonpath": os.environ.get("PYTHONPATH", ""),
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_at_start": loadavg(),
-        "machine": {
-            "cpu_model": cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
-            "platform": platform.platform(),
-        },
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "geocache": geocache.__version__,
-            "geocache_source_sha256_16": source_digest(),
-        },
-    }
 
 
 def gib(x: float | None) -> str:
@@ -698,7 +606,7 @@ def main(argv=None) -> None:
                 "cache_kl_threshold": args.cache_kl_threshold,
             }
             t0 = time.perf_counter()
-            r = spawn_worker(params, args.worker_timeout)
+            r = {"variant": variant, "vocab": vocab, **spawn_worker(Path(__file__).resolve(), params, args.worker_timeout)}
             r["worker_wall_s"] = time.perf_counter() - t0
             loss_results.append(r)
             if r.get("exceeds_limit"):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ for p in (str(REPO), str(HERE)):
 
 import torch  # noqa: E402
 
-from loss_memory import loadavg, proc_status_kib, provenance, reset_peak_rss  # noqa: E402
+from _common import loadavg, proc_status_kib, provenance, provenance_markdown, reset_peak_rss, spawn_measured  # noqa: E402
 
 VARIANTS = ("plain", "cache", "live", "copy", "periodic")
 SHAPES = {
@@ -135,11 +134,14 @@ def run_worker(p: dict) -> dict:
             "peak_exact": exact, "baseline_kib": baseline, "tokens_per_s": tokens / sum(times)}
 
 
-def spawn(params: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", json.dumps(params)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"worker {params['shape']}/{params['variant']} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def spawn(params: dict, a: argparse.Namespace) -> dict:
+    """One (shape, variant) in a fresh interpreter, after waiting for an idle machine; rerun when
+    other processes took more than ``--max-other-share`` of the CPU while it ran."""
+    r, _ = spawn_measured(Path(__file__).resolve(), params, a.worker_timeout, max_busy=a.max_busy, idle_timeout=a.idle_timeout,
+                          max_other_share=a.max_other_share, retries=a.retries, label=f"{params['shape']}/{params['variant']}")
+    if "error" in r:
+        raise RuntimeError(f"worker {params['shape']}/{params['variant']} failed: {r['error']}\n{r.get('stderr_tail', '')}")
+    return r
 
 
 def ratios(results: list[dict]) -> list[dict]:
@@ -173,16 +175,18 @@ def write_outputs(data: dict, out: Path) -> None:
         "",
         __doc__.split("Results:")[0].strip().replace("\n\n", "\n\n"),
         "",
-        f"**Command:** `{data['command']}`  ",
-        f"**Machine:** {prov.get('machine', prov)}  ",
-        f"**Versions:** {prov.get('versions', '')}  ",
-        f"**Load average before/after:** {data['load_before']} / {data['load_after']}",
+        f"Before every worker the script waits until other processes use at most {data['config']['max_busy']:.0%} of "
+        f"the machine, and reruns a worker (up to {data['config']['retries']} times) when they took more than "
+        f"{data['config']['max_other_share']:.0%} of its CPU while it ran; the cleanest attempt is kept.",
         "",
-        "| shape | variant | step time (s) | tokens/s | peak memory over baseline (MiB) |",
-        "|---|---|---:|---:|---:|",
+        *provenance_markdown(prov, data["load_after"]),
+        "",
+        "| shape | variant | step time (s) | tokens/s | peak memory over baseline (MiB) | other CPU (s) | attempts |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in data["results"]:
-        lines.append(f"| {r['shape']} | {r['variant']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['peak_kib'] / 1024:.1f} |")
+        lines.append(f"| {r['shape']} | {r['variant']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['peak_kib'] / 1024:.1f} | "
+                     f"{r['other_cpu_s']:.1f} | {r['attempts']} |")
     lines += ["", "| shape | ratio | value | target | verdict |", "|---|---|---:|---|---|"]
     for r in data["ratios"]:
         verdict = "" if r["pass"] is None else ("PASS" if r["pass"] else "FAIL")
@@ -216,13 +220,20 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=16, help="Timed steps per variant.")
     ap.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in each worker.")
+    ap.add_argument("--max-busy", type=float, default=0.15, help="wait until other processes use at most this fraction of the machine")
+    ap.add_argument("--idle-timeout", type=float, default=120.0, help="longest wait for an idle machine per worker (s)")
+    ap.add_argument("--max-other-share", type=float, default=0.05,
+                    help="rerun a worker when other processes used more than this fraction of the machine's CPU during it")
+    ap.add_argument("--retries", type=int, default=2, help="reruns allowed per worker for --max-other-share")
+    ap.add_argument("--worker-timeout", type=float, default=1800.0, help="seconds before a worker is abandoned")
     ap.add_argument("--out", type=Path, default=HERE / "results", help="Where results go.")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         print(json.dumps(run_worker(json.loads(a.worker))))
         return
-    load_before = loadavg()
+    prov = provenance()  # before the workers: it records the load average at the start
+    load_before = prov["loadavg_at_start"]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in a.shapes:
@@ -230,11 +241,12 @@ def main(argv=None) -> None:
             for variant in VARIANTS:
                 params = dict(shape=shape, variant=variant, model=str(model_dir), cache=str(cache_dir), tmp=str(Path(tmp) / "run"),
                               batch=a.batch, steps=a.steps, warmup=a.warmup, threads=a.threads)
-                r = spawn(params)
+                r = spawn(params, a)
                 print(f"{shape:6s} {variant:9s} {r['step_s']:.3f} s/step  peak +{r['peak_kib'] / 1024:.0f} MiB", flush=True)
                 results.append(r)
-    data = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "provenance": provenance(), "load_before": load_before,
-            "load_after": loadavg(), "results": results, "ratios": ratios(results), "targets": TARGETS}
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "worker"}
+    data = {"config": config, "provenance": prov, "load_before": load_before, "load_after": loadavg(), "results": results,
+            "ratios": ratios(results), "targets": TARGETS}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "train_step.json").write_text(json.dumps(data, indent=2))
     write_outputs(data, a.out)
