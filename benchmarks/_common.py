@@ -282,3 +282,13 @@ def spawn_measured(script: Path, params: dict, timeout: float, *, max_busy: floa
             f"the measurement; {'rerunning' if attempt < retries else 'keeping the cleanest attempt'}")
     best["attempts"] = len(attempts)
     return best, attempts
+
+
+def add_measurement_args(ap) -> None:
+    """The options of ``spawn_measured``: idle wait, contamination check and reruns, worker timeout."""
+    ap.add_argument("--max-busy", type=float, default=0.15, help="wait until other processes use at most this fraction of the machine")
+    ap.add_argument("--idle-timeout", type=float, default=120.0, help="longest wait for an idle machine per measurement (s)")
+    ap.add_argument("--max-other-share", type=float, default=0.05,
+                    help="rerun a measurement when other processes used more than this fraction of the machine's CPU during it")
+    ap.add_argument("--retries", type=int, default=2, help="reruns allowed per measurement for --max-other-share")
+    ap.add_argument("--worker-timeout", type=float, default=1800.0, help="seconds before a worker is abandoned")

@@ -71,7 +71,7 @@ for p in (str(REPO), str(HERE)):
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from _common import loadavg, provenance, provenance_markdown, spawn_measured, spawn_worker, write_corpus_jsonl  # noqa: E402
+from _common import add_measurement_args, loadavg, provenance, provenance_markdown, spawn_measured, spawn_worker, write_corpus_jsonl  # noqa: E402
 
 NAME = "precompute"
 TARGETS = {"qwen3-0.6b": 1.05, "qwen3-0.6b-2l": 1.3}
@@ -702,12 +702,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=2, help="repetitions of precompute and of the bare forward (min reported)")
     ap.add_argument("--bare-passes", type=int, default=2, help="timed passes of the bare forward per process (pass 1 is the reference)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-busy", type=float, default=0.15, help="wait until other processes use at most this fraction of the machine")
-    ap.add_argument("--idle-timeout", type=float, default=120.0, help="longest wait for an idle machine per measurement (s)")
-    ap.add_argument("--max-other-share", type=float, default=0.05,
-                    help="rerun a measurement when other processes used more than this fraction of the machine's CPU during it")
-    ap.add_argument("--retries", type=int, default=2, help="reruns allowed per measurement for --max-other-share")
-    ap.add_argument("--worker-timeout", type=float, default=1800.0)
+    add_measurement_args(ap)
     ap.add_argument("--work-dir", type=Path, default=None, help="where models, data and caches go (default: a new temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results", help=f"where {NAME}.{{json,md,png}} go")

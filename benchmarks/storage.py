@@ -82,6 +82,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from _common import (  # noqa: E402
+    add_measurement_args,
     MB,
     dir_bytes,
     fmt,
@@ -841,12 +842,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--moe-top-k", type=int, default=8, help="experts per token of the MoE variant")
     ap.add_argument("--moe-k", type=int, default=64, help="top-k of the MoE variant's caches")
     ap.add_argument("--seed", type=int, default=0, help="seed of the model weights and the shuffles")
-    ap.add_argument("--max-busy", type=float, default=0.15, help="wait until other processes use at most this fraction of the machine")
-    ap.add_argument("--idle-timeout", type=float, default=120.0, help="longest wait for an idle machine per measurement (s)")
-    ap.add_argument("--max-other-share", type=float, default=0.05,
-                    help="rerun a measurement when other processes used more than this fraction of the machine's CPU during it")
-    ap.add_argument("--retries", type=int, default=2, help="reruns allowed per measurement for --max-other-share")
-    ap.add_argument("--worker-timeout", type=float, default=1800.0, help="seconds before a worker is abandoned")
+    add_measurement_args(ap)
     ap.add_argument("--work-dir", type=Path, default=None, help="where models, data and caches go (default: a new temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results", help=f"where {NAME}.{{json,md,png}} go")

@@ -38,7 +38,7 @@ for p in (str(REPO), str(HERE)):
 
 import torch  # noqa: E402
 
-from _common import loadavg, proc_status_kib, provenance, provenance_markdown, reset_peak_rss, spawn_measured  # noqa: E402
+from _common import add_measurement_args, loadavg, proc_status_kib, provenance, provenance_markdown, reset_peak_rss, spawn_measured  # noqa: E402
 
 VARIANTS = ("plain", "cache", "live", "copy", "periodic")
 SHAPES = {
@@ -220,12 +220,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=16, help="Timed steps per variant.")
     ap.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in each worker.")
-    ap.add_argument("--max-busy", type=float, default=0.15, help="wait until other processes use at most this fraction of the machine")
-    ap.add_argument("--idle-timeout", type=float, default=120.0, help="longest wait for an idle machine per worker (s)")
-    ap.add_argument("--max-other-share", type=float, default=0.05,
-                    help="rerun a worker when other processes used more than this fraction of the machine's CPU during it")
-    ap.add_argument("--retries", type=int, default=2, help="reruns allowed per worker for --max-other-share")
-    ap.add_argument("--worker-timeout", type=float, default=1800.0, help="seconds before a worker is abandoned")
+    add_measurement_args(ap)
     ap.add_argument("--out", type=Path, default=HERE / "results", help="Where results go.")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
