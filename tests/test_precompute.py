@@ -159,6 +159,26 @@ def test_dataloader_workers_share_which_shards_were_verified(tmp_path, tiny_mode
     assert cache._verified.all() and not cache._views  # the workers did it, the parent opened nothing
 
 
+def test_zarr_rows_through_the_decoded_chunk_cache_equal_uncached_reads(tmp_path, tiny_model_dir, data_file, monkeypatch):
+    from geocache.cache.backends import ZarrBackend
+
+    monkeypatch.setattr(ZarrBackend.__init__, "__defaults__", (64, 3))  # 64-row chunks: rows straddle chunks
+    path = tmp_path / "z"
+    precompute(PrecomputeConfig(model=str(tiny_model_dir("qwen3")), data=[str(data_file)], out=str(path), k=8, m=2, backend="zarr",
+                                progress=False, data_config=DataConfig(max_length=48)))
+    plain = open_cache(str(path), decoded_cache_bytes=0)
+    order = torch.randperm(len(plain), generator=torch.Generator().manual_seed(1)).tolist()
+    for budget in (1 << 30, 4096):  # everything kept; a few chunks kept, evicting as it goes
+        cached = open_cache(str(path), decoded_cache_bytes=budget)
+        for i in order + order[:5]:
+            a, b = plain[i], cached[i]
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert 0 < cached._chunks.bytes <= budget
+        loads = len(cached._chunks._lru)
+        assert (loads < 40) == (budget == 4096)  # the small budget evicted; the large one kept every chunk
+    assert plain._chunks.bytes == 0
+
+
 def test_dropout_is_off_and_statistics_are_reproducible(tmp_path, tokenizer_dir, data_file):
     model_dir = build_tiny_model(tmp_path / "m", "llama", tokenizer_dir=tokenizer_dir, attention_dropout=0.5, mlp_bias=True)
     cfg = AutoModelForCausalLM.from_pretrained(model_dir).config

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from geocache.cache.backends import TOKEN_KEYS, ShardView, get_backend
+from geocache.cache.backends import TOKEN_KEYS, DecodedChunks, ShardView, get_backend
 from geocache.cache.manifest import MANIFEST, Manifest, first_difference, shard_checksum
 from geocache.signals import IGNORE_INDEX, BaseStats
 
@@ -55,8 +55,9 @@ class CacheReader(torch.utils.data.Dataset):
     log-probs and router logits in their stored dtype.
     """
 
-    def __init__(self, url: str, *, verify: bool = True, storage_options: Optional[dict] = None):
+    def __init__(self, url: str, *, verify: bool = True, storage_options: Optional[dict] = None, decoded_cache_bytes: int = 1 << 30):
         self.url = url
+        self.decoded_cache_bytes = decoded_cache_bytes
         self.fs, self.root = _fs(url, storage_options)
         self.manifest = read_manifest(self.fs, self.root)
         if not self.manifest.complete:
@@ -75,6 +76,7 @@ class CacheReader(torch.utils.data.Dataset):
         self._local = np.concatenate(local)[order] if seq else seq_all
         self._views: dict[int, ShardView] = {}
         self._pid = os.getpid()
+        self._chunks = DecodedChunks(decoded_cache_bytes)  # Zarr only: decoded chunks, LRU, per process
         # One byte per shard, in shared memory: set once a shard's checksum has been checked by any
         # process holding this reader (the parent or a DataLoader worker, forked or spawned).
         self._verified = torch.zeros(len(self.manifest.shards), dtype=torch.uint8).share_memory_()
@@ -84,7 +86,7 @@ class CacheReader(torch.utils.data.Dataset):
 
     def _view(self, i: int) -> ShardView:
         if self._pid != os.getpid():  # a forked DataLoader worker opens its own handles
-            self._views, self._pid = {}, os.getpid()
+            self._views, self._pid, self._chunks = {}, os.getpid(), DecodedChunks(self.decoded_cache_bytes)
         view = self._views.get(i)
         if view is None:
             info = self.manifest.shards[i]
@@ -96,7 +98,7 @@ class CacheReader(torch.utils.data.Dataset):
                     raise CacheError(f"shard {info.name} of cache {self.url!r} fails its checksum: the cache is corrupt")
                 self._verified[i] = 1
             try:
-                view = self.backend.open(self.fs, path)
+                view = self.backend.open(self.fs, path, chunks=self._chunks)
             except Exception as exc:  # any decoder error on a shard means corruption to the user
                 raise CacheError(f"shard {info.name} of cache {self.url!r} cannot be read ({exc})") from None
             self._views[i] = view
@@ -150,9 +152,10 @@ class CacheReader(torch.utils.data.Dataset):
                 raise CacheError(f"cache {self.url!r} was built with different settings ({diff})")
 
 
-def open_cache(url: str, *, verify: bool = True, storage_options: Optional[dict] = None) -> CacheReader:
-    """Open a cache directory or fsspec URL for reading (see ``CacheReader``)."""
-    return CacheReader(url, verify=verify, storage_options=storage_options)
+def open_cache(url: str, *, verify: bool = True, storage_options: Optional[dict] = None, decoded_cache_bytes: int = 1 << 30) -> CacheReader:
+    """Open a cache directory or fsspec URL for reading (see ``CacheReader``). ``decoded_cache_bytes``
+    bounds the decoded Zarr chunks kept per process (LRU; 0 keeps none; Arrow needs none)."""
+    return CacheReader(url, verify=verify, storage_options=storage_options, decoded_cache_bytes=decoded_cache_bytes)
 
 
 def collate_cache_rows(rows: list[dict], pad_token_id: int = 0) -> dict:
