@@ -179,6 +179,21 @@ def test_zarr_rows_through_the_decoded_chunk_cache_equal_uncached_reads(tmp_path
     assert plain._chunks.bytes == 0
 
 
+@pytest.mark.parametrize("backend", ["arrow", "zarr"])
+def test_a_reader_pickles_without_its_open_shards(tmp_path, tiny_model_dir, data_file, backend):
+    """What a spawned DataLoader worker receives: the reader, not the shards it has mapped or decoded."""
+    import pickle
+
+    run(tiny_model_dir("qwen3"), data_file, tmp_path / "c", k=8, backend=backend)
+    cache = open_cache(str(tmp_path / "c"))
+    rows = [cache[i] for i in range(len(cache))]  # opens every shard (and fills Zarr's chunk cache)
+    blob = pickle.dumps(cache)
+    assert len(blob) < sum(v.numel() * v.element_size() for r in rows for v in r.values()) / 4
+    copy = pickle.loads(blob)
+    assert not copy._views and copy._chunks.bytes == 0
+    assert all(torch.equal(copy[i][k], rows[i][k]) for i in range(len(copy)) for k in rows[i])
+
+
 def test_dropout_is_off_and_statistics_are_reproducible(tmp_path, tokenizer_dir, data_file):
     model_dir = build_tiny_model(tmp_path / "m", "llama", tokenizer_dir=tokenizer_dir, attention_dropout=0.5, mlp_bias=True)
     cfg = AutoModelForCausalLM.from_pretrained(model_dir).config

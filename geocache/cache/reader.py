@@ -84,6 +84,13 @@ class CacheReader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._shard_of)
 
+    def __getstate__(self) -> dict:
+        # A spawned DataLoader worker gets the reader pickled: open shards (memory-mapped arrays,
+        # Zarr handles) and decoded chunks stay behind; the worker opens its own.
+        state = dict(self.__dict__)
+        state.update(_views={}, _chunks=DecodedChunks(self.decoded_cache_bytes))
+        return state
+
     def _view(self, i: int) -> ShardView:
         if self._pid != os.getpid():  # a forked DataLoader worker opens its own handles
             self._views, self._pid, self._chunks = {}, os.getpid(), DecodedChunks(self.decoded_cache_bytes)
