@@ -55,8 +55,8 @@ def _load_yaml(path: str | None) -> dict:
 @click.option("--data", multiple=True, help="Data file, directory or hub dataset id (repeatable).")
 @click.option("--out", help="Cache directory or fsspec URL.")
 @click.option("--backend", type=click.Choice(["zarr", "arrow"]), help="Storage backend: arrow (default, fastest random access) or zarr (compressed, object-store friendly).")
-@click.option("--top-k", "k", type=int, help="k: top-k log-probs cached per position (default 64).")
-@click.option("--tail-samples", "m", type=int, help="m: tail samples cached per position (default 0).")
+@click.option("--top-k", "k", type=int, help="k: top-k log-probs cached per position (default 32).")
+@click.option("--tail-samples", "m", type=int, help="m: tail samples cached per position (default 16).")
 @click.option("--router", type=click.Choice(["auto", "full", "topk", "none"]), help="MoE router logits to cache.")
 @click.option("--router-k", type=int, help="Experts kept per layer with --router topk.")
 @click.option("--format", "format_", type=click.Choice(["auto", "text", "prompt_completion", "messages"]), help="Example shape.")
@@ -171,6 +171,96 @@ def demo(out, steps):
     from geocache.demo import run_demo
 
     run_demo(out, steps=steps, log=click.echo)
+
+
+@main.command()
+@click.option("--arch", type=click.Choice(["moe", "dense"]), default="moe", show_default=True, help="Which reference model.")
+@click.option("--steps", type=int, default=None, help="Override the recipe's pretraining steps (changes the cache key).")
+@click.option("--seed", type=int, default=None, help="Override the recipe's seed (changes the cache key).")
+@click.option("--cache-dir", default=None, help="Where reference models live (default: $GEOCACHE_HOME or ~/.cache/geocache).")
+def reference(arch, steps, seed, cache_dir):
+    """Pretrain (or reuse) a small reference model on the standard library (code + prose); print its report."""
+    from geocache.reference import build_reference_model, recipe_for
+
+    overrides = {k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}
+    path = build_reference_model(recipe_for(arch, **overrides), cache_dir=Path(cache_dir) if cache_dir else None, log=click.echo)
+    report = json.loads((path / "reference.json").read_text())
+    click.echo(f"{arch} reference model: {path} ({report['parameters']:,} parameters, vocabulary {report['vocab_size']:,}, "
+               f"log V = {report['log_vocab']:.2f} nats, pretrained in {report['train_seconds']:.0f} s)")
+    for domain, d in report["domains"].items():
+        p10, p50, p90 = d["entropy_p10_p50_p90"]
+        click.echo(f"  {domain:>6}: held-out loss {d['heldout_loss']:.3f}, entropy mean {d['entropy_mean']:.3f} (p10 {p10:.2f}, p50 {p50:.2f}, p90 {p90:.2f})")
+
+
+def _int_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(int(x) for x in str(value).split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that ship with geocache (more under benchmarks/ in the repository)."""
+    import importlib.util
+
+    missing = [m for m in ("matplotlib", "scipy", "torchmetrics") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(f"geocache bench needs {', '.join(missing)}: pip install 'geocache[bench]'")
+
+
+@bench.command()
+@click.option("--arch", type=click.Choice(["moe", "dense"]), default="moe", show_default=True, help="Reference model.")
+@click.option("--out", default="benchmarks/results", show_default=True, help="Where fidelity.json/.md/.png go.")
+@click.option("--work-dir", default=None, help="Keep caches and adapters here (default: a temporary directory, removed).")
+@click.option("--tune-domain", type=click.Choice(["code", "prose"]), default="prose", show_default=True, help="Domain of the tuning SFT.")
+@click.option("--steps", callback=_int_list, default="20,200", show_default=True, help="SFT steps of the tuned models.")
+@click.option("--ks", callback=_int_list, default="8,16,32,64,128,256", show_default=True, help="Top-k values.")
+@click.option("--ms", callback=_int_list, default="0,4,16", show_default=True, help="Tail-sample counts.")
+@click.option("--eval-sequences", type=int, default=48, show_default=True, help="Held-out sequences per domain.")
+@click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
+@click.option("--cache-dir", default=None, help="Reference models' cache directory.")
+def fidelity(arch, out, work_dir, tune_domain, steps, ks, ms, eval_sequences, device, cache_dir):
+    """Cached KL estimators vs the exact KL on a tuned reference model: bias, errors, masks, gradients, bytes."""
+    from geocache.bench.fidelity import FidelityConfig, run_fidelity
+
+    run_fidelity(FidelityConfig(out=out, work_dir=work_dir, arch=arch, tune_domain=tune_domain, steps=steps, ks=ks, ms=ms,
+                                eval_sequences=eval_sequences, device=device, cache_dir=cache_dir), log=click.echo)
+
+
+@bench.command()
+@click.option("--arch", type=click.Choice(["moe", "dense"]), default="moe", show_default=True, help="Reference model.")
+@click.option("--out", default="benchmarks/results", show_default=True, help="Where parity.json/.md/.png go.")
+@click.option("--work-dir", default=None, help="Keep caches and runs here (default: a temporary directory, removed).")
+@click.option("--tune-domain", type=click.Choice(["code", "prose"]), default="prose", show_default=True, help="Domain of the SFT.")
+@click.option("--steps", type=int, default=200, show_default=True, help="Training steps per run.")
+@click.option("--learning-rate", type=float, default=1e-3, show_default=True, help="Learning rate.")
+@click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
+@click.option("--cache-dir", default=None, help="Reference models' cache directory.")
+def parity(arch, out, work_dir, tune_domain, steps, learning_rate, device, cache_dir):
+    """Train with --base cache and --base live from the same start; compare held-out exact KL, dH, gap, loss."""
+    from geocache.bench.parity import ParityConfig, run_parity
+
+    run_parity(ParityConfig(out=out, work_dir=work_dir, arch=arch, tune_domain=tune_domain, steps=steps, learning_rate=learning_rate,
+                            device=device, cache_dir=cache_dir), log=click.echo)
+
+
+@bench.command()
+@click.option("--arch", type=click.Choice(["moe", "dense"]), default="moe", show_default=True, help="Reference model.")
+@click.option("--out", default="benchmarks/results", show_default=True, help="Where calibration.json/.md/.png go.")
+@click.option("--work-dir", default=None, help="Keep caches and runs here (default: a temporary directory, removed).")
+@click.option("--steps", type=int, default=200, show_default=True, help="Training steps per run.")
+@click.option("--learning-rate", type=float, default=1e-3, show_default=True, help="Learning rate.")
+@click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
+@click.option("--cache-dir", default=None, help="Reference models' cache directory.")
+def calibration(arch, out, work_dir, steps, learning_rate, device, cache_dir):
+    """SFT with plain DoRA, constant KL penalties and the geometry-aware loss; held-out calibration and drift."""
+    from geocache.bench.calibration import CalibrationConfig, run_calibration
+
+    run_calibration(CalibrationConfig(out=out, work_dir=work_dir, arch=arch, steps=steps, learning_rate=learning_rate, device=device,
+                                      cache_dir=cache_dir), log=click.echo)
 
 
 @main.group()

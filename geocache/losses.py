@@ -20,6 +20,7 @@ from torch import nn
 
 from geocache.config import GeometryConfig
 from geocache.signals import (
+    SAMPLED_ESTIMATORS,
     BaseStats,
     cached_kl_terms,
     default_chunk_rows,
@@ -191,8 +192,11 @@ class GeometryAwareLoss(nn.Module):
                     f"cached top-k ids reach {int(base.topk_ids.max())} but the model has {tuned_logits.shape[-1]} "
                     "output rows: the cache was built for another vocabulary"
                 )
-            if self.config.kl_estimator == "topk_sampled" and self.config.kl_direction == "forward" and base.m == 0:
-                raise ValueError("kl_estimator='topk_sampled' needs tail samples, but the base statistics have m=0")
+            if self.config.kl_estimator in SAMPLED_ESTIMATORS and self.config.kl_direction == "forward" and base.m == 0:
+                raise ValueError(
+                    f"kl_estimator={self.config.kl_estimator!r} needs tail samples, but the base statistics have m=0: "
+                    "precompute with --tail-samples > 0, or choose kl_estimator='topk_tail'"
+                )
             return self.config.kl_estimator if self.config.kl_direction == "forward" else "coarse"
         if isinstance(base, torch.Tensor):
             if base.shape != tuned_logits.shape:

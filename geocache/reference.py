@@ -1,27 +1,39 @@
 """Small reference models pretrained locally on an offline corpus, for the demo and benchmarks.
 
 Random-weight models have flat next-token distributions, so KL, entropy and calibration numbers on
-them mean nothing. A reference model here is a small transformers model (Qwen3-MoE-style by
-default) trained from scratch, with its own byte-level BPE tokenizer, on two domains that ship
-with Python itself: ``code`` (the standard library's source) and ``prose`` (``pydoc_data``'s help
-topics). The recipe is a dataclass; the built model is cached under the user's cache directory,
-keyed by a hash of the recipe, so a second call reuses it.
+them mean nothing. A reference model here is a small transformers model (Qwen3-MoE-style or dense
+Qwen3) trained from scratch, with its own byte-level BPE tokenizer, on two domains that ship with
+Python itself: ``code`` (the standard library's source) and ``prose`` (``pydoc_data``'s help topics
+and the standard library's docstrings).
+
+Every domain's documents are split, by a seeded shuffle, into ``pretrain`` (what the model is
+trained on), ``tune`` (held out from pretraining, for fine-tuning experiments) and ``heldout``
+(for evaluation). The ``tune`` and ``heldout`` documents are written beside the model as JSONL rows
+``{"text": ...}`` of at most ``example_chars`` characters, ready for ``geocache precompute``.
+
+The recipe is a dataclass; the built model is cached under the user's cache directory, keyed by a
+hash of the recipe, so a second call reuses it. ``reference.json`` beside the weights holds the
+recipe, the training time, and the held-out loss and base-entropy distribution per domain.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import sysconfig
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+SPLITS = ("pretrain", "tune", "heldout")
 
 
 def default_cache_dir() -> Path:
@@ -29,24 +41,55 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
+def _stdlib_sources() -> list[Path]:
+    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+
+
+def _docstrings(source: str) -> str:
+    """The module, class and function docstrings of one source file, blank-line separated."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return ""
+    nodes = (n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))
+    return "\n\n".join(d for d in map(ast.get_docstring, nodes) if d)
+
+
 def corpus(domain: str) -> list[str]:
-    """Documents of one domain, in a fixed order: ``code`` (stdlib ``*.py`` files) or ``prose``."""
+    """Documents of one domain, in a fixed order: ``code`` (the standard library's top-level ``*.py``
+    files) or ``prose`` (``pydoc_data`` help topics, then each of those files' docstrings)."""
     if domain == "code":
-        stdlib = Path(sysconfig.get_paths()["stdlib"])
-        return [p.read_text(encoding="utf-8", errors="replace") for p in sorted(stdlib.glob("*.py"))]
+        return [p.read_text(encoding="utf-8", errors="replace") for p in _stdlib_sources()]
     if domain == "prose":
         from pydoc_data.topics import topics
 
-        return [topics[k] for k in sorted(topics)]
+        docs = [topics[k] for k in sorted(topics)]
+        return docs + [d for d in (_docstrings(p.read_text(encoding="utf-8", errors="replace")) for p in _stdlib_sources()) if d]
     raise ValueError(f"domain {domain!r} must be 'code' or 'prose'")
+
+
+def examples(document: str, max_chars: int) -> list[str]:
+    """Cut a document at line boundaries into pieces of at most ``max_chars`` characters (a longer
+    line is cut inside itself); blank pieces are dropped. Concatenated, the pieces are the document."""
+    out, cur = [], ""
+    for line in document.splitlines(keepends=True):
+        for i in range(0, len(line), max_chars):
+            piece = line[i : i + max_chars]
+            if cur and len(cur) + len(piece) > max_chars:
+                out.append(cur)
+                cur = ""
+            cur += piece
+    if cur:
+        out.append(cur)
+    return [e for e in out if e.strip()]
 
 
 @dataclass
 class ReferenceRecipe:
     """How a reference model is built; every field goes into the cache key."""
 
-    model_type: str = field(default="qwen3_moe", metadata={"help": "transformers model type."})
-    vocab_size: int = field(default=4096, metadata={"help": "BPE vocabulary of the trained tokenizer."})
+    model_type: str = field(default="qwen3_moe", metadata={"help": "transformers model type (qwen3_moe or qwen3)."})
+    vocab_size: int = field(default=8192, metadata={"help": "BPE vocabulary of the trained tokenizer."})
     hidden_size: int = field(default=128, metadata={"help": "Model width."})
     num_hidden_layers: int = field(default=4, metadata={"help": "Decoder layers."})
     num_attention_heads: int = field(default=4, metadata={"help": "Attention heads."})
@@ -57,64 +100,91 @@ class ReferenceRecipe:
     domains: tuple = field(default=("code", "prose"), metadata={"help": "Training domains."})
     seq_len: int = field(default=128, metadata={"help": "Training sequence length."})
     batch_size: int = field(default=16, metadata={"help": "Sequences per step."})
-    steps: int = field(default=400, metadata={"help": "Optimizer steps."})
+    steps: int = field(default=2500, metadata={"help": "Optimizer steps."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak learning rate (cosine decay)."})
-    max_chars_per_domain: int = field(default=1_500_000, metadata={"help": "Corpus cap per domain."})
+    max_chars_per_domain: int = field(default=3_000_000, metadata={"help": "Corpus cap per domain."})
+    split_fractions: tuple = field(default=(0.84, 0.08, 0.08), metadata={"help": "pretrain / tune / heldout share of each domain's documents."})
+    example_chars: int = field(default=1200, metadata={"help": "Longest tune/heldout JSONL example, in characters."})
+    eval_sequences: int = field(default=64, metadata={"help": "Held-out windows of seq_len tokens evaluated per domain."})
     seed: int = field(default=0, metadata={"help": "Seed of everything."})
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
+    @property
+    def is_moe(self) -> bool:
+        return "moe" in self.model_type
 
-def _texts(recipe: ReferenceRecipe) -> dict[str, list[str]]:
+
+# The two reference models of the benchmarks. Sized so each pretrains in ~10 minutes on 2 CPU cores
+# (benchmarks/results/reference.md has the measured times, losses and entropies).
+RECIPES = {
+    "moe": ReferenceRecipe(),
+    "dense": ReferenceRecipe(model_type="qwen3", intermediate_size=512),
+}
+
+
+def _split_documents(recipe: ReferenceRecipe) -> dict[str, dict[str, list[str]]]:
+    """{domain: {split: documents}}: the domain's documents shuffled with the seed, capped at
+    ``max_chars_per_domain``, cut by ``split_fractions``. Every split of every domain gets at least one document."""
     out = {}
     for domain in recipe.domains:
         docs, total = [], 0
-        for d in corpus(domain):
+        shuffled = corpus(domain)
+        random.Random(f"{recipe.seed}-{domain}").shuffle(shuffled)
+        for d in shuffled:
             if total >= recipe.max_chars_per_domain:
                 break
             docs.append(d)
             total += len(d)
-        out[domain] = docs
+        n_tune = max(1, round(len(docs) * recipe.split_fractions[1]))
+        n_held = max(1, round(len(docs) * recipe.split_fractions[2]))
+        if len(docs) < n_tune + n_held + 1:
+            raise ValueError(f"domain {domain!r} has {len(docs)} documents under the cap, too few to split")
+        out[domain] = {"heldout": docs[:n_held], "tune": docs[n_held : n_held + n_tune], "pretrain": docs[n_held + n_tune :]}
     return out
+
+
+def reference_dir(recipe: ReferenceRecipe, cache_dir: Optional[Path] = None) -> Path:
+    return Path(cache_dir or default_cache_dir()) / "reference" / f"{recipe.model_type}-{recipe.key()}"
 
 
 def build_reference_model(recipe: Optional[ReferenceRecipe] = None, cache_dir: Optional[Path] = None, log=print) -> Path:
     """Pretrain (or reuse) the reference model of ``recipe``; returns its directory, loadable with
-    ``AutoModelForCausalLM.from_pretrained``. Writes ``reference.json`` beside it with the recipe,
-    the held-out loss and the base entropy per domain."""
+    ``AutoModelForCausalLM.from_pretrained``, holding ``reference.json`` and the ``tune-<domain>.jsonl``
+    / ``heldout-<domain>.jsonl`` example files."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from geocache.testing import CHAT_TEMPLATE, SPECIAL_TOKENS, tiny_config
 
     recipe = recipe or ReferenceRecipe()
-    out = Path(cache_dir or default_cache_dir()) / "reference" / f"{recipe.model_type}-{recipe.key()}"
+    out = reference_dir(recipe, cache_dir)
     if (out / "reference.json").exists():
         return out
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
-    texts = _texts(recipe)
+    splits = _split_documents(recipe)
+    threads = torch.get_num_threads()
 
+    # Tokenizer: BPE on the pretraining documents only.
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=recipe.vocab_size, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tok.train_from_iterator([t for docs in texts.values() for t in docs], trainer=trainer)
+    tok.train_from_iterator([d for s in splits.values() for d in s["pretrain"]], trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>", additional_special_tokens=["<|im_start|>", "<|im_end|>"]
     )
     tokenizer.chat_template = CHAT_TEMPLATE
 
-    # Token streams per domain; the last 5% of each held out.
-    train_ids, heldout = [], {}
-    for domain, docs in texts.items():
-        ids = [i for d in docs for i in tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
-        cut = int(len(ids) * 0.95)
-        train_ids.append(torch.tensor(ids[:cut]))
-        heldout[domain] = torch.tensor(ids[cut:])
+    def stream(docs: list[str]) -> torch.Tensor:
+        return torch.tensor([i for d in docs for i in tokenizer(d, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]])
+
+    train_ids = [stream(s["pretrain"]) for s in splits.values()]
+    heldout = {domain: stream(s["heldout"]) for domain, s in splits.items()}
 
     moe = {"num_experts": recipe.num_experts, "num_experts_per_tok": recipe.num_experts_per_tok, "moe_intermediate_size": recipe.moe_intermediate_size}
     config = tiny_config(
@@ -126,25 +196,28 @@ def build_reference_model(recipe: Optional[ReferenceRecipe] = None, cache_dir: O
         num_attention_heads=recipe.num_attention_heads,
         num_key_value_heads=recipe.num_attention_heads,
         head_dim=recipe.hidden_size // recipe.num_attention_heads,
-        max_position_embeddings=max(256, recipe.seq_len),
+        max_position_embeddings=max(1024, recipe.seq_len),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.eos_token_id,
-        **(moe if "moe" in recipe.model_type else {}),
+        **(moe if recipe.is_moe else {}),
     )
     model = AutoModelForCausalLM.from_config(config)
     optim = torch.optim.AdamW(model.parameters(), lr=recipe.learning_rate, weight_decay=0.01)
+    warmup = max(1, min(100, recipe.steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(s, recipe.steps) / recipe.steps))
+        optim, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, recipe.steps) / recipe.steps))
     )
+    # Each domain sampled in proportion to its tokens; windows start anywhere in a domain's stream.
+    weights = [len(t) for t in train_ids]
     started = time.perf_counter()
     model.train()
     for step in range(recipe.steps):
         batch = []
         for _ in range(recipe.batch_size):
-            stream = train_ids[rng.randrange(len(train_ids))]
-            start = rng.randrange(0, len(stream) - recipe.seq_len - 1)
-            batch.append(stream[start : start + recipe.seq_len])
+            ids = rng.choices(train_ids, weights)[0]
+            start = rng.randrange(0, len(ids) - recipe.seq_len - 1)
+            batch.append(ids[start : start + recipe.seq_len])
         x = torch.stack(batch)
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
@@ -152,29 +225,68 @@ def build_reference_model(recipe: Optional[ReferenceRecipe] = None, cache_dir: O
         optim.step()
         sched.step()
         optim.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == recipe.steps - 1:
-            log(f"reference model: step {step + 1}/{recipe.steps}, loss {loss.item():.3f}, {time.perf_counter() - started:.0f}s")
+        if step % 100 == 0 or step == recipe.steps - 1:
+            log(f"reference {recipe.model_type}: step {step + 1}/{recipe.steps}, loss {loss.item():.3f}, {time.perf_counter() - started:.0f}s")
+    train_seconds = time.perf_counter() - started
 
     model.eval()
-    report = {"recipe": asdict(recipe), "train_seconds": time.perf_counter() - started, "vocab_size": len(tokenizer), "domains": {}}
-    with torch.no_grad():
-        for domain, ids in heldout.items():
-            n = (len(ids) - 1) // recipe.seq_len
-            x = ids[: n * recipe.seq_len].view(n, recipe.seq_len)[:32]
-            logits = model(input_ids=x).logits[:, :-1].float()
-            lp = torch.log_softmax(logits, -1)
-            ent = -(lp.exp() * lp).sum(-1).flatten()
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-            q = torch.quantile(ent, torch.tensor([0.1, 0.5, 0.9]))
-            report["domains"][domain] = {
-                "heldout_loss": nll.item(),
-                "entropy_mean": ent.mean().item(),
-                "entropy_p10_p50_p90": q.tolist(),
-                "log_vocab": math.log(len(tokenizer)),
-            }
+    report = {
+        "recipe": asdict(recipe),
+        "train_seconds": train_seconds,
+        "torch_threads": threads,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "log_vocab": math.log(len(tokenizer)),
+        "tokens": {domain: {"pretrain": len(t), "heldout": len(heldout[domain])} for domain, t in zip(splits, train_ids)},
+        "documents": {domain: {k: len(v) for k, v in s.items()} for domain, s in splits.items()},
+        "domains": {domain: heldout_report(model, ids, recipe.seq_len, recipe.eval_sequences) for domain, ids in heldout.items()},
+    }
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    for domain, s in splits.items():
+        for split in ("tune", "heldout"):
+            rows = [{"text": e} for d in s[split] for e in examples(d, recipe.example_chars)]
+            (tmp / f"{split}-{domain}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp / "reference.json").write_text(json.dumps(report, indent=2))
-    tmp.rename(out) if not out.exists() else None
+    if out.exists():  # another process finished first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(out)
     return out
+
+
+@torch.no_grad()
+def heldout_report(model, ids: torch.Tensor, seq_len: int, max_windows: int) -> dict:
+    """Held-out next-token loss and the distribution of the model's entropy over ``max_windows``
+    non-overlapping windows of ``ids``."""
+    n = min((len(ids) - 1) // seq_len, max_windows)
+    if n < 1:
+        raise ValueError(f"held-out stream of {len(ids)} tokens is shorter than one window of {seq_len}")
+    x = ids[: n * seq_len].view(n, seq_len)
+    ents, nlls = [], []
+    for chunk in x.split(8):
+        logits = model(input_ids=chunk).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, -1)
+        ents.append(-(lp.exp() * lp).sum(-1).flatten())
+        nlls.append(-lp.gather(-1, chunk[:, 1:, None]).flatten())
+    ent, nll = torch.cat(ents), torch.cat(nlls)
+    vocab = logits.shape[-1]
+    edges = torch.linspace(0, math.log(vocab), 11)
+    hist = torch.histogram(ent.clamp(max=math.log(vocab)), bins=edges).hist
+    return {
+        "positions": ent.numel(),
+        "heldout_loss": nll.mean().item(),
+        "entropy_mean": ent.mean().item(),
+        "entropy_p10_p50_p90": torch.quantile(ent, torch.tensor([0.1, 0.5, 0.9])).tolist(),
+        "entropy_histogram": {"edges": edges.tolist(), "counts": hist.long().tolist()},
+        "log_vocab": math.log(vocab),
+    }
+
+
+def recipe_for(name: str, **overrides) -> ReferenceRecipe:
+    """A named recipe (``moe`` or ``dense``) with field overrides."""
+    if name not in RECIPES:
+        raise ValueError(f"reference model {name!r} must be one of {', '.join(RECIPES)}")
+    return replace(RECIPES[name], **overrides)

@@ -19,7 +19,9 @@ import torch
 
 IGNORE_INDEX = -100
 KL_DIRECTIONS = ("forward", "reverse")
-KL_ESTIMATORS = ("topk_tail", "topk_sampled", "topk_renorm")
+KL_ESTIMATORS = ("topk_tail", "topk_sampled", "topk_hybrid", "topk_renorm")
+# Estimators that read the tail samples (m > 0).
+SAMPLED_ESTIMATORS = ("topk_sampled", "topk_hybrid")
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -355,6 +357,9 @@ def cached_kl_terms(
     forward, KL(p‖q):
       ``topk_tail``    Σ_S p log(p/q) + p_T log(p_T/q_T)           — a lower bound (coarse-graining)
       ``topk_sampled`` Σ_S p log(p/q) + p_T · mean_j log(p/q)(x_j) — unbiased, x_j ~ p(·|tail)
+      ``topk_hybrid``  the value of ``topk_sampled``, the gradient of ``topk_tail``: unbiased in
+                       value, and a deterministic gradient (the samples' gradient is noisy;
+                       ``benchmarks/results/fidelity.md``)
       ``topk_renorm``  KL of p and q renormalised on S            — biased (Anshumann et al., ACL
                                                                      2025); for comparison only
     reverse, KL(q‖p): over the coarse partition S ∪ {tail}, a lower bound (``estimator`` unused).
@@ -387,13 +392,16 @@ def cached_kl_terms(
         # ∂/∂z_j = q_j − p_j on S, q_j − p_T·q_j/q_T off S.
         kl = head + torch.xlogy(p_t, p_t) - p_t * log_q_t
         return kl, (ones_n, -p_s, x_coef, -p_t)
-    if estimator == "topk_sampled":
+    if estimator in SAMPLED_ESTIMATORS:
         # ∂/∂z_j = q_j − p_j·1[j∈S] − p_T·(count of j among the samples)/m.
         lp_x = base.sample_logprobs.to(dtype)
         valid = torch.isfinite(lp_x)
         count = valid.sum(-1).clamp_min(1)
         log_ratio_x = torch.where(valid, lp_x - lq_x, torch.zeros_like(lq_x))
         kl = head + p_t * log_ratio_x.sum(-1) / count
+        if estimator == "topk_hybrid":  # the sampled value carrying the coarse-grained gradient
+            kl_tail = head + torch.xlogy(p_t, p_t) - p_t * log_q_t
+            return kl_tail + (kl - kl_tail).detach(), (ones_n, -p_s, x_coef, -p_t)
         x_coef = -(p_t / count).unsqueeze(-1) * valid.to(dtype)
         return kl, (ones_n, -p_s, x_coef, zeros_n)
     if estimator == "topk_renorm":

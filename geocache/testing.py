@@ -146,3 +146,11 @@ def build_tiny_model(out_dir: str | Path, model_type: str, tokenizer_dir: str | 
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(str(out_dir))
     return out_dir
+
+
+def tiny_reference_recipe():
+    """A reference-model recipe small enough for tests (seconds to pretrain on one core)."""
+    from geocache.reference import ReferenceRecipe
+
+    return ReferenceRecipe(vocab_size=768, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, moe_intermediate_size=32,
+                           intermediate_size=64, steps=30, batch_size=8, seq_len=64, max_chars_per_domain=200_000, eval_sequences=8)

@@ -34,3 +34,13 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir):
         return built[model_type]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory):
+    """(recipe, cache_dir, model_dir) of a tiny reference model, pretrained once per session."""
+    from geocache.reference import build_reference_model
+    from geocache.testing import tiny_reference_recipe
+
+    recipe, cache_dir = tiny_reference_recipe(), tmp_path_factory.mktemp("reference")
+    return recipe, cache_dir, build_reference_model(recipe, cache_dir=cache_dir, log=lambda *_: None)

@@ -2,34 +2,94 @@
 
 import json
 
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from geocache.demo import ROWS, run_demo
-from geocache.reference import ReferenceRecipe, build_reference_model
+from geocache.testing import tiny_reference_recipe
+from geocache.reference import RECIPES, ReferenceRecipe, _split_documents, build_reference_model, corpus, examples, recipe_for
 
-TINY = ReferenceRecipe(vocab_size=768, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, moe_intermediate_size=32,
-                       intermediate_size=64, steps=30, batch_size=8, seq_len=64, max_chars_per_domain=200_000)
+def _ink(text: str) -> str:
+    return re.sub(r"\s", "", text)
 
 
-def test_reference_model_is_trained_cached_and_reused(tmp_path):
-    path = build_reference_model(TINY, cache_dir=tmp_path, log=lambda *_: None)
+TINY = tiny_reference_recipe()
+
+
+def test_reference_model_is_trained_cached_and_reused(tiny_reference):
+    recipe, ref_dir, path = tiny_reference
+    assert recipe == TINY
     report = json.loads((path / "reference.json").read_text())
     assert set(report["domains"]) == {"code", "prose"}
     for domain in report["domains"].values():
         assert domain["entropy_mean"] < domain["log_vocab"]  # trained: less flat than uniform
         assert domain["heldout_loss"] < domain["log_vocab"]
+        assert sum(domain["entropy_histogram"]["counts"]) == domain["positions"] > 0
+    # The tune and held-out splits are written as JSONL examples of documents kept out of pretraining.
+    splits = _split_documents(TINY)
+    for name in ("code", "prose"):
+        for split in ("tune", "heldout"):
+            rows = [json.loads(line) for line in (path / f"{split}-{name}.jsonl").read_text().splitlines()]
+            assert rows and all(0 < len(r["text"]) <= TINY.example_chars for r in rows)
+            assert _ink("".join(r["text"] for r in rows)) == _ink("".join(splits[name][split]))
+        assert report["documents"][name] == {k: len(v) for k, v in splits[name].items()}
     calls = []
-    assert build_reference_model(TINY, cache_dir=tmp_path, log=calls.append) == path and calls == []  # reused, not retrained
+    assert build_reference_model(TINY, cache_dir=ref_dir, log=calls.append) == path and calls == []  # reused, not retrained
     other = ReferenceRecipe(**{**TINY.__dict__, "seed": 1})
     assert other.key() != TINY.key()
 
 
-def test_demo_runs_end_to_end_and_reports_before_and_after(tmp_path, monkeypatch):
-    monkeypatch.setenv("GEOCACHE_HOME", str(tmp_path / "home"))
+def test_demo_runs_end_to_end_and_reports_before_and_after(tmp_path, monkeypatch, tiny_reference):
+    monkeypatch.setenv("GEOCACHE_HOME", str(tiny_reference[1]))  # the session's tiny reference model, reused
     lines = []
     results = run_demo(tmp_path / "demo", steps=4, recipe=TINY, log=lines.append)
     assert set(results) == {"plain DoRA SFT", "geometry-aware"}
     for run in results.values():
-        assert abs(run["before"]["eval_KL_mean"]) < 1e-6 < run["after"]["eval_KL_mean"]  # the adapter moved
+        # The adapter moved. Before it did, the cached KL is zero up to the cache's float16 log-probs
+        # (the sampled tail term reads them at the samples: ~1e-5 here).
+        assert abs(run["before"]["eval_KL_mean"]) < 1e-4 and run["after"]["eval_KL_mean"] > 10 * abs(run["before"]["eval_KL_mean"])
         assert run["before"]["eval_router_jaccard"] > 0.99
     table = lines[-1]
     assert all(title in table for title, _ in ROWS)
     assert (tmp_path / "demo" / "demo.md").read_text().strip() == table
+
+
+def test_reference_splits_are_disjoint_deterministic_and_cover_the_capped_corpus():
+    a, b = _split_documents(TINY), _split_documents(TINY)
+    assert a == b
+    for name, splits in a.items():
+        docs = [d for s in splits.values() for d in s]
+        assert len(set(map(id, docs))) == len(docs) and all(splits[s] for s in ("pretrain", "tune", "heldout"))
+        assert set(docs) <= set(corpus(name))
+        assert sum(map(len, docs)) >= TINY.max_chars_per_domain or len(docs) == len(corpus(name))
+    other = _split_documents(ReferenceRecipe(**{**TINY.__dict__, "seed": 3}))
+    assert other["prose"]["heldout"] != a["prose"]["heldout"]
+
+
+def test_prose_holds_docstrings_and_help_topics_and_recipes_meet_the_issue():
+    from pydoc_data.topics import topics
+
+    prose = corpus("prose")
+    assert len(prose) > len(topics) and prose[: len(topics)] == [topics[k] for k in sorted(topics)]
+    assert any("Return" in d for d in prose[len(topics):])  # docstrings of the standard library
+    for name, recipe in RECIPES.items():
+        assert recipe.vocab_size >= 8192 and recipe.domains == ("code", "prose")
+    assert RECIPES["moe"].is_moe and RECIPES["moe"].num_experts >= 8 and RECIPES["moe"].num_experts_per_tok == 2
+    assert not RECIPES["dense"].is_moe
+    assert recipe_for("dense", steps=5).steps == 5 and recipe_for("dense", steps=5).key() != RECIPES["dense"].key()
+    with pytest.raises(ValueError, match="must be one of"):
+        recipe_for("sparse")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab \n\t"), max_size=400), st.integers(1, 50))
+def test_examples_cut_at_lines_within_the_limit_and_lose_nothing_but_blank_pieces(doc, max_chars):
+    pieces = examples(doc, max_chars)
+    assert all(0 < len(p) <= max_chars and p.strip() for p in pieces)
+    assert _ink("".join(pieces)) == _ink(doc)  # only whitespace-only pieces are dropped
+    # Pieces end at line ends unless a single line is longer than the limit.
+    for p in pieces[:-1]:
+        assert p.endswith("\n") or len(p) == max_chars or "\n" not in p

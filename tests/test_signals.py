@@ -204,7 +204,7 @@ def test_topk_tail_is_a_lower_bound_and_reverse_coarse_too(shape, data):
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows_and_vocab, st.sampled_from(["topk_tail", "topk_sampled", "topk_renorm"]), st.sampled_from(["forward", "reverse"]))
+@given(rows_and_vocab, st.sampled_from(["topk_tail", "topk_sampled", "topk_hybrid", "topk_renorm"]), st.sampled_from(["forward", "reverse"]))
 def test_every_estimator_is_exact_when_k_is_the_vocabulary(shape, estimator, direction):
     n, vocab, seed = shape
     p_logits, q_logits, g = _pair(n, vocab, seed)
@@ -221,7 +221,7 @@ def test_estimators_are_invariant_to_adding_a_constant_to_the_logits(shape, c_p,
     k = max(1, vocab // 3)
     a = compute_base_stats(p_logits, k=k, m=3, generator=torch.Generator().manual_seed(1))
     b = compute_base_stats(p_logits + c_p, k=k, m=3, generator=torch.Generator().manual_seed(1))
-    for est in ("topk_tail", "topk_sampled", "topk_renorm"):
+    for est in ("topk_tail", "topk_sampled", "topk_hybrid", "topk_renorm"):
         torch.testing.assert_close(cached_kl(q_logits, a, est), cached_kl(q_logits + c_q, b, est), rtol=1e-7, atol=1e-9)
 
 
@@ -248,6 +248,21 @@ def test_topk_sampled_is_unbiased_and_topk_renorm_is_not():
     tail = cached_kl(q_logits.expand(1, -1), base.select(slice(0, 1)), "topk_tail").item()
     assert abs(renorm - exact) > 20 * stderr and abs(renorm - exact) > 0.4 * exact  # biased: blind to the tail
     assert tail < exact - 20 * stderr  # the coarse-grained bound loses the within-tail move
+
+
+def test_topk_hybrid_has_the_sampled_value_and_the_coarse_grained_gradient():
+    p_logits, q_logits, k = _constructed_case()
+    reps = 64
+    base = compute_base_stats(p_logits.expand(reps, -1).contiguous(), k=k, m=4, generator=torch.Generator().manual_seed(0))
+    z = {e: q_logits.expand(reps, -1).clone().requires_grad_(True) for e in ("topk_hybrid", "topk_sampled", "topk_tail")}
+    kl = {e: cached_kl(z[e], base, e) for e in z}
+    torch.testing.assert_close(kl["topk_hybrid"], kl["topk_sampled"], rtol=0, atol=0)
+    grads = {e: torch.autograd.grad(kl[e].sum(), z[e])[0] for e in z}
+    torch.testing.assert_close(grads["topk_hybrid"], grads["topk_tail"], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(grads["topk_hybrid"], grads["topk_sampled"])
+    # The tail gradient is the same for every draw of the samples; the sampled one is not.
+    assert torch.allclose(grads["topk_hybrid"], grads["topk_hybrid"][:1].expand_as(grads["topk_hybrid"]))
+    assert not torch.allclose(grads["topk_sampled"], grads["topk_sampled"][:1].expand_as(grads["topk_sampled"]))
 
 
 def test_base_stats_select_and_sizes():

@@ -87,7 +87,8 @@ def test_at_k_64_the_cached_loss_is_within_the_estimators_error(tmp_path, moe_ca
 
     model, root = moe_cache
     rows = [open_cache(str(root / "k64"))[i] for i in range(4)]
-    geometry = GeometryConfig(kl_threshold=0.0, final_kl_threshold=0.0, lambda_kl=1.0, lambda_cal=0.0, lambda_entropy=0.0, lambda_router=0.0)
+    geometry = GeometryConfig(kl_threshold=0.0, final_kl_threshold=0.0, lambda_kl=1.0, lambda_cal=0.0, lambda_entropy=0.0, lambda_router=0.0,
+                              kl_estimator="topk_tail")
     t_cache = _trainer(model, root / "k64", CacheBase(), tmp_path / "a", geometry)
     t_live = _trainer(model, root / "k64", LiveBase(), tmp_path / "b", geometry)
     l_cache, _ = _loss_and_grads(t_cache, rows)

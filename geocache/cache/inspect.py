@@ -15,33 +15,42 @@ LM_KEYS = ("lse", "entropy", "topk_ids", "topk_logprobs", "tail_ids", "tail_logp
 ROUTER_KEYS = ("router_logits", "router_topk_ids", "router_topk_logits")
 
 
-def _bytes_by_kind(fs, path: str) -> dict[str, int]:
-    """Stored (compressed) bytes of a shard split into LM statistics, router statistics and the rest."""
-    out = {"lm": 0, "router": 0, "other": 0}
+def _shard_bytes_by_array(fs, path: str) -> dict[str, int]:
+    """Stored (compressed) bytes of one shard per array. Zarr: each array's files; Arrow (one file):
+    the file's size split in proportion to the arrays' in-memory sizes."""
     files = fs.find(path) if fs.isdir(path) else []
-    if not files:  # a single-file shard (Arrow): split by the arrays' in-memory sizes
+    out: dict[str, int] = {}
+    if not files:
         view = get_backend("arrow").open(fs, path)
         sizes = {k: np.asarray(v).nbytes for k, v in view.arrays.items()}
-        total = fs.size(path)
-        whole = sum(sizes.values()) or 1
-        for k, n in sizes.items():
-            kind = "lm" if k in LM_KEYS else "router" if k in ROUTER_KEYS else "other"
-            out[kind] += int(total * n / whole)
-        return out
+        total, whole = fs.size(path), sum(sizes.values()) or 1
+        return {k: int(total * n / whole) for k, n in sizes.items()}
     for f in files:
         name = posixpath.relpath(f, path).split("/")[0]
-        kind = "lm" if name in LM_KEYS else "router" if name in ROUTER_KEYS else "other"
-        out[kind] += fs.size(f)
+        out[name] = out.get(name, 0) + fs.size(f)
     return out
+
+
+def bytes_by_array(url: str) -> dict[str, int]:
+    """Stored bytes per array name over all shards of a cache (group metadata under ``zarr.json``)."""
+    fs, root = _fs(url)
+    out: dict[str, int] = {}
+    for s in read_manifest(fs, root).shards:
+        for k, v in _shard_bytes_by_array(fs, posixpath.join(root, s.name)).items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _kind(name: str) -> str:
+    return "lm" if name in LM_KEYS else "router" if name in ROUTER_KEYS else "other"
 
 
 def summarize(url: str) -> dict:
     fs, root = _fs(url)
     m = read_manifest(fs, root)
     kinds = {"lm": 0, "router": 0, "other": 0}
-    for s in m.shards:
-        for k, v in _bytes_by_kind(fs, posixpath.join(root, s.name)).items():
-            kinds[k] += v
+    for name, n in bytes_by_array(url).items():
+        kinds[_kind(name)] += n
     tokens = max(m.counts["tokens"], 1)
     return {
         "cache": url,

@@ -1,0 +1,94 @@
+"""Exact held-out evaluation of a tuned adapter against its base: the live base, not the cache.
+
+The tuned model and its base are the same PEFT model with the adapter on and off, so nothing is
+loaded twice. Sequences come from a cache (its ``input_ids`` and labels; its statistics unused).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from geocache.signals import calibration_gap, entropy, kl_forward, kl_reverse, nll, shift_and_select
+
+
+def load_tuned(model_dir: str | Path, adapter: str | Path, device: Optional[str] = None):
+    """The base model with a trained adapter on top (PEFT), in eval mode."""
+    from peft import PeftModel
+
+    from geocache.models import load_model_and_tokenizer
+
+    base, tokenizer = load_model_and_tokenizer(str(model_dir), device=device)
+    return PeftModel.from_pretrained(base, str(adapter)).eval(), tokenizer
+
+
+def brier(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Multi-class Brier score per position: Σ_v (q_v − 1[v = y])² = Σ q² − 2 q_y + 1. ``[N, V]`` → ``[N]``."""
+    q = torch.softmax(logits.float(), -1)
+    return (q * q).sum(-1) - 2 * q.gather(-1, targets[:, None]).squeeze(-1) + 1
+
+
+@torch.no_grad()
+def exact_heldout(model, cache_path: str | Path, batch_size: int = 8, calibration: bool = False, n_bins: int = 15) -> dict:
+    """Means over the cache's labelled positions of the exact signals of tuned vs base: ``task_loss``
+    (NLL) and ``base_task_loss``, ``kl_forward``, ``kl_reverse``, ``dH``, ``cal_gap``, ``H_tuned``,
+    ``H_base``. With ``calibration``: top-1 ``ece`` / ``base_ece`` (torchmetrics'
+    ``MulticlassCalibrationError``, ``n_bins`` equal-width bins, L1), ``brier`` / ``base_brier``, and
+    for MoE models ``router_jaccard`` (top-k expert sets, tuned vs base, mean over MoE layers)."""
+    from geocache.cache import collate_cache_rows, open_cache
+    from geocache.base import select_router_rows
+    from geocache.losses import router_jaccard
+    from geocache.models import moe_layout
+
+    cache = open_cache(str(cache_path))
+    device = next(model.parameters()).device
+    layout = moe_layout(model) if calibration else None
+    ece = base_ece = None
+    if calibration:
+        from torchmetrics.classification import MulticlassCalibrationError
+
+        vocab = model.get_output_embeddings().weight.shape[0]
+        ece, base_ece = (MulticlassCalibrationError(num_classes=vocab, n_bins=n_bins, norm="l1").to(device) for _ in range(2))
+    sums: dict[str, float] = {}
+    n = 0
+    for start in range(0, len(cache), batch_size):
+        batch = collate_cache_rows([cache[i] for i in range(start, min(start + batch_size, len(cache)))])
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+        if layout is not None:
+            inputs["output_router_logits"] = True
+        labels = batch["labels"].to(device)
+        out = model(**inputs)
+        q, targets = shift_and_select(out.logits.float(), labels)
+        with model.disable_adapter():
+            base_out = model(**inputs)
+        p, _ = shift_and_select(base_out.logits.float(), labels)
+        h_q, h_p = entropy(q), entropy(p)
+        values = {
+            "task_loss": nll(q, targets),
+            "base_task_loss": nll(p, targets),
+            "kl_forward": kl_forward(p, q),
+            "kl_reverse": kl_reverse(p, q),
+            "dH": h_q - h_p,
+            "cal_gap": calibration_gap(q, targets),
+            "H_tuned": h_q,
+            "H_base": h_p,
+        }
+        if calibration:
+            values["brier"], values["base_brier"] = brier(q, targets), brier(p, targets)
+            ece.update(torch.softmax(q, -1), targets)
+            base_ece.update(torch.softmax(p, -1), targets)
+            if layout is not None:
+                k = layout["top_k"]
+                tuned_r, base_r = select_router_rows(out.router_logits, labels), select_router_rows(base_out.router_logits, labels)
+                values["router_jaccard"] = torch.stack(
+                    [router_jaccard(b.topk(k, -1).indices, t.topk(k, -1).indices) for t, b in zip(tuned_r, base_r)]
+                ).mean(0)
+        for key, v in values.items():
+            sums[key] = sums.get(key, 0.0) + v.double().sum().item()
+        n += targets.numel()
+    result = {key: v / max(n, 1) for key, v in sums.items()} | {"positions": n}
+    if calibration:
+        result |= {"ece": ece.compute().item(), "base_ece": base_ece.compute().item()}
+    return result

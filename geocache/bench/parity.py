@@ -1,0 +1,169 @@
+"""``geocache bench parity``: training from the cache vs training against the live base.
+
+Same reference model, data, seed and geometry-aware loss (its defaults), ``--base cache`` (the
+cache's default k, m and estimator) and ``--base live`` (exact base logits, one no-grad forward per
+step with the adapter disabled). Both adapters are then evaluated exactly against the live base on
+held-out text of every domain: task loss, KL(base‖tuned), dH and calibration gap. Target: cached
+and live agree within 2% on each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+MODES = ("cache", "live")
+METRICS = ("task_loss", "kl_forward", "dH", "cal_gap")
+TARGET_REL = 0.02
+
+
+@dataclass
+class ParityConfig:
+    out: str = field(default="benchmarks/results", metadata={"help": "Where parity.json/.md/.png go."})
+    work_dir: Optional[str] = field(default=None, metadata={"help": "Caches and runs (default: a temporary directory)."})
+    arch: str = field(default="moe", metadata={"help": "Reference model: moe | dense."})
+    tune_domain: str = field(default="prose", metadata={"help": "Domain of the SFT."})
+    steps: int = field(default=200, metadata={"help": "Training steps per run."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate (constant after warmup)."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per step."})
+    max_length: int = field(default=256, metadata={"help": "Tokens per sequence."})
+    tune_sequences: int = field(default=1024, metadata={"help": "Sequences of the training cache."})
+    eval_sequences: int = field(default=48, metadata={"help": "Held-out sequences per domain."})
+    logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
+    device: Optional[str] = field(default=None, metadata={"help": "Device (default: cuda when available)."})
+    seed: int = field(default=0, metadata={"help": "Seed of both runs."})
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Reference models' cache directory."})
+    recipe: Optional[object] = field(default=None, metadata={"help": "A ReferenceRecipe (overrides arch; for tests)."})
+
+
+def rel_diff(a: float, b: float) -> float:
+    """|a − b| relative to the larger magnitude (symmetric in the two runs)."""
+    scale = max(abs(a), abs(b))
+    return abs(a - b) / scale if scale > 0 else 0.0
+
+
+def run_parity(cfg: ParityConfig, log=print) -> dict:
+    from geocache.bench import provenance
+    from geocache.bench.evaluate import exact_heldout, load_tuned
+    from geocache.data import DataConfig
+    from geocache.precompute import PrecomputeConfig, precompute
+    from geocache.reference import build_reference_model, recipe_for
+    from geocache.train import TrainConfig, train
+
+    started = time.perf_counter()
+    prov = provenance()
+    recipe = cfg.recipe or recipe_for(cfg.arch)
+    model_dir = build_reference_model(recipe, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None, log=log)
+    own_work = cfg.work_dir is None
+    work = Path(cfg.work_dir or tempfile.mkdtemp(prefix="geocache-parity-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        defaults = PrecomputeConfig(model="", data=[], out="")
+        caches = {}
+        for name, data, n in [("train", f"tune-{cfg.tune_domain}", cfg.tune_sequences)] + [(f"heldout-{d}", f"heldout-{d}", cfg.eval_sequences) for d in recipe.domains]:
+            caches[name] = work / f"cache-{name}"
+            precompute(PrecomputeConfig(model=str(model_dir), data=[str(model_dir / f"{data}.jsonl")], out=str(caches[name]), overwrite=True,
+                                        progress=False, device=cfg.device, seed=cfg.seed,
+                                        data_config=DataConfig(max_length=cfg.max_length, max_sequences=n)))
+        runs = {}
+        for mode in MODES:
+            t0 = time.perf_counter()
+            trainer = train(TrainConfig(model=str(model_dir), cache=str(caches["train"]), out=str(work / f"run-{mode}"), base=mode, overwrite=True,
+                                        max_steps=cfg.steps, learning_rate=cfg.learning_rate, lr_scheduler_type="constant_with_warmup",
+                                        warmup_steps=max(1, cfg.steps // 20), per_device_train_batch_size=cfg.batch_size,
+                                        logging_steps=cfg.logging_steps, save_steps=cfg.steps, seed=cfg.seed, progress=False,
+                                        use_cpu=cfg.device == "cpu"))
+            train_s = time.perf_counter() - t0
+            model, _ = load_tuned(model_dir, work / f"run-{mode}" / "adapter", device=cfg.device)
+            heldout = {d: exact_heldout(model, caches[f"heldout-{d}"]) for d in recipe.domains}
+            del model
+            logs = [r for r in trainer.state.log_history if "task_loss" in r]
+            runs[mode] = {"train_seconds": train_s, "heldout": heldout, "log": logs}
+            log(f"{mode}: {cfg.steps} steps in {train_s:.0f}s; held-out " + ", ".join(
+                f"{d}: loss {h['task_loss']:.4f} KL {h['kl_forward']:.4f}" for d, h in heldout.items()))
+        comparison = {
+            d: {m: {"cache": runs["cache"]["heldout"][d][m], "live": runs["live"]["heldout"][d][m],
+                    "rel_diff": rel_diff(runs["cache"]["heldout"][d][m], runs["live"]["heldout"][d][m])} for m in METRICS}
+            for d in recipe.domains
+        }
+        last = {mode: runs[mode]["log"][-1]["task_loss"] for mode in MODES}
+        comparison["final_train_task_loss"] = {"cache": last["cache"], "live": last["live"], "rel_diff": rel_diff(last["cache"], last["live"])}
+        from geocache.config import GeometryConfig
+
+        result = {
+            "provenance": prov,
+            "config": {k: v for k, v in asdict(cfg).items() if k != "recipe"},
+            "cache_defaults": {"k": defaults.k, "m": defaults.m, "kl_estimator": GeometryConfig().kl_estimator},
+            "reference": str(model_dir),
+            "runs": runs,
+            "comparison": comparison,
+            "all_within_target": all(v["rel_diff"] <= TARGET_REL for d, ms in comparison.items() if d != "final_train_task_loss" for v in ms.values())
+            and comparison["final_train_task_loss"]["rel_diff"] <= TARGET_REL,
+            "elapsed_s": time.perf_counter() - started,
+        }
+    finally:
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "parity.json").write_text(json.dumps(result, indent=1))
+    (out / "parity.md").write_text(markdown(result))
+    plot(result, out / "parity.png")
+    log(f"cached vs live within {TARGET_REL:.0%} everywhere: {result['all_within_target']}; wrote {out}/parity.{{json,md,png}}")
+    return result
+
+
+def markdown(result: dict) -> str:
+    from geocache.bench import provenance_markdown
+
+    cfg, comp = result["config"], result["comparison"]
+    d = result["cache_defaults"]
+    lines = [
+        "# Training from the cache vs against the live base",
+        "",
+        f"Generated by `geocache bench parity` in {result['elapsed_s']:.0f} s.",
+        "",
+        provenance_markdown(result["provenance"]),
+        "",
+        f"**Setup:** reference model `{result['reference']}`; {cfg['steps']} DoRA steps on its `{cfg['tune_domain']}` tune split "
+        f"(batch {cfg['batch_size']}, ≤ {cfg['max_length']} tokens, lr {cfg['learning_rate']} constant after warmup, seed {cfg['seed']}), "
+        f"geometry-aware loss at its defaults; `--base cache` with the cache defaults (k = {d['k']}, m = {d['m']}, `{d['kl_estimator']}`) "
+        "and `--base live`. Held-out: exact signals against the live base (adapter disabled) on every domain's held-out split. "
+        f"Target: agreement within {TARGET_REL:.0%} (|cache − live| / max(|cache|, |live|)).",
+        "",
+        "| domain | metric | cache | live | relative difference | within 2% |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for dom, ms in comp.items():
+        items = [("task loss (last logged train step)", ms)] if dom == "final_train_task_loss" else list(ms.items())
+        for metric, v in items:
+            lines.append(f"| {'train' if dom == 'final_train_task_loss' else dom} | {metric} | {v['cache']:.5f} | {v['live']:.5f} | {v['rel_diff']:.4f} | "
+                         f"{'yes' if v['rel_diff'] <= TARGET_REL else '**no**'} |")
+    lines += ["", "Training time: " + ", ".join(f"{m} {r['train_seconds']:.0f} s" for m, r in result["runs"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("task_loss", "task loss"), ("KL_mean", "KL(base‖tuned), as trained on"), ("dH_mean", "dH"), ("cal_gap_mean", "calibration gap")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
+    for ax, (key, title) in zip(axes, keys):
+        for mode, style in zip(MODES, ("-", "--")):
+            logs = [r for r in result["runs"][mode]["log"] if key in r and not math.isnan(r[key])]
+            ax.plot([r["step"] for r in logs], [r[key] for r in logs], style, label=f"--base {mode}")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
