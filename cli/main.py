@@ -222,9 +222,14 @@ def bench() -> None:
 @click.option("--eval-sequences", type=int, default=48, show_default=True, help="Held-out sequences per domain.")
 @click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
 @click.option("--cache-dir", default=None, help="Reference models' cache directory.")
-def fidelity(arch, out, work_dir, tune_domain, steps, ks, ms, eval_sequences, device, cache_dir):
+@click.option("--replot", is_flag=True, help="Only rewrite fidelity.md/.png from fidelity.json in --out.")
+def fidelity(arch, out, work_dir, tune_domain, steps, ks, ms, eval_sequences, device, cache_dir, replot):
     """Cached KL estimators vs the exact KL on a tuned reference model: bias, errors, masks, gradients, bytes."""
-    from geocache.bench.fidelity import FidelityConfig, run_fidelity
+    from geocache.bench.fidelity import FidelityConfig, replot as rewrite, run_fidelity
+
+    if replot:
+        rewrite(out)
+        return
 
     run_fidelity(FidelityConfig(out=out, work_dir=work_dir, arch=arch, tune_domain=tune_domain, steps=steps, ks=ks, ms=ms,
                                 eval_sequences=eval_sequences, device=device, cache_dir=cache_dir), log=click.echo)

@@ -114,6 +114,9 @@ def load_examples(data: str | list[str], split: str = "train", streaming: bool =
                 f"data files must all be one of {', '.join(sorted(_EXTENSIONS))} and share a format; got {sorted({f.suffix for f in files})}"
             )
         builder = kinds.pop()
+        files = [f for f in files if f.stat().st_size > 0]  # datasets refuses empty files with an obscure error
+        if not files:
+            raise ValueError(f"data {', '.join(sources)} holds only empty files: there is nothing to read")
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming)
     missing = [s for s, p in zip(sources, paths) if not p.exists()]
     if len(sources) == 1 and "/" in sources[0] and not sources[0].startswith((".", "/")):

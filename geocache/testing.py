@@ -153,4 +153,5 @@ def tiny_reference_recipe():
     from geocache.reference import ReferenceRecipe
 
     return ReferenceRecipe(vocab_size=768, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, moe_intermediate_size=32,
-                           intermediate_size=64, steps=30, batch_size=8, seq_len=64, max_chars_per_domain=200_000, eval_sequences=8)
+                           intermediate_size=64, steps=30, batch_size=8, seq_len=64, max_chars_per_domain=200_000, eval_sequences=8,
+                           split_fractions=(0.6, 0.2, 0.2))

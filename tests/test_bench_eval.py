@@ -71,6 +71,8 @@ def test_bench_calibration_smoke(tmp_path, tiny_reference):
     for ext in ("json", "md", "png"):
         assert (tmp_path / "results" / f"calibration.{ext}").stat().st_size > 0
     runs = result["runs"]
+    instruct = [json.loads(line) for line in (tmp_path / "work" / "instruct-train.jsonl").read_text().splitlines()]
+    assert instruct and all(r["prompt"].startswith("Write the docstring") and "def " in r["prompt"] and r["completion"] for r in instruct)
     assert [(r["dataset"], r["method"]) for r in runs] == [("instruct", "plain"), ("instruct", "kl-1.0"), ("instruct", "geometry-poor")]
     for e in ("code", "prose", "instruct"):
         # Same base, same held-out text: the base's numbers do not depend on the run.

@@ -123,6 +123,12 @@ def test_missing_and_mixed_inputs_are_clear_errors(tmp_path):
     (tmp_path / "b.csv").write_text("text\nx\n")
     with pytest.raises(ValueError, match="share a format"):
         load_examples(str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "e.jsonl").write_text("")
+    with pytest.raises(ValueError, match="holds only empty files"):
+        load_examples(str(tmp_path / "empty" / "e.jsonl"))
+    (tmp_path / "empty" / "f.jsonl").write_text('{"text": "x"}\n')  # an empty file beside others is skipped
+    assert [r["text"] for r in load_examples(str(tmp_path / "empty"))] == ["x"]
 
 
 def test_an_unreachable_hub_dataset_is_one_sentence():

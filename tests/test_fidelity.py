@@ -92,8 +92,8 @@ def test_choose_defaults_takes_the_cheapest_configuration_meeting_every_target_i
 def test_bench_fidelity_smoke_on_a_tiny_reference_model(tmp_path, tiny_reference):
     recipe, ref_dir, model_dir = tiny_reference
     vocab = json.loads((model_dir / "reference.json").read_text())["vocab_size"]
-    cfg = FidelityConfig(out=str(tmp_path / "results"), work_dir=str(tmp_path / "work"), recipe=recipe, cache_dir=str(ref_dir), steps=(4,),
-                         ks=(8, vocab), ms=(0, 2), eval_sequences=4, max_length=64, tune_sequences=32, learning_rate=2e-2, device="cpu")
+    cfg = FidelityConfig(out=str(tmp_path / "results"), work_dir=str(tmp_path / "work"), recipe=recipe, cache_dir=str(ref_dir), steps=(6,),
+                         ks=(8, vocab), ms=(0, 2), eval_sequences=4, max_length=64, tune_sequences=32, learning_rate=5e-2, device="cpu")
     result = run_fidelity(cfg, log=lambda *_: None)
     for ext in ("json", "md", "png"):
         assert (tmp_path / "results" / f"fidelity.{ext}").stat().st_size > 0

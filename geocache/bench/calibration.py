@@ -1,8 +1,9 @@
 """``geocache bench calibration``: does the geometry-aware loss keep a tuned model calibrated?
 
-The reference MoE model is fine-tuned (DoRA, from the cache) on two datasets: its ``prose`` tune
-split (held out from pretraining), and a small instruction-style set built from ``pydoc_data``'s
-help topics (prompt/completion, loss on the completion only). Each dataset with:
+The reference MoE model is fine-tuned (DoRA, from the cache) on two datasets: its ``code`` tune
+split (standard-library files held out from pretraining), and an instruction-style set built from
+the same files (prompt: a function's ``def`` line, completion: its docstring; loss on the
+completion only). Each dataset with:
 
 - ``plain``: task loss only;
 - ``kl-β``: a constant forward KL-to-base penalty β·KL(base‖tuned) on every position (the
@@ -13,7 +14,7 @@ help topics (prompt/completion, loss on the completion only). Each dataset with:
   λ's 0.4).
 
 Every adapter is evaluated exactly against the live base on the held-out text of both domains and
-on held-out instructions: task loss, KL(base‖tuned), dH, calibration gap, top-1 ECE (torchmetrics,
+on instructions built from the held-out code files: task loss, KL(base‖tuned), dH, calibration gap, top-1 ECE (torchmetrics,
 15 equal-width bins), Brier score, router Jaccard vs the base, and the out-of-domain loss increase
 beside the in-domain forward KL (Shenfeld et al. 2025 report that the latter predicts forgetting).
 """
@@ -37,10 +38,10 @@ METHODS = {
     "geometry-well": dict(lambda_kl=0.15, lambda_cal=0.15, lambda_entropy=0.15, lambda_router=0.15, kl_threshold=0.15, final_kl_threshold=0.15),
     "geometry-poor": dict(lambda_kl=0.4, lambda_cal=0.4, lambda_entropy=0.4, lambda_router=0.4, kl_threshold=0.08, final_kl_threshold=0.08),
 }
-DATASETS = ("prose", "instruct")
+DATASETS = ("code", "instruct")
 EVALS = ("code", "prose", "instruct")
-IN_DOMAIN = {"prose": "prose", "instruct": "instruct"}
-OUT_OF_DOMAIN = "code"
+IN_DOMAIN = {"code": "code", "instruct": "instruct"}
+OUT_OF_DOMAIN = "prose"
 
 
 @dataclass
@@ -69,14 +70,30 @@ class CalibrationConfig:
             raise ValueError(f"datasets={list(self.datasets)} must be among {', '.join(DATASETS)}")
 
 
+def docstring_tasks(documents: list[str], max_chars: int = 800) -> list[dict]:
+    """Prompt/completion rows from Python sources: a function's ``def`` line → its docstring."""
+    import ast
+
+    rows = []
+    for doc in documents:
+        try:
+            tree = ast.parse(doc)
+        except SyntaxError:
+            continue
+        lines = doc.splitlines()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (text := ast.get_docstring(node)):
+                rows.append({"prompt": f"Write the docstring of this Python function:\n{lines[node.lineno - 1].strip()}\n", "completion": text[:max_chars]})
+    return rows
+
+
 def run_calibration(cfg: CalibrationConfig, log=print) -> dict:
     from geocache.bench import provenance
     from geocache.bench.evaluate import exact_heldout, load_tuned
     from geocache.config import GeometryConfig
     from geocache.data import DataConfig
-    from geocache.demo import sft_rows
     from geocache.precompute import PrecomputeConfig, precompute
-    from geocache.reference import build_reference_model, recipe_for
+    from geocache.reference import _split_documents, build_reference_model, recipe_for
     from geocache.train import TrainConfig, train
 
     started = time.perf_counter()
@@ -87,11 +104,12 @@ def run_calibration(cfg: CalibrationConfig, log=print) -> dict:
     work = Path(cfg.work_dir or tempfile.mkdtemp(prefix="geocache-calibration-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
-        train_rows, eval_rows = sft_rows(cfg.seed)  # 'Explain the Python topic X' → its text
-        for name, rows in (("instruct-train", train_rows), ("instruct-eval", eval_rows)):
-            (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        # Instructions from the reference's own splits: tune files for training, held-out files for eval.
+        code = _split_documents(recipe)["code"]
+        for name, split in (("instruct-train", "tune"), ("instruct-eval", "heldout")):
+            (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in docstring_tasks(code[split])))
         sources = {
-            "train-prose": (model_dir / "tune-prose.jsonl", cfg.tune_sequences),
+            "train-code": (model_dir / "tune-code.jsonl", cfg.tune_sequences),
             "train-instruct": (work / "instruct-train.jsonl", cfg.tune_sequences),
             "eval-code": (model_dir / "heldout-code.jsonl", cfg.eval_sequences),
             "eval-prose": (model_dir / "heldout-prose.jsonl", cfg.eval_sequences),
@@ -166,8 +184,9 @@ def markdown(result: dict) -> str:
         provenance_markdown(result["provenance"]),
         "",
         f"**Setup:** reference model `{result['reference']}`; {cfg['steps']} DoRA steps per run from the cache (batch {cfg['batch_size']}, "
-        f"≤ {cfg['max_length']} tokens, lr {cfg['learning_rate']} constant after warmup, seed {cfg['seed']}). Datasets: `prose` (the "
-        "reference's prose tune split, held out from pretraining) and `instruct` (prompt/completion pairs from the help topics). "
+        f"≤ {cfg['max_length']} tokens, lr {cfg['learning_rate']} constant after warmup, seed {cfg['seed']}). Datasets: `code` (the "
+        "reference's code tune split, held out from pretraining) and `instruct` (a function's `def` line → its docstring, from the same "
+        "files; evaluated on the held-out files). "
         "Methods (GeometryConfig overrides): " + "; ".join(f"`{m}` {o}" for m, o in result["methods"].items()) + ". "
         "Evaluation: exact signals against the live base on held-out code, prose and instructions; ECE top-1 with 15 equal-width "
         "bins (torchmetrics `MulticlassCalibrationError`, L1); Brier = Σ_v (q_v − 1[v=y])².",
