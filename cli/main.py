@@ -112,7 +112,7 @@ def _dataclass_options(cls, skip=()):
             if f.name in skip:
                 continue
             hint = hints[f.name]
-            args = typing.get_args(hint)
+            args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)) else ()
             base = next((a for a in args if a is not type(None)), hint) if args else hint
             opt = "--" + f.name.replace("_", "-")
             help_text = f.metadata.get("help", "")
@@ -199,6 +199,26 @@ def _int_list(ctx, param, value):
         return tuple(int(x) for x in str(value).split(",") if x.strip())
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
+
+
+def _profile_options(func):
+    from geocache.profile import ProfileConfig
+
+    return _dataclass_options(ProfileConfig)(func)
+
+
+@main.command()
+@_profile_options
+def profile(**options):
+    """V2 redundancy per MoE layer (C1/C2 with bootstrap intervals), calibration per domain, the base's
+    classification and strategy, and a recommended train config (--adapter/--tuned: drift vs the base)."""
+    from geocache.profile import ProfileConfig, run_profile
+
+    options["data"] = list(options["data"] or ())
+    for required in ("model", "data", "out"):
+        if not options.get(required):
+            raise ValueError(f"--{required} is required")
+    run_profile(ProfileConfig(**{k: v for k, v in options.items() if v is not None}), log=click.echo)
 
 
 @main.group()

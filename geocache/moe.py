@@ -1,0 +1,116 @@
+"""Access to transformers-5 MoE blocks through their own modules: routing scores in the space the
+router selects in, and single experts' ungated outputs.
+
+transformers 5 fuses the experts of a block into 3-D parameters and its ``experts(x, idx, w)``
+returns only the routing-weighted sum, so one expert's output E_a(x) is computed here from that
+module's own parameters and activation (written by hand: transformers exposes no per-expert call).
+``recombine`` rebuilds the block's output from these pieces; the tests check it against the block's
+forward for every fixture architecture (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, DeepSeek-V3, GPT-OSS).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(decoder layer index, MoE block) for every layer whose MLP holds fused experts."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = inner.model.layers
+    out = []
+    for i, layer in enumerate(layers):
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None and getattr(experts, "gate_up_proj", None) is not None and experts.gate_up_proj.dim() == 3:
+            out.append((i, layer.mlp))
+    return out
+
+
+def router_of(block: nn.Module) -> nn.Module:
+    return block.router if hasattr(block, "router") else block.gate
+
+
+@torch.no_grad()
+def selection(block: nn.Module, x: torch.Tensor) -> dict:
+    """The block's routing of tokens ``x [N, H]``: ``scores [N, E]`` in the space the router ranks
+    experts in (softmax probabilities; DeepSeek-V3: sigmoid + correction bias; GPT-OSS: raw logits),
+    the router's own ``selected [N, k]`` and ``weights [N, k]``, and ``logits [N, E]``."""
+    router = router_of(block)
+    logits, weights, selected = router(x)
+    name = type(block).__name__
+    if name == "GptOssMLP":
+        scores = logits.float()
+    elif name == "DeepseekV3MoE":
+        scores = logits.float().sigmoid() + router.e_score_correction_bias.float()
+    else:
+        scores = logits.float().softmax(-1)
+    return {"scores": scores, "selected": selected, "weights": weights, "logits": logits}
+
+
+def top_k(block: nn.Module) -> int:
+    return int(router_of(block).top_k)
+
+
+@torch.no_grad()
+def expert_output(experts: nn.Module, x: torch.Tensor, a: int) -> torch.Tensor:
+    """Expert ``a``'s ungated output on tokens ``x [N, H]`` → ``[N, H]``."""
+    if getattr(experts, "is_transposed", False):  # GPT-OSS: [E, H, 2I] interleaved gate/up, biases, clamped GLU
+        h = x @ experts.gate_up_proj[a] + experts.gate_up_proj_bias[a]
+        gate, up = h[..., ::2].clamp(max=experts.limit), h[..., 1::2].clamp(-experts.limit, experts.limit)
+        return ((up + 1) * (gate * torch.sigmoid(gate * experts.alpha))) @ experts.down_proj[a] + experts.down_proj_bias[a]
+    gate, up = F.linear(x, experts.gate_up_proj[a]).chunk(2, dim=-1)  # [E, 2I, H]: gate rows, then up rows
+    return F.linear(experts.act_fn(gate) * up, experts.down_proj[a])
+
+
+@torch.no_grad()
+def expert_outputs(experts: nn.Module, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``E_{ids[n]}(x[n])`` for per-token expert ids ``[N]`` → ``[N, H]`` (tokens grouped by expert)."""
+    out = x.new_zeros(x.shape)
+    for a in torch.unique(ids).tolist():
+        rows = (ids == a).nonzero(as_tuple=True)[0]
+        out[rows] = expert_output(experts, x[rows], a).to(out.dtype)
+    return out
+
+
+@torch.no_grad()
+def shared_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The shared experts' contribution (Qwen2-MoE: sigmoid-gated; DeepSeek-V3: ungated), or zeros."""
+    if hasattr(block, "shared_expert"):
+        return torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+    if hasattr(block, "shared_experts"):
+        return block.shared_experts(x)
+    return torch.zeros_like(x)
+
+
+@torch.no_grad()
+def recombine(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Σ_k w_k · E_{i_k}(x) + shared(x) with the router's own choice: the block's output on ``x [N, H]``."""
+    r = selection(block, x)
+    y = shared_output(block, x).float()
+    for j in range(r["selected"].shape[1]):
+        y = y + r["weights"][:, j, None].float() * expert_outputs(block.experts, x, r["selected"][:, j]).float()
+    return y.to(x.dtype)
+
+
+@torch.no_grad()
+def block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The block's own forward on ``x [N, H]`` (called as ``[1, N, H]``; GPT-OSS's tuple unpacked)."""
+    out = block(x.unsqueeze(0))
+    return (out[0] if isinstance(out, tuple) else out).reshape(x.shape)
+
+
+@torch.no_grad()
+def v2_tokens(block: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+    """Per token of ``x [N, H]`` (the block's input): the routing margin and κ(e_k, e_{k+1}),
+    κ(e_k, e_r) of SPEC's V2, from the block's own router and experts (``geocache.v2``)."""
+    from geocache.v2 import kappa, routing_ranks
+
+    r = selection(block, x)
+    ranks = routing_ranks(r["scores"], top_k(block), r["selected"], generator=generator)
+    e_k = expert_outputs(block.experts, x, ranks["e_k"])
+    return {
+        **ranks,
+        "kappa_next": kappa(e_k, expert_outputs(block.experts, x, ranks["e_next"])),
+        "kappa_rand": kappa(e_k, expert_outputs(block.experts, x, ranks["e_rand"])),
+    }

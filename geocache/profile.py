@@ -1,0 +1,522 @@
+"""``geocache profile``: V2 set-boundary redundancy per MoE layer, a calibration profile per domain,
+the design note's classification and strategy, and a recommended training config.
+
+Reads top to bottom: load the model (and an adapter or tuned model for drift) → per domain, stream
+batches once: a pre-hook on every MoE block captures its input, and each block's own router and
+experts give the margins and κ's of the attended tokens (``geocache.moe.v2_tokens``), kept in a
+bounded per-layer reservoir; the logits give entropy, NLL and top-1 confidence of every labelled
+position (running sums and 15 ECE bins, plus an entropy reservoir for quantiles) → C1/C2 with
+bootstrap intervals per layer and aggregated → classify → write ``profile.json``, ``profile.md``,
+``profile.png`` and ``recommended.yaml``. The format is in ``docs/profile-format.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from geocache.v2 import LayerReservoir, StrataConfig, aggregate, c1_c2
+
+PROFILE_VERSION = 1
+ECE_BINS = 15
+
+# The design note's table ("Training strategy by base type"), keyed by classification.
+CLASSES = {
+    (True, True): ("both-pass", "Both C1 and C2 hold: routing is locally redundant and distinct; tune normally and monitor both."),
+    (True, False): ("deepseek-like", "Strong C1, weak C2: protect C1 aggressively; consider a C2 auxiliary loss."),
+    (False, True): ("qwen-like", "Weak C1, strong C2: C2 is naturally stable; monitor C1 erosion."),
+    (False, False): ("both-weak", "Both weak: consider continued pretraining before SFT."),
+}
+
+
+@dataclass
+class ProfileConfig:
+    model: str = field(metadata={"help": "Model: local directory or hub id."})
+    data: list[str] = field(metadata={"help": "Data per domain: PATH or NAME=PATH (repeatable)."})
+    out: str = field(metadata={"help": "Output directory."})
+    adapter: Optional[str] = field(default=None, metadata={"help": "A trained adapter: also report drift against the base."})
+    tuned: Optional[str] = field(default=None, metadata={"help": "A tuned full model: also report drift against the base."})
+    max_length: int = field(default=512, metadata={"help": "Tokens per sequence."})
+    max_sequences: int = field(default=256, metadata={"help": "Sequences per domain."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward."})
+    boundary_q: float = field(default=0.10, metadata={"help": "Boundary tokens: routing margin below this quantile."})
+    interior_q: float = field(default=0.50, metadata={"help": "Interior tokens: routing margin above this quantile."})
+    boundary_abs: Optional[float] = field(default=None, metadata={"help": "Boundary: absolute margin threshold (overrides the quantile)."})
+    interior_abs: Optional[float] = field(default=None, metadata={"help": "Interior: absolute margin threshold (overrides the quantile)."})
+    reservoir_tokens: int = field(default=200_000, metadata={"help": "Tokens kept per layer and domain (uniform sample) for the statistics."})
+    n_resamples: int = field(default=2000, metadata={"help": "Bootstrap resamples."})
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16."})
+    device: Optional[str] = field(default=None, metadata={"help": "Device (default: cuda when available)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random expert picks and the bootstrap."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if not self.data:
+            raise ValueError("profile needs at least one --data domain")
+        if self.adapter and self.tuned:
+            raise ValueError("--adapter and --tuned both name the tuned model: give one")
+        self.strata = StrataConfig(self.boundary_q, self.interior_q, self.boundary_abs, self.interior_abs)
+
+    def domains(self) -> dict[str, str]:
+        out = {}
+        for spec in self.data:
+            name, path = spec.split("=", 1) if "=" in spec and not Path(spec).exists() else (Path(spec).stem, spec)
+            if name in out:
+                raise ValueError(f"domain name {name!r} is given twice: name them with NAME=PATH")
+            out[name] = path
+        return out
+
+
+class _Calibration:
+    """Running calibration statistics of labelled positions: means, 15 equal-width top-1 ECE bins
+    (hand-written: torchmetrics' calibration error keeps every sample, and this streams), and a
+    reservoir of entropies for quantiles."""
+
+    def __init__(self, seed: int, capacity: int):
+        self.n = 0
+        self.sums = {"entropy": 0.0, "nll": 0.0, "cal_gap": 0.0, "correct": 0.0}
+        self.bins = np.zeros((ECE_BINS, 3))  # count, Σ confidence, Σ correct
+        self.entropy = LayerReservoir(capacity, seed)
+
+    @torch.no_grad()
+    def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        lp = torch.log_softmax(logits.float(), -1)
+        ent = -(lp.exp() * lp).sum(-1)
+        nll = -lp.gather(-1, targets[:, None]).squeeze(-1)
+        conf, pred = lp.max(-1)
+        conf, correct = conf.exp(), (pred == targets).float()
+        self.n += len(targets)
+        for key, v in (("entropy", ent), ("nll", nll), ("cal_gap", nll - ent), ("correct", correct)):
+            self.sums[key] += v.double().sum().item()
+        b = (conf * ECE_BINS).ceil().clamp(1, ECE_BINS).long() - 1  # bins (lo, hi], as torchmetrics
+        for j, vals in enumerate((torch.ones_like(conf), conf, correct)):
+            self.bins[:, j] += torch.zeros(ECE_BINS, dtype=torch.float64).index_add_(0, b.cpu(), vals.double().cpu()).numpy()
+        self.entropy.add(ent, ent, ent)
+
+    def result(self) -> dict:
+        if not self.n:
+            return {"positions": 0}
+        count, conf, acc = self.bins.T
+        ece = float(np.sum(np.abs(acc - conf)) / self.n)  # Σ_b n_b/N · |acc_b − conf_b|
+        ent = self.entropy.arrays()[0]
+        q = np.quantile(ent, [0.1, 0.25, 0.5, 0.75, 0.9]).tolist()
+        means = {k: v / self.n for k, v in self.sums.items()}
+        return {
+            "positions": self.n,
+            "entropy_mean": means["entropy"],
+            "entropy_quantiles": dict(zip(("p10", "p25", "p50", "p75", "p90"), q)),
+            "nll_mean": means["nll"],
+            "calibration_gap_mean": means["cal_gap"],
+            "top1_accuracy": means["correct"],
+            "ece_top1": ece,
+            "ece_bins": {"count": count.astype(int).tolist(), "confidence": (conf / np.maximum(count, 1)).tolist(),
+                         "accuracy": (acc / np.maximum(count, 1)).tolist()},
+        }
+
+
+def _batches(tokenizer, path: str, cfg: ProfileConfig):
+    from geocache.data import DataConfig, iter_sequences, load_examples
+
+    dcfg = DataConfig(max_length=cfg.max_length, max_sequences=cfg.max_sequences)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch = []
+    for seq in iter_sequences(load_examples(path), tokenizer, dcfg):
+        batch.append(seq)
+        if len(batch) == cfg.batch_size:
+            yield _pad(batch, pad)
+            batch = []
+    if batch:
+        yield _pad(batch, pad)
+
+
+def _pad(seqs, pad: int) -> dict:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)], labels[b, : len(s)], mask[b, : len(s)] = torch.tensor(s.input_ids), torch.tensor(s.labels), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class _Capture:
+    """Forward pre-hooks that keep each MoE block's input of the current forward."""
+
+    def __init__(self, blocks):
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.handles = [
+            block.register_forward_pre_hook(lambda mod, args, kwargs, i=i: self.inputs.__setitem__(i, args[0] if args else kwargs["hidden_states"]),
+                                            with_kwargs=True)
+            for i, block in blocks
+        ]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def measure_domain(model, tokenizer, path: str, cfg: ProfileConfig, tuned=None, log=print) -> dict:
+    """One pass over a domain's data: V2 reservoirs per MoE layer and the calibration profile of
+    ``model``; with ``tuned`` (a callable context giving the tuned model's forward), also the
+    tuned model's V2 and per-token routing Jaccard against the base, with the base margins."""
+    from geocache.moe import moe_blocks, selection, top_k, v2_tokens
+    from geocache.signals import shift_and_select
+
+    blocks = moe_blocks(model)
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(cfg.seed)
+    res = {i: LayerReservoir(cfg.reservoir_tokens, cfg.seed + i) for i, _ in blocks}
+    res_tuned = {i: LayerReservoir(cfg.reservoir_tokens, cfg.seed + 1000 + i) for i, _ in blocks} if tuned else {}
+    drift = {i: LayerReservoir(cfg.reservoir_tokens, cfg.seed + 2000 + i) for i, _ in blocks} if tuned else {}
+    calib = _Calibration(cfg.seed, cfg.reservoir_tokens)
+    calib_tuned = _Calibration(cfg.seed + 1, cfg.reservoir_tokens) if tuned else None
+    capture = _Capture(blocks)
+    tokens = 0
+    try:
+        for batch in _batches(tokenizer, path, cfg):
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+            attended = batch["attention_mask"].bool().flatten().to(device)
+            runs = [("base", model, res, calib)] + ([("tuned", tuned, res_tuned, calib_tuned)] if tuned else [])
+            routed = {}
+            for which, fwd, reservoirs, cal in runs:
+                capture.inputs.clear()
+                out = fwd(**inputs)
+                q, targets = shift_and_select(out.logits, batch["labels"].to(device))
+                cal.add(q, targets)
+                for i, block in blocks:
+                    x = capture.inputs[i].reshape(-1, capture.inputs[i].shape[-1])[attended]
+                    t = v2_tokens(block, x, generator=gen)
+                    reservoirs[i].add(t["margin"], t["kappa_next"], t["kappa_rand"])
+                    routed[(which, i)] = (selection(block, x)["selected"], t["margin"])
+            if tuned:
+                from geocache.losses import router_jaccard
+
+                for i, block in blocks:
+                    (base_sel, base_margin), (tuned_sel, _) = routed[("base", i)], routed[("tuned", i)]
+                    j = router_jaccard(base_sel, tuned_sel)
+                    drift[i].add(base_margin, j, j)
+            tokens += int(attended.sum())
+    finally:
+        capture.remove()
+    return {"tokens": tokens, "blocks": [i for i, _ in blocks], "reservoirs": res, "reservoirs_tuned": res_tuned, "drift": drift,
+            "calibration": calib.result(), "calibration_tuned": calib_tuned.result() if calib_tuned else None,
+            "top_k": {i: top_k(b) for i, b in blocks}}
+
+
+def v2_summary(layer_ids: list[int], reservoirs: dict, cfg: ProfileConfig, n_layers: int) -> dict:
+    """Per layer C1/C2 and the aggregates (plain mean and mid-band weighted) of one model on one domain."""
+    from geocache.losses import midband_layer_weights
+
+    layers, reps = [], []
+    for i in layer_ids:
+        margin, k_next, k_rand = reservoirs[i].arrays()
+        rep: dict = {}
+        out = c1_c2(margin, k_next, k_rand, cfg.strata, n_resamples=cfg.n_resamples, seed=cfg.seed + i, replicates=rep)
+        out["layer"] = i
+        out["tokens"]["seen"] = reservoirs[i].seen
+        layers.append(out)
+        reps.append(rep)
+    mid = midband_layer_weights(len(layer_ids)).numpy() if layer_ids else np.zeros(0)
+    return {
+        "layers": layers,
+        "aggregate": {
+            "mean": aggregate(layers, reps, np.full(len(layer_ids), 1.0 / max(len(layer_ids), 1))),
+            "midband": aggregate(layers, reps, mid),
+        },
+        "midband_weights": mid.tolist(),
+    }
+
+
+def drift_summary(layer_ids: list[int], drift: dict, cfg: ProfileConfig) -> list[dict]:
+    """Per layer: base-vs-tuned top-k Jaccard overall and by the base's routing margin stratum."""
+    out = []
+    for i in layer_ids:
+        margin, jac, _ = drift[i].arrays()
+        lo, hi = cfg.strata.thresholds(margin)
+        b, it = margin < lo, margin > hi
+        out.append({
+            "layer": i,
+            "jaccard_mean": float(jac.mean()),
+            "jaccard_boundary": float(jac[b].mean()) if b.any() else float("nan"),
+            "jaccard_interior": float(jac[it].mean()) if it.any() else float("nan"),
+            "flip_rate_boundary": float((jac[b] < 1).mean()) if b.any() else float("nan"),
+            "flip_rate_interior": float((jac[it] < 1).mean()) if it.any() else float("nan"),
+            "tokens": {"boundary": int(b.sum()), "interior": int(it.sum()), "all": int(len(jac))},
+        })
+    return out
+
+
+def classify(aggregate_v2: Optional[dict], calibration: dict) -> dict:
+    """The design note's classification of a MoE base from its mid-band V2 aggregate; dense models
+    (no V2) are classed by calibration alone."""
+    gap, ece = calibration.get("calibration_gap_mean", float("nan")), calibration.get("ece_top1", float("nan"))
+    calibrated = bool(abs(gap) <= 0.1 and ece <= 0.05)
+    if aggregate_v2 is None:
+        name = "well-calibrated" if calibrated else "poorly-calibrated"
+        return {"classification": name, "strategy": "Use the note's well-calibrated settings." if calibrated else
+                "Use the note's poorly-calibrated settings (lower KL threshold, higher λ's).",
+                "c1_pass": None, "c2_pass": None, "well_calibrated": calibrated}
+    c1, c2 = aggregate_v2["delta_bi"]["pass"], aggregate_v2["delta_brand"]["pass"]
+    name, strategy = CLASSES[(c1, c2)]
+    return {"classification": name, "strategy": strategy, "c1_pass": c1, "c2_pass": c2, "well_calibrated": calibrated}
+
+
+def recommended(profile: dict) -> list[tuple[str, object, str]]:
+    """(key, value, reason) of the recommended training config, per the design note's tables."""
+    cls = profile["classification"]
+    name = cls["classification"]
+    moe = profile["moe"]
+    # Well-calibrated (Qwen3-like) bases: KL threshold 0.15, λ's 0.1-0.2; poorly calibrated
+    # (DeepSeek-like) ones: 0.08 and 0.3-0.5 (the note's "Recommended Hyperparameters").
+    gentle = name in ("qwen-like", "both-pass", "well-calibrated")
+    why = f"{name}: " + ("the note's well-calibrated settings" if gentle else "the note's poorly-calibrated settings")
+    lam = 0.15 if gentle else 0.4
+    kl = 0.15 if gentle else 0.08
+    rows = [
+        ("model", profile["model"], "the profiled base"),
+        ("cache", "cache", "replace with your precomputed cache (or pass --cache)"),
+        ("out", "run", "replace with your run directory (or pass --out)"),
+        ("geometry.kl_threshold", kl, why),
+        ("geometry.final_kl_threshold", kl, why + " (no tightening: the profile already chose the level)"),
+        ("geometry.lambda_kl", lam, why),
+        ("geometry.lambda_cal", lam if cls["well_calibrated"] else max(lam, 0.5),
+         "calibration gap {:.3f}, ECE {:.3f}".format(profile["calibration"]["calibration_gap_mean"], profile["calibration"]["ece_top1"])
+         + ("" if cls["well_calibrated"] else ": poorly calibrated, so calibration is weighted up (note: 0.2-1.0)")),
+        ("geometry.lambda_entropy", 0.1 if gentle else 0.3, why + " (note: 0.1-0.3)"),
+        ("geometry.dh_threshold", 0.1, "the note's table"),
+        ("geometry.cal_threshold", 0.05, "the note's table"),
+    ]
+    if moe:
+        lam_router = {"deepseek-like": 0.5, "both-weak": 0.5, "qwen-like": 0.1, "both-pass": 0.1}[name]
+        rows.append(("geometry.lambda_router", lam_router,
+                     {"deepseek-like": "strong C1, weak C2: protect C1 aggressively (no adjacency fallback when routing drifts)",
+                      "both-weak": "both weak: routing has no redundancy to fall back on",
+                      "qwen-like": "weak C1, strong C2: adjacent experts are a fallback; monitor rather than constrain",
+                      "both-pass": "both hold: light router constraint"}[name]))
+    return rows
+
+
+def write_recommended(path: Path, profile: dict) -> None:
+    lines = [f"# geocache train config recommended by geocache profile for {profile['model']}",
+             f"# classification: {profile['classification']['classification']} — {profile['classification']['strategy']}"]
+    geometry = []
+    for key, value, reason in recommended(profile):
+        text = json.dumps(value)
+        if key.startswith("geometry."):
+            geometry.append(f"  {key.split('.', 1)[1]}: {text}  # {reason}")
+        else:
+            lines.append(f"{key}: {text}  # {reason}")
+    lines += ["geometry:"] + geometry
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run_profile(cfg: ProfileConfig, log=print) -> dict:
+    from geocache.bench import provenance
+    from geocache.models import load_model_and_tokenizer
+
+    started = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    tuned_fwd, tuned_model = None, None
+    if cfg.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.adapter).eval()
+        base_model = model
+
+        def tuned_fwd(**kw):
+            return base_model(**kw)
+
+        class _Base:  # the same PEFT model with its adapter off is the base
+            def __call__(self, **kw):
+                with base_model.disable_adapter():
+                    return base_model(**kw)
+
+        base_fwd = _Base()
+    elif cfg.tuned:
+        tuned_model, _ = load_model_and_tokenizer(cfg.tuned, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+
+        def tuned_fwd(**kw):
+            return tuned_model(**kw)
+
+        base_fwd = model
+    else:
+        base_fwd = model
+    from geocache.moe import moe_blocks
+
+    blocks = moe_blocks(model)
+    n_layers = model.config.num_hidden_layers
+    profile = {"format_version": PROFILE_VERSION, "model": cfg.model, "adapter": cfg.adapter, "tuned": cfg.tuned, "moe": bool(blocks),
+               "moe_layers": [i for i, _ in blocks], "config": {k: v for k, v in asdict(cfg).items() if k != "strata"}, "domains": {}}
+    for name, path in cfg.domains().items():
+        t0 = time.perf_counter()
+        if cfg.tuned and blocks:
+            m = _measure_pair(model, tuned_model, tokenizer, path, cfg, log)
+        else:
+            m = measure_domain(_Forward(model, base_fwd), tokenizer, path, cfg, tuned=tuned_fwd, log=log)
+        d = {"tokens": m["tokens"], "calibration": m["calibration"]}
+        if blocks:
+            d["v2"] = v2_summary(m["blocks"], m["reservoirs"], cfg, n_layers)
+        if m["calibration_tuned"] is not None:
+            d["tuned"] = {"calibration": m["calibration_tuned"]}
+            if blocks:
+                d["tuned"]["v2"] = v2_summary(m["blocks"], m["reservoirs_tuned"], cfg, n_layers)
+                d["tuned"]["drift"] = drift_summary(m["blocks"], m["drift"], cfg)
+        d["seconds"] = time.perf_counter() - t0
+        profile["domains"][name] = d
+        log(f"profiled {name}: {m['tokens']} tokens in {d['seconds']:.1f}s")
+    primary = next(iter(profile["domains"].values()))
+    profile["primary_domain"] = next(iter(profile["domains"]))
+    profile["calibration"] = primary["calibration"]
+    profile["classification"] = classify(primary["v2"]["aggregate"]["midband"] if blocks else None, primary["calibration"])
+    profile["provenance"] = provenance()
+    profile["seconds"] = time.perf_counter() - started
+    write_outputs(profile, Path(cfg.out))
+    log(f"{profile['classification']['classification']}: {profile['classification']['strategy']} Wrote {cfg.out}/profile.json, profile.md, "
+        "profile.png, recommended.yaml")
+    return profile
+
+
+class _Forward:
+    """A model whose ``__call__`` is ``forward`` (the base's; PEFT's adapter off) while its modules
+    and parameters stay reachable for the hooks."""
+
+    def __init__(self, model, forward):
+        self.model, self.forward = model, forward
+        self.config = model.config
+
+    def __call__(self, **kw):
+        return self.forward(**kw)
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def get_base_model(self):
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+
+def _measure_pair(base, tuned, tokenizer, path, cfg, log):
+    """Base and a separate tuned model: measured in one pass each over the same batches, routed
+    sets compared token by token (both see the same sequences in the same order)."""
+    from geocache.losses import router_jaccard
+    from geocache.moe import moe_blocks, selection
+
+    m = measure_domain(base, tokenizer, path, cfg, log=log)
+    t = measure_domain(tuned, tokenizer, path, cfg, log=log)
+    drift = {i: LayerReservoir(cfg.reservoir_tokens, cfg.seed + 2000 + i) for i in m["blocks"]}
+    cap_b, cap_t = _Capture(moe_blocks(base)), _Capture(moe_blocks(tuned))
+    device = next(base.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in _batches(tokenizer, path, cfg):
+                inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+                attended = batch["attention_mask"].bool().flatten().to(device)
+                base(**inputs), tuned(**inputs)
+                for (i, bb), (_, tb) in zip(moe_blocks(base), moe_blocks(tuned)):
+                    xb = cap_b.inputs[i].reshape(-1, cap_b.inputs[i].shape[-1])[attended]
+                    xt = cap_t.inputs[i].reshape(-1, cap_t.inputs[i].shape[-1])[attended]
+                    sb, st = selection(bb, xb), selection(tb, xt)
+                    from geocache.v2 import routing_ranks
+
+                    margin = routing_ranks(sb["scores"], sb["selected"].shape[1], sb["selected"])["margin"]
+                    j = router_jaccard(sb["selected"], st["selected"])
+                    drift[i].add(margin, j, j)
+    finally:
+        cap_b.remove()
+        cap_t.remove()
+    return {**m, "reservoirs_tuned": t["reservoirs"], "drift": drift, "calibration_tuned": t["calibration"]}
+
+
+def write_outputs(profile: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile.json").write_text(json.dumps(_jsonable(profile), indent=1))
+    (out / "profile.md").write_text(markdown(profile))
+    plot(profile, out / "profile.png")
+    write_recommended(out / "recommended.yaml", profile)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (np.floating, np.integer)):
+        return _jsonable(x.item())
+    return x
+
+
+def _v(d: dict) -> str:
+    if d["value"] is None or (isinstance(d["value"], float) and math.isnan(d["value"])):
+        return "—"
+    return f"{d['value']:+.5f} [{d['ci_low']:+.5f}, {d['ci_high']:+.5f}] {'PASS' if d['pass'] else 'fail'}"
+
+
+def markdown(profile: dict) -> str:
+    cls = profile["classification"]
+    lines = [f"# geocache profile of `{profile['model']}`", "",
+             f"**Classification:** {cls['classification']}. **Strategy:** {cls['strategy']}", "",
+             f"Primary domain: `{profile['primary_domain']}`. Signs follow SPEC: negative ΔBI / ΔBrand with the 95% interval below 0 pass.", ""]
+    for name, d in profile["domains"].items():
+        c = d["calibration"]
+        lines += [f"## Domain `{name}` ({d['tokens']:,} tokens)", "",
+                  f"Calibration: entropy mean {c['entropy_mean']:.3f} nats (p10 {c['entropy_quantiles']['p10']:.2f}, p50 "
+                  f"{c['entropy_quantiles']['p50']:.2f}, p90 {c['entropy_quantiles']['p90']:.2f}), NLL {c['nll_mean']:.3f}, calibration gap "
+                  f"{c['calibration_gap_mean']:+.3f}, top-1 ECE {c['ece_top1']:.4f} ({ECE_BINS} bins), top-1 accuracy {c['top1_accuracy']:.3f}.", ""]
+        if "v2" in d:
+            lines += ["| layer | ΔBI (C1) | ΔBrand (C2) | tokens boundary / interior / kept / seen |", "|---:|---|---|---|"]
+            for lay in d["v2"]["layers"]:
+                t = lay["tokens"]
+                lines.append(f"| {lay['layer']} | {_v(lay['delta_bi'])} | {_v(lay['delta_brand'])} | {t['boundary']} / {t['interior']} / {t['all']} / {t['seen']} |")
+            for agg in ("mean", "midband"):
+                a = d["v2"]["aggregate"][agg]
+                lines.append(f"| **{agg}** | {_v(a['delta_bi'])} | {_v(a['delta_brand'])} | |")
+            lines.append("")
+        if "tuned" in d and "drift" in d["tuned"]:
+            lines += ["Drift against the base (top-k Jaccard by the base's routing margin; flips at low margin are where V2 redundancy "
+                      "should make drift harmless, flips at high margin are real drift):", "",
+                      "| layer | Jaccard all | boundary | interior | flip rate boundary / interior | tuned ΔBI | tuned ΔBrand |", "|---:|---:|---:|---:|---|---|---|"]
+            for dr, tl in zip(d["tuned"]["drift"], d["tuned"]["v2"]["layers"]):
+                lines.append(f"| {dr['layer']} | {dr['jaccard_mean']:.4f} | {dr['jaccard_boundary']:.4f} | {dr['jaccard_interior']:.4f} | "
+                             f"{dr['flip_rate_boundary']:.3f} / {dr['flip_rate_interior']:.3f} | {_v(tl['delta_bi'])} | {_v(tl['delta_brand'])} |")
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(profile: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = [(n, d) for n, d in profile["domains"].items() if "v2" in d]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    if not domains:
+        for ax in axes:
+            ax.text(0.5, 0.5, "dense model: no MoE layers (calibration profile only)", ha="center", va="center")
+            ax.set_axis_off()
+    for j, (name, d) in enumerate(domains):
+        layers = d["v2"]["layers"]
+        xs = np.array([lay["layer"] for lay in layers], dtype=float) + 0.1 * j
+        for ax, key, title in ((axes[0], "delta_bi", "C1 ΔBI per layer"), (axes[1], "delta_brand", "C2 ΔBrand per layer")):
+            vals = np.array([np.nan if lay[key]["value"] is None else lay[key]["value"] for lay in layers], dtype=float)
+            lo = np.array([np.nan if lay[key]["ci_low"] is None else lay[key]["ci_low"] for lay in layers], dtype=float)
+            hi = np.array([np.nan if lay[key]["ci_high"] is None else lay[key]["ci_high"] for lay in layers], dtype=float)
+            ax.errorbar(xs, vals, yerr=[vals - lo, hi - vals], fmt="o", capsize=3, label=name)
+            ax.axhline(0, color="k", lw=0.8)
+            ax.set_title(title + " (95% bootstrap interval; < 0 passes)")
+            ax.set_xlabel("decoder layer")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
