@@ -1,0 +1,160 @@
+"""geocache profile: the file it writes, the calibration profile, classification, drift, and the
+recommended config being a config that geocache train accepts."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from geocache.profile import CLASSES, ProfileConfig, _Calibration, classify, recommended
+from geocache_cli.main import main
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    import inspect
+    import json as js
+    import textwrap
+
+    root = tmp_path_factory.mktemp("profile-data")
+    code = [c for c in inspect.getsource(textwrap).split("\n\n") if c.strip()][:20]
+    prose = [c for c in (textwrap.__doc__ or "").split("\n") if c.strip()] + [f"Plain words number {i} for the second domain." for i in range(20)]
+    for name, rows in (("code", code), ("prose", prose)):
+        (root / f"{name}.jsonl").write_text("".join(js.dumps({"text": r}) + "\n" for r in rows))
+    return root
+
+
+def _check_verdict(v):
+    assert set(v) >= {"value", "ci_low", "ci_high", "pass", "tokens"}
+    if v["value"] is not None:
+        assert v["ci_low"] <= v["ci_high"] and v["pass"] == (v["value"] < 0 and v["ci_high"] < 0)
+
+
+def test_profile_of_a_moe_model_writes_the_documented_schema_and_a_usable_config(tmp_path, tiny_model_dir, texts):
+    from geocache.data import DataConfig
+    from geocache.precompute import PrecomputeConfig, precompute
+
+    model = tiny_model_dir("qwen3_moe")
+    out = tmp_path / "p"
+    r = CliRunner().invoke(main, ["profile", "--model", str(model), "--data", f"code={texts / 'code.jsonl'}", "--data", str(texts / "prose.jsonl"),
+                                  "--out", str(out), "--max-length", "48", "--n-resamples", "300", "--reservoir-tokens", "300"])
+    assert r.exit_code == 0, r.output
+    p = json.loads((out / "profile.json").read_text())
+    assert p["format_version"] == 1 and p["moe"] and p["moe_layers"] == [0, 1, 2] and p["primary_domain"] == "code"
+    assert list(p["domains"]) == ["code", "prose"]
+    for d in p["domains"].values():
+        assert d["tokens"] > 300  # more tokens than the reservoir keeps: bounded memory
+        for layer in d["v2"]["layers"]:
+            _check_verdict(layer["delta_bi"]), _check_verdict(layer["delta_brand"])
+            t = layer["tokens"]
+            assert t["all"] == 300 and t["seen"] == d["tokens"] and 0 < t["boundary"] < t["interior"] < t["all"]
+        for agg in ("mean", "midband"):
+            _check_verdict(d["v2"]["aggregate"][agg]["delta_bi"]), _check_verdict(d["v2"]["aggregate"][agg]["delta_brand"])
+        means = np.mean([lay["delta_bi"]["value"] for lay in d["v2"]["layers"]])
+        assert d["v2"]["aggregate"]["mean"]["delta_bi"]["value"] == pytest.approx(means)
+        c = d["calibration"]
+        assert 0 <= c["ece_top1"] <= 1 and c["positions"] > 0 and sum(c["ece_bins"]["count"]) == c["positions"]
+    cls = p["classification"]
+    assert cls["classification"] in {name for name, _ in CLASSES.values()} and isinstance(cls["strategy"], str)
+    for f in ("profile.md", "profile.png", "recommended.yaml"):
+        assert (out / f).stat().st_size > 0
+    # recommended.yaml: every value commented, and accepted by geocache train as its --config.
+    text = (out / "recommended.yaml").read_text()
+    assert all("#" in line for line in text.splitlines() if ":" in line and not line.strip().endswith("geometry:"))
+    conf = yaml.safe_load(text)
+    assert conf["model"] == str(model) and conf["geometry"]["kl_threshold"] in (0.08, 0.15)
+    precompute(PrecomputeConfig(model=str(model), data=[str(texts / "code.jsonl")], out=str(tmp_path / "c"), progress=False,
+                                data_config=DataConfig(max_length=48)))
+    r = CliRunner().invoke(main, ["train", "--config", str(out / "recommended.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "run"),
+                                  "--max-steps", "1", "--use-cpu"])
+    assert r.exit_code == 0, r.output
+    saved = yaml.safe_load((tmp_path / "run" / "geocache_run.yaml").read_text())
+    assert saved["geometry"]["lambda_router"] == conf["geometry"]["lambda_router"]
+
+
+def test_profile_of_a_dense_model_is_calibration_only(tmp_path, tiny_model_dir, texts):
+    out = tmp_path / "p"
+    r = CliRunner().invoke(main, ["profile", "--model", str(tiny_model_dir("qwen3")), "--data", str(texts / "code.jsonl"), "--out", str(out),
+                                  "--max-length", "48"])
+    assert r.exit_code == 0, r.output
+    p = json.loads((out / "profile.json").read_text())
+    assert not p["moe"] and "v2" not in p["domains"]["code"]
+    assert p["classification"]["classification"] in ("well-calibrated", "poorly-calibrated") and p["classification"]["c1_pass"] is None
+    assert "lambda_router" not in yaml.safe_load((out / "recommended.yaml").read_text())["geometry"]
+
+
+def test_an_identity_adapter_shows_no_drift_and_the_same_v2(tmp_path, tiny_model_dir, texts):
+    from geocache.trainer import add_dora_adapter
+
+    model_dir = tiny_model_dir("qwen3_moe")
+    torch.manual_seed(0)
+    peft_model = add_dora_adapter(AutoModelForCausalLM.from_pretrained(model_dir), r=4, alpha=8)  # B = 0: the identity
+    peft_model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "p"
+    args = ["profile", "--model", str(model_dir), "--data", str(texts / "code.jsonl"), "--out", str(out), "--max-length", "48", "--n-resamples", "200"]
+    assert CliRunner().invoke(main, args + ["--adapter", str(tmp_path / "adapter")]).exit_code == 0
+    d = json.loads((out / "profile.json").read_text())["domains"]["code"]
+    for dr in d["tuned"]["drift"]:
+        assert dr["jaccard_mean"] == 1.0 and dr["flip_rate_boundary"] == 0.0 and dr["tokens"]["boundary"] > 0
+    for a, b in zip(d["v2"]["layers"], d["tuned"]["v2"]["layers"]):
+        assert a["delta_bi"]["value"] == pytest.approx(b["delta_bi"]["value"], abs=1e-6)
+    # A perturbed adapter moves routing: some top-k sets change, more at low margins than at high ones.
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(tmp_path / "adapter2")
+    assert CliRunner().invoke(main, args + ["--adapter", str(tmp_path / "adapter2"), "--out", str(tmp_path / "p2")]).exit_code == 0
+    drift = json.loads((tmp_path / "p2" / "profile.json").read_text())["domains"]["code"]["tuned"]["drift"]
+    assert min(dr["jaccard_mean"] for dr in drift) < 1.0
+    assert np.mean([dr["flip_rate_boundary"] for dr in drift]) > np.mean([dr["flip_rate_interior"] for dr in drift])
+    assert "Drift against the base" in (tmp_path / "p2" / "profile.md").read_text()
+
+
+def test_calibration_profile_matches_torchmetrics_and_direct_sums():
+    from torchmetrics.classification import MulticlassCalibrationError
+
+    g = torch.Generator().manual_seed(0)
+    cal, ref = _Calibration(seed=0, capacity=10_000), MulticlassCalibrationError(num_classes=50, n_bins=15, norm="l1")
+    all_logits, all_targets = [], []
+    for _ in range(4):
+        logits, targets = torch.randn(300, 50, generator=g) * 3, torch.randint(0, 50, (300,), generator=g)
+        cal.add(logits, targets)
+        ref.update(torch.softmax(logits, -1), targets)
+        all_logits.append(logits), all_targets.append(targets)
+    res = cal.result()
+    assert res["ece_top1"] == pytest.approx(ref.compute().item(), abs=1e-6)
+    lp = torch.log_softmax(torch.cat(all_logits), -1)
+    ent = -(lp.exp() * lp).sum(-1)
+    nll = -lp.gather(-1, torch.cat(all_targets)[:, None]).squeeze(-1)
+    assert res["entropy_mean"] == pytest.approx(ent.mean().item(), rel=1e-5)
+    assert res["calibration_gap_mean"] == pytest.approx((nll - ent).mean().item(), rel=1e-5)
+    assert res["entropy_quantiles"]["p50"] == pytest.approx(ent.median().item(), abs=0.02)
+
+
+@pytest.mark.parametrize("c1,c2,name", [(True, True, "both-pass"), (True, False, "deepseek-like"), (False, True, "qwen-like"), (False, False, "both-weak")])
+def test_classification_and_recommendation_follow_the_note(c1, c2, name):
+    agg = {"delta_bi": {"pass": c1}, "delta_brand": {"pass": c2}}
+    calib = {"calibration_gap_mean": 0.02, "ece_top1": 0.01}
+    cls = classify(agg, calib)
+    assert cls["classification"] == name and cls["well_calibrated"]
+    rec = {k: v for k, v, _ in recommended({"model": "m", "moe": True, "classification": cls, "calibration": calib})}
+    gentle = name in ("qwen-like", "both-pass")
+    assert rec["geometry.kl_threshold"] == (0.15 if gentle else 0.08) and rec["geometry.lambda_kl"] == (0.15 if gentle else 0.4)
+    assert rec["geometry.lambda_router"] == (0.1 if gentle else 0.5)
+    assert classify(None, {"calibration_gap_mean": 0.6, "ece_top1": 0.09})["classification"] == "poorly-calibrated"
+
+
+def test_profile_bad_input_is_one_sentence(tmp_path, tiny_model_dir, texts):
+    with pytest.raises(ValueError, match="give one"):
+        ProfileConfig(model="m", data=["x"], out="o", adapter="a", tuned="t")
+    with pytest.raises(ValueError, match="twice"):
+        ProfileConfig(model="m", data=["a=x.jsonl", "a=y.jsonl"], out="o").domains()
+    r = CliRunner().invoke(main, ["profile", "--model", str(tiny_model_dir("qwen3_moe")), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "do not exist" in r.output
+    r = CliRunner().invoke(main, ["profile", "--data", str(texts / "code.jsonl"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--model is required" in r.output
