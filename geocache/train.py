@@ -64,6 +64,11 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata={"help": "Replace a run already in the run directory."})
     use_cpu: bool = field(default=False, metadata={"help": "Train on CPU even when a GPU is present."})
     progress: bool = field(default=True, metadata={"help": "Show transformers' progress bar and log printing."})
+    v2_every: int = field(default=0, metadata={"help": "MoE: check V2 on held-out data every N steps; checkpoints only when it passes (0: off)."})
+    v2_data: Optional[list[str]] = field(default=None, metadata={"help": "Held-out V2 data per domain, PATH or NAME=PATH; the first is the primary."})
+    v2_patience: int = field(default=2, metadata={"help": "Checks without improvement before the V2 action."})
+    v2_action: str = field(default="rollback", metadata={"help": "When V2 keeps degrading: halve_lr | double_lambdas | rollback."})
+    v2_max_sequences: int = field(default=32, metadata={"help": "Held-out sequences per domain per V2 check."})
     geometry: GeometryConfig = field(default_factory=GeometryConfig, metadata={"help": "λ's and thresholds."})
 
     def __post_init__(self) -> None:
@@ -77,6 +82,14 @@ class TrainConfig:
             raise ValueError("--resume and --overwrite contradict each other: pick one")
         if self.eval_steps is not None and not self.eval_cache:
             raise ValueError("eval_steps was given but no eval_cache to evaluate on")
+        if self.v2_every < 0:
+            raise ValueError(f"v2_every={self.v2_every} must be >= 0")
+        if self.v2_every and not self.v2_data:
+            raise ValueError("v2_every was given but no v2_data (held-out text per domain) to check V2 on")
+        from geocache.gate import ACTIONS
+
+        if self.v2_action not in ACTIONS:
+            raise ValueError(f"v2_action={self.v2_action!r} must be one of {', '.join(ACTIONS)}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -122,8 +135,9 @@ def _base_source(cfg: TrainConfig, want_router: bool):
     return PeriodicBase(inner, cfg.periodic_every)
 
 
-def train(cfg: TrainConfig, callbacks: Optional[list] = None):
-    """Run a training; returns the ``GeometryTrainer`` (its ``state`` has the log history)."""
+def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
+    """Run a training; returns the ``GeometryTrainer`` (its ``state`` has the log history).
+    ``v2_signal`` replaces the V2 measurement of ``v2_every`` (tests inject one)."""
     from transformers import TrainingArguments, set_seed
 
     from geocache.trainer import GeometryTrainer, JsonlLogger, add_dora_adapter
@@ -147,6 +161,8 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None):
     layout = moe_layout(model)
     if layout is None and cfg.layer_weights is not None:
         raise ValueError(f"router layer weights were given, but model {cfg.model!r} is dense (it has no MoE router)")
+    if cfg.v2_every and layout is None:
+        raise ValueError(f"--v2-every needs a MoE model (V2 is measured on MoE layers), and {cfg.model!r} is dense")
     if cfg.base == "cache" and layout is not None and cfg.geometry.lambda_router > 0 and cache.manifest.moe.get("router_mode") == "none":
         raise CacheError("the cache holds no router statistics (precompute --router none), so base mode 'cache' cannot train the router loss")
 
@@ -177,7 +193,7 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None):
         eval_strategy="steps" if cfg.eval_steps else "no",
         eval_steps=cfg.eval_steps,
         eval_on_start=cfg.eval_on_start,
-        save_strategy="steps",
+        save_strategy="no" if cfg.v2_every else "steps",  # with the V2 gate, checkpoints only when V2 passes
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps,
@@ -188,6 +204,14 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None):
         dataloader_num_workers=0,
         disable_tqdm=not cfg.progress,
     )
+    gate_cb = None
+    if cfg.v2_every:  # ahead of the user's callbacks, so that they see what the gate did at a step
+        from geocache.gate import V2Gate, V2GateCallback, V2Signal
+        from geocache.profile import ProfileConfig
+
+        domains = ProfileConfig(model="", data=list(cfg.v2_data), out="").domains()
+        signal = v2_signal or V2Signal(tokenizer, domains, max_sequences=cfg.v2_max_sequences, seed=cfg.seed)
+        gate_cb = V2GateCallback(signal, cfg.v2_every, V2Gate(cfg.v2_patience, cfg.v2_action), out)
     trainer = GeometryTrainer(
         model=model,
         args=args,
@@ -197,8 +221,10 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None):
         geometry_config=cfg.geometry,
         base=_base_source(cfg, want_router),
         layer_weights=cfg.layer_weights,
-        callbacks=[JsonlLogger(out / "metrics.jsonl"), *(callbacks or [])],
+        callbacks=[JsonlLogger(out / "metrics.jsonl"), *([gate_cb] if gate_cb else []), *(callbacks or [])],
     )
+    if gate_cb is not None:
+        gate_cb.trainer = trainer
     if not cfg.progress:
         from transformers import PrinterCallback
 

@@ -1,0 +1,186 @@
+"""V2-gated training: the design note's checkpoint policy, as a ``transformers`` callback.
+
+Every ``every`` steps a V2 signal is measured on held-out data (``V2Signal``: the same
+measurement as ``geocache profile``, on the primary domain, with the adapter on). The gate
+watches the conditions the base itself passed at step 0 (both C1 and C2 if it passed both or
+neither; only C2 for a Qwen-like base, only C1 for a DeepSeek-like one), scored by the worst of
+their mid-band Δ's (more negative is better):
+
+- pass (every watched condition passes) → save a checkpoint, and remember it as the last passing one;
+- fail but improving (the score fell since the last check) → continue, no checkpoint;
+- fail and not improving for ``patience`` checks in a row → the configured action: ``halve_lr``,
+  ``double_lambdas`` (every geometry λ), or ``rollback`` (adapter and optimizer state of the last
+  passing check; at first, the start of training).
+
+Every check and decision goes to ``v2_checks.jsonl`` in the run directory and to the trainer's log
+with the numbers behind it. Tests drive every branch through the same ``signal`` interface with an
+injected signal.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from transformers import TrainerCallback
+
+log = logging.getLogger("geocache.gate")
+ACTIONS = ("halve_lr", "double_lambdas", "rollback")
+LAMBDAS = ("lambda_kl", "lambda_cal", "lambda_entropy", "lambda_router")
+
+
+@dataclass
+class GateState:
+    watch: tuple = ("delta_bi", "delta_brand")
+    last_score: Optional[float] = None
+    bad_checks: int = 0
+    last_pass_step: Optional[int] = None
+    history: list = field(default_factory=list)
+
+
+class V2Gate:
+    """The policy alone: feed it V2 results, get decisions (no training state)."""
+
+    def __init__(self, patience: int = 2, action: str = "rollback"):
+        if action not in ACTIONS:
+            raise ValueError(f"v2_action={action!r} must be one of {', '.join(ACTIONS)}")
+        if patience < 1:
+            raise ValueError(f"v2_patience={patience} must be >= 1")
+        self.patience, self.action, self.state = patience, action, GateState()
+
+    def start(self, base_result: dict) -> tuple:
+        """Choose the watched conditions from the base's own V2 (step 0)."""
+        passed = tuple(k for k in ("delta_bi", "delta_brand") if base_result[k]["pass"])
+        self.state.watch = passed if len(passed) == 1 else ("delta_bi", "delta_brand")
+        self.state.last_score = self.score(base_result)
+        return self.state.watch
+
+    def score(self, result: dict) -> float:
+        return max(result[k]["value"] for k in self.state.watch)
+
+    def decide(self, result: dict) -> str:
+        """``save`` | ``continue`` | ``wait`` (not improving, patience left) | the action."""
+        s = self.state
+        score = self.score(result)
+        improving = s.last_score is None or score < s.last_score
+        if all(result[k]["pass"] for k in s.watch):
+            decision, s.bad_checks = "save", 0
+        elif improving:
+            decision, s.bad_checks = "continue", 0
+        else:
+            s.bad_checks += 1
+            decision = self.action if s.bad_checks >= self.patience else "wait"
+            if decision == self.action:
+                s.bad_checks = 0
+        s.last_score = score
+        return decision
+
+
+class V2Signal:
+    """The real signal: ``geocache profile``'s measurement of the current model on held-out data,
+    returning the primary domain's mid-band aggregate (and every domain's, for the log)."""
+
+    def __init__(self, tokenizer, domains: dict[str, str], max_length: int = 256, max_sequences: int = 32, n_resamples: int = 1000,
+                 seed: int = 0):
+        from geocache.profile import ProfileConfig
+
+        self.tokenizer, self.domains = tokenizer, domains
+        self.cfg = ProfileConfig(model="", data=[f"{k}={v}" for k, v in domains.items()], out="", max_length=max_length,
+                                 max_sequences=max_sequences, n_resamples=n_resamples, seed=seed)
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict:
+        from geocache.profile import measure_domain, v2_summary
+
+        was_training = model.training
+        model.eval()
+        try:
+            out = {}
+            for name, path in self.domains.items():
+                m = measure_domain(model, self.tokenizer, path, self.cfg, log=lambda *_: None)
+                out[name] = v2_summary(m["blocks"], m["reservoirs"], self.cfg, model.config.num_hidden_layers)["aggregate"]["midband"]
+        finally:
+            model.train(was_training)
+        primary = next(iter(self.domains))
+        return {**out[primary], "domains": out}
+
+
+class V2GateCallback(TrainerCallback):
+    """Runs the gate every ``every`` steps inside ``transformers.Trainer`` (``save_strategy`` is
+    left to it: checkpoints are written only when V2 passes)."""
+
+    def __init__(self, signal: Callable, every: int, gate: V2Gate, run_dir: str | Path):
+        self.signal, self.every, self.gate = signal, every, gate
+        self.path = Path(run_dir) / "v2_checks.jsonl"
+        self.trainer = None
+        self.snapshot = None  # adapter + optimizer state of the last passing check
+
+    def _adapter_state(self, model):
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+    def _record(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        log.info("V2 check at step %s: %s", row["step"], row)
+        if self.trainer is not None:
+            self.trainer.log({f"v2_{k}": v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                             | {"v2_decision": row["decision"]})
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        result = self.signal(model)
+        watch = self.gate.start(result)
+        self.snapshot = (self._adapter_state(model), copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None, state.global_step)
+        self._record({"step": state.global_step, "decision": "start", "watch": list(watch), **_numbers(result)})
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
+        if state.global_step == 0 or state.global_step % self.every:
+            return control
+        result = self.signal(model)
+        decision = self.gate.decide(result)
+        row = {"step": state.global_step, "decision": decision, "watch": list(self.gate.state.watch), "score": self.gate.score(result),
+               "bad_checks": self.gate.state.bad_checks, **_numbers(result)}
+        if decision == "save":
+            control.should_save = True
+            self.gate.state.last_pass_step = state.global_step
+            self.snapshot = (self._adapter_state(model), copy.deepcopy(optimizer.state_dict()), state.global_step)
+        elif decision == "halve_lr":
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.5
+            if lr_scheduler is not None and hasattr(lr_scheduler, "base_lrs"):
+                lr_scheduler.base_lrs = [lr * 0.5 for lr in lr_scheduler.base_lrs]
+            row["lr"] = optimizer.param_groups[0]["lr"]
+        elif decision == "double_lambdas":
+            for cfg in self._geometry_configs():
+                for name in LAMBDAS:
+                    setattr(cfg, name, getattr(cfg, name) * 2)
+            row["lambdas"] = {n: getattr(self._geometry_configs()[0], n) for n in LAMBDAS}
+        elif decision == "rollback":
+            from peft import set_peft_model_state_dict
+
+            adapter, opt_state, step = self.snapshot
+            set_peft_model_state_dict(model, adapter)
+            if opt_state is not None:
+                optimizer.load_state_dict(opt_state)
+            row["rolled_back_to_step"] = step
+        self._record(row)
+        return control
+
+    def _geometry_configs(self) -> list:
+        if self.trainer is None:
+            raise RuntimeError("double_lambdas needs the trainer (V2GateCallback.trainer)")
+        return [self.trainer.geometry_config, self.trainer.geometry_loss.config]
+
+
+def _numbers(result: dict) -> dict:
+    out = {}
+    for key in ("delta_bi", "delta_brand"):
+        for part in ("value", "ci_low", "ci_high", "pass"):
+            out[f"{key}_{part}"] = result[key][part]
+    return out
