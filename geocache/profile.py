@@ -326,31 +326,15 @@ def run_profile(cfg: ProfileConfig, log=print) -> dict:
 
     started = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-    tuned_fwd, tuned_model = None, None
-    if cfg.adapter:
+    tuned_model, tuned_fwd, base_fwd = None, None, model
+    if cfg.adapter:  # one PEFT model: the base is the adapter switched off
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, cfg.adapter).eval()
-        base_model = model
-
-        def tuned_fwd(**kw):
-            return base_model(**kw)
-
-        class _Base:  # the same PEFT model with its adapter off is the base
-            def __call__(self, **kw):
-                with base_model.disable_adapter():
-                    return base_model(**kw)
-
-        base_fwd = _Base()
+        tuned_fwd, base_fwd = model, _AdapterOff(model)
     elif cfg.tuned:
         tuned_model, _ = load_model_and_tokenizer(cfg.tuned, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-
-        def tuned_fwd(**kw):
-            return tuned_model(**kw)
-
-        base_fwd = model
-    else:
-        base_fwd = model
+        tuned_fwd = tuned_model  # dense: calibration of both in one pass (MoE: _measure_pair)
     from geocache.moe import moe_blocks
 
     blocks = moe_blocks(model)
@@ -384,6 +368,17 @@ def run_profile(cfg: ProfileConfig, log=print) -> dict:
     log(f"{profile['classification']['classification']}: {profile['classification']['strategy']} Wrote {cfg.out}/profile.json, profile.md, "
         "profile.png, recommended.yaml")
     return profile
+
+
+class _AdapterOff:
+    """Calls a PEFT model with its adapter disabled: the base."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, **kw):
+        with self.model.disable_adapter():
+            return self.model(**kw)
 
 
 class _Forward:

@@ -158,3 +158,35 @@ def test_profile_bad_input_is_one_sentence(tmp_path, tiny_model_dir, texts):
     assert r.exit_code == 2 and "do not exist" in r.output
     r = CliRunner().invoke(main, ["profile", "--data", str(texts / "code.jsonl"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "--model is required" in r.output
+
+
+def test_drift_against_a_separate_tuned_model(tmp_path, tiny_model_dir, texts):
+    model_dir = tiny_model_dir("qwen3_moe")
+    tuned = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():  # move the attention a little: routing inputs change, routers do not
+        for name, p in tuned.named_parameters():
+            if "self_attn.o_proj" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    tuned.save_pretrained(tmp_path / "tuned")
+    (tmp_path / "tuned").joinpath("tokenizer_config.json").write_text((model_dir / "tokenizer_config.json").read_text())
+    (tmp_path / "tuned").joinpath("tokenizer.json").write_text((model_dir / "tokenizer.json").read_text())
+    out = tmp_path / "p"
+    r = CliRunner().invoke(main, ["profile", "--model", str(model_dir), "--tuned", str(tmp_path / "tuned"), "--data", str(texts / "code.jsonl"),
+                                  "--out", str(out), "--max-length", "48", "--n-resamples", "200"])
+    assert r.exit_code == 0, r.output
+    d = json.loads((out / "profile.json").read_text())["domains"]["code"]
+    assert len(d["tuned"]["drift"]) == 3 and min(dr["jaccard_mean"] for dr in d["tuned"]["drift"]) < 1.0
+    assert d["tuned"]["calibration"]["nll_mean"] != d["calibration"]["nll_mean"]
+
+
+def test_v2_profile_benchmark_worker_smoke(tiny_model_dir, texts):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import v2_profile
+
+    for variant in v2_profile.VARIANTS:
+        r = v2_profile.worker({"variant": variant, "model": str(tiny_model_dir("qwen3_moe")), "data": str(texts / "code.jsonl"), "sequences": 4,
+                               "max_length": 32, "batch_size": 2, "reps": 1, "n_resamples": 50})
+        assert r["tokens"] > 0 and r["s"] > 0 and len(r["times_s"]) == 1
