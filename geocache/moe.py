@@ -65,12 +65,9 @@ def expert_output(experts: nn.Module, x: torch.Tensor, a: int) -> torch.Tensor:
 
 @torch.no_grad()
 def expert_outputs(experts: nn.Module, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """``E_{ids[n]}(x[n])`` for per-token expert ids ``[N]`` → ``[N, H]`` (tokens grouped by expert)."""
-    out = x.new_zeros(x.shape)
-    for a in torch.unique(ids).tolist():
-        rows = (ids == a).nonzero(as_tuple=True)[0]
-        out[rows] = expert_output(experts, x[rows], a).to(out.dtype)
-    return out
+    """``E_{ids[n]}(x[n])`` for per-token expert ids ``[N]`` → ``[N, H]``: the experts module called
+    with one expert per token and weight 1 (its own kernels, whichever implementation is set)."""
+    return experts(x, ids.long().unsqueeze(1), torch.ones(len(ids), 1, dtype=x.dtype, device=x.device))
 
 
 @torch.no_grad()
@@ -108,9 +105,8 @@ def v2_tokens(block: nn.Module, x: torch.Tensor, generator: torch.Generator | No
 
     r = selection(block, x)
     ranks = routing_ranks(r["scores"], top_k(block), r["selected"], generator=generator)
-    e_k = expert_outputs(block.experts, x, ranks["e_k"])
-    return {
-        **ranks,
-        "kappa_next": kappa(e_k, expert_outputs(block.experts, x, ranks["e_next"])),
-        "kappa_rand": kappa(e_k, expert_outputs(block.experts, x, ranks["e_rand"])),
-    }
+    n = len(x)
+    # The three experts of every token in one call of the experts module.
+    out = expert_outputs(block.experts, x.repeat(3, 1), torch.cat([ranks["e_k"], ranks["e_next"], ranks["e_rand"]]))
+    e_k, e_next, e_rand = out[:n], out[n : 2 * n], out[2 * n :]
+    return {**ranks, "selected": r["selected"], "kappa_next": kappa(e_k, e_next), "kappa_rand": kappa(e_k, e_rand)}

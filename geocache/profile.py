@@ -88,12 +88,16 @@ class _Calibration:
         self.entropy = LayerReservoir(capacity, seed)
 
     @torch.no_grad()
-    def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        lp = torch.log_softmax(logits.float(), -1)
-        ent = -(lp.exp() * lp).sum(-1)
-        nll = -lp.gather(-1, targets[:, None]).squeeze(-1)
-        conf, pred = lp.max(-1)
-        conf, correct = conf.exp(), (pred == targets).float()
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
+        """``logits [N, V]`` (or ``[M, V]`` with ``rows [N]`` picking the labelled ones) and targets ``[N]``.
+        One fused pass (``compute_base_stats`` with k = 1) gives logsumexp, entropy and the top-1."""
+        from geocache.signals import compute_base_stats
+
+        st = compute_base_stats(logits, 1, 0, rows=rows)
+        rows = torch.arange(len(targets), device=logits.device) if rows is None else rows
+        ent = st.entropy
+        nll = st.lse - logits[rows, targets].float()
+        conf, correct = st.topk_logprobs[:, 0].exp(), (st.topk_ids[:, 0] == targets).float()
         self.n += len(targets)
         for key, v in (("entropy", ent), ("nll", nll), ("cal_gap", nll - ent), ("correct", correct)):
             self.sums[key] += v.double().sum().item()
@@ -169,8 +173,8 @@ def measure_domain(model, tokenizer, path: str, cfg: ProfileConfig, tuned=None, 
     """One pass over a domain's data: V2 reservoirs per MoE layer and the calibration profile of
     ``model``; with ``tuned`` (a callable context giving the tuned model's forward), also the
     tuned model's V2 and per-token routing Jaccard against the base, with the base margins."""
-    from geocache.moe import moe_blocks, selection, top_k, v2_tokens
-    from geocache.signals import shift_and_select
+    from geocache.moe import moe_blocks, top_k, v2_tokens
+    from geocache.signals import labelled_positions
 
     blocks = moe_blocks(model)
     device = next(model.parameters()).device
@@ -191,13 +195,13 @@ def measure_domain(model, tokenizer, path: str, cfg: ProfileConfig, tuned=None, 
             for which, fwd, reservoirs, cal in runs:
                 capture.inputs.clear()
                 out = fwd(**inputs)
-                q, targets = shift_and_select(out.logits, batch["labels"].to(device))
-                cal.add(q, targets)
+                rows, targets = labelled_positions(batch["labels"].to(device))
+                cal.add(out.logits.reshape(-1, out.logits.shape[-1]), targets, rows)
                 for i, block in blocks:
                     x = capture.inputs[i].reshape(-1, capture.inputs[i].shape[-1])[attended]
                     t = v2_tokens(block, x, generator=gen)
                     reservoirs[i].add(t["margin"], t["kappa_next"], t["kappa_rand"])
-                    routed[(which, i)] = (selection(block, x)["selected"], t["margin"])
+                    routed[(which, i)] = (t["selected"], t["margin"])
             if tuned:
                 from geocache.losses import router_jaccard
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from geocache.moe import block_output, expert_outputs, moe_blocks, recombine, router_of, selection, v2_tokens
+from geocache.moe import block_output, expert_output, expert_outputs, moe_blocks, recombine, router_of, selection, v2_tokens
 from geocache.testing import MOE_MODEL_TYPES, tiny_config
 from geocache.v2 import StrataConfig, c1_c2
 
@@ -48,6 +48,11 @@ def test_single_expert_outputs_with_the_real_routing_weights_rebuild_the_block(m
         a = expert_outputs(block.experts, x, torch.zeros(11, dtype=torch.long))
         b = expert_outputs(block.experts, x, torch.ones(11, dtype=torch.long))
         assert not torch.allclose(a, b)
+        # The experts module called with one expert and weight 1 is that expert's ungated output,
+        # as computed by hand from its fused parameters (per-token ids, mixed).
+        ids = torch.arange(11) % block.experts.gate_up_proj.shape[0]
+        by_hand = torch.stack([expert_output(block.experts, x[n : n + 1], int(ids[n]))[0] for n in range(11)])
+        torch.testing.assert_close(expert_outputs(block.experts, x, ids), by_hand, rtol=1e-5, atol=1e-6)
 
 
 def _circle(block, hidden, n_experts, smooth: float, plane_only: bool, scale: float = 4.0, seed=0):
