@@ -22,8 +22,6 @@ beside the in-domain forward KL (Shenfeld et al. 2025 report that the latter pre
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -88,22 +86,14 @@ def docstring_tasks(documents: list[str], max_chars: int = 800) -> list[dict]:
 
 
 def run_calibration(cfg: CalibrationConfig, log=print) -> dict:
-    from geocache.bench import provenance
+    from geocache.bench import cache_of, provenance, sft, workspace
     from geocache.bench.evaluate import exact_heldout, load_tuned
     from geocache.config import GeometryConfig
-    from geocache.data import DataConfig
-    from geocache.precompute import PrecomputeConfig, precompute
-    from geocache.reference import _split_documents, build_reference_model, recipe_for
-    from geocache.train import TrainConfig, train
+    from geocache.reference import _split_documents
 
     started = time.perf_counter()
     prov = provenance()
-    recipe = cfg.recipe or recipe_for(cfg.arch)
-    model_dir = build_reference_model(recipe, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None, log=log)
-    own_work = cfg.work_dir is None
-    work = Path(cfg.work_dir or tempfile.mkdtemp(prefix="geocache-calibration-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with workspace(cfg, "calibration", log) as (recipe, model_dir, work):
         # Instructions from the reference's own splits: tune files for training, held-out files for eval.
         code = _split_documents(recipe)["code"]
         for name, split in (("instruct-train", "tune"), ("instruct-eval", "heldout")):
@@ -115,21 +105,15 @@ def run_calibration(cfg: CalibrationConfig, log=print) -> dict:
             "eval-prose": (model_dir / "heldout-prose.jsonl", cfg.eval_sequences),
             "eval-instruct": (work / "instruct-eval.jsonl", cfg.eval_sequences),
         }
-        caches = {}
-        for name, (data, n) in sources.items():
-            caches[name] = work / f"cache-{name}"
-            precompute(PrecomputeConfig(model=str(model_dir), data=[str(data)], out=str(caches[name]), overwrite=True, progress=False,
-                                        device=cfg.device, seed=cfg.seed, data_config=DataConfig(max_length=cfg.max_length, max_sequences=n)))
+        caches = {name: cache_of(model_dir, data, work / f"cache-{name}", max_length=cfg.max_length, max_sequences=n, device=cfg.device, seed=cfg.seed)
+                  for name, (data, n) in sources.items()}
         runs = []
         for dataset in cfg.datasets:
             for method in cfg.methods:
                 run_dir = work / f"run-{dataset}-{method}"
                 t0 = time.perf_counter()
-                trainer = train(TrainConfig(model=str(model_dir), cache=str(caches[f"train-{dataset}"]), out=str(run_dir), overwrite=True,
-                                            max_steps=cfg.steps, learning_rate=cfg.learning_rate, lr_scheduler_type="constant_with_warmup",
-                                            warmup_steps=max(1, cfg.steps // 20), per_device_train_batch_size=cfg.batch_size,
-                                            logging_steps=max(1, cfg.steps // 10), save_steps=cfg.steps, seed=cfg.seed, progress=False,
-                                            use_cpu=cfg.device == "cpu", geometry=GeometryConfig(**METHODS[method])))
+                trainer = sft(model_dir, caches[f"train-{dataset}"], run_dir, steps=cfg.steps, learning_rate=cfg.learning_rate,
+                              batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, geometry=GeometryConfig(**METHODS[method]))
                 train_s = time.perf_counter() - t0
                 model, _ = load_tuned(model_dir, run_dir / "adapter", device=cfg.device)
                 evals = {e: exact_heldout(model, caches[f"eval-{e}"], calibration=True) for e in EVALS}
@@ -148,9 +132,6 @@ def run_calibration(cfg: CalibrationConfig, log=print) -> dict:
             "razor": razor(runs),
             "elapsed_s": time.perf_counter() - started,
         }
-    finally:
-        if own_work:
-            shutil.rmtree(work, ignore_errors=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "calibration.json").write_text(json.dumps(result, indent=1))

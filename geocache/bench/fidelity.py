@@ -29,14 +29,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from geocache.signals import KL_ESTIMATORS, SAMPLED_ESTIMATORS, BaseStats, cached_kl_terms, log_tail_mass, shift_and_select
@@ -88,42 +85,33 @@ class FidelityConfig:
 
 def _tune(model_dir: Path, work: Path, cfg: FidelityConfig, steps: int, log) -> Path:
     """A DoRA adapter after ``steps`` plain-SFT steps on the tune split of ``cfg.tune_domain``."""
+    from geocache.bench import cache_of, sft
     from geocache.config import GeometryConfig
-    from geocache.data import DataConfig
-    from geocache.precompute import PrecomputeConfig, precompute
-    from geocache.train import TrainConfig, train
 
     cache = work / f"tune-{cfg.tune_domain}"
     if not (cache / "manifest.json").exists():
-        precompute(PrecomputeConfig(model=str(model_dir), data=[str(model_dir / f"tune-{cfg.tune_domain}.jsonl")], out=str(cache), k=8,
-                                    overwrite=True, progress=False, device=cfg.device,
-                                    data_config=DataConfig(max_length=cfg.max_length, max_sequences=cfg.tune_sequences)))
-    run = work / f"tuned-{steps}"
+        cache_of(model_dir, model_dir / f"tune-{cfg.tune_domain}.jsonl", cache, max_length=cfg.max_length, max_sequences=cfg.tune_sequences,
+                 device=cfg.device, k=8)
     off = GeometryConfig(lambda_kl=0.0, lambda_cal=0.0, lambda_entropy=0.0, lambda_router=0.0)
     started = time.perf_counter()
-    trainer = train(TrainConfig(model=str(model_dir), cache=str(cache), out=str(run), overwrite=True, max_steps=steps, learning_rate=cfg.learning_rate,
-                                lr_scheduler_type="constant", per_device_train_batch_size=cfg.batch_size, lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r,
-                                save_steps=steps, logging_steps=max(1, steps // 4), seed=cfg.seed, progress=False, geometry=off,
-                                use_cpu=cfg.device == "cpu"))
+    trainer = sft(model_dir, cache, work / f"tuned-{steps}", steps=steps, learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed,
+                  device=cfg.device, geometry=off, scheduler="constant", logging_steps=max(1, steps // 4), lora_r=cfg.lora_r, lora_alpha=2 * cfg.lora_r)
     losses = [r["task_loss"] for r in trainer.state.log_history if "task_loss" in r]
     log(f"tuned {steps} steps on {cfg.tune_domain} in {time.perf_counter() - started:.0f}s; task loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    return run / "adapter"
+    return work / f"tuned-{steps}" / "adapter"
 
 
 def _eval_caches(model_dir: Path, work: Path, cfg: FidelityConfig, domains: list[str], log) -> dict:
     """{(domain, k, backend): cache path} of the held-out text, m = max(ms)."""
-    from geocache.data import DataConfig
-    from geocache.precompute import PrecomputeConfig, precompute
+    from geocache.bench import cache_of
 
     out = {}
     for domain in domains:
         for k in cfg.ks:
             for backend in cfg.backends:
-                path = work / f"eval-{domain}-k{k}-{backend}"
-                precompute(PrecomputeConfig(model=str(model_dir), data=[str(model_dir / f"heldout-{domain}.jsonl")], out=str(path), backend=backend,
-                                            k=k, m=max(cfg.ms), seed=cfg.seed, overwrite=True, progress=False, device=cfg.device,
-                                            data_config=DataConfig(max_length=cfg.max_length, max_sequences=cfg.eval_sequences)))
-                out[(domain, k, backend)] = path
+                out[(domain, k, backend)] = cache_of(model_dir, model_dir / f"heldout-{domain}.jsonl", work / f"eval-{domain}-k{k}-{backend}",
+                                                     max_length=cfg.max_length, max_sequences=cfg.eval_sequences, device=cfg.device, seed=cfg.seed,
+                                                     backend=backend, k=k, m=max(cfg.ms))
         log(f"held-out caches of {domain}: k in {list(cfg.ks)}, backends {list(cfg.backends)}")
     return out
 
@@ -316,33 +304,24 @@ def choose_defaults(rows: list[dict], thresholds) -> dict:
 
 
 def run_fidelity(cfg: FidelityConfig, log=print) -> dict:
-    from peft import PeftModel
-
-    from geocache.bench import provenance
-    from geocache.models import load_model_and_tokenizer
-    from geocache.reference import build_reference_model, recipe_for
+    from geocache.bench import provenance, workspace
+    from geocache.bench.evaluate import load_tuned
 
     started = time.perf_counter()
     prov = provenance()
-    recipe = cfg.recipe or recipe_for(cfg.arch)
-    model_dir = build_reference_model(recipe, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None, log=log)
-    reference = json.loads((model_dir / "reference.json").read_text())
-    vocab = reference["vocab_size"]
-    if max(cfg.ks) > vocab:
-        raise ValueError(f"ks={list(cfg.ks)} go beyond the reference model's vocabulary of {vocab}")
-    own_work = cfg.work_dir is None
-    work = Path(cfg.work_dir or tempfile.mkdtemp(prefix="geocache-fidelity-"))
-    work.mkdir(parents=True, exist_ok=True)
-    domains = list(recipe.domains)
-    try:
+    with workspace(cfg, "fidelity", log) as (recipe, model_dir, work):
+        reference = json.loads((model_dir / "reference.json").read_text())
+        vocab = reference["vocab_size"]
+        if max(cfg.ks) > vocab:
+            raise ValueError(f"ks={list(cfg.ks)} go beyond the reference model's vocabulary of {vocab}")
+        domains = list(recipe.domains)
         adapters = {n: _tune(model_dir, work, cfg, n, log) for n in cfg.steps}
         caches = _eval_caches(model_dir, work, cfg, domains, log)
         nbytes = {(d, k, b, m): lm_bytes_per_token(caches[(d, k, b)], m) for (d, k, b) in caches for m in (0, *cfg.ms)}
         stored = {f"{d}/k{k}/{b}": lm_bytes_per_token(caches[(d, k, b)], max(cfg.ms)) for (d, k, b) in caches}
         rows, sanity = [], {}
         for n, adapter in adapters.items():
-            base_model, _ = load_model_and_tokenizer(str(model_dir), device=cfg.device)
-            model = PeftModel.from_pretrained(base_model, str(adapter)).eval()
+            model, _ = load_tuned(model_dir, adapter, device=cfg.device)
             device = next(model.parameters()).device
             for domain in domains:
                 kmax = max(cfg.ks)
@@ -355,7 +334,7 @@ def run_fidelity(cfg: FidelityConfig, log=print) -> dict:
                     rows.append(r)
                 fwd = next(r for r in rows[::-1] if r["direction"] == "forward")
                 log(f"compared the {n}-step tuned model on {domain}: {tuned.shape[0]} positions, exact forward KL mean {fwd['exact_mean']:.4f}")
-            del model, base_model
+            del model
         result = {
             "provenance": prov,
             "config": {k: v for k, v in asdict(cfg).items() if k != "recipe"},
@@ -366,9 +345,6 @@ def run_fidelity(cfg: FidelityConfig, log=print) -> dict:
             "defaults": choose_defaults(rows, cfg.thresholds),
             "elapsed_s": time.perf_counter() - started,
         }
-    finally:
-        if own_work:
-            shutil.rmtree(work, ignore_errors=True)
     write_reports(result, Path(cfg.out))
     d = result["defaults"]
     log(f"defaults: {d['estimator']} k={d['k']} m={d['m']} (meets targets: {d['meets_targets']}); wrote {cfg.out}/fidelity.{{json,md,png}}")

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,36 +47,23 @@ def rel_diff(a: float, b: float) -> float:
 
 
 def run_parity(cfg: ParityConfig, log=print) -> dict:
-    from geocache.bench import provenance
+    from geocache.bench import cache_of, provenance, sft, workspace
     from geocache.bench.evaluate import exact_heldout, load_tuned
-    from geocache.data import DataConfig
-    from geocache.precompute import PrecomputeConfig, precompute
-    from geocache.reference import build_reference_model, recipe_for
-    from geocache.train import TrainConfig, train
+    from geocache.config import GeometryConfig
+    from geocache.precompute import PrecomputeConfig
 
     started = time.perf_counter()
     prov = provenance()
-    recipe = cfg.recipe or recipe_for(cfg.arch)
-    model_dir = build_reference_model(recipe, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None, log=log)
-    own_work = cfg.work_dir is None
-    work = Path(cfg.work_dir or tempfile.mkdtemp(prefix="geocache-parity-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with workspace(cfg, "parity", log) as (recipe, model_dir, work):
         defaults = PrecomputeConfig(model="", data=[], out="")
-        caches = {}
-        for name, data, n in [("train", f"tune-{cfg.tune_domain}", cfg.tune_sequences)] + [(f"heldout-{d}", f"heldout-{d}", cfg.eval_sequences) for d in recipe.domains]:
-            caches[name] = work / f"cache-{name}"
-            precompute(PrecomputeConfig(model=str(model_dir), data=[str(model_dir / f"{data}.jsonl")], out=str(caches[name]), overwrite=True,
-                                        progress=False, device=cfg.device, seed=cfg.seed,
-                                        data_config=DataConfig(max_length=cfg.max_length, max_sequences=n)))
+        sources = [("train", f"tune-{cfg.tune_domain}", cfg.tune_sequences)] + [(f"heldout-{d}", f"heldout-{d}", cfg.eval_sequences) for d in recipe.domains]
+        caches = {name: cache_of(model_dir, model_dir / f"{data}.jsonl", work / f"cache-{name}", max_length=cfg.max_length, max_sequences=n,
+                                 device=cfg.device, seed=cfg.seed) for name, data, n in sources}
         runs = {}
         for mode in MODES:
             t0 = time.perf_counter()
-            trainer = train(TrainConfig(model=str(model_dir), cache=str(caches["train"]), out=str(work / f"run-{mode}"), base=mode, overwrite=True,
-                                        max_steps=cfg.steps, learning_rate=cfg.learning_rate, lr_scheduler_type="constant_with_warmup",
-                                        warmup_steps=max(1, cfg.steps // 20), per_device_train_batch_size=cfg.batch_size,
-                                        logging_steps=cfg.logging_steps, save_steps=cfg.steps, seed=cfg.seed, progress=False,
-                                        use_cpu=cfg.device == "cpu"))
+            trainer = sft(model_dir, caches["train"], work / f"run-{mode}", base=mode, steps=cfg.steps, learning_rate=cfg.learning_rate,
+                          batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, logging_steps=cfg.logging_steps)
             train_s = time.perf_counter() - t0
             model, _ = load_tuned(model_dir, work / f"run-{mode}" / "adapter", device=cfg.device)
             heldout = {d: exact_heldout(model, caches[f"heldout-{d}"]) for d in recipe.domains}
@@ -94,8 +79,6 @@ def run_parity(cfg: ParityConfig, log=print) -> dict:
         }
         last = {mode: runs[mode]["log"][-1]["task_loss"] for mode in MODES}
         comparison["final_train_task_loss"] = {"cache": last["cache"], "live": last["live"], "rel_diff": rel_diff(last["cache"], last["live"])}
-        from geocache.config import GeometryConfig
-
         result = {
             "provenance": prov,
             "config": {k: v for k, v in asdict(cfg).items() if k != "recipe"},
@@ -107,9 +90,6 @@ def run_parity(cfg: ParityConfig, log=print) -> dict:
             and comparison["final_train_task_loss"]["rel_diff"] <= TARGET_REL,
             "elapsed_s": time.perf_counter() - started,
         }
-    finally:
-        if own_work:
-            shutil.rmtree(work, ignore_errors=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "parity.json").write_text(json.dumps(result, indent=1))
