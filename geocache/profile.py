@@ -51,7 +51,7 @@ class ProfileConfig:
     boundary_abs: Optional[float] = field(default=None, metadata={"help": "Boundary: absolute margin threshold (overrides the quantile)."})
     interior_abs: Optional[float] = field(default=None, metadata={"help": "Interior: absolute margin threshold (overrides the quantile)."})
     reservoir_tokens: int = field(default=200_000, metadata={"help": "Tokens kept per layer and domain (uniform sample) for the statistics."})
-    n_resamples: int = field(default=2000, metadata={"help": "Bootstrap resamples."})
+    n_resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples (percentile intervals)."})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16."})
     device: Optional[str] = field(default=None, metadata={"help": "Device (default: cuda when available)."})
     seed: int = field(default=0, metadata={"help": "Seed of the random expert picks and the bootstrap."})
