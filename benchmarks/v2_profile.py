@@ -54,9 +54,9 @@ def worker(p: dict) -> dict:
                 model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
 
     def profile(stats: bool):
-        m = measure_domain(model, tok, p["data"], cfg, log=lambda *_: None)
+        m = measure_domain(model, tok, p["data"], cfg)
         if stats:
-            v2_summary(m["blocks"], m["reservoirs"], cfg, model.config.num_hidden_layers)
+            v2_summary(m["blocks"], m["v2"]["base"], cfg)
 
     fn = {"forward": forward, "profile": lambda: profile(False), "profile + statistics": lambda: profile(True)}[p["variant"]]
     fn()  # warm-up

@@ -19,6 +19,7 @@ injected signal.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -102,8 +103,8 @@ class V2Signal:
         try:
             out = {}
             for name, path in self.domains.items():
-                m = measure_domain(model, self.tokenizer, path, self.cfg, log=lambda *_: None)
-                out[name] = v2_summary(m["blocks"], m["reservoirs"], self.cfg, model.config.num_hidden_layers)["aggregate"]["midband"]
+                m = measure_domain(model, self.tokenizer, path, self.cfg, calibration=False)
+                out[name] = v2_summary(m["blocks"], m["v2"]["base"], self.cfg)["aggregate"]["midband"]
         finally:
             model.train(was_training)
         primary = next(iter(self.domains))
@@ -134,9 +135,12 @@ class V2GateCallback(TrainerCallback):
                              | {"v2_decision": row["decision"]})
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        result = self.signal(model)
+        # The watched conditions come from the base (adapter off), also when resuming a tuned run.
+        with (model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()):
+            result = self.signal(model)
         watch = self.gate.start(result)
-        self.snapshot = (self._adapter_state(model), copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None, state.global_step)
+        self.snapshot = (self._adapter_state(model), copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None, state.global_step,
+                         self.gate.state.last_score)
         self._record({"step": state.global_step, "decision": "start", "watch": list(watch), **_numbers(result)})
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
@@ -149,7 +153,7 @@ class V2GateCallback(TrainerCallback):
         if decision == "save":
             control.should_save = True
             self.gate.state.last_pass_step = state.global_step
-            self.snapshot = (self._adapter_state(model), copy.deepcopy(optimizer.state_dict()), state.global_step)
+            self.snapshot = (self._adapter_state(model), copy.deepcopy(optimizer.state_dict()), state.global_step, self.gate.state.last_score)
         elif decision == "halve_lr":
             for group in optimizer.param_groups:
                 group["lr"] *= 0.5
@@ -164,10 +168,11 @@ class V2GateCallback(TrainerCallback):
         elif decision == "rollback":
             from peft import set_peft_model_state_dict
 
-            adapter, opt_state, step = self.snapshot
+            adapter, opt_state, step, score = self.snapshot
             set_peft_model_state_dict(model, adapter)
             if opt_state is not None:
                 optimizer.load_state_dict(opt_state)
+            self.gate.state.last_score = score  # the next check is compared with the state rolled back to
             row["rolled_back_to_step"] = step
         self._record(row)
         return control

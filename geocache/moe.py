@@ -18,7 +18,9 @@ from torch import nn
 def moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
     """(decoder layer index, MoE block) for every layer whose MLP holds fused experts."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = inner.model.layers
+    layers = getattr(getattr(inner, "model", None), "layers", None)
+    if layers is None:  # not a decoder stack geocache knows (e.g. GPT-2's transformer.h): no MoE blocks
+        return []
     out = []
     for i, layer in enumerate(layers):
         experts = getattr(layer.mlp, "experts", None)

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from geocache.v2 import LayerReservoir, StrataConfig, aggregate, c1_c2
+from geocache.v2 import StrataConfig, TokenReservoir, v2_statistics
 
 PROFILE_VERSION = 1
 ECE_BINS = 15
@@ -64,7 +64,11 @@ class ProfileConfig:
             raise ValueError("profile needs at least one --data domain")
         if self.adapter and self.tuned:
             raise ValueError("--adapter and --tuned both name the tuned model: give one")
+        for name in ("max_length", "max_sequences", "batch_size", "reservoir_tokens", "n_resamples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         self.strata = StrataConfig(self.boundary_q, self.interior_q, self.boundary_abs, self.interior_abs)
+        self.domains()  # names checked up front
 
     def domains(self) -> dict[str, str]:
         out = {}
@@ -85,7 +89,7 @@ class _Calibration:
         self.n = 0
         self.sums = {"entropy": 0.0, "nll": 0.0, "cal_gap": 0.0, "correct": 0.0}
         self.bins = np.zeros((ECE_BINS, 3))  # count, Σ confidence, Σ correct
-        self.entropy = LayerReservoir(capacity, seed)
+        self.entropy = TokenReservoir(capacity, 1, seed)
 
     @torch.no_grad()
     def add(self, logits: torch.Tensor, targets: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
@@ -93,6 +97,8 @@ class _Calibration:
         One fused pass (``compute_base_stats`` with k = 1) gives logsumexp, entropy and the top-1."""
         from geocache.signals import compute_base_stats
 
+        if len(targets) == 0:
+            return
         st = compute_base_stats(logits, 1, 0, rows=rows)
         rows = torch.arange(len(targets), device=logits.device) if rows is None else rows
         ent = st.entropy
@@ -104,16 +110,14 @@ class _Calibration:
         b = (conf * ECE_BINS).ceil().clamp(1, ECE_BINS).long() - 1  # bins (lo, hi], as torchmetrics
         for j, vals in enumerate((torch.ones_like(conf), conf, correct)):
             self.bins[:, j] += torch.zeros(ECE_BINS, dtype=torch.float64).index_add_(0, b.cpu(), vals.double().cpu()).numpy()
-        self.entropy.add(ent, ent, ent)
+        self.entropy.add(ent.cpu().numpy(), np.zeros(len(ent), dtype=np.int64))
 
     def result(self) -> dict:
-        if not self.n:
-            return {"positions": 0}
+        nan = float("nan")
         count, conf, acc = self.bins.T
-        ece = float(np.sum(np.abs(acc - conf)) / self.n)  # Σ_b n_b/N · |acc_b − conf_b|
-        ent = self.entropy.arrays()[0]
-        q = np.quantile(ent, [0.1, 0.25, 0.5, 0.75, 0.9]).tolist()
-        means = {k: v / self.n for k, v in self.sums.items()}
+        ent = self.entropy.arrays()[0][:, 0]
+        q = np.quantile(ent, [0.1, 0.25, 0.5, 0.75, 0.9]).tolist() if len(ent) else [nan] * 5
+        means = {k: (v / self.n if self.n else nan) for k, v in self.sums.items()}
         return {
             "positions": self.n,
             "entropy_mean": means["entropy"],
@@ -121,7 +125,7 @@ class _Calibration:
             "nll_mean": means["nll"],
             "calibration_gap_mean": means["cal_gap"],
             "top1_accuracy": means["correct"],
-            "ece_top1": ece,
+            "ece_top1": float(np.sum(np.abs(acc - conf)) / self.n) if self.n else nan,  # Σ_b n_b/N · |acc_b − conf_b|
             "ece_bins": {"count": count.astype(int).tolist(), "confidence": (conf / np.maximum(count, 1)).tolist(),
                          "accuracy": (acc / np.maximum(count, 1)).tolist()},
         }
@@ -152,102 +156,116 @@ def _pad(seqs, pad: int) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-class _Capture:
-    """Forward pre-hooks that keep each MoE block's input of the current forward."""
+class _V2Hooks:
+    """Forward pre-hooks on a model's MoE blocks that measure V2 on each block's input as the
+    forward passes through it (so the routing and experts measured are the ones in force then:
+    a PEFT adapter's, or with it disabled, the base's), keeping only the attended tokens."""
 
-    def __init__(self, blocks):
-        self.inputs: dict[int, torch.Tensor] = {}
-        self.handles = [
-            block.register_forward_pre_hook(lambda mod, args, kwargs, i=i: self.inputs.__setitem__(i, args[0] if args else kwargs["hidden_states"]),
-                                            with_kwargs=True)
-            for i, block in blocks
-        ]
+    def __init__(self, blocks, generator: torch.Generator):
+        from geocache.moe import v2_tokens
+
+        self.attended: Optional[torch.Tensor] = None
+        self.results: dict[int, dict] = {}
+
+        def hook(module, args, kwargs, i):
+            x = args[0] if args else kwargs["hidden_states"]
+            self.results[i] = v2_tokens(module, x.reshape(-1, x.shape[-1])[self.attended], generator=generator)
+
+        self.handles = [block.register_forward_pre_hook(lambda m, a, k, i=i: hook(m, a, k, i), with_kwargs=True) for i, block in blocks]
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
 
+def _layer_matrix(results: dict[int, dict], layers: list[int], key: str) -> np.ndarray:
+    return torch.stack([results[i][key].float().cpu() for i in layers], 1).numpy()
+
+
 @torch.no_grad()
-def measure_domain(model, tokenizer, path: str, cfg: ProfileConfig, tuned=None, log=print) -> dict:
-    """One pass over a domain's data: V2 reservoirs per MoE layer and the calibration profile of
-    ``model``; with ``tuned`` (a callable context giving the tuned model's forward), also the
-    tuned model's V2 and per-token routing Jaccard against the base, with the base margins."""
-    from geocache.moe import moe_blocks, top_k, v2_tokens
+def measure_domain(model, tokenizer, path: str, cfg: ProfileConfig, tuned=None, calibration: bool = True) -> dict:
+    """One pass over a domain's data: V2 of every MoE layer (a token reservoir shared by the layers)
+    and the calibration profile of ``model`` (a model, or ``_AdapterOff`` of a PEFT model). With
+    ``tuned`` (a second model, or the same PEFT model, adapter on), the same for the tuned model and,
+    per layer, its top-k Jaccard against the base beside the base's routing margin."""
+    from geocache.losses import router_jaccard
+    from geocache.moe import moe_blocks
     from geocache.signals import labelled_positions
 
-    blocks = moe_blocks(model)
-    device = next(model.parameters()).device
+    def unwrap(fwd):
+        return getattr(fwd, "wrapped", fwd)
+
+    runs = [("base", model)] + ([("tuned", tuned)] if tuned is not None else [])
+    blocks = {name: moe_blocks(unwrap(fwd)) for name, fwd in runs}
+    layers = [i for i, _ in blocks["base"]]
+    if tuned is not None and [i for i, _ in blocks["tuned"]] != layers:
+        raise ValueError(f"the tuned model's MoE layers {[i for i, _ in blocks['tuned']]} differ from the base's {layers}")
+    device = next(unwrap(model).parameters()).device
     gen = torch.Generator().manual_seed(cfg.seed)
-    res = {i: LayerReservoir(cfg.reservoir_tokens, cfg.seed + i) for i, _ in blocks}
-    res_tuned = {i: LayerReservoir(cfg.reservoir_tokens, cfg.seed + 1000 + i) for i, _ in blocks} if tuned else {}
-    drift = {i: LayerReservoir(cfg.reservoir_tokens, cfg.seed + 2000 + i) for i, _ in blocks} if tuned else {}
-    calib = _Calibration(cfg.seed, cfg.reservoir_tokens)
-    calib_tuned = _Calibration(cfg.seed + 1, cfg.reservoir_tokens) if tuned else None
-    capture = _Capture(blocks)
-    tokens = 0
+    hooks = {"base": _V2Hooks(blocks["base"], gen)} if layers else {}
+    if layers and tuned is not None and unwrap(tuned) is not unwrap(model):  # one PEFT model: its hooks serve both runs
+        hooks["tuned"] = _V2Hooks(blocks["tuned"], gen)
+    width = 3 * len(layers)
+    v2 = {name: TokenReservoir(cfg.reservoir_tokens, max(width, 1), cfg.seed) for name, _ in runs}
+    drift = TokenReservoir(cfg.reservoir_tokens, max(2 * len(layers), 1), cfg.seed) if tuned is not None else None
+    calib = {name: _Calibration(cfg.seed, cfg.reservoir_tokens) for name, _ in runs} if calibration else {}
+    tokens = n_seq = 0
     try:
         for batch in _batches(tokenizer, path, cfg):
             inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
             attended = batch["attention_mask"].bool().flatten().to(device)
-            runs = [("base", model, res, calib)] + ([("tuned", tuned, res_tuned, calib_tuned)] if tuned else [])
-            routed = {}
-            for which, fwd, reservoirs, cal in runs:
-                capture.inputs.clear()
-                out = fwd(**inputs)
-                rows, targets = labelled_positions(batch["labels"].to(device))
-                cal.add(out.logits.reshape(-1, out.logits.shape[-1]), targets, rows)
-                for i, block in blocks:
-                    x = capture.inputs[i].reshape(-1, capture.inputs[i].shape[-1])[attended]
-                    t = v2_tokens(block, x, generator=gen)
-                    reservoirs[i].add(t["margin"], t["kappa_next"], t["kappa_rand"])
-                    routed[(which, i)] = (t["selected"], t["margin"])
-            if tuned:
-                from geocache.losses import router_jaccard
-
-                for i, block in blocks:
-                    (base_sel, base_margin), (tuned_sel, _) = routed[("base", i)], routed[("tuned", i)]
-                    j = router_jaccard(base_sel, tuned_sel)
-                    drift[i].add(base_margin, j, j)
+            seq = (n_seq + torch.arange(batch["input_ids"].shape[0])).repeat_interleave(batch["input_ids"].shape[1])[attended.cpu()].numpy()
+            rows, targets = labelled_positions(batch["labels"].to(device))
+            per_run = {}
+            for name, fwd in runs:
+                h = hooks.get(name, hooks.get("base"))
+                if h is not None:
+                    h.attended, h.results = attended, {}
+                out = fwd(**inputs, use_cache=False)
+                if calibration:
+                    calib[name].add(out.logits.reshape(-1, out.logits.shape[-1]), targets, rows)
+                if layers:
+                    per_run[name] = dict(h.results)
+                    cols = [_layer_matrix(per_run[name], layers, k) for k in ("margin", "kappa_next", "kappa_rand")]
+                    v2[name].add(np.concatenate(cols, 1), seq)
+            if drift is not None and layers:
+                jac = [router_jaccard(per_run["base"][i]["selected"], per_run["tuned"][i]["selected"]).float().cpu() for i in layers]
+                drift.add(np.concatenate([_layer_matrix(per_run["base"], layers, "margin"), torch.stack(jac, 1).numpy()], 1), seq)
             tokens += int(attended.sum())
+            n_seq += batch["input_ids"].shape[0]
     finally:
-        capture.remove()
-    return {"tokens": tokens, "blocks": [i for i, _ in blocks], "reservoirs": res, "reservoirs_tuned": res_tuned, "drift": drift,
-            "calibration": calib.result(), "calibration_tuned": calib_tuned.result() if calib_tuned else None,
-            "top_k": {i: top_k(b) for i, b in blocks}}
+        for h in hooks.values():
+            h.remove()
+    if tokens == 0:
+        raise ValueError(f"data {path!r} gave no tokens to profile (empty, or every row filtered out)")
+    return {"tokens": tokens, "sequences": n_seq, "blocks": layers, "v2": v2, "drift": drift,
+            "calibration": {name: c.result() for name, c in calib.items()}}
 
 
-def v2_summary(layer_ids: list[int], reservoirs: dict, cfg: ProfileConfig, n_layers: int) -> dict:
+def v2_summary(layer_ids: list[int], reservoir: TokenReservoir, cfg: ProfileConfig) -> dict:
     """Per layer C1/C2 and the aggregates (plain mean and mid-band weighted) of one model on one domain."""
     from geocache.losses import midband_layer_weights
 
-    layers, reps = [], []
-    for i in layer_ids:
-        margin, k_next, k_rand = reservoirs[i].arrays()
-        rep: dict = {}
-        out = c1_c2(margin, k_next, k_rand, cfg.strata, n_resamples=cfg.n_resamples, seed=cfg.seed + i, replicates=rep)
-        out["layer"] = i
-        out["tokens"]["seen"] = reservoirs[i].seen
-        layers.append(out)
-        reps.append(rep)
-    mid = midband_layer_weights(len(layer_ids)).numpy() if layer_ids else np.zeros(0)
-    return {
-        "layers": layers,
-        "aggregate": {
-            "mean": aggregate(layers, reps, np.full(len(layer_ids), 1.0 / max(len(layer_ids), 1))),
-            "midband": aggregate(layers, reps, mid),
-        },
-        "midband_weights": mid.tolist(),
-    }
+    data, seq = reservoir.arrays()
+    n_layers = len(layer_ids)
+    mid = midband_layer_weights(n_layers).numpy()
+    out = v2_statistics(data[:, :n_layers], data[:, n_layers : 2 * n_layers], data[:, 2 * n_layers :], cfg.strata, sequence=seq,
+                        weights={"mean": np.full(n_layers, 1.0 / n_layers), "midband": mid}, n_resamples=cfg.n_resamples, seed=cfg.seed)
+    for i, layer in zip(layer_ids, out["layers"]):
+        layer["layer"] = i
+        layer["tokens"]["seen"] = reservoir.seen
+    out["midband_weights"] = mid.tolist()
+    return out
 
 
-def drift_summary(layer_ids: list[int], drift: dict, cfg: ProfileConfig) -> list[dict]:
+def drift_summary(layer_ids: list[int], drift: TokenReservoir, cfg: ProfileConfig) -> list[dict]:
     """Per layer: base-vs-tuned top-k Jaccard overall and by the base's routing margin stratum."""
+    data, _ = drift.arrays()
+    n_layers = len(layer_ids)
     out = []
-    for i in layer_ids:
-        margin, jac, _ = drift[i].arrays()
-        lo, hi = cfg.strata.thresholds(margin)
-        b, it = margin < lo, margin > hi
+    for col, i in enumerate(layer_ids):
+        margin, jac = data[:, col], data[:, n_layers + col]
+        b, it, _ = cfg.strata.masks(margin)
         out.append({
             "layer": i,
             "jaccard_mean": float(jac.mean()),
@@ -327,112 +345,69 @@ def write_recommended(path: Path, profile: dict) -> None:
 def run_profile(cfg: ProfileConfig, log=print) -> dict:
     from geocache.bench import provenance
     from geocache.models import load_model_and_tokenizer
+    from geocache.moe import moe_blocks
 
     started = time.perf_counter()
+    out = _writable_dir(cfg.out)
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-    tuned_model, tuned_fwd, base_fwd = None, None, model
+    base, tuned = model, None
     if cfg.adapter:  # one PEFT model: the base is the adapter switched off
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, cfg.adapter).eval()
-        tuned_fwd, base_fwd = model, _AdapterOff(model)
+        base, tuned = _AdapterOff(model), model
     elif cfg.tuned:
-        tuned_model, _ = load_model_and_tokenizer(cfg.tuned, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-        tuned_fwd = tuned_model  # dense: calibration of both in one pass (MoE: _measure_pair)
-    from geocache.moe import moe_blocks
-
-    blocks = moe_blocks(model)
-    n_layers = model.config.num_hidden_layers
-    profile = {"format_version": PROFILE_VERSION, "model": cfg.model, "adapter": cfg.adapter, "tuned": cfg.tuned, "moe": bool(blocks),
-               "moe_layers": [i for i, _ in blocks], "config": {k: v for k, v in asdict(cfg).items() if k != "strata"}, "domains": {}}
+        tuned, _ = load_model_and_tokenizer(cfg.tuned, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    layers = [i for i, _ in moe_blocks(model)]
+    profile = {"format_version": PROFILE_VERSION, "model": cfg.model, "adapter": cfg.adapter, "tuned": cfg.tuned, "moe": bool(layers),
+               "moe_layers": layers, "config": asdict(cfg), "domains": {}}
     for name, path in cfg.domains().items():
         t0 = time.perf_counter()
-        if cfg.tuned and blocks:
-            m = _measure_pair(model, tuned_model, tokenizer, path, cfg, log)
-        else:
-            m = measure_domain(_Forward(model, base_fwd), tokenizer, path, cfg, tuned=tuned_fwd, log=log)
-        d = {"tokens": m["tokens"], "calibration": m["calibration"]}
-        if blocks:
-            d["v2"] = v2_summary(m["blocks"], m["reservoirs"], cfg, n_layers)
-        if m["calibration_tuned"] is not None:
-            d["tuned"] = {"calibration": m["calibration_tuned"]}
-            if blocks:
-                d["tuned"]["v2"] = v2_summary(m["blocks"], m["reservoirs_tuned"], cfg, n_layers)
-                d["tuned"]["drift"] = drift_summary(m["blocks"], m["drift"], cfg)
+        m = measure_domain(base, tokenizer, path, cfg, tuned=tuned)
+        d = {"tokens": m["tokens"], "sequences": m["sequences"], "calibration": m["calibration"]["base"]}
+        if layers:
+            d["v2"] = v2_summary(layers, m["v2"]["base"], cfg)
+        if tuned is not None:
+            d["tuned"] = {"calibration": m["calibration"]["tuned"]}
+            if layers:
+                d["tuned"]["v2"] = v2_summary(layers, m["v2"]["tuned"], cfg)
+                d["tuned"]["drift"] = drift_summary(layers, m["drift"], cfg)
         d["seconds"] = time.perf_counter() - t0
         profile["domains"][name] = d
         log(f"profiled {name}: {m['tokens']} tokens in {d['seconds']:.1f}s")
     primary = next(iter(profile["domains"].values()))
     profile["primary_domain"] = next(iter(profile["domains"]))
     profile["calibration"] = primary["calibration"]
-    profile["classification"] = classify(primary["v2"]["aggregate"]["midband"] if blocks else None, primary["calibration"])
+    profile["classification"] = classify(primary["v2"]["aggregate"]["midband"] if layers else None, primary["calibration"])
     profile["provenance"] = provenance()
     profile["seconds"] = time.perf_counter() - started
-    write_outputs(profile, Path(cfg.out))
+    write_outputs(profile, out)
     log(f"{profile['classification']['classification']}: {profile['classification']['strategy']} Wrote {cfg.out}/profile.json, profile.md, "
         "profile.png, recommended.yaml")
     return profile
 
 
+def _writable_dir(path: str) -> Path:
+    """Create the output directory first, so that a bad --out fails before the work, not after."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").write_text("")
+        (out / ".write-test").unlink()
+    except OSError as exc:
+        raise ValueError(f"output directory {path!r} cannot be written ({exc.strerror or exc})") from None
+    return out
+
+
 class _AdapterOff:
-    """Calls a PEFT model with its adapter disabled: the base."""
+    """Runs a PEFT model with its adapter disabled: the base. ``wrapped`` is the model (for its modules)."""
 
     def __init__(self, model):
-        self.model = model
+        self.wrapped = model
 
     def __call__(self, **kw):
-        with self.model.disable_adapter():
-            return self.model(**kw)
-
-
-class _Forward:
-    """A model whose ``__call__`` is ``forward`` (the base's; PEFT's adapter off) while its modules
-    and parameters stay reachable for the hooks."""
-
-    def __init__(self, model, forward):
-        self.model, self.forward = model, forward
-        self.config = model.config
-
-    def __call__(self, **kw):
-        return self.forward(**kw)
-
-    def parameters(self):
-        return self.model.parameters()
-
-    def get_base_model(self):
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-
-
-def _measure_pair(base, tuned, tokenizer, path, cfg, log):
-    """Base and a separate tuned model: measured in one pass each over the same batches, routed
-    sets compared token by token (both see the same sequences in the same order)."""
-    from geocache.losses import router_jaccard
-    from geocache.moe import moe_blocks, selection
-
-    m = measure_domain(base, tokenizer, path, cfg, log=log)
-    t = measure_domain(tuned, tokenizer, path, cfg, log=log)
-    drift = {i: LayerReservoir(cfg.reservoir_tokens, cfg.seed + 2000 + i) for i in m["blocks"]}
-    cap_b, cap_t = _Capture(moe_blocks(base)), _Capture(moe_blocks(tuned))
-    device = next(base.parameters()).device
-    try:
-        with torch.no_grad():
-            for batch in _batches(tokenizer, path, cfg):
-                inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-                attended = batch["attention_mask"].bool().flatten().to(device)
-                base(**inputs), tuned(**inputs)
-                for (i, bb), (_, tb) in zip(moe_blocks(base), moe_blocks(tuned)):
-                    xb = cap_b.inputs[i].reshape(-1, cap_b.inputs[i].shape[-1])[attended]
-                    xt = cap_t.inputs[i].reshape(-1, cap_t.inputs[i].shape[-1])[attended]
-                    sb, st = selection(bb, xb), selection(tb, xt)
-                    from geocache.v2 import routing_ranks
-
-                    margin = routing_ranks(sb["scores"], sb["selected"].shape[1], sb["selected"])["margin"]
-                    j = router_jaccard(sb["selected"], st["selected"])
-                    drift[i].add(margin, j, j)
-    finally:
-        cap_b.remove()
-        cap_t.remove()
-    return {**m, "reservoirs_tuned": t["reservoirs"], "drift": drift, "calibration_tuned": t["calibration"]}
+        with self.wrapped.disable_adapter():
+            return self.wrapped(**kw)
 
 
 def write_outputs(profile: dict, out: Path) -> None:

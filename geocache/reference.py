@@ -108,6 +108,16 @@ class ReferenceRecipe:
     eval_sequences: int = field(default=64, metadata={"help": "Held-out windows of seq_len tokens evaluated per domain."})
     seed: int = field(default=0, metadata={"help": "Seed of everything."})
 
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "seq_len", "batch_size", "steps",
+                     "max_chars_per_domain", "example_chars", "eval_sequences"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"reference recipe: {name}={getattr(self, name)} must be >= 1")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"reference recipe: hidden_size={self.hidden_size} must be a multiple of num_attention_heads={self.num_attention_heads}")
+        if len(self.split_fractions) != 3 or min(self.split_fractions) <= 0 or abs(sum(self.split_fractions) - 1) > 1e-6:
+            raise ValueError(f"reference recipe: split_fractions={self.split_fractions} must be three positive shares summing to 1")
+
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 

@@ -82,6 +82,8 @@ class TrainConfig:
             raise ValueError("--resume and --overwrite contradict each other: pick one")
         if self.eval_steps is not None and not self.eval_cache:
             raise ValueError("eval_steps was given but no eval_cache to evaluate on")
+        if isinstance(self.v2_data, str):  # one domain written as a plain string (YAML)
+            self.v2_data = [self.v2_data]
         if self.v2_every < 0:
             raise ValueError(f"v2_every={self.v2_every} must be >= 0")
         if self.v2_every and not self.v2_data:

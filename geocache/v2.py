@@ -16,7 +16,7 @@ tokens above the ``interior_q`` quantile (or threshold). Then
 each passing when negative with the upper end of its 95% bootstrap interval below 0.
 
 This module holds the arithmetic (κ, strata, the bootstrap, the verdicts) and a bounded-memory
-per-layer accumulator; ``geocache/profile.py`` runs a model and feeds it.
+token reservoir; ``geocache/profile.py`` runs a model and feeds it.
 """
 
 from __future__ import annotations
@@ -73,41 +73,6 @@ class Verdict:
                 **({"tokens_other": self.n_other} if self.n_other else {})}
 
 
-def _percentile_ci(samples: np.ndarray, level: float) -> tuple[float, float]:
-    lo, hi = np.quantile(samples, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
-
-
-def bootstrap_mean_difference(x: np.ndarray, y: Optional[np.ndarray] = None, *, paired: bool = False, n_resamples: int = 1000,
-                              level: float = 0.95, seed: int = 0, replicates: Optional[list] = None) -> Verdict:
-    """mean(x) − mean(y) with a percentile bootstrap interval: tokens resampled with replacement
-    within each group (two groups), or pairs resampled together (``paired``: x and y per token).
-    With ``y`` None the statistic is mean(x). Pass = value < 0 and the interval's upper end < 0.
-    ``replicates``, a list, receives the bootstrap statistics (for aggregating layers).
-
-    scipy's ``stats.bootstrap`` computes the same interval but holds n_resamples × n indices at
-    once; this draws the resamples' indices in blocks so that memory stays bounded."""
-    gen = torch.Generator().manual_seed(seed)
-    x = np.asarray(x, dtype=np.float64)
-    d = x - np.asarray(y, dtype=np.float64) if (paired and y is not None) else x
-    groups = [d] if (paired or y is None) else [x, np.asarray(y, dtype=np.float64)]
-    if any(len(g) == 0 for g in groups):
-        return Verdict(float("nan"), float("nan"), float("nan"), False, len(groups[0]), len(groups[1]) if len(groups) > 1 else 0)
-    # Resampled in float32 torch (multi-threaded gather; half numpy's time here), means accumulated by torch's cascade sum.
-    groups32 = [torch.from_numpy(g.astype(np.float32)) for g in groups]
-    stats = np.zeros(n_resamples)
-    block = max(1, (1 << 22) // max(len(g) for g in groups))
-    for start in range(0, n_resamples, block):
-        b = min(block, n_resamples - start)
-        means = [g[torch.randint(0, len(g), (b, len(g)), generator=gen)].mean(dim=1).double().numpy() for g in groups32]
-        stats[start : start + b] = means[0] - (means[1] if len(means) > 1 else 0.0)
-    value = float(groups[0].mean() - (groups[1].mean() if len(groups) > 1 else 0.0))
-    if replicates is not None:
-        replicates.append(stats)
-    lo, hi = _percentile_ci(stats, level)
-    return Verdict(value, lo, hi, bool(value < 0 and hi < 0), len(groups[0]), len(groups[1]) if len(groups) > 1 else 0)
-
-
 @dataclass
 class StrataConfig:
     boundary_q: float = field(default=0.10, metadata={"help": "Boundary: margin below this quantile."})
@@ -118,81 +83,137 @@ class StrataConfig:
     def __post_init__(self) -> None:
         if not 0 < self.boundary_q <= self.interior_q < 1:
             raise ValueError(f"quantiles must satisfy 0 < boundary_q ({self.boundary_q}) <= interior_q ({self.interior_q}) < 1")
+        if self.boundary_abs is not None and self.interior_abs is not None and self.boundary_abs > self.interior_abs:
+            raise ValueError(f"boundary_abs ({self.boundary_abs}) must not exceed interior_abs ({self.interior_abs})")
 
     def thresholds(self, margins: np.ndarray) -> tuple[float, float]:
+        if len(margins) == 0:
+            raise ValueError("no tokens to stratify: the data gave no routed tokens")
         lo = self.boundary_abs if self.boundary_abs is not None else float(np.quantile(margins, self.boundary_q))
         hi = self.interior_abs if self.interior_abs is not None else float(np.quantile(margins, self.interior_q))
         return lo, hi
 
-
-def c1_c2(margin: np.ndarray, kappa_next: np.ndarray, kappa_rand: np.ndarray, strata: StrataConfig, n_resamples: int = 1000,
-          seed: int = 0, replicates: Optional[dict] = None) -> dict:
-    """C1 ΔBI and C2 ΔBrand (with bootstrap intervals and verdicts) of one layer's tokens.
-    ``replicates``, a dict, receives each statistic's bootstrap replicates (see ``aggregate``)."""
-    lo, hi = strata.thresholds(margin)
-    boundary, interior = margin < lo, margin > hi
-    if strata.boundary_abs is None and not boundary.any():  # ties at the quantile: take the lowest margins
-        boundary = margin <= lo
-    reps: dict = {"delta_bi": [], "delta_brand": []}
-    c1 = bootstrap_mean_difference(kappa_next[boundary], kappa_next[interior], n_resamples=n_resamples, seed=seed, replicates=reps["delta_bi"])
-    c2 = bootstrap_mean_difference(kappa_next[boundary], kappa_rand[boundary], paired=True, n_resamples=n_resamples, seed=seed + 1,
-                                   replicates=reps["delta_brand"])
-    if replicates is not None:
-        replicates.update({k: v[0] if v else None for k, v in reps.items()})
-    return {
-        "delta_bi": c1.to_dict(),
-        "delta_brand": c2.to_dict(),
-        "tokens": {"all": int(len(margin)), "boundary": int(boundary.sum()), "interior": int(interior.sum())},
-        "thresholds": {"boundary": lo, "interior": hi},
-        "kappa_next_boundary": float(kappa_next[boundary].mean()) if boundary.any() else float("nan"),
-        "kappa_next_interior": float(kappa_next[interior].mean()) if interior.any() else float("nan"),
-        "kappa_rand_boundary": float(kappa_rand[boundary].mean()) if boundary.any() else float("nan"),
-    }
+    def masks(self, margins: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+        """(boundary, interior) token masks and the thresholds. With quantile thresholds and ties at
+        the boundary quantile (no margin strictly below it), the tied lowest margins are boundary."""
+        lo, hi = self.thresholds(margins)
+        boundary, interior = margins < lo, margins > hi
+        if self.boundary_abs is None and not boundary.any():
+            boundary = margins <= lo
+        return boundary, interior, (lo, hi)
 
 
-def aggregate(layers: list[dict], replicates: list[dict], weights: np.ndarray, level: float = 0.95) -> dict:
-    """A weighted mean over layers of ΔBI and ΔBrand, its interval from the layers' independent
-    bootstrap replicates combined with the same weights. Layers without a statistic are left out
-    and the remaining weights renormalised."""
-    out = {}
-    for key in ("delta_bi", "delta_brand"):
-        ok = [i for i, (lay, rep) in enumerate(zip(layers, replicates)) if rep.get(key) is not None and np.isfinite(lay[key]["value"])]
-        if not ok:
-            out[key] = Verdict(float("nan"), float("nan"), float("nan"), False, 0).to_dict()
-            continue
-        w = np.asarray([weights[i] for i in ok], dtype=np.float64)
-        w = w / w.sum()
-        value = float(sum(wi * layers[i][key]["value"] for wi, i in zip(w, ok)))
-        stats = sum(wi * replicates[i][key] for wi, i in zip(w, ok))
-        lo, hi = _percentile_ci(stats, level)
-        out[key] = Verdict(value, lo, hi, bool(value < 0 and hi < 0), int(sum(layers[i][key]["tokens"] for i in ok))).to_dict()
-    return out
+def _verdict(value: float, reps: np.ndarray, level: float, n: int, n_other: int = 0) -> Verdict:
+    reps = reps[np.isfinite(reps)]
+    if not np.isfinite(value) or len(reps) == 0:
+        return Verdict(float("nan"), float("nan"), float("nan"), False, n, n_other)
+    lo, hi = np.quantile(reps, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return Verdict(float(value), float(lo), float(hi), bool(value < 0 and hi < 0), n, n_other)
 
 
-class LayerReservoir:
-    """A uniform sample (Algorithm R) of at most ``capacity`` tokens' (margin, κ_next, κ_rand) for
-    one layer: any number of tokens streams through in bounded memory."""
+def v2_statistics(margin: np.ndarray, kappa_next: np.ndarray, kappa_rand: np.ndarray, strata: StrataConfig, *,
+                  sequence: Optional[np.ndarray] = None, weights: Optional[dict[str, np.ndarray]] = None, n_resamples: int = 1000,
+                  level: float = 0.95, seed: int = 0) -> dict:
+    """C1 ΔBI and C2 ΔBrand of every layer, and their weighted aggregates over layers, with
+    percentile bootstrap intervals. Inputs ``[n, L]`` (n tokens, the same tokens in every layer)
+    and ``sequence [n]``, each token's sequence id (default: every token its own).
 
-    def __init__(self, capacity: int = 200_000, seed: int = 0):
+    The bootstrap resamples whole *sequences* with replacement (tokens of a sequence are correlated),
+    and one resample serves every layer and every aggregate, so that the aggregates' intervals
+    carry the layers' correlation. A statistic is a ratio of sums over tokens, so a replicate is a
+    matrix product of sequence counts with per-sequence sums (``[R, S] @ [S, 5L]``)."""
+    if len(margin) == 0:
+        raise ValueError("no tokens to stratify: the data gave no routed tokens")
+    margin, kappa_next, kappa_rand = (np.asarray(a, dtype=np.float64).reshape(len(a), -1) for a in (margin, kappa_next, kappa_rand))
+    n, n_layers = margin.shape
+    sequence = np.arange(n) if sequence is None else np.asarray(sequence)
+    cols, strata_info = [], []
+    for layer in range(n_layers):
+        b, i, thr = strata.masks(margin[:, layer])
+        k = kappa_next[:, layer]
+        cols += [k * b, b, k * i, i, (k - kappa_rand[:, layer]) * b]
+        strata_info.append((int(b.sum()), int(i.sum()), thr, b, i))
+    tokens = np.stack(cols, 1)  # [n, 5L]
+    seq_ids, inverse = np.unique(sequence, return_inverse=True)
+    per_seq = np.zeros((len(seq_ids), tokens.shape[1]))
+    np.add.at(per_seq, inverse, tokens)
+
+    def stats(sums: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # sums [..., 5L] → C1, C2 [..., L]
+        s = sums.reshape(*sums.shape[:-1], n_layers, 5)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return s[..., 0] / s[..., 1] - s[..., 2] / s[..., 3], s[..., 4] / s[..., 1]
+
+    c1, c2 = stats(per_seq.sum(0))
+    gen = torch.Generator().manual_seed(seed)
+    n_seq = len(seq_ids)
+    seq_t = torch.from_numpy(per_seq)
+    r1, r2 = np.empty((n_resamples, n_layers)), np.empty((n_resamples, n_layers))
+    block = max(1, (1 << 22) // max(n_seq, 1))
+    for start in range(0, n_resamples, block):
+        b = min(block, n_resamples - start)
+        counts = torch.zeros(b, n_seq, dtype=torch.float64).scatter_add_(1, torch.randint(0, n_seq, (b, n_seq), generator=gen),
+                                                                            torch.ones(b, n_seq, dtype=torch.float64))
+        r1[start : start + b], r2[start : start + b] = stats((counts @ seq_t).numpy())
+    layers = []
+    for layer, (nb, ni, (lo, hi), b, i) in enumerate(strata_info):
+        layers.append({
+            "delta_bi": _verdict(c1[layer], r1[:, layer], level, nb, ni).to_dict(),
+            "delta_brand": _verdict(c2[layer], r2[:, layer], level, nb).to_dict(),
+            "tokens": {"all": n, "boundary": nb, "interior": ni, "sequences": n_seq},
+            "thresholds": {"boundary": lo, "interior": hi},
+            "kappa_next_boundary": float(kappa_next[b, layer].mean()) if nb else float("nan"),
+            "kappa_next_interior": float(kappa_next[i, layer].mean()) if ni else float("nan"),
+            "kappa_rand_boundary": float(kappa_rand[b, layer].mean()) if nb else float("nan"),
+        })
+    aggregates = {}
+    for name, w in (weights or {}).items():
+        w = np.asarray(w, dtype=np.float64)
+        ok = np.isfinite(c1) & np.isfinite(c2)  # layers without a statistic are left out, the rest renormalised
+        w = np.where(ok, w, 0.0)
+        w = w / w.sum() if w.sum() > 0 else w
+        aggregates[name] = {
+            "delta_bi": _verdict(float(np.sum(w * np.where(ok, c1, 0))), np.where(ok, r1, 0) @ w, level,
+                                 sum(s[0] for s in strata_info), sum(s[1] for s in strata_info)).to_dict(),
+            "delta_brand": _verdict(float(np.sum(w * np.where(ok, c2, 0))), np.where(ok, r2, 0) @ w, level, sum(s[0] for s in strata_info)).to_dict(),
+        }
+    return {"layers": layers, "aggregate": aggregates}
+
+
+def c1_c2(margin: np.ndarray, kappa_next: np.ndarray, kappa_rand: np.ndarray, strata: StrataConfig, n_resamples: int = 1000, seed: int = 0,
+          sequence: Optional[np.ndarray] = None) -> dict:
+    """C1 ΔBI and C2 ΔBrand of one layer's tokens (``v2_statistics`` with one layer)."""
+    return v2_statistics(margin, kappa_next, kappa_rand, strata, sequence=sequence, n_resamples=n_resamples, seed=seed)["layers"][0]
+
+
+class TokenReservoir:
+    """A uniform sample (Algorithm R) of at most ``capacity`` tokens, each a row of ``width`` floats
+    and a sequence id: one slot draw per token, so that every column (every layer) keeps the same
+    tokens. Any number of tokens streams through in bounded memory."""
+
+    def __init__(self, capacity: int, width: int, seed: int = 0):
+        if capacity < 1:
+            raise ValueError(f"reservoir capacity {capacity} must be >= 1")
         self.capacity = capacity
-        self.data = np.empty((capacity, 3), dtype=np.float32)
+        self.data = np.empty((capacity, width), dtype=np.float32)
+        self.sequence = np.empty(capacity, dtype=np.int64)
         self.seen = 0
         self.rng = np.random.default_rng(seed)
 
-    def add(self, margin: torch.Tensor, kappa_next: torch.Tensor, kappa_rand: torch.Tensor) -> None:
-        rows = torch.stack([margin.float(), kappa_next.float(), kappa_rand.float()], 1).cpu().numpy()
+    def add(self, rows: np.ndarray, sequence: np.ndarray) -> None:
+        rows, sequence = np.asarray(rows, dtype=np.float32).reshape(len(rows), -1), np.asarray(sequence)
         fill = min(len(rows), max(self.capacity - self.seen, 0))
         if fill:
-            self.data[self.seen : self.seen + fill] = rows[:fill]
-        rest = rows[fill:]
-        if len(rest):
-            # Token t (0-based global index i) replaces a uniform slot with probability capacity / (i + 1).
-            idx = self.seen + fill + np.arange(len(rest))
-            slots = (self.rng.random(len(rest)) * (idx + 1)).astype(np.int64)
-            keep = slots < self.capacity
-            self.data[slots[keep]] = rest[keep]  # later tokens overwrite earlier ones in order, as in Algorithm R
+            self.data[self.seen : self.seen + fill], self.sequence[self.seen : self.seen + fill] = rows[:fill], sequence[:fill]
+        if len(rows) > fill:
+            # Token i (0-based over the stream) replaces a uniform slot with probability capacity / (i + 1);
+            # of several tokens of this batch drawing one slot, the last one stays, as in Algorithm R.
+            idx = self.seen + np.arange(fill, len(rows))
+            slots = (self.rng.random(len(idx)) * (idx + 1)).astype(np.int64)
+            keep = np.flatnonzero(slots < self.capacity)
+            last = keep[::-1][np.unique(slots[keep][::-1], return_index=True)[1]]
+            self.data[slots[last]], self.sequence[slots[last]] = rows[fill + last], sequence[fill + last]
         self.seen += len(rows)
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        d = self.data[: min(self.seen, self.capacity)].astype(np.float64)
-        return d[:, 0], d[:, 1], d[:, 2]
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        k = min(self.seen, self.capacity)
+        return self.data[:k].astype(np.float64), self.sequence[:k]

@@ -91,10 +91,12 @@ def _run(moe_run, out, action, script, steps=8, **geometry):
 
 
 def test_checkpoints_only_when_v2_passes_and_rollback_restores_adapter_and_optimizer(tmp_path, moe_run):
-    # start (both pass) → step 2 pass (save) → 4 fail, worse (rollback, patience 1) → 6 fail, better (continue) → 8 pass (save)
+    # start (both pass) → step 2 pass (save) → 4 fail, worse (rollback, patience 1) → 6 fail: better than step 4 but worse than
+    # step 2, the state rolled back to, so not improving (rollback again) → 8 pass (save)
     script = [R(-0.02, -0.02), R(-0.03, -0.03), R(0.01, 0.02), R(0.005, 0.01), R(-0.01, -0.02)]
     trainer, rec, checks, signal = _run(moe_run, tmp_path / "run", "rollback", script)
-    assert signal.calls == 5 and [c["decision"] for c in checks] == ["start", "save", "rollback", "continue", "save"]
+    assert signal.calls == 5 and [c["decision"] for c in checks] == ["start", "save", "rollback", "rollback", "save"]
+    assert checks[3]["rolled_back_to_step"] == 2
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-8"]
     assert checks[2]["rolled_back_to_step"] == 2 and checks[2]["delta_brand_value"] == 0.02 and checks[2]["watch"] == ["delta_bi", "delta_brand"]
     # After the rollback at step 4 the adapter is step 2's, the one saved in checkpoint-2.
@@ -108,7 +110,7 @@ def test_checkpoints_only_when_v2_passes_and_rollback_restores_adapter_and_optim
     for a, b in zip(rec.steps[4]["exp_avg"], rec.steps[2]["exp_avg"]):
         torch.testing.assert_close(a, b)
     logged = [r for r in trainer.state.log_history if "v2_decision" in r]
-    assert [r["v2_decision"] for r in logged] == ["start", "save", "rollback", "continue", "save"]
+    assert [r["v2_decision"] for r in logged] == ["start", "save", "rollback", "rollback", "save"]
 
 
 def test_halve_lr_and_double_lambdas_act_on_the_running_training(tmp_path, moe_run):

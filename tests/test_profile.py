@@ -190,3 +190,28 @@ def test_v2_profile_benchmark_worker_smoke(tiny_model_dir, texts):
         r = v2_profile.worker({"variant": variant, "model": str(tiny_model_dir("qwen3_moe")), "data": str(texts / "code.jsonl"), "sequences": 4,
                                "max_length": 32, "batch_size": 2, "reps": 1, "n_resamples": 50})
         assert r["tokens"] > 0 and r["s"] > 0 and len(r["times_s"]) == 1
+
+
+def test_more_bad_input_is_one_sentence(tmp_path, tiny_model_dir, texts):
+    from geocache.bench.parity import ParityConfig
+    from geocache.reference import ReferenceRecipe
+    from geocache.train import TrainConfig
+
+    for opt in ("--batch-size", "--n-resamples", "--reservoir-tokens"):
+        r = CliRunner().invoke(main, ["profile", "--model", "m", "--data", str(texts / "code.jsonl"), "--out", str(tmp_path / "o"), opt, "0"])
+        assert r.exit_code == 2 and "must be >= 1" in r.output, r.output
+    (tmp_path / "file").write_text("")
+    r = CliRunner().invoke(main, ["profile", "--model", str(tiny_model_dir("qwen3_moe")), "--data", str(texts / "code.jsonl"),
+                                  "--out", str(tmp_path / "file" / "sub")])
+    assert r.exit_code == 2 and "cannot be written" in r.output
+    (tmp_path / "blank.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+    r = CliRunner().invoke(main, ["profile", "--model", str(tiny_model_dir("qwen3_moe")), "--data", str(tmp_path / "blank.jsonl"), "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "row 0" in r.output and "Traceback" not in r.output, r.output
+    r = CliRunner().invoke(main, ["reference", "--steps", "0", "--cache-dir", str(tmp_path / "ref")])
+    assert r.exit_code == 2 and "steps=0 must be >= 1" in r.output
+    with pytest.raises(ValueError, match="steps=0"):
+        ParityConfig(steps=0)
+    assert ParityConfig(steps=4).logging_steps == 4
+    assert TrainConfig(model="m", cache="c", out="o", v2_every=2, v2_data="held.jsonl").v2_data == ["held.jsonl"]
+    with pytest.raises(ValueError, match="split_fractions"):
+        ReferenceRecipe(split_fractions=(0.5, 0.5, 0.5))

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geocache.v2 import LayerReservoir, StrataConfig, bootstrap_mean_difference, c1_c2, kappa, routing_ranks
+from geocache.v2 import StrataConfig, TokenReservoir, c1_c2, kappa, routing_ranks, v2_statistics
 
 
 @settings(max_examples=50, deadline=None)
@@ -38,34 +38,56 @@ def test_routing_ranks_pick_the_kth_the_next_and_a_random_unselected_expert():
         routing_ranks(torch.randn(3, 4), top_k=3)
 
 
-@pytest.mark.parametrize("paired", [False, True])
-def test_bootstrap_interval_covers_the_true_difference_at_its_nominal_rate(paired):
-    """Over many seeds, the 95% percentile interval contains the true mean difference ~95% of the time."""
-    true_diff, covered, runs = -0.3, 0, 300
+def _synthetic(rng, n_seq=60, per_seq=25, seq_effect=0.0):
+    """Tokens with known strata effects: margin ~ U(0, 1) (population boundary: m < 0.1, interior:
+    m > 0.5); κ_next lower by 0.1 on boundary tokens (true ΔBI = −0.1), κ_rand above κ_next by 0.05
+    (true ΔBrand = −0.05); ``seq_effect`` adds a shared random shift per sequence (correlated tokens)."""
+    n = n_seq * per_seq
+    seq = np.repeat(np.arange(n_seq), per_seq)
+    margin = rng.uniform(0, 1, n)
+    shift = rng.normal(0, seq_effect, n_seq)[seq] if seq_effect else 0.0
+    k_next = 0.5 - 0.1 * (margin < 0.1) + rng.normal(0, 0.2, n) + shift
+    k_rand = k_next + 0.05 + rng.normal(0, 0.1, n) + (rng.normal(0, seq_effect, n_seq)[seq] if seq_effect else 0.0)
+    return margin, k_next, k_rand, seq
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+def test_bootstrap_intervals_cover_the_true_differences_at_their_nominal_rate(clustered):
+    """Over many seeds the 95% intervals contain the true ΔBI and ΔBrand ~95% of the time; with
+    correlated tokens within sequences only the sequence (cluster) bootstrap does."""
+    runs, cover_bi, cover_brand, cover_token_level = 200, 0, 0, 0
     for seed in range(runs):
-        rng = np.random.default_rng(10_000 + seed)
-        x = rng.normal(1.0 + true_diff, 1.0, 150)
-        y = x - true_diff + rng.normal(0, 0.5, 150) if paired else rng.normal(1.0, 1.5, 220)
-        v = bootstrap_mean_difference(x, y, paired=paired, n_resamples=400, seed=seed)
-        covered += v.ci_low <= true_diff <= v.ci_high
-    # Binomial(300, 0.95): sd 1.26%; percentile intervals run slightly narrow at these sizes.
-    assert 0.91 <= covered / runs <= 0.985
+        rng = np.random.default_rng(20_000 + seed)
+        margin, k_next, k_rand, seq = _synthetic(rng, seq_effect=0.15 if clustered else 0.0)
+        out = c1_c2(margin, k_next, k_rand, StrataConfig(), n_resamples=400, seed=seed, sequence=seq)
+        cover_bi += out["delta_bi"]["ci_low"] <= -0.1 <= out["delta_bi"]["ci_high"]
+        cover_brand += out["delta_brand"]["ci_low"] <= -0.05 <= out["delta_brand"]["ci_high"]
+        if clustered:
+            tok = c1_c2(margin, k_next, k_rand, StrataConfig(), n_resamples=400, seed=seed)  # every token its own cluster
+            cover_token_level += tok["delta_brand"]["ci_low"] <= -0.05 <= tok["delta_brand"]["ci_high"]
+    # Binomial(200, 0.95): sd 1.5%; percentile intervals run slightly narrow at these sizes.
+    assert 0.89 <= cover_bi / runs <= 0.99 and 0.89 <= cover_brand / runs <= 0.99
+    if clustered:
+        assert cover_token_level / runs < 0.8  # ignoring the sequences is over-confident
 
 
-def test_bootstrap_verdicts_and_scipy_agreement():
+def test_intervals_agree_with_scipy_and_verdicts_follow_the_sign_rule():
     from scipy.stats import bootstrap
 
     rng = np.random.default_rng(0)
-    x, y = rng.normal(0.0, 1.0, 400), rng.normal(0.5, 1.0, 300)
-    ours = bootstrap_mean_difference(x, y, n_resamples=4000, seed=1)
-    ref = bootstrap((x, y), lambda a, b, axis: a.mean(axis) - b.mean(axis), n_resamples=4000, method="percentile", rng=2).confidence_interval
-    assert ours.ci_low == pytest.approx(ref.low, abs=0.03) and ours.ci_high == pytest.approx(ref.high, abs=0.03)
-    assert ours.passed and ours.value == pytest.approx(x.mean() - y.mean()) and (ours.n, ours.n_other) == (400, 300)
-    null = bootstrap_mean_difference(rng.normal(0, 1, 500), rng.normal(0, 1, 500), n_resamples=2000)
-    assert not null.passed or null.ci_high >= 0
-    positive = bootstrap_mean_difference(y, x, n_resamples=2000)
-    assert positive.value > 0 and not positive.passed
-    assert np.isnan(bootstrap_mean_difference(np.array([]), x).value)
+    margin, k_next, k_rand, _ = _synthetic(rng, n_seq=200, per_seq=10)
+    out = c1_c2(margin, k_next, k_rand, StrataConfig(), n_resamples=4000, seed=1)
+    b = margin < np.quantile(margin, 0.1)
+    d = k_next[b] - k_rand[b]
+    ref = bootstrap((d,), np.mean, n_resamples=4000, method="percentile", rng=2).confidence_interval
+    # Ours resamples all tokens (the boundary count varies per replicate); scipy only the boundary ones.
+    assert out["delta_brand"]["ci_low"] == pytest.approx(ref.low, abs=0.01) and out["delta_brand"]["ci_high"] == pytest.approx(ref.high, abs=0.01)
+    assert out["delta_brand"]["value"] == pytest.approx(d.mean())
+    for key in ("delta_bi", "delta_brand"):
+        v = out[key]
+        assert v["pass"] == (v["value"] < 0 and v["ci_high"] < 0) and v["pass"]
+    flipped = c1_c2(margin, k_rand, k_next, StrataConfig(), n_resamples=500)
+    assert flipped["delta_brand"]["value"] > 0 and not flipped["delta_brand"]["pass"]
 
 
 def test_c1_c2_on_planted_strata():
@@ -87,22 +109,49 @@ def test_c1_c2_on_planted_strata():
     assert absolute["tokens"]["boundary"] == int((margin < 0.05).sum()) and absolute["thresholds"] == {"boundary": 0.05, "interior": 2.0}
     with pytest.raises(ValueError, match="quantiles"):
         StrataConfig(boundary_q=0.6, interior_q=0.5)
+    with pytest.raises(ValueError, match="must not exceed"):
+        StrataConfig(boundary_abs=0.5, interior_abs=0.1)
+    with pytest.raises(ValueError, match="no tokens"):
+        c1_c2(np.array([]), np.array([]), np.array([]), StrataConfig())
 
 
-def test_reservoir_keeps_everything_until_full_then_a_uniform_sample():
-    r = LayerReservoir(capacity=1000, seed=0)
-    idx = torch.arange(600, dtype=torch.float32)
-    r.add(idx, idx * 0, idx * 0)
-    assert r.seen == 600 and np.array_equal(r.arrays()[0], np.arange(600))
+def test_aggregates_weight_the_layers_and_carry_their_correlation():
+    rng = np.random.default_rng(3)
+    margin, k_next, k_rand, seq = _synthetic(rng, n_seq=100, per_seq=20, seq_effect=0.1)
+    # Two layers that see the same tokens: identical statistics, perfectly correlated.
+    two = v2_statistics(np.stack([margin, margin], 1), np.stack([k_next, k_next], 1), np.stack([k_rand, k_rand], 1), StrataConfig(),
+                        sequence=seq, weights={"mean": np.array([0.5, 0.5]), "first": np.array([1.0, 0.0])}, n_resamples=500, seed=0)
+    one = c1_c2(margin, k_next, k_rand, StrataConfig(), n_resamples=500, seed=0, sequence=seq)
+    for key in ("delta_bi", "delta_brand"):
+        agg = two["aggregate"]["mean"][key]
+        assert agg["value"] == pytest.approx(one[key]["value"])
+        # Independent replicates per layer would shrink the interval by ~1/√2; shared ones do not.
+        assert agg["ci_high"] - agg["ci_low"] == pytest.approx(one[key]["ci_high"] - one[key]["ci_low"], rel=1e-9)
+        assert two["aggregate"]["first"][key]["value"] == pytest.approx(one[key]["value"])
+    three = v2_statistics(np.stack([margin] * 3, 1), np.stack([k_next, k_next + 0.3, k_next], 1), np.stack([k_rand] * 3, 1), StrataConfig(),
+                          sequence=seq, weights={"w": np.array([0.2, 0.6, 0.2])}, n_resamples=100)
+    vals = [lay["delta_brand"]["value"] for lay in three["layers"]]
+    assert three["aggregate"]["w"]["delta_brand"]["value"] == pytest.approx(0.2 * vals[0] + 0.6 * vals[1] + 0.2 * vals[2])
+
+
+def test_reservoir_keeps_everything_until_full_then_a_uniform_sample_shared_by_its_columns():
+    r = TokenReservoir(capacity=1000, width=2, seed=0)
+    idx = np.arange(600, dtype=np.float64)
+    r.add(np.stack([idx, -idx], 1), idx.astype(np.int64))
+    data, seq = r.arrays()
+    assert r.seen == 600 and np.array_equal(data[:, 0], idx) and np.array_equal(seq, idx)
     means = []
     for rep in range(20):
-        r = LayerReservoir(capacity=1000, seed=rep)
+        r = TokenReservoir(capacity=1000, width=2, seed=rep)
         for start in range(0, 20_000, 700):  # uneven batches
-            idx = torch.arange(start, min(start + 700, 20_000), dtype=torch.float32)
-            r.add(idx, idx, idx)
-        m, _, _ = r.arrays()
-        assert len(m) == 1000 and len(np.unique(m)) == 1000 and r.seen == 20_000
-        means.append(m.mean())
+            idx = np.arange(start, min(start + 700, 20_000), dtype=np.float64)
+            r.add(np.stack([idx, -idx], 1), idx.astype(np.int64))
+        data, seq = r.arrays()
+        assert len(data) == 1000 and len(np.unique(data[:, 0])) == 1000 and r.seen == 20_000
+        assert np.array_equal(data[:, 1], -data[:, 0]) and np.array_equal(seq, data[:, 0].astype(np.int64))  # columns stay together
+        means.append(data[:, 0].mean())
         # Every tenth of the stream holds ~a tenth of the sample.
-        assert np.abs(np.histogram(m, bins=10, range=(0, 20_000))[0] - 100).max() < 45
+        assert np.abs(np.histogram(data[:, 0], bins=10, range=(0, 20_000))[0] - 100).max() < 45
     assert np.mean(means) == pytest.approx(9999.5, rel=0.02)
+    with pytest.raises(ValueError, match="capacity"):
+        TokenReservoir(0, 1)

@@ -66,6 +66,9 @@ class CalibrationConfig:
             raise ValueError(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
         if [d for d in self.datasets if d not in DATASETS]:
             raise ValueError(f"datasets={list(self.datasets)} must be among {', '.join(DATASETS)}")
+        for name in ("steps", "batch_size", "max_length", "tune_sequences", "eval_sequences"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
 
 def docstring_tasks(documents: list[str], max_chars: int = 800) -> list[dict]:

@@ -76,6 +76,8 @@ class FidelityConfig:
             raise ValueError(f"ks={self.ks} must be top-k values >= 1")
         if not self.steps or min(self.steps) < 1:
             raise ValueError(f"steps={self.steps} must be positive step counts")
+        if "arrow" not in self.backends:
+            raise ValueError(f"backends={list(self.backends)} must include arrow (the default backend, whose bytes choose the defaults)")
 
 
 # ----------------------------------------------------------------------------------------------

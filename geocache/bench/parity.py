@@ -39,6 +39,12 @@ class ParityConfig:
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Reference models' cache directory."})
     recipe: Optional[object] = field(default=None, metadata={"help": "A ReferenceRecipe (overrides arch; for tests)."})
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_length", "tune_sequences", "eval_sequences", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        self.logging_steps = min(self.logging_steps, self.steps)  # at least one logged step to compare
+
 
 def rel_diff(a: float, b: float) -> float:
     """|a − b| relative to the larger magnitude (symmetric in the two runs)."""
