@@ -224,6 +224,9 @@ def profile(**options):
 @main.group()
 def bench() -> None:
     """Benchmarks that ship with geocache (more under benchmarks/ in the repository)."""
+
+
+def _bench_deps() -> None:
     import importlib.util
 
     missing = [m for m in ("matplotlib", "scipy", "torchmetrics") if importlib.util.find_spec(m) is None]
@@ -245,6 +248,7 @@ def bench() -> None:
 @click.option("--replot", is_flag=True, help="Only rewrite fidelity.md/.png from fidelity.json in --out.")
 def fidelity(arch, out, work_dir, tune_domain, steps, ks, ms, eval_sequences, device, cache_dir, replot):
     """Cached KL estimators vs the exact KL on a tuned reference model: bias, errors, masks, gradients, bytes."""
+    _bench_deps()
     from geocache.bench.fidelity import FidelityConfig, replot as rewrite, run_fidelity
 
     if replot:
@@ -266,6 +270,7 @@ def fidelity(arch, out, work_dir, tune_domain, steps, ks, ms, eval_sequences, de
 @click.option("--cache-dir", default=None, help="Reference models' cache directory.")
 def parity(arch, out, work_dir, tune_domain, steps, learning_rate, device, cache_dir):
     """Train with --base cache and --base live from the same start; compare held-out exact KL, dH, gap, loss."""
+    _bench_deps()
     from geocache.bench.parity import ParityConfig, run_parity
 
     run_parity(ParityConfig(out=out, work_dir=work_dir, arch=arch, tune_domain=tune_domain, steps=steps, learning_rate=learning_rate,
@@ -282,6 +287,7 @@ def parity(arch, out, work_dir, tune_domain, steps, learning_rate, device, cache
 @click.option("--cache-dir", default=None, help="Reference models' cache directory.")
 def calibration(arch, out, work_dir, steps, learning_rate, device, cache_dir):
     """SFT with plain DoRA, constant KL penalties and the geometry-aware loss; held-out calibration and drift."""
+    _bench_deps()
     from geocache.bench.calibration import CalibrationConfig, run_calibration
 
     run_calibration(CalibrationConfig(out=out, work_dir=work_dir, arch=arch, steps=steps, learning_rate=learning_rate, device=device,

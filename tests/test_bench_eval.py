@@ -58,6 +58,21 @@ def test_exact_heldout_of_an_identity_adapter_equals_its_base_and_a_hand_compute
         q, targets = shift_and_select(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
     assert res["base_ece"] == pytest.approx(_hand_ece(torch.softmax(q.float(), -1), targets), abs=1e-5)
     assert res["base_task_loss"] == pytest.approx(torch.nn.functional.cross_entropy(q.float(), targets).item(), rel=1e-5)
+    # A moved adapter: every mean equals geocache.signals' definitions on the same positions.
+    from geocache.signals import geometry_signals
+
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0, 0.3)
+        moved = exact_heldout(model, tmp_path / "c", batch_size=4, calibration=True)
+        tuned = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        with model.disable_adapter():
+            base = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    ref = geometry_signals(tuned, base, batch["labels"])
+    for key, sig in (("kl_forward", "kl_forward"), ("kl_reverse", "kl_reverse"), ("dH", "dH"), ("cal_gap", "cal_gap"), ("task_loss", "nll")):
+        assert moved[key] == pytest.approx(ref[sig].mean().item(), rel=1e-4, abs=1e-6), key
+    assert moved["kl_forward"] > 1e-4
 
 
 def test_bench_calibration_smoke(tmp_path, tiny_reference):

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from geocache.signals import calibration_gap, entropy, kl_forward, kl_reverse, nll, shift_and_select
+from geocache.signals import shift_and_select
 
 
 def load_tuned(model_dir: str | Path, adapter: str | Path, device: Optional[str] = None):
@@ -64,21 +64,27 @@ def exact_heldout(model, cache_path: str | Path, batch_size: int = 8, calibratio
         with model.disable_adapter():
             base_out = model(**inputs)
         p, _ = shift_and_select(base_out.logits.float(), labels)
-        h_q, h_p = entropy(q), entropy(p)
+        # Each log-softmax once; the same definitions as geocache.signals (tests check against them).
+        lq, lp = torch.log_softmax(q, -1), torch.log_softmax(p, -1)
+        pq, pp = lq.exp(), lp.exp()
+        h_q, h_p = -(pq * lq).sum(-1), -(pp * lp).sum(-1)
+        nll_q, nll_p = -lq.gather(-1, targets[:, None]).squeeze(-1), -lp.gather(-1, targets[:, None]).squeeze(-1)
         values = {
-            "task_loss": nll(q, targets),
-            "base_task_loss": nll(p, targets),
-            "kl_forward": kl_forward(p, q),
-            "kl_reverse": kl_reverse(p, q),
+            "task_loss": nll_q,
+            "base_task_loss": nll_p,
+            "kl_forward": (pp * (lp - lq)).sum(-1),
+            "kl_reverse": (pq * (lq - lp)).sum(-1),
             "dH": h_q - h_p,
-            "cal_gap": calibration_gap(q, targets),
+            "cal_gap": nll_q - h_q,
             "H_tuned": h_q,
             "H_base": h_p,
         }
         if calibration:
-            values["brier"], values["base_brier"] = brier(q, targets), brier(p, targets)
-            ece.update(torch.softmax(q, -1), targets)
-            base_ece.update(torch.softmax(p, -1), targets)
+            # Brier: Σ_v (q_v − 1[v = y])² = Σ q² − 2 q_y + 1
+            values["brier"] = (pq * pq).sum(-1) - 2 * (-nll_q).exp() + 1
+            values["base_brier"] = (pp * pp).sum(-1) - 2 * (-nll_p).exp() + 1
+            ece.update(pq, targets)
+            base_ece.update(pp, targets)
             if layout is not None:
                 k = layout["top_k"]
                 tuned_r, base_r = select_router_rows(out.router_logits, labels), select_router_rows(base_out.router_logits, labels)

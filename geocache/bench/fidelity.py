@@ -166,8 +166,9 @@ def _variants(ks, ms) -> list[tuple[str, str, int, Optional[int]]]:
 
 
 def compare(tuned: torch.Tensor, base_logits: torch.Tensor, stats_by_k: dict[int, BaseStats], ms, thresholds, relerr_floor: float,
-            chunk: int = 1024) -> list[dict]:
-    """Every variant's metrics against the exact KL, from ``[P, V]`` tuned and base logits."""
+            chunk: int = 1024, device=None) -> list[dict]:
+    """Every variant's metrics against the exact KL, from ``[P, V]`` tuned and base logits (kept on
+    the CPU; each chunk's work runs on ``device``, default the logits')."""
     from scipy.stats import spearmanr
 
     variants = _variants(sorted(stats_by_k), ms)
@@ -177,9 +178,9 @@ def compare(tuned: torch.Tensor, base_logits: torch.Tensor, stats_by_k: dict[int
     tails = {k: {"mass": [], "kl": []} for k in stats_by_k}  # exact tail mass and tail part of KL(p‖q)
     for s in range(0, P, chunk):
         sl = slice(s, min(s + chunk, P))
-        z = tuned[sl].clone().requires_grad_(True)
+        z = tuned[sl].to(device or tuned.device).clone().requires_grad_(True)
         lq = torch.log_softmax(z, -1)
-        lp = torch.log_softmax(base_logits[sl], -1)
+        lp = torch.log_softmax(base_logits[sl].to(z.device), -1)
         grads_exact = {}
         for direction, kl in (("forward", (lp.exp() * (lp - lq)).sum(-1)), ("reverse", (lq.exp() * (lq - lp)).sum(-1))):
             (g,) = torch.autograd.grad(kl.sum(), z, retain_graph=True)
@@ -187,7 +188,7 @@ def compare(tuned: torch.Tensor, base_logits: torch.Tensor, stats_by_k: dict[int
             exact[direction]["kl"].append(kl.detach())
             exact[direction]["g2"].append((g * g).sum(-1))
         for k, stats in stats_by_k.items():
-            st = stats.select(sl)
+            st = stats.select(sl).to(z.device)
             ids = st.topk_ids.long()
             lq_s, log_q_tail = lq.gather(-1, ids), log_tail_mass(lq, ids)
             with torch.no_grad():
@@ -203,11 +204,11 @@ def compare(tuned: torch.Tensor, base_logits: torch.Tensor, stats_by_k: dict[int
                 acc[v]["kl"].append(kl.detach())
                 acc[v]["dot"].append((g * ge).sum(-1))
                 acc[v]["g2"].append((g * g).sum(-1))
-    exact = {d: {n: torch.cat(t).double() for n, t in e.items()} for d, e in exact.items()}
+    exact = {d: {n: torch.cat(t).double().cpu() for n, t in e.items()} for d, e in exact.items()}
     rows = []
     for v, a in acc.items():
         direction, est, k, m = v
-        kl, dot, g2 = (torch.cat(a[n]).double() for n in ("kl", "dot", "g2"))
+        kl, dot, g2 = (torch.cat(a[n]).double().cpu() for n in ("kl", "dot", "g2"))
         ke, ge2 = exact[direction]["kl"], exact[direction]["g2"]
         keep = ke >= relerr_floor
         rel = ((kl - ke).abs() / ke)[keep]
@@ -229,7 +230,7 @@ def compare(tuned: torch.Tensor, base_logits: torch.Tensor, stats_by_k: dict[int
             "grad_cos_p50": cos_pos.median().item(),
             "grad_cos_p05": torch.quantile(cos_pos, 0.05).item(),
             "tail_mass_mean": torch.cat(tails[k]["mass"]).mean().item(),
-            "tail_kl_share": (torch.cat(tails[k]["kl"]).double().sum() / exact["forward"]["kl"].sum()).item(),
+            "tail_kl_share": (torch.cat(tails[k]["kl"]).double().sum().cpu() / exact["forward"]["kl"].sum()).item(),
         }
         for tau in thresholds:
             pen_c, pen_e = (kl - tau).clamp_min(0).sum(), (ke - tau).clamp_min(0).sum()
@@ -331,7 +332,7 @@ def run_fidelity(cfg: FidelityConfig, log=print) -> dict:
                 # The cache's rows line up with the live base: its lse is the base logits' logsumexp.
                 sanity[f"{n}/{domain}"] = (stats_max.lse - torch.logsumexp(base_logits, -1)).abs().max().item()
                 stats = {k: (stats_max if k == kmax else _stats_for(caches[(domain, k, "arrow")])) for k in cfg.ks}
-                for r in compare(tuned, base_logits, stats, cfg.ms, cfg.thresholds, cfg.relerr_floor, cfg.chunk_positions):
+                for r in compare(tuned, base_logits, stats, cfg.ms, cfg.thresholds, cfg.relerr_floor, cfg.chunk_positions, device=device):
                     r.update(steps=n, domain=domain, bytes={b: nbytes[(domain, r["k"], b, r["m"])] for b in cfg.backends})
                     rows.append(r)
                 fwd = next(r for r in rows[::-1] if r["direction"] == "forward")
