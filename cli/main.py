@@ -268,13 +268,15 @@ def fidelity(arch, out, work_dir, tune_domain, steps, ks, ms, eval_sequences, de
 @click.option("--learning-rate", type=float, default=1e-3, show_default=True, help="Learning rate.")
 @click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
 @click.option("--cache-dir", default=None, help="Reference models' cache directory.")
-def parity(arch, out, work_dir, tune_domain, steps, learning_rate, device, cache_dir):
+@click.option("--kl-estimator", type=click.Choice(["topk_hybrid", "topk_tail", "topk_sampled", "topk_renorm"]), default=None,
+              help="Cached KL estimator of the cache run (default: the library's).")
+def parity(arch, out, work_dir, tune_domain, steps, learning_rate, device, cache_dir, kl_estimator):
     """Train with --base cache and --base live from the same start; compare held-out exact KL, dH, gap, loss."""
     _bench_deps()
     from geocache.bench.parity import ParityConfig, run_parity
 
     run_parity(ParityConfig(out=out, work_dir=work_dir, arch=arch, tune_domain=tune_domain, steps=steps, learning_rate=learning_rate,
-                            device=device, cache_dir=cache_dir), log=click.echo)
+                            device=device, cache_dir=cache_dir, kl_estimator=kl_estimator), log=click.echo)
 
 
 @bench.command()

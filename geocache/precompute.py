@@ -47,7 +47,7 @@ class PrecomputeConfig:
     # Arrow by measurement (benchmarks/results/storage.md): shuffled random access 96-199x faster
     # than Zarr per row; Zarr stores 18-28% fewer bytes and suits object stores and archives.
     backend: str = field(default="arrow", metadata={"help": "Storage backend: arrow (default: fast random access) | zarr (compressed)."})
-    # k and m by measurement (benchmarks/results/fidelity.md): with the topk_hybrid estimator,
+    # k and m by measurement (benchmarks/results/fidelity.md): with the sampled tail estimators,
     # k=32 and m=16 are the most faithful KL within 200 LM bytes/token (Arrow) on the reference model.
     k: int = field(default=32, metadata={"help": "Top-k token log-probs cached per position."})
     m: int = field(default=16, metadata={"help": "Tail samples (outside the top-k) cached per position."})

@@ -206,6 +206,9 @@ class GeometryTrainer(Trainer):
             self._tokens, self._clock = 0, now
             logs["base_mode"] = self.base_source.mode
             logs["kl_direction"] = self.geometry_config.kl_direction
+            cached = self.geometry_config.kl_estimator if self.geometry_config.kl_direction == "forward" else "coarse"
+            logs["kl_estimator"] = {"cache": cached, "periodic": f"exact every {getattr(self.base_source, 'every', '?')} steps"}.get(
+                self.base_source.mode, "exact")
         super().log(logs, *args, **kwargs)
 
     def evaluation_loop(self, *args, **kwargs):

@@ -115,7 +115,7 @@ def test_bench_fidelity_smoke_on_a_tiny_reference_model(tmp_path, tiny_reference
     sampled = {r["m"]: r for r in rows if r["k"] == 8 and r["estimator"] == "topk_sampled" and r["domain"] == "code"}
     assert set(sampled) == {2} and sampled[2]["bytes"]["arrow"] > small["bytes"]["arrow"]
     md = (tmp_path / "results" / "fidelity.md").read_text()
-    assert "Chosen defaults" in md and "DistillKit" in md and not math.isnan(result["defaults"]["worst_case"]["grad_cos"])
+    assert "Chosen by this benchmark" in md and "DistillKit" in md and not math.isnan(result["defaults"]["worst_case"]["grad_cos"])
 
 
 def test_bench_parity_smoke_trains_both_modes_and_compares_them_exactly(tmp_path, tiny_reference):
@@ -124,8 +124,10 @@ def test_bench_parity_smoke_trains_both_modes_and_compares_them_exactly(tmp_path
     recipe, ref_dir, _ = tiny_reference
     assert rel_diff(1.0, 1.02) == pytest.approx(0.02 / 1.02) and rel_diff(0.0, 0.0) == 0.0 and rel_diff(-1.0, 1.0) == 2.0
     cfg = ParityConfig(out=str(tmp_path / "results"), work_dir=str(tmp_path / "work"), recipe=recipe, cache_dir=str(ref_dir), steps=4,
-                       learning_rate=2e-2, max_length=64, tune_sequences=32, eval_sequences=4, logging_steps=2, device="cpu")
+                       learning_rate=2e-2, max_length=64, tune_sequences=32, eval_sequences=4, logging_steps=2, device="cpu", kl_estimator="topk_tail")
     result = run_parity(cfg, log=lambda *_: None)
+    assert result["cache_defaults"]["kl_estimator"] == "topk_tail"
+    assert {r["kl_estimator"] for r in result["runs"]["cache"]["log"]} == {"topk_tail"}  # the cache run trained with it
     for ext in ("json", "md", "png"):
         assert (tmp_path / "results" / f"parity.{ext}").stat().st_size > 0
     assert set(result["runs"]) == {"cache", "live"}

@@ -34,6 +34,7 @@ class ParityConfig:
     tune_sequences: int = field(default=1024, metadata={"help": "Sequences of the training cache."})
     eval_sequences: int = field(default=48, metadata={"help": "Held-out sequences per domain."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
+    kl_estimator: Optional[str] = field(default=None, metadata={"help": "Cached KL estimator of the cache run (default: GeometryConfig's)."})
     device: Optional[str] = field(default=None, metadata={"help": "Device (default: cuda when available)."})
     seed: int = field(default=0, metadata={"help": "Seed of both runs."})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Reference models' cache directory."})
@@ -65,11 +66,12 @@ def run_parity(cfg: ParityConfig, log=print) -> dict:
         sources = [("train", f"tune-{cfg.tune_domain}", cfg.tune_sequences)] + [(f"heldout-{d}", f"heldout-{d}", cfg.eval_sequences) for d in recipe.domains]
         caches = {name: cache_of(model_dir, model_dir / f"{data}.jsonl", work / f"cache-{name}", max_length=cfg.max_length, max_sequences=n,
                                  device=cfg.device, seed=cfg.seed) for name, data, n in sources}
+        geometry = GeometryConfig(**({"kl_estimator": cfg.kl_estimator} if cfg.kl_estimator else {}))
         runs = {}
         for mode in MODES:
             t0 = time.perf_counter()
             trainer = sft(model_dir, caches["train"], work / f"run-{mode}", base=mode, steps=cfg.steps, learning_rate=cfg.learning_rate,
-                          batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, logging_steps=cfg.logging_steps)
+                          batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, logging_steps=cfg.logging_steps, geometry=geometry)
             train_s = time.perf_counter() - t0
             model, _ = load_tuned(model_dir, work / f"run-{mode}" / "adapter", device=cfg.device)
             heldout = {d: exact_heldout(model, caches[f"heldout-{d}"]) for d in recipe.domains}
@@ -88,7 +90,7 @@ def run_parity(cfg: ParityConfig, log=print) -> dict:
         result = {
             "provenance": prov,
             "config": {k: v for k, v in asdict(cfg).items() if k != "recipe"},
-            "cache_defaults": {"k": defaults.k, "m": defaults.m, "kl_estimator": GeometryConfig().kl_estimator},
+            "cache_defaults": {"k": defaults.k, "m": defaults.m, "kl_estimator": geometry.kl_estimator},
             "reference": str(model_dir),
             "runs": runs,
             "comparison": comparison,
