@@ -343,12 +343,12 @@ def write_recommended(path: Path, profile: dict) -> None:
 
 
 def run_profile(cfg: ProfileConfig, log=print) -> dict:
-    from geocache.bench import provenance
+    from geocache.bench import provenance, writable_dir
     from geocache.models import load_model_and_tokenizer
     from geocache.moe import moe_blocks
 
     started = time.perf_counter()
-    out = _writable_dir(cfg.out)
+    out = writable_dir(cfg.out)
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     base, tuned = model, None
     if cfg.adapter:  # one PEFT model: the base is the adapter switched off
@@ -385,18 +385,6 @@ def run_profile(cfg: ProfileConfig, log=print) -> dict:
     log(f"{profile['classification']['classification']}: {profile['classification']['strategy']} Wrote {cfg.out}/profile.json, profile.md, "
         "profile.png, recommended.yaml")
     return profile
-
-
-def _writable_dir(path: str) -> Path:
-    """Create the output directory first, so that a bad --out fails before the work, not after."""
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").write_text("")
-        (out / ".write-test").unlink()
-    except OSError as exc:
-        raise ValueError(f"output directory {path!r} cannot be written ({exc.strerror or exc})") from None
-    return out
 
 
 class _AdapterOff:

@@ -91,3 +91,24 @@ def cache_of(model_dir, data, out, *, max_length: int, max_sequences: int, devic
     precompute(PrecomputeConfig(model=str(model_dir), data=[str(data)], out=str(out), overwrite=True, progress=False, device=device, seed=seed,
                                 data_config=DataConfig(max_length=max_length, max_sequences=max_sequences), **options))
     return Path(out)
+
+
+def writable_dir(path) -> Path:
+    """Create an output directory up front, so that a bad ``--out`` fails before the work, not after."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").write_text("")
+        (out / ".write-test").unlink()
+    except OSError as exc:
+        raise ValueError(f"output directory {str(path)!r} cannot be written ({exc.strerror or exc})") from None
+    return out
+
+
+def write_reports(out: Path, name: str, result: dict, markdown, plot) -> None:
+    """``name``.json, .md (``markdown(result)``) and .png (``plot(result, path)``) in ``out``."""
+    import json
+
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{name}.md").write_text(markdown(result))
+    plot(result, out / f"{name}.png")

@@ -89,11 +89,12 @@ def docstring_tasks(documents: list[str], max_chars: int = 800) -> list[dict]:
 
 
 def run_calibration(cfg: CalibrationConfig, log=print) -> dict:
-    from geocache.bench import cache_of, provenance, sft, workspace
+    from geocache.bench import cache_of, provenance, sft, workspace, writable_dir, write_reports
     from geocache.bench.evaluate import exact_heldout, load_tuned
     from geocache.config import GeometryConfig
     from geocache.reference import _split_documents
 
+    out = writable_dir(cfg.out)
     started = time.perf_counter()
     prov = provenance()
     with workspace(cfg, "calibration", log) as (recipe, model_dir, work):
@@ -135,11 +136,7 @@ def run_calibration(cfg: CalibrationConfig, log=print) -> dict:
             "razor": razor(runs),
             "elapsed_s": time.perf_counter() - started,
         }
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "calibration.json").write_text(json.dumps(result, indent=1))
-    (out / "calibration.md").write_text(markdown(result))
-    plot(result, out / "calibration.png")
+    write_reports(out, "calibration", result, markdown, plot)
     log(f"wrote {out}/calibration.{{json,md,png}}")
     return result
 

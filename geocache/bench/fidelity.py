@@ -307,9 +307,10 @@ def choose_defaults(rows: list[dict], thresholds) -> dict:
 
 
 def run_fidelity(cfg: FidelityConfig, log=print) -> dict:
-    from geocache.bench import provenance, workspace
+    from geocache.bench import provenance, workspace, writable_dir, write_reports
     from geocache.bench.evaluate import load_tuned
 
+    out = writable_dir(cfg.out)
     started = time.perf_counter()
     prov = provenance()
     with workspace(cfg, "fidelity", log) as (recipe, model_dir, work):
@@ -348,23 +349,18 @@ def run_fidelity(cfg: FidelityConfig, log=print) -> dict:
             "defaults": choose_defaults(rows, cfg.thresholds),
             "elapsed_s": time.perf_counter() - started,
         }
-    write_reports(result, Path(cfg.out))
+    write_reports(out, "fidelity", result, markdown, plot)
     d = result["defaults"]
     log(f"defaults: {d['estimator']} k={d['k']} m={d['m']} (meets targets: {d['meets_targets']}); wrote {cfg.out}/fidelity.{{json,md,png}}")
     return result
 
 
-def write_reports(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fidelity.json").write_text(json.dumps(result, indent=1))
-    (out / "fidelity.md").write_text(markdown(result))
-    plot(result, out / "fidelity.png")
-
-
 def replot(out: str | Path) -> None:
     """Rewrite fidelity.md and fidelity.png from fidelity.json in ``out``."""
+    from geocache.bench import write_reports
+
     out = Path(out)
-    write_reports(json.loads((out / "fidelity.json").read_text()), out)
+    write_reports(out, "fidelity", json.loads((out / "fidelity.json").read_text()), markdown, plot)
 
 
 def _fmt(x, spec=".4f") -> str:

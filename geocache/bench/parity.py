@@ -9,7 +9,6 @@ and live agree within 2% on each.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -54,11 +53,12 @@ def rel_diff(a: float, b: float) -> float:
 
 
 def run_parity(cfg: ParityConfig, log=print) -> dict:
-    from geocache.bench import cache_of, provenance, sft, workspace
+    from geocache.bench import cache_of, provenance, sft, workspace, writable_dir, write_reports
     from geocache.bench.evaluate import exact_heldout, load_tuned
     from geocache.config import GeometryConfig
     from geocache.precompute import PrecomputeConfig
 
+    out = writable_dir(cfg.out)
     started = time.perf_counter()
     prov = provenance()
     with workspace(cfg, "parity", log) as (recipe, model_dir, work):
@@ -98,11 +98,7 @@ def run_parity(cfg: ParityConfig, log=print) -> dict:
             and comparison["final_train_task_loss"]["rel_diff"] <= TARGET_REL,
             "elapsed_s": time.perf_counter() - started,
         }
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "parity.json").write_text(json.dumps(result, indent=1))
-    (out / "parity.md").write_text(markdown(result))
-    plot(result, out / "parity.png")
+    write_reports(out, "parity", result, markdown, plot)
     log(f"cached vs live within {TARGET_REL:.0%} everywhere: {result['all_within_target']}; wrote {out}/parity.{{json,md,png}}")
     return result
 
