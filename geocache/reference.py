@@ -6,9 +6,10 @@ Qwen3) trained from scratch, with its own byte-level BPE tokenizer, on two domai
 Python itself: ``code`` (the standard library's source) and ``prose`` (``pydoc_data``'s help topics
 and the standard library's docstrings).
 
-Every domain's documents are split, by a seeded shuffle, into ``pretrain`` (what the model is
-trained on), ``tune`` (held out from pretraining, for fine-tuning experiments) and ``heldout``
-(for evaluation). The ``tune`` and ``heldout`` documents are written beside the model as JSONL rows
+Documents are split into ``pretrain`` (what the model is trained on), ``tune`` (held out from
+pretraining, for fine-tuning experiments) and ``heldout`` (for evaluation) by *source*: a standard
+library file's code and its docstrings always land in the same split, so neither domain's held-out
+text has been seen, in the other domain's form, in pretraining. The ``tune`` and ``heldout`` documents are written beside the model as JSONL rows
 ``{"text": ...}`` of at most ``example_chars`` characters, ready for ``geocache precompute``.
 
 The recipe is a dataclass; the built model is cached under the user's cache directory, keyed by a
@@ -55,17 +56,26 @@ def _docstrings(source: str) -> str:
     return "\n\n".join(d for d in map(ast.get_docstring, nodes) if d)
 
 
+def sources() -> dict[str, dict[str, str]]:
+    """{source: {domain: document}} in a fixed order. A source is where documents come from: a
+    standard-library file gives a ``code`` document (its text) and a ``prose`` one (its docstrings,
+    when it has any); a ``pydoc_data`` help topic gives a ``prose`` document only. Splits are drawn
+    per source, so a file's docstrings are never pretrained on while its code is held out."""
+    from pydoc_data.topics import topics
+
+    out = {f"topic:{k}": {"prose": topics[k]} for k in sorted(topics)}
+    for p in _stdlib_sources():
+        text = p.read_text(encoding="utf-8", errors="replace")
+        out[f"file:{p.name}"] = {"code": text, **({"prose": d} if (d := _docstrings(text)) else {})}
+    return out
+
+
 def corpus(domain: str) -> list[str]:
     """Documents of one domain, in a fixed order: ``code`` (the standard library's top-level ``*.py``
     files) or ``prose`` (``pydoc_data`` help topics, then each of those files' docstrings)."""
-    if domain == "code":
-        return [p.read_text(encoding="utf-8", errors="replace") for p in _stdlib_sources()]
-    if domain == "prose":
-        from pydoc_data.topics import topics
-
-        docs = [topics[k] for k in sorted(topics)]
-        return docs + [d for d in (_docstrings(p.read_text(encoding="utf-8", errors="replace")) for p in _stdlib_sources()) if d]
-    raise ValueError(f"domain {domain!r} must be 'code' or 'prose'")
+    if domain not in ("code", "prose"):
+        raise ValueError(f"domain {domain!r} must be 'code' or 'prose'")
+    return [docs[domain] for docs in sources().values() if domain in docs]
 
 
 def examples(document: str, max_chars: int) -> list[str]:
@@ -107,6 +117,7 @@ class ReferenceRecipe:
     example_chars: int = field(default=1200, metadata={"help": "Longest tune/heldout JSONL example, in characters."})
     eval_sequences: int = field(default=64, metadata={"help": "Held-out windows of seq_len tokens evaluated per domain."})
     seed: int = field(default=0, metadata={"help": "Seed of everything."})
+    corpus_version: int = field(default=2, metadata={"help": "Bumped when the corpus or its split changes, so a model built from another is not reused (2: splits drawn per source file)."})
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "seq_len", "batch_size", "steps",
@@ -134,24 +145,35 @@ RECIPES = {
 }
 
 
+def _split_of(recipe: ReferenceRecipe, source: str) -> str:
+    """The split of one source: a seeded hash of its name against ``split_fractions`` (heldout, tune,
+    then pretrain), the same in every domain."""
+    u = int(hashlib.sha256(f"{recipe.seed}:{source}".encode()).hexdigest()[:15], 16) / 16**15
+    _, tune, held = recipe.split_fractions
+    return "heldout" if u < held else "tune" if u < held + tune else "pretrain"
+
+
 def _split_documents(recipe: ReferenceRecipe) -> dict[str, dict[str, list[str]]]:
-    """{domain: {split: documents}}: the domain's documents shuffled with the seed, capped at
-    ``max_chars_per_domain``, cut by ``split_fractions``. Every split of every domain gets at least one document."""
+    """{domain: {split: documents}}. Each source (a standard-library file, a help topic) is given one
+    split for all its documents (:func:`_split_of`); each domain then takes its documents in a seeded
+    order up to ``max_chars_per_domain``. Every split of every domain must get at least one document."""
+    every = sources()
+    order = list(every)
+    random.Random(f"{recipe.seed}-sources").shuffle(order)
     out = {}
     for domain in recipe.domains:
-        docs, total = [], 0
-        shuffled = corpus(domain)
-        random.Random(f"{recipe.seed}-{domain}").shuffle(shuffled)
-        for d in shuffled:
+        split, total = {s: [] for s in ("heldout", "tune", "pretrain")}, 0
+        for name in order:
+            if domain not in every[name]:
+                continue
             if total >= recipe.max_chars_per_domain:
                 break
-            docs.append(d)
-            total += len(d)
-        n_tune = max(1, round(len(docs) * recipe.split_fractions[1]))
-        n_held = max(1, round(len(docs) * recipe.split_fractions[2]))
-        if len(docs) < n_tune + n_held + 1:
-            raise ValueError(f"domain {domain!r} has {len(docs)} documents under the cap, too few to split")
-        out[domain] = {"heldout": docs[:n_held], "tune": docs[n_held : n_held + n_tune], "pretrain": docs[n_held + n_tune :]}
+            split[_split_of(recipe, name)].append(every[name][domain])
+            total += len(every[name][domain])
+        if not all(split.values()):
+            counts = ", ".join(f"{s} {len(d)}" for s, d in split.items())
+            raise ValueError(f"domain {domain!r} splits into {counts} documents under the cap: every split needs at least one")
+        out[domain] = split
     return out
 
 

@@ -69,6 +69,18 @@ def test_reference_splits_are_disjoint_deterministic_and_cover_the_capped_corpus
     assert other["prose"]["heldout"] != a["prose"]["heldout"]
 
 
+@pytest.mark.parametrize("recipe", [TINY, RECIPES["moe"]], ids=["tiny", "moe"])
+def test_reference_splits_keep_a_files_code_and_docstrings_together(recipe):
+    from geocache.reference import _docstrings
+
+    splits = _split_documents(recipe)
+    for split in ("tune", "heldout"):
+        docstrings = {_docstrings(d) for d in splits["code"][split]} - {""}
+        assert docstrings, split  # the check below has something to check
+        assert not docstrings & set(splits["prose"]["pretrain"])  # held-out code's docstrings were never pretrained on
+        assert docstrings & set(splits["prose"][split])  # ... they are held out with it (where the prose cap reached them)
+
+
 def test_prose_holds_docstrings_and_help_topics_and_recipes_meet_the_issue():
     from pydoc_data.topics import topics
 
