@@ -5,6 +5,12 @@ output (fresh, resume or overwrite) → stream sequences, this rank's share only
 under ``no_grad`` → ``compute_base_stats`` per sequence → hand records to the background shard
 writer → merge the ranks' parts into ``manifest.json``.
 
+The output projection is not run by the model: a hook keeps the last hidden states and the
+statistics pass projects only the labelled rows, a few hundred at a time into one reused buffer
+(``fused_head``), so the ``[batch, length, vocab]`` logits are never allocated. A probe at load time
+(8 tokens) checks that the model's logits are exactly that projection; when they are not (soft-capping,
+a logit scale), the model's own logits are used.
+
 Under ``torchrun``/``accelerate launch`` rank r takes sequences r, r + W, r + 2W, ... of the one
 deterministic stream, writes its own shards and part manifest; rank 0 merges them at the end.
 Tail samples are drawn with a generator seeded from (seed, sequence index), so a resumed or
@@ -64,6 +70,7 @@ class PrecomputeConfig:
     dry_run: bool = field(default=False, metadata={"help": "Only estimate size and token count; do not run the model."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless asked)."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
+    fused_head: bool = field(default=True, metadata={"help": "Project only labelled positions, inside the statistics pass (the model's own logits are used when its output is not a plain projection of its last hidden state)."})
     data_config: DataConfig = field(default_factory=DataConfig, metadata={"help": "How examples become sequences."})
 
     def __post_init__(self) -> None:
@@ -136,6 +143,7 @@ class _Run:
         self.id_dtype = _id_dtype(self.out_size)
         self.template = self._template()
         self.timings = {"forward_s": 0.0, "statistics_s": 0.0}
+        self.head = _plain_head(self.model) if cfg.fused_head and not cfg.dry_run else None
 
     def _router_mode(self) -> str:
         cfg, layout = self.cfg, self.layout
@@ -208,11 +216,15 @@ class _Run:
         device = model.get_input_embeddings().weight.device
         want_router = self.router_mode != "none"
         started = time.perf_counter()
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_router_logits=want_router, use_cache=False)
+        with _hidden_only(self.head) as kept:
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_router_logits=want_router, use_cache=False)
         _sync(device)
         self.timings["forward_s"] += time.perf_counter() - started
         started = time.perf_counter()
-        logits = out.logits.reshape(-1, out.logits.shape[-1])
+        if self.head is None:
+            source, head = out.logits.reshape(-1, out.logits.shape[-1]), {}
+        else:  # the statistics pass projects the labelled rows itself
+            source, head = kept[0].reshape(-1, kept[0].shape[-1]), {"head": self.head.weight, "head_bias": self.head.bias}
         router = torch.stack(out.router_logits) if want_router else None  # [layers, segments*width, E]
 
         records, seg_row = [], 0
@@ -224,9 +236,10 @@ class _Run:
             seg_idx = torch.searchsorted(starts, positions, right=True) - 1
             rows = (seg_row + seg_idx) * width + (positions - starts[seg_idx])
             seg_row += len(seq.segments)
-            generator = torch.Generator(device=logits.device).manual_seed((cfg.seed * 1_000_003 + i) % (2**63))
+            stats_device = source.device if self.head is None else self.head.weight.device
+            generator = torch.Generator(device=stats_device).manual_seed((cfg.seed * 1_000_003 + i) % (2**63))
             try:
-                st = compute_base_stats(logits, k=cfg.k, m=cfg.m, rows=rows.to(logits.device), generator=generator)
+                st = compute_base_stats(source, k=cfg.k, m=cfg.m, rows=rows.to(source.device), generator=generator, **head)
             except ValueError as exc:
                 raise ValueError(f"sequence {i}: {exc}") from None
             rec = {
@@ -254,6 +267,59 @@ class _Run:
             records.append(rec)
         self.timings["statistics_s"] += time.perf_counter() - started
         return records
+
+
+def _plain_head(model) -> Optional[torch.nn.Linear]:
+    """The model's output projection when its logits are exactly ``head(last hidden state)``, else None.
+
+    Checked on a probe rather than trusted: the projection's input is rescaled so its logits spread
+    like a trained model's (std 10), and the model's returned logits must equal the projection of
+    that input. Anything applied after the head (Gemma's soft-capping, Cohere's logit scale, a cast)
+    fails the check, and precompute then reads the model's own logits."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    seen = {}
+
+    def probe(module, args):
+        h = args[0].to(head.weight.device)
+        z = torch.nn.functional.linear(h, head.weight, head.bias).float()
+        seen["h"] = h * (10.0 / z.std().clamp_min(1e-6)).to(h.dtype)
+        return (seen["h"], *args[1:])
+
+    device = model.get_input_embeddings().weight.device
+    ids = (torch.arange(8, device=device) % head.weight.shape[0]).unsqueeze(0)
+    handle = head.register_forward_pre_hook(probe)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+            want = torch.nn.functional.linear(seen["h"], head.weight, head.bias)
+    finally:
+        handle.remove()
+    ok = logits.shape == want.shape and torch.allclose(logits.float().to(want.device), want.float(), rtol=1e-3, atol=1e-2)
+    return head if ok else None
+
+
+class _hidden_only:
+    """Within the block, the model's output projection sees an empty slice of its input (so the
+    model returns ``[..., 0, V]`` logits); the input itself, the last hidden states, is kept in the
+    list the block receives. Without a head it does nothing."""
+
+    def __init__(self, head: Optional[torch.nn.Module]):
+        self.head, self.kept, self.handle = head, [], None
+
+    def __enter__(self) -> list:
+        if self.head is not None:
+            self.handle = self.head.register_forward_pre_hook(self._keep)
+        return self.kept
+
+    def _keep(self, module, args):
+        self.kept.append(args[0])
+        return (args[0][..., :0, :], *args[1:])
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
 
 
 def _estimate(run: _Run, bad_rows: list) -> dict:

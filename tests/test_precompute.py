@@ -194,6 +194,61 @@ def test_a_reader_pickles_without_its_open_shards(tmp_path, tiny_model_dir, data
     assert all(torch.equal(copy[i][k], rows[i][k]) for i in range(len(copy)) for k in rows[i])
 
 
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe"])
+def test_the_fused_head_caches_what_the_full_logits_give(tmp_path, tiny_model_dir, data_file, model_type):
+    from geocache.precompute import _hidden_only, _plain_head
+
+    model_dir = tiny_model_dir(model_type)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    head = _plain_head(model)
+    assert head is model.get_output_embeddings()  # the fused path is taken for these models
+    ids = torch.arange(5, 40).unsqueeze(0)
+    with torch.no_grad(), _hidden_only(head) as kept:
+        empty = model(ids).logits
+    with torch.no_grad():
+        full = model(ids).logits
+    assert empty.shape == (1, 0, full.shape[-1]) and len(kept) == 1  # the model never projected a row itself
+    torch.testing.assert_close(head(kept[0]), full, rtol=0, atol=1e-6)
+    run(model_dir, data_file, tmp_path / "fused", k=16, m=4, batch_size=3)
+    run(model_dir, data_file, tmp_path / "full", k=16, m=4, batch_size=3, fused_head=False)
+    fused, unfused = rows_of(tmp_path / "fused"), rows_of(tmp_path / "full")
+    assert len(fused) == len(unfused) > 20
+    for a, b in zip(fused, unfused):
+        assert a.keys() == b.keys()
+        for key in a:
+            if a[key].dtype.is_floating_point:  # a product of 256 rows vs one of the whole batch: float rounding
+                torch.testing.assert_close(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-4)
+            else:
+                assert torch.equal(a[key], b[key]), key
+
+
+def test_logits_changed_after_the_head_are_cached_as_the_model_returns_them(tmp_path, tokenizer_dir, data_file):
+    from transformers import AutoConfig
+
+    from geocache.precompute import _plain_head
+
+    config = AutoConfig.for_model("gemma2", vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=1, head_dim=16, final_logit_softcapping=5.0, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100.0)  # logits of a trained model's spread, where the cap bends them
+    assert _plain_head(model) is None  # soft-capping after the head: the probe sees it
+    model_dir = tmp_path / "gemma2"
+    model.save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
+    run(model_dir, data_file, tmp_path / "c", k=8)
+    row = open_cache(str(tmp_path / "c"))[1]
+    with torch.no_grad():
+        logits = model(row["input_ids"].unsqueeze(0)).logits[0]
+    rows, _ = labelled_positions(row["labels"].unsqueeze(0))
+    with torch.no_grad():  # what the cache would hold if the head's projection were taken as the logits
+        projected = model.lm_head(model.model(row["input_ids"].unsqueeze(0)).last_hidden_state)[0]
+    assert (projected[rows].logsumexp(-1) - logits[rows].logsumexp(-1)).abs().min() > 0.1
+    torch.testing.assert_close(row["lse"], logits[rows].logsumexp(-1), rtol=0, atol=1e-4)
+    assert torch.equal(row["topk_ids"], logits[rows].topk(8).indices)
+
+
 def test_dropout_is_off_and_statistics_are_reproducible(tmp_path, tokenizer_dir, data_file):
     model_dir = build_tiny_model(tmp_path / "m", "llama", tokenizer_dir=tokenizer_dir, attention_dropout=0.5, mlp_bias=True)
     cfg = AutoModelForCausalLM.from_pretrained(model_dir).config
