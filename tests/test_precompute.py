@@ -119,26 +119,50 @@ def test_both_backends_store_the_same_rows_and_a_dataloader_shuffles_them(tmp_pa
     assert seen == len(cache)
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_the_batched_fetch_a_dataloader_uses_equals_row_by_row_reads(tmp_path, tiny_model_dir, data_file, packing):
+def _batch_by_hand(rows: list[dict], pad: int = 0) -> dict:
+    """The batch ``collate_cache_rows`` must build, written the slow, obvious way."""
+    width = max(len(r["input_ids"]) for r in rows)
+    out = {"input_ids": torch.full((len(rows), width), pad), "labels": torch.full((len(rows), width), -100),
+           "attention_mask": torch.zeros(len(rows), width, dtype=torch.long)}
+    if "position_ids" in rows[0]:
+        out["position_ids"] = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, r in enumerate(rows):
+        for t in range(len(r["input_ids"])):
+            out["input_ids"][b, t], out["labels"][b, t], out["attention_mask"][b, t] = r["input_ids"][t], r["labels"][t], 1
+            if "position_ids" in out:
+                out["position_ids"][b, t] = r["position_ids"][t]
+    for key in rows[0]:
+        if key not in out:
+            out[key] = torch.cat([r[key] for r in rows])
+    return out
+
+
+@pytest.mark.parametrize("packing,workers", [(False, 0), (True, 0), (False, 2)])
+def test_the_batched_fetch_a_dataloader_uses_equals_row_by_row_reads(tmp_path, tiny_model_dir, data_file, packing, workers):
     """DataLoader calls ``__getitems__`` (numpy views, stored dtypes); the batch must be the one
-    built from ``cache[i]`` rows, value for value, with the statistics' ids as int32."""
+    built from ``cache[i]`` rows, value for value, with the statistics' ids as int32, in worker
+    processes too, where the batch is views of one shared-memory buffer."""
     run(tiny_model_dir("qwen3_moe"), data_file, tmp_path / "c", k=8, m=2, router="topk", shard_sequences=4, packing=packing)
     cache = open_cache(str(tmp_path / "c"))
     order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(0)).tolist()
-    loader = torch.utils.data.DataLoader(cache, batch_size=5, sampler=order, collate_fn=collate_cache_rows)
+    loader = torch.utils.data.DataLoader(cache, batch_size=5, sampler=order, collate_fn=collate_cache_rows, num_workers=workers)
     start = 0
+    names = {"sample_ids": "tail_ids", "sample_logprobs": "tail_logprobs"}
     for batch in loader:
         idx = order[start : start + 5]
         start += len(idx)
-        ref = collate_cache_rows([cache[i] for i in idx])
-        assert batch.keys() == ref.keys() and ("position_ids" in batch) == packing
+        ref = _batch_by_hand([cache[i] for i in idx])
+        assert set(batch) - {"base"} == set(ref) - {"lse", "entropy", "topk_ids", "topk_logprobs", "tail_ids", "tail_logprobs"}
+        assert ("position_ids" in batch) == packing
         for key in batch:
             if key == "base":
                 for f in ("lse", "entropy", "topk_ids", "topk_logprobs", "sample_ids", "sample_logprobs"):
-                    assert torch.equal(getattr(batch["base"], f), getattr(ref["base"], f)), f
+                    assert torch.equal(getattr(batch["base"], f), ref[names.get(f, f)].to(getattr(batch["base"], f).dtype)), f
             else:
-                assert torch.equal(batch[key], ref[key]), key
+                assert torch.equal(batch[key], ref[key].to(batch[key].dtype)), key
+        tensors = [batch[k] for k in batch if k != "base"] + [getattr(batch["base"], f) for f in ("lse", "topk_ids", "sample_logprobs")]
+        if workers:  # sent from the worker as one shared-memory segment
+            assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1 and all(t.is_shared() for t in tensors)
         assert batch["base"].topk_ids.dtype == batch["router_topk_ids"].dtype == torch.int32
         assert batch["input_ids"].dtype == batch["labels"].dtype == torch.int64
         rows, _ = labelled_positions(batch["labels"])

@@ -171,43 +171,77 @@ def collate_cache_rows(rows: list[dict], pad_token_id: int = 0) -> dict:
     positions in ``labelled_positions`` order, and the router arrays concatenated ``[P, L, ...]``.
 
     Rows may hold tensors (``cache[i]``) or numpy arrays (``cache.__getitems__``, what
-    ``DataLoader`` uses); the work is done in numpy, one copy per array per batch. Token arrays
-    are int64; the statistics' ids (``topk_ids``, ``sample_ids``, ``router_topk_ids``) int32."""
+    ``DataLoader`` uses). Token arrays are int64; the statistics' ids (``topk_ids``, ``sample_ids``,
+    ``router_topk_ids``) int32.
+
+    Each array is filled by one numpy copy. In a ``DataLoader`` worker every tensor of the batch
+    is a view of one shared-memory buffer, so a batch crosses to the main process as one segment
+    instead of one per tensor (what made workers slower than none; ``default_collate`` allocates
+    per field, and pads nothing, hence this by hand).
+    """
     rows = [{k: v.numpy() for k, v in r.items()} if isinstance(r["lse"], torch.Tensor) else r for r in rows]
     B = len(rows)
-    lengths = [len(r["input_ids"]) for r in rows]
-    width = max(lengths)
-    input_ids = np.full((B, width), pad_token_id, dtype=np.int64)
-    labels = np.full((B, width), IGNORE_INDEX, dtype=np.int64)
-    attention = (np.arange(width) < np.array(lengths)[:, None]).astype(np.int64)
+    lengths = np.fromiter((len(r["input_ids"]) for r in rows), dtype=np.int64, count=B)
+    width = int(lengths.max())
     packed = "position_ids" in rows[0]
-    positions = np.zeros((B, width), dtype=np.int64) if packed else None
-    for b, (r, n) in enumerate(zip(rows, lengths)):
-        input_ids[b, :n], labels[b, :n] = r["input_ids"], r["labels"]
-        if packed:
-            positions[b, :n] = r["position_ids"]
-    cat = {}
-    for k in rows[0]:
-        if k in TOKEN_KEYS:
-            continue
+    stats = [k for k in rows[0] if k not in TOKEN_KEYS]
+    n_pos = sum(len(r["lse"]) for r in rows)
+    layout = {k: ((B, width), np.int64) for k in ("input_ids", "labels", "attention_mask", *(("position_ids",) if packed else ()))}
+    for k in stats:
         # Ids as int32, not int64: gather/scatter take them, and the batch (and its copy to an
         # accelerator, where ``BaseStats.to`` widens them) is up to 1.7x smaller at k = 256.
-        cat[k] = torch.from_numpy(np.concatenate([r[k] for r in rows], dtype=np.int32 if k in LONG_KEYS else None))
-    n_labelled = int(np.count_nonzero(labels[:, 1:] != IGNORE_INDEX))
-    if cat["lse"].shape[0] != n_labelled:
-        raise CacheError(f"cache rows hold {cat['lse'].shape[0]} positions but their labels mark {n_labelled}: the cache is corrupt")
+        layout[k] = ((n_pos, *rows[0][k].shape[1:]), np.int32 if k in LONG_KEYS else rows[0][k].dtype)
+    out, arrays = _one_buffer(layout)
+    uniform = bool((lengths == width).all())
+    for k, fill in (("input_ids", pad_token_id), ("labels", IGNORE_INDEX), ("position_ids", 0)):
+        if k not in arrays:
+            continue
+        if uniform:  # packed rows of max_length: one copy, nothing to pad
+            np.concatenate([r[k] for r in rows], out=arrays[k].reshape(-1), casting="unsafe")
+        else:
+            arrays[k].fill(fill)
+            for b, (r, n) in enumerate(zip(rows, lengths)):
+                arrays[k][b, :n] = r[k]
+    np.less(np.arange(width), lengths[:, None], out=arrays["attention_mask"], casting="unsafe")
+    for k in stats:
+        np.concatenate([r[k] for r in rows], out=arrays[k], casting="unsafe")
+    n_labelled = int(np.count_nonzero(arrays["labels"][:, 1:] != IGNORE_INDEX))
+    if n_pos != n_labelled:
+        raise CacheError(f"cache rows hold {n_pos} positions but their labels mark {n_labelled}: the cache is corrupt")
     base = BaseStats(
-        lse=cat["lse"],
-        entropy=cat["entropy"],
-        topk_ids=cat["topk_ids"],
-        topk_logprobs=cat["topk_logprobs"],
-        sample_ids=cat.get("tail_ids"),
-        sample_logprobs=cat.get("tail_logprobs"),
+        lse=out["lse"],
+        entropy=out["entropy"],
+        topk_ids=out["topk_ids"],
+        topk_logprobs=out["topk_logprobs"],
+        sample_ids=out.get("tail_ids"),
+        sample_logprobs=out.get("tail_logprobs"),
     )
-    batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels), "attention_mask": torch.from_numpy(attention), "base": base}
-    if packed:
-        batch["position_ids"] = torch.from_numpy(positions)
+    batch = {k: out[k] for k in ("input_ids", "labels", "attention_mask", "position_ids") if k in out}
+    batch["base"] = base
     for k in ("router_logits", "router_topk_ids", "router_topk_logits"):
-        if k in cat:
-            batch[k] = cat[k]
+        if k in out:
+            batch[k] = out[k]
     return batch
+
+
+def _one_buffer(layout: dict[str, tuple[tuple, np.dtype]]) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+    """Empty tensors of the given shapes and dtypes, and numpy views of them to fill. Inside a
+    ``DataLoader`` worker they are views of one shared-memory buffer (64-byte aligned each), so the
+    batch is sent as one segment and not copied; elsewhere plain numpy allocations (a torch view
+    per array costs more than the copy into it at these sizes)."""
+    if torch.utils.data.get_worker_info() is None:
+        arrays = {k: np.empty(shape, dtype) for k, (shape, dtype) in layout.items()}
+        return {k: torch.from_numpy(a) for k, a in arrays.items()}, arrays
+    sizes = {k: int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for k, (shape, dtype) in layout.items()}
+    storage = torch.UntypedStorage._new_shared(sum(-(-n // 64) * 64 for n in sizes.values()))
+    tensors, arrays, offset = {}, {}, 0
+    for k, (shape, dtype) in layout.items():
+        dt = _TORCH_DTYPES[np.dtype(dtype)]
+        t = torch.empty(0, dtype=dt).set_(storage, offset // dt.itemsize, shape)
+        tensors[k], arrays[k] = t, t.numpy()
+        offset += -(-sizes[k] // 64) * 64
+    return tensors, arrays
+
+
+_TORCH_DTYPES = {np.dtype(n): t for n, t in ((np.int64, torch.int64), (np.int32, torch.int32), (np.float32, torch.float32),
+                                             (np.float16, torch.float16), (np.float64, torch.float64), (np.uint8, torch.uint8))}
