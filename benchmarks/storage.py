@@ -46,8 +46,8 @@ Per (backend, k), each step in a fresh subprocess (this script with the hidden `
 
 Diagnostics in the read worker (0 workers, warm), streamed one batch at a time in random order:
 ``cache.__getitems__`` for the batch's rows (what ``DataLoader`` calls), ``collate_cache_rows``,
-and ``share_memory_`` of the batch's tensors (the first step of handing a batch from a DataLoader
-worker to the main process), each timed apart; ``shard_checksum`` of every shard (done once per
+and ``collate_cache_rows(rows, shared=True)`` (what a DataLoader worker does: the batch collated
+into one shared-memory buffer, sent as one segment), each timed apart; ``shard_checksum`` of every shard (done once per
 cache: the reader keeps its "verified" flags in shared memory); and the mean time of one row's
 slice of each array through the backend's ``ShardView``.
 
@@ -374,16 +374,15 @@ def worker_read(p: dict) -> dict:
         batch_bytes += sum(t.numel() * t.element_size() for t in _batch_tensors(batch))
         n_batches += 1
         del rows, batch
-    # share_memory_ in a pass of its own: freeing shared-memory tensors changes how the allocator
-    # serves the next batch, which would show up in the collate time above.
+    # What a DataLoader worker does instead, in a pass of its own (freeing shared-memory tensors
+    # changes how the allocator serves the next batch): collate into one shared-memory buffer.
     for start in range(0, len(perm), p["batch_size"]):
-        tensors = _batch_tensors(collate_cache_rows(cache.__getitems__(perm[start : start + p["batch_size"]])))
+        rows = cache.__getitems__(perm[start : start + p["batch_size"]])
         t3 = time.perf_counter()
-        for t in tensors:
-            t.share_memory_()
+        batch = collate_cache_rows(rows, shared=True)
         share_s += time.perf_counter() - t3
-        n_tensors += len(tensors)
-        del tensors
+        n_tensors += len({t.untyped_storage().data_ptr() for t in _batch_tensors(batch)})
+        del rows, batch
     fs, root = _fs(path)
     t0 = time.perf_counter()
     for s in cache.manifest.shards:
@@ -411,8 +410,8 @@ def worker_read(p: dict) -> dict:
         "batch_bytes_per_token": batch_bytes / tokens,
         "collate_s": collate_s,
         "collate_ms_per_batch": collate_s / n_batches * 1e3,
-        "share_memory_ms_per_batch": share_s / n_batches * 1e3,
-        "tensors_per_batch": n_tensors / n_batches,
+        "shared_collate_ms_per_batch": share_s / n_batches * 1e3,
+        "shared_segments_per_batch": n_tensors / n_batches,
         "streamed_tokens_per_s": tokens / (getitem_s + collate_s),
         "checksum_all_shards_s": checksum_s,
         "open_first_shard_s": open_s,
@@ -603,10 +602,11 @@ def write_markdown(path: Path, data: dict) -> None:
         "## Where the shuffled read's time goes (single process, warm)",
         "",
         "Streamed in random order one batch at a time, as a 0-worker DataLoader does, with each step timed apart. "
-        "*share_memory_* = moving the batch's tensors into shared memory, the first step of sending a batch from a "
-        "DataLoader worker to the main process (the fd passing and unpickling on the other side come on top).",
+        "*shared collate* = `collate_cache_rows(rows, shared=True)`, what a DataLoader worker runs: the batch collated into one "
+        "shared-memory buffer, sent to the main process as that one segment (the fd passing and unpickling on the other side "
+        "come on top).",
         "",
-        "| backend | k | `__getitems__` ms/row | array slices ms/row (sum over arrays) | slowest array slice (ms) | collate ms/batch | `__getitems__` + collate tokens/s | rows B/token (stored dtypes) | batch B/token (padded; ids int32) | share_memory_ ms/batch (tensors) | sha256 of all shards (s) | open one shard (ms) | other CPU during reads (s) |",
+        "| backend | k | `__getitems__` ms/row | array slices ms/row (sum over arrays) | slowest array slice (ms) | collate ms/batch | `__getitems__` + collate tokens/s | rows B/token (stored dtypes) | batch B/token (padded; ids int32) | shared collate ms/batch (segments) | sha256 of all shards (s) | open one shard (ms) | other CPU during reads (s) |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k in cfg["ks"]:
@@ -620,7 +620,7 @@ def write_markdown(path: Path, data: dict) -> None:
                 f"| {backend} | {k} | {d['getitem_ms_per_row']:.3f} | {d['slice_ms_per_row_total']:.3f} ({d['arrays_per_row']} arrays) | "
                 f"{slowest[0]} {slowest[1]:.3f} | {d['collate_ms_per_batch']:.3f} | {fmt(d.get('streamed_tokens_per_s'))} | "
                 f"{d.get('row_bytes_per_token', float('nan')):.0f} | {d.get('batch_bytes_per_token', float('nan')):.0f} | "
-                f"{fmt(d.get('share_memory_ms_per_batch'), '.2f')} ({fmt(d.get('tensors_per_batch'), '.0f')}) | "
+                f"{fmt(d.get('shared_collate_ms_per_batch'), '.2f')} ({fmt(d.get('shared_segments_per_batch'), '.0f')}) | "
                 f"{d['checksum_all_shards_s']:.3f} | {d['open_first_shard_s'] * 1e3:.1f} | {r['other_cpu_s']:.1f} |"
             )
     lines += ["", "## Findings", "", *data.get("findings", []), "", conclusion(data), "", f"Raw numbers: `{NAME}.json`; plot: `{NAME}.png`.", ""]
@@ -771,18 +771,18 @@ def findings(data: dict) -> list[str]:
         slower = [w0[r["k"]]["tokens_per_s"] / w2[r["k"]]["tokens_per_s"] for r in a if w0[r["k"]] and w2[r["k"]]]
         if slower:
             out.append(
-                f"- **Arrow with 2 workers is {min(slower):.0f}-{max(slower):.0f}x slower than with none** (k = {ks(a)}): the epoch "
+                f"- **Arrow with 2 workers is {min(slower):.1f}-{max(slower):.1f}x slower than with none** (k = {ks(a)}): the epoch "
                 "takes "
                 + ", ".join(f"{w2[r['k']]['s'] / n_batches[r['k']] * 1e3:.1f} ms" for r in a if w2[r["k"]])
                 + " per batch ("
                 + ", ".join(f"{w2p[r['k']]['s'] / n_batches[r['k']] * 1e3:.1f} ms" for r in a if w2p[r["k"]])
                 + " with persistent workers, so it is per-batch cost, not start-up) against "
                 + ", ".join(f"{(x['getitem_ms_per_row'] * bs + x['collate_ms_per_batch']):.2f} ms" for x in d)
-                + " to produce a batch in one process. Each batch crosses processes as "
-                + f"{d[0]['tensors_per_batch']:.0f} tensors, one shared-memory file each: `share_memory_` alone costs "
-                + ", ".join(f"{x['share_memory_ms_per_batch']:.2f} ms" for x in d)
-                + " per batch, more than producing it; passing the descriptors, rebuilding the tensors in the main process and "
-                "three processes on two cores make up the rest. Shard checksums (sha256 of all shards: "
+                + " to produce a batch in one process. A worker collates straight into shared memory ("
+                + ", ".join(f"{x['shared_collate_ms_per_batch']:.2f} ms" for x in d)
+                + f" per batch) and sends it as {d[0]['shared_segments_per_batch']:.0f} segment; creating the segment, passing "
+                "its descriptor, rebuilding the tensors in the main process and three processes on two cores make up the rest. "
+                "Shard checksums (sha256 of all shards: "
                 + ", ".join(
                     f"{r['diagnostics']['checksum_all_shards_s'] * 1e3:.0f} ms for {r['plain']['bytes'] / MB:.0f} MB"
                     for r in a

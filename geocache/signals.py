@@ -223,20 +223,12 @@ def compute_base_stats(
     generator: Optional[torch.Generator] = None,
     chunk_size: Optional[int] = None,
     block_size: int = 32,
-    head: Optional[torch.Tensor] = None,
-    head_bias: Optional[torch.Tensor] = None,
 ) -> BaseStats:
     """lse, entropy, top-k and m tail samples of ``softmax(logits)``, in one fused pass per chunk.
 
     logits ``[N, V]`` any float dtype (rows already shifted and selected, or pick them with
     ``rows [n]``). Math is float32 (float64 kept). Tail samples use ``generator`` (seed it for
     reproducible caches). Raises ``ValueError`` naming the rows if any logit row is not finite.
-
-    With ``head [V, H]`` (and ``head_bias [V]``), ``logits`` are the hidden states ``[N, H]`` that
-    the output projection maps to logits: the projection then runs here, a few hundred rows at a
-    time into one reused buffer, so the full ``[N, V]`` logits never exist and unlabelled rows are
-    never projected. The statistics are those of ``F.linear(hidden, head, head_bias)``, chunked as
-    without ``head`` (the same tail samples for the same generator).
 
     Why hand-written: a plain ``logsumexp`` + ``softmax``-weighted entropy + ``topk`` reads the
     logits 3-4x more than a bare ``logsumexp``. Here one read of per-block maxima (blocks of
@@ -247,7 +239,7 @@ def compute_base_stats(
     a sample picks a block by mass, then a token inside it, never scanning the vocabulary again.
     ``block_size=32`` was the fastest of 16-256 when timed at V = 32,768 and 151,936 (k=64, m=8).
     """
-    vocab = logits.shape[-1] if head is None else head.shape[0]
+    vocab = logits.shape[-1]
     if not 0 < k <= vocab:
         raise ValueError(f"k={k} must be between 1 and the vocabulary size {vocab}")
     if m < 0:
@@ -255,7 +247,7 @@ def compute_base_stats(
     n_total = logits.shape[0] if rows is None else rows.shape[0]
     chunk_size = chunk_size or default_chunk_rows(vocab, logits.device, n_total)
     dtype = math_dtype(logits.dtype)
-    dev = logits.device if head is None else head.device
+    dev = logits.device
     lse = torch.empty(n_total, dtype=dtype, device=dev)
     ent = torch.empty(n_total, dtype=dtype, device=dev)
     topk_ids = torch.empty(n_total, k, dtype=torch.long, device=dev)
@@ -271,11 +263,18 @@ def compute_base_stats(
     rows_per_chunk = min(chunk_size, max(n_total, 1))
     shifted_buf = torch.empty(rows_per_chunk, vocab, dtype=dtype, device=dev)
     e_buf = torch.empty_like(shifted_buf)
-    chunks = (_logit_chunks(logits, rows, dtype, chunk_size, n_total) if head is None
-              else _projected_chunks(logits, rows, head, head_bias, dtype, chunk_size, n_total))
+    z_buf = None if (rows is None and logits.dtype == dtype) else torch.empty_like(shifted_buf)
 
-    for start, stop, z in chunks:
+    for start in range(0, n_total, chunk_size):
+        stop = min(start + chunk_size, n_total)
         n = stop - start
+        if z_buf is None:
+            z = logits[start:stop]
+        elif rows is None:
+            z = z_buf[:n].copy_(logits[start:stop])
+        else:
+            z = z_buf[:n]
+            z.copy_(logits.index_select(0, rows[start:stop])) if logits.dtype != dtype else torch.index_select(logits, 0, rows[start:stop], out=z)
         bmax = _block_reduce(z, block, "amax")  # [n, n_blocks]
         zmax = bmax.amax(-1, keepdim=True)
         shifted = torch.sub(z, zmax, out=shifted_buf[:n])
@@ -328,47 +327,6 @@ def compute_base_stats(
             sample_lp[start:stop] = picked_lp.masked_fill_(no_tail.unsqueeze(-1) | empty.squeeze(-1), -math.inf)
 
     return BaseStats(lse, ent, topk_ids, topk_lp, sample_ids, sample_lp)
-
-
-def _logit_chunks(logits, rows, dtype, chunk_size, n_total):
-    """(start, stop, float32 logits of rows start:stop), copied into one reused buffer unless the
-    logits are already contiguous rows of the math dtype."""
-    z_buf = None if (rows is None and logits.dtype == dtype) else logits.new_empty(min(chunk_size, max(n_total, 1)), logits.shape[-1], dtype=dtype)
-    for start in range(0, n_total, chunk_size):
-        stop = min(start + chunk_size, n_total)
-        if z_buf is None:
-            yield start, stop, logits[start:stop]
-        elif rows is None:
-            yield start, stop, z_buf[: stop - start].copy_(logits[start:stop])
-        elif logits.dtype != dtype:
-            yield start, stop, z_buf[: stop - start].copy_(logits.index_select(0, rows[start:stop]))
-        else:
-            yield start, stop, torch.index_select(logits, 0, rows[start:stop], out=z_buf[: stop - start])
-
-
-# Rows projected per matrix product in the fused-head path: enough that the [V, H] weight is read
-# once per few hundred rows (a product of a dozen rows is bound by reading the weight, not by its
-# arithmetic), few enough that the [rows, V] buffer stays ~150 MiB at V = 151,936.
-HEAD_ROWS = 256
-
-
-def _projected_chunks(hidden, rows, head, head_bias, dtype, chunk_size, n_total):
-    """(start, stop, float32 logits of rows start:stop) from ``hidden @ head.T + head_bias``: one
-    matrix product per ``HEAD_ROWS`` (rounded up to whole chunks), into one reused buffer."""
-    per_product = -(-max(HEAD_ROWS, chunk_size) // chunk_size) * chunk_size
-    buf = torch.empty(min(per_product, max(n_total, 1)), head.shape[0], dtype=dtype, device=head.device)
-    for outer in range(0, n_total, per_product):
-        outer_stop = min(outer + per_product, n_total)
-        h = hidden[outer:outer_stop] if rows is None else hidden.index_select(0, rows[outer:outer_stop])
-        h = h.to(head.device)
-        out = buf[: outer_stop - outer]
-        if head.dtype == dtype and h.dtype == dtype and head_bias is None:
-            torch.matmul(h, head.t(), out=out)
-        else:
-            out.copy_(torch.nn.functional.linear(h.to(head.dtype), head, head_bias))
-        for start in range(outer, outer_stop, chunk_size):
-            stop = min(start + chunk_size, outer_stop)
-            yield start, stop, out[start - outer : stop - outer]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -218,9 +218,13 @@ def test_a_reader_pickles_without_its_open_shards(tmp_path, tiny_model_dir, data
     assert all(torch.equal(copy[i][k], rows[i][k]) for i in range(len(copy)) for k in rows[i])
 
 
-@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe"])
-def test_the_fused_head_caches_what_the_full_logits_give(tmp_path, tiny_model_dir, data_file, model_type):
+@pytest.mark.parametrize("model_type,products", [("qwen3", "one per batch"), ("qwen3_moe", "one per batch"), ("qwen3", "several per batch")])
+def test_the_fused_head_caches_what_the_full_logits_give(tmp_path, tiny_model_dir, data_file, model_type, products, monkeypatch):
+    import geocache.precompute
     from geocache.precompute import _hidden_only, _plain_head
+
+    if products == "several per batch":  # 40 rows of logits per matrix product: sequences grouped, one alone when longer
+        monkeypatch.setattr(geocache.precompute, "_PROJECT_BYTES", 40 * 512 * 4)
 
     model_dir = tiny_model_dir(model_type)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()

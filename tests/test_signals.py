@@ -139,29 +139,6 @@ def test_tail_samples_follow_the_base_distribution_restricted_to_the_tail():
     assert sps.chisquare(observed, p_tail.numpy() * observed.sum()).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("chunk_size,bias", [(3, False), (None, True), (7, True)])
-def test_statistics_from_hidden_states_and_a_head_equal_those_of_the_projected_logits(dtype, chunk_size, bias, monkeypatch):
-    import geocache.signals as signals
-
-    monkeypatch.setattr(signals, "HEAD_ROWS", 5)  # several products per call, each a whole number of chunks
-    g = torch.Generator().manual_seed(2)
-    hidden, head = torch.randn(40, 12, generator=g).to(dtype), (3 * torch.randn(300, 12, generator=g)).to(dtype)
-    head_bias = torch.randn(300, generator=g).to(dtype) if bias else None
-    rows = torch.tensor([0, 2, 3, 5, 8, 13, 21, 34, 39])
-    # The reference projects the same row groups (a matrix product's rounding depends on its shape).
-    chunk = chunk_size or signals.default_chunk_rows(300, "cpu", len(rows))
-    per_product = -(-max(5, chunk) // chunk) * chunk
-    logits = torch.cat([torch.nn.functional.linear(hidden[r], head, head_bias) for r in rows.split(per_product)])
-    want = compute_base_stats(logits, k=8, m=4, chunk_size=chunk_size, generator=torch.Generator().manual_seed(4))
-    got = compute_base_stats(hidden, k=8, m=4, rows=rows, chunk_size=chunk_size, head=head, head_bias=head_bias,
-                             generator=torch.Generator().manual_seed(4))
-    for name in ("lse", "entropy", "topk_ids", "topk_logprobs", "sample_ids", "sample_logprobs"):
-        assert torch.equal(getattr(got, name), getattr(want, name)), name
-    with pytest.raises(ValueError, match="k=301 must be between 1 and the vocabulary size 300"):
-        compute_base_stats(hidden, k=301, head=head)
-
-
 def test_tail_samples_are_reproducible_with_a_seeded_generator_and_chunking_does_not_change_statistics():
     logits = torch.randn(10, 200, generator=torch.Generator().manual_seed(5))
     a = compute_base_stats(logits, k=8, m=4, generator=torch.Generator().manual_seed(9), chunk_size=3)

@@ -165,7 +165,7 @@ def open_cache(url: str, *, verify: bool = True, storage_options: Optional[dict]
     return CacheReader(url, verify=verify, storage_options=storage_options, decoded_cache_bytes=decoded_cache_bytes)
 
 
-def collate_cache_rows(rows: list[dict], pad_token_id: int = 0) -> dict:
+def collate_cache_rows(rows: list[dict], pad_token_id: int = 0, shared: Optional[bool] = None) -> dict:
     """Pad rows into a batch: ``input_ids``/``labels``/``attention_mask`` (and ``position_ids``)
     ``[B, T]`` (right padding, labels -100), ``base``: a ``BaseStats`` over the batch's labelled
     positions in ``labelled_positions`` order, and the router arrays concatenated ``[P, L, ...]``.
@@ -174,8 +174,8 @@ def collate_cache_rows(rows: list[dict], pad_token_id: int = 0) -> dict:
     ``DataLoader`` uses). Token arrays are int64; the statistics' ids (``topk_ids``, ``sample_ids``,
     ``router_topk_ids``) int32.
 
-    Each array is filled by one numpy copy. In a ``DataLoader`` worker every tensor of the batch
-    is a view of one shared-memory buffer, so a batch crosses to the main process as one segment
+    Each array is filled by one numpy copy. In a ``DataLoader`` worker (or with ``shared=True``)
+    every tensor of the batch is a view of one shared-memory buffer, so a batch crosses to the main process as one segment
     instead of one per tensor (what made workers slower than none; ``default_collate`` allocates
     per field, and pads nothing, hence this by hand).
     """
@@ -191,7 +191,7 @@ def collate_cache_rows(rows: list[dict], pad_token_id: int = 0) -> dict:
         # Ids as int32, not int64: gather/scatter take them, and the batch (and its copy to an
         # accelerator, where ``BaseStats.to`` widens them) is up to 1.7x smaller at k = 256.
         layout[k] = ((n_pos, *rows[0][k].shape[1:]), np.int32 if k in LONG_KEYS else rows[0][k].dtype)
-    out, arrays = _one_buffer(layout)
+    out, arrays = _one_buffer(layout, torch.utils.data.get_worker_info() is not None if shared is None else shared)
     uniform = bool((lengths == width).all())
     for k, fill in (("input_ids", pad_token_id), ("labels", IGNORE_INDEX), ("position_ids", 0)):
         if k not in arrays:
@@ -224,12 +224,12 @@ def collate_cache_rows(rows: list[dict], pad_token_id: int = 0) -> dict:
     return batch
 
 
-def _one_buffer(layout: dict[str, tuple[tuple, np.dtype]]) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
-    """Empty tensors of the given shapes and dtypes, and numpy views of them to fill. Inside a
-    ``DataLoader`` worker they are views of one shared-memory buffer (64-byte aligned each), so the
-    batch is sent as one segment and not copied; elsewhere plain numpy allocations (a torch view
-    per array costs more than the copy into it at these sizes)."""
-    if torch.utils.data.get_worker_info() is None:
+def _one_buffer(layout: dict[str, tuple[tuple, np.dtype]], shared: bool) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+    """Empty tensors of the given shapes and dtypes, and numpy views of them to fill. ``shared``:
+    views of one shared-memory buffer (64-byte aligned each), so that a worker sends the batch as
+    one segment and without a copy; else plain numpy allocations (a torch view per array costs
+    more than the copy into it at these sizes)."""
+    if not shared:
         arrays = {k: np.empty(shape, dtype) for k, (shape, dtype) in layout.items()}
         return {k: torch.from_numpy(a) for k, a in arrays.items()}, arrays
     sizes = {k: int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for k, (shape, dtype) in layout.items()}
