@@ -175,9 +175,9 @@ def collate_cache_rows(rows: list[dict], pad_token_id: int = 0, shared: Optional
     ``router_topk_ids``) int32.
 
     Each array is filled by one numpy copy. In a ``DataLoader`` worker (or with ``shared=True``)
-    every tensor of the batch is a view of one shared-memory buffer, so a batch crosses to the main process as one segment
-    instead of one per tensor (what made workers slower than none; ``default_collate`` allocates
-    per field, and pads nothing, hence this by hand).
+    every tensor of the batch is a view of one shared-memory buffer, so a batch crosses to the
+    main process as one segment instead of one per tensor (what made workers slower than none;
+    ``default_collate`` allocates per field, and pads nothing, hence this by hand).
     """
     rows = [{k: v.numpy() for k, v in r.items()} if isinstance(r["lse"], torch.Tensor) else r for r in rows]
     B = len(rows)
