@@ -137,8 +137,8 @@ class ReferenceRecipe:
         return "moe" in self.model_type
 
 
-# The two reference models of the benchmarks. Sized so each pretrains in ~10 minutes on 2 CPU cores
-# (benchmarks/results/reference.md has the measured times, losses and entropies).
+# The two reference models of the benchmarks. Sized so each pretrains in ~15 minutes on 2 CPU cores
+# (README "Reference models" has the measured times, losses and entropies; reference.json beside each model).
 RECIPES = {
     "moe": ReferenceRecipe(),
     "dense": ReferenceRecipe(model_type="qwen3", intermediate_size=512),
