@@ -77,6 +77,8 @@ def _load_yaml(path: str | None) -> dict:
 @click.option("--dry-run", is_flag=True, default=None, help="Print the estimated size and token count only.")
 @click.option("--skip-bad-rows", is_flag=True, default=None, help="Count and skip malformed rows instead of failing.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow model code from the hub.")
+@click.option("--fused-head/--no-fused-head", default=None,
+              help="Project only labelled rows inside the statistics pass (default), or use the model's own logits.")
 @click.option("--no-progress", is_flag=True, default=False, help="Hide the progress bar.")
 def precompute(config_path, no_progress, format_, **options):
     """Stream a dataset through the base model once and cache its statistics."""

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from click.testing import CliRunner
 
 import geocache
@@ -43,7 +45,7 @@ def _write_rows(path, n=12):
     return path
 
 
-def test_precompute_inspect_and_verify_from_the_command_line(tmp_path, tiny_model_dir):
+def test_precompute_inspect_and_verify_from_the_command_line(tmp_path, tiny_model_dir, monkeypatch):
     import json
 
     runner = CliRunner()
@@ -65,6 +67,21 @@ def test_precompute_inspect_and_verify_from_the_command_line(tmp_path, tiny_mode
     victim.write_bytes(victim.read_bytes()[:-1] + b"\x00")
     bad = runner.invoke(main, ["cache", "verify", str(tmp_path / "c")])
     assert bad.exit_code == 1 and "fails its checksum" in bad.output
+    # The model's own logits instead of the fused projection (never probed for): the same rows, up to float rounding.
+    import geocache.precompute
+
+    probe = geocache.precompute._plain_head
+    monkeypatch.setattr(geocache.precompute, "_plain_head", lambda model: pytest.fail("--no-fused-head still probed the head"))
+    plain = runner.invoke(main, ["precompute", "--model", model, "--data", str(data), "--out", str(tmp_path / "p"), "--top-k", "8",
+                                 "--no-fused-head", "--no-progress"])
+    assert plain.exit_code == 0, plain.output
+    monkeypatch.setattr(geocache.precompute, "_plain_head", probe)
+    ref = runner.invoke(main, ["precompute", "--model", model, "--data", str(data), "--out", str(tmp_path / "f"), "--top-k", "8", "--no-progress"])
+    assert ref.exit_code == 0, ref.output
+    from geocache.cache import open_cache
+
+    a, b = open_cache(str(tmp_path / "p")), open_cache(str(tmp_path / "f"))
+    assert all(torch.allclose(a[i]["lse"], b[i]["lse"], atol=1e-5) and torch.equal(a[i]["topk_ids"], b[i]["topk_ids"]) for i in range(len(a)))
 
 
 def test_bad_command_line_input_is_one_sentence_and_exit_2(tmp_path, tiny_model_dir):
