@@ -8,9 +8,9 @@ writer → merge the ranks' parts into ``manifest.json``.
 The output projection is not run by the model: a hook keeps the last hidden states, and only the
 labelled rows are projected, into one buffer reused from batch to batch (``fused_head``), which the
 statistics pass reads in place: no fresh ``[batch, length, vocab]`` logits per batch, no copy of
-the rows, no projection of prompt tokens. A probe at load time
-(8 tokens) checks that the model's logits are exactly that projection; when they are not (soft-capping,
-a logit scale), the model's own logits are used.
+the rows, no projection of prompt tokens. A probe at load time (8 tokens) checks that the model's
+logits are exactly that projection; when they are not (soft-capping, a logit scale), the model's
+own logits are used.
 
 Under ``torchrun``/``accelerate launch`` rank r takes sequences r, r + W, r + 2W, ... of the one
 deterministic stream, writes its own shards and part manifest; rank 0 merges them at the end.
