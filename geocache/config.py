@@ -51,7 +51,7 @@ class GeometryConfig:
     )
     # topk_sampled by measurement: at k=32, m=16 it has the same (unbiased) value as topk_hybrid
     # (benchmarks/results/fidelity.md), and its unbiased gradient makes 200 cached steps match live
-    # training within 0.1% (parity.md), where topk_hybrid's smoother but biased one drifts 2.6% further.
+    # training within 0.2% (parity.md), where topk_hybrid's smoother but biased one drifts 2.1-2.3% further.
     kl_estimator: str = field(
         default="topk_sampled",
         metadata={
