@@ -383,6 +383,23 @@ def worker_read(p: dict) -> dict:
         share_s += time.perf_counter() - t3
         n_tensors += len({t.untyped_storage().data_ptr() for t in _batch_tensors(batch)})
         del rows, batch
+    # The DataLoader's own cost per batch: the same sampler, batch size and 0 workers over a
+    # dataset whose rows are their indices (nothing read, nothing collated); min of 5 epochs.
+    class _Indices(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(cache)
+
+        def __getitems__(self, indices):
+            return indices
+
+    empty = DataLoader(_Indices(), batch_size=p["batch_size"], shuffle=True, collate_fn=lambda rows: rows)
+    loader_s = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        for _ in empty:
+            pass
+        loader_s.append(time.perf_counter() - t0)
+    loader_us_per_batch = min(loader_s[1:]) / len(empty) * 1e6
     fs, root = _fs(path)
     t0 = time.perf_counter()
     for s in cache.manifest.shards:
@@ -413,6 +430,7 @@ def worker_read(p: dict) -> dict:
         "shared_collate_ms_per_batch": share_s / n_batches * 1e3,
         "shared_segments_per_batch": n_tensors / n_batches,
         "streamed_tokens_per_s": tokens / (getitem_s + collate_s),
+        "dataloader_us_per_batch": loader_us_per_batch,
         "checksum_all_shards_s": checksum_s,
         "open_first_shard_s": open_s,
         "slice_ms_per_row_by_array": slice_ms,
@@ -763,7 +781,14 @@ def findings(data: dict) -> list[str]:
             + ", ".join(f"{r['plain']['s'] / TARGET_RATIO / r['sequences'] * 1e6:.0f}" for r in a)
             + " µs per row (batching and collation included), against the "
             + ", ".join(f"{w0[r['k']]['s'] / r['sequences'] * 1e6:.0f}" for r in a if w0[r["k"]])
-            + " µs it takes."
+            + " µs it takes. Per batch of "
+            + f"{data['config']['batch_size']}, the 0.3x budget is "
+            + ", ".join(f"{r['plain']['s'] / TARGET_RATIO / -(-r['sequences'] // data['config']['batch_size']) * 1e6:.0f}" for r in a)
+            + " µs, of which the DataLoader's own machinery (an empty dataset, same sampler) takes "
+            + ", ".join(f"{x['dataloader_us_per_batch']:.0f}" for x in d if x.get("dataloader_us_per_batch") is not None)
+            + " µs and `__getitems__` "
+            + ", ".join(f"{x['getitem_ms_per_row'] * 1e3 * data['config']['batch_size']:.0f}" for x in d)
+            + " µs."
         )
         bs = data["config"]["batch_size"]
         n_batches = {r["k"]: -(-r["sequences"] // bs) for r in a}
