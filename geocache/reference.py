@@ -9,8 +9,9 @@ and the standard library's docstrings).
 Documents are split into ``pretrain`` (what the model is trained on), ``tune`` (held out from
 pretraining, for fine-tuning experiments) and ``heldout`` (for evaluation) by *source*: a standard
 library file's code and its docstrings always land in the same split, so neither domain's held-out
-text has been seen, in the other domain's form, in pretraining. The ``tune`` and ``heldout`` documents are written beside the model as JSONL rows
-``{"text": ...}`` of at most ``example_chars`` characters, ready for ``geocache precompute``.
+text has been seen, in the other domain's form, in pretraining. The ``tune`` and ``heldout``
+documents are written beside the model as JSONL rows ``{"text": ...}`` of at most
+``example_chars`` characters, ready for ``geocache precompute``.
 
 The recipe is a dataclass; the built model is cached under the user's cache directory, keyed by a
 hash of the recipe, so a second call reuses it. ``reference.json`` beside the weights holds the

@@ -232,16 +232,16 @@ def _one_buffer(layout: dict[str, tuple[tuple, np.dtype]], shared: bool) -> tupl
     if not shared:
         arrays = {k: np.empty(shape, dtype) for k, (shape, dtype) in layout.items()}
         return {k: torch.from_numpy(a) for k, a in arrays.items()}, arrays
-    sizes = {k: int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for k, (shape, dtype) in layout.items()}
-    storage = torch.UntypedStorage._new_shared(sum(-(-n // 64) * 64 for n in sizes.values()))
-    tensors, arrays, offset = {}, {}, 0
+    # Byte offset of each array, rounded up to 64 bytes.
+    offsets, total = {}, 0
     for k, (shape, dtype) in layout.items():
-        dt = _TORCH_DTYPES[np.dtype(dtype)]
-        t = torch.empty(0, dtype=dt).set_(storage, offset // dt.itemsize, shape)
+        offsets[k] = total
+        total += -(-int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize // 64) * 64
+    storage = torch.UntypedStorage._new_shared(total)
+    tensors, arrays = {}, {}
+    for k, (shape, dtype) in layout.items():
+        dt = torch.from_numpy(np.empty(0, dtype)).dtype
+        t = torch.empty(0, dtype=dt).set_(storage, offsets[k] // dt.itemsize, shape)
         tensors[k], arrays[k] = t, t.numpy()
-        offset += -(-sizes[k] // 64) * 64
     return tensors, arrays
 
-
-_TORCH_DTYPES = {np.dtype(n): t for n, t in ((np.int64, torch.int64), (np.int32, torch.int32), (np.float32, torch.float32),
-                                             (np.float16, torch.float16), (np.float64, torch.float64), (np.uint8, torch.uint8))}
