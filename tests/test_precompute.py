@@ -137,12 +137,12 @@ def _batch_by_hand(rows: list[dict], pad: int = 0) -> dict:
     return out
 
 
-@pytest.mark.parametrize("packing,workers", [(False, 0), (True, 0), (False, 2)])
-def test_the_batched_fetch_a_dataloader_uses_equals_row_by_row_reads(tmp_path, tiny_model_dir, data_file, packing, workers):
-    """DataLoader calls ``__getitems__`` (numpy views, stored dtypes); the batch must be the one
-    built from ``cache[i]`` rows, value for value, with the statistics' ids as int32, in worker
-    processes too, where the batch is views of one shared-memory buffer."""
-    run(tiny_model_dir("qwen3_moe"), data_file, tmp_path / "c", k=8, m=2, router="topk", shard_sequences=4, packing=packing)
+@pytest.mark.parametrize("packing,workers,backend", [(False, 0, "arrow"), (True, 0, "arrow"), (False, 2, "arrow"), (False, 0, "zarr")])
+def test_the_batched_fetch_a_dataloader_uses_equals_row_by_row_reads(tmp_path, tiny_model_dir, data_file, packing, workers, backend):
+    """DataLoader calls ``__getitems__`` (rows located, sliced into the batch by the collate); the
+    batch must be the one built from ``cache[i]`` rows, value for value, with the statistics' ids
+    as int32, in worker processes too, where the batch is views of one shared-memory buffer."""
+    run(tiny_model_dir("qwen3_moe"), data_file, tmp_path / "c", k=8, m=2, router="topk", shard_sequences=4, packing=packing, backend=backend)
     cache = open_cache(str(tmp_path / "c"))
     order = torch.randperm(len(cache), generator=torch.Generator().manual_seed(0)).tolist()
     loader = torch.utils.data.DataLoader(cache, batch_size=5, sampler=order, collate_fn=collate_cache_rows, num_workers=workers)
@@ -170,6 +170,22 @@ def test_the_batched_fetch_a_dataloader_uses_equals_row_by_row_reads(tmp_path, t
         # Off the CPU the ids are widened where they land (meta: no real device needed).
         assert batch["base"].to("meta").topk_ids.dtype == torch.int64
     assert start == len(cache)
+
+
+def test_the_batched_fetch_is_a_sequence_of_the_rows(tmp_path, tiny_model_dir, data_file):
+    run(tiny_model_dir("qwen3"), data_file, tmp_path / "c", k=8, m=2, shard_sequences=4)
+    cache = open_cache(str(tmp_path / "c"))
+    n = len(cache)
+    rows = cache.__getitems__([3, -1, 0, 5])
+    assert len(rows) == 4
+    for got, i in zip([rows[0], rows[1], rows[2], *rows[3:]], [3, n - 1, 0, 5]):
+        want = cache[i]
+        assert set(got) == set(want)
+        for key in want:
+            assert torch.equal(torch.from_numpy(np.asarray(got[key])).to(want[key].dtype), want[key]), (i, key)
+    for bad in (n, -n - 1):
+        with pytest.raises(IndexError, match=f"row {bad} out of range for a cache of {n} rows"):
+            cache.__getitems__([0, bad])
 
 
 def test_dataloader_workers_share_which_shards_were_verified(tmp_path, tiny_model_dir, data_file):
@@ -384,6 +400,12 @@ def test_a_flipped_byte_is_caught_by_verify_and_by_the_reader(tmp_path, tiny_mod
         cache[0]  # shard 0 is intact
         with pytest.raises(CacheError, match="fails its checksum"):
             cache[12]
+        with pytest.raises(CacheError, match="fails its checksum"):  # a DataLoader's batched fetch
+            cache.__getitems__([0, 12])
+        if backend == "zarr":  # unverified, the chunk's own crc32c fails where the batch is built
+            batch = open_cache(str(out), verify=False).__getitems__([0, 12])
+            with pytest.raises(CacheError, match=r"shard shards/rank000-000001\.zarr of cache .* cannot be read \(Stored and computed checksum do not match"):
+                collate_cache_rows(batch)
 
 
 def test_a_full_disk_fails_clearly_and_keeps_only_whole_shards(tmp_path, tiny_model_dir, data_file, monkeypatch):

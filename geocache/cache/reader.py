@@ -6,9 +6,11 @@ checksum is verified the first time any process touches it: the "verified" flags
 memory, so ``DataLoader`` workers (new processes every epoch unless ``persistent_workers``) do not
 hash the whole cache again each epoch.
 
-``DataLoader`` fetches a batch through ``__getitems__``, which returns the rows as numpy arrays in
-their stored dtypes (memory-mapped views for Arrow); ``collate_cache_rows`` pads and widens the ids
-once per batch. Building torch tensors row by row cost more than reading the bytes
+``DataLoader`` fetches a batch through ``__getitems__``, which returns a ``CacheRows``: the rows
+located (shard arrays and offsets; indices checked, shards opened and verified) but not sliced.
+``collate_cache_rows`` slices each array of each row straight into one concatenation per array, in
+the stored dtypes (memory-mapped views for Arrow), and pads and widens the ids once per batch.
+Per-row dicts of slices, and torch tensors built row by row, cost more than reading the bytes
 (``benchmarks/results/storage.md``).
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
@@ -127,11 +130,12 @@ class CacheReader(torch.utils.data.Dataset):
         row = self._row(idx)
         return {k: torch.from_numpy(v.astype(np.int64) if k in LONG_KEYS else np.array(v)) for k, v in row.items()}
 
-    def __getitems__(self, indices) -> list[dict[str, np.ndarray]]:
-        """The rows of one batch, for ``DataLoader``: numpy arrays in their stored dtypes (ids not
-        widened; read-only memory-mapped views for Arrow), to be handed to ``collate_cache_rows``,
-        which copies them into the batch. Use ``cache[i]`` for a row of owned tensors."""
-        return [self._row(i) for i in indices]
+    def __getitems__(self, indices) -> "CacheRows":
+        """The rows of one batch, for ``DataLoader``: a ``CacheRows`` (a sequence of row dicts of
+        numpy arrays in their stored dtypes, ids not widened, read-only memory-mapped views for
+        Arrow) to be handed to ``collate_cache_rows``, which copies them into the batch. Use
+        ``cache[i]`` for a row of owned tensors."""
+        return CacheRows(self, indices)
 
     def check_compatible(self, model=None, tokenizer=None, expected: Optional[dict] = None) -> None:
         """Refuse, in one sentence, a cache built for another model, revision, tokenizer or
@@ -165,6 +169,34 @@ def open_cache(url: str, *, verify: bool = True, storage_options: Optional[dict]
     return CacheReader(url, verify=verify, storage_options=storage_options, decoded_cache_bytes=decoded_cache_bytes)
 
 
+class CacheRows(Sequence):
+    """The rows of one batch as ``CacheReader.__getitems__`` returns them: a sequence of row dicts
+    (``rows[i]`` reads row i), which also holds each row located, (shard arrays, token start, token
+    end, position start, position end), for ``collate_cache_rows`` to slice straight into the
+    batch. Out-of-range indices, missing or corrupt shards fail here, as in ``cache[i]``."""
+
+    def __init__(self, reader: CacheReader, indices):
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(reader)
+        bad = (idx < -n) | (idx >= n)
+        if bad.any():
+            raise IndexError(f"row {int(idx[bad][0])} out of range for a cache of {n} rows")
+        idx = idx % max(n, 1)
+        self.reader, self.indices, self.located = reader, idx, []
+        for shard, i in zip(reader._shard_of[idx].tolist(), reader._local[idx].tolist()):
+            view = reader._view(shard)
+            to, po = view.token_offsets, view.position_offsets
+            self.located.append((view.arrays, to[i], to[i + 1], po[i], po[i + 1]))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.reader._row(int(j)) for j in self.indices[i]]
+        return self.reader._row(int(self.indices[i]))
+
+
 def collate_cache_rows(rows: list[dict], pad_token_id: int = 0, shared: Optional[bool] = None) -> dict:
     """Pad rows into a batch: ``input_ids``/``labels``/``attention_mask`` (and ``position_ids``)
     ``[B, T]`` (right padding, labels -100), ``base``: a ``BaseStats`` over the batch's labelled
@@ -174,38 +206,23 @@ def collate_cache_rows(rows: list[dict], pad_token_id: int = 0, shared: Optional
     ``DataLoader`` uses). Token arrays are int64; the statistics' ids (``topk_ids``, ``sample_ids``,
     ``router_topk_ids``) int32.
 
-    Each array is filled by one numpy copy. In a ``DataLoader`` worker (or with ``shared=True``)
+    Each array is filled by one numpy concatenation of the rows' slices (``CacheRows`` hands over
+    where the rows are, not row dicts). In a ``DataLoader`` worker (or with ``shared=True``)
     every tensor of the batch is a view of one shared-memory buffer, so a batch crosses to the
     main process as one segment instead of one per tensor (what made workers slower than none;
     ``default_collate`` allocates per field, and pads nothing, hence this by hand).
     """
-    rows = [{k: v.numpy() for k, v in r.items()} if isinstance(r["lse"], torch.Tensor) else r for r in rows]
-    B = len(rows)
-    lengths = np.fromiter((len(r["input_ids"]) for r in rows), dtype=np.int64, count=B)
-    width = int(lengths.max())
-    packed = "position_ids" in rows[0]
-    stats = [k for k in rows[0] if k not in TOKEN_KEYS]
-    n_pos = sum(len(r["lse"]) for r in rows)
-    layout = {k: ((B, width), np.int64) for k in ("input_ids", "labels", "attention_mask", *(("position_ids",) if packed else ()))}
-    for k in stats:
-        # Ids as int32, not int64: gather/scatter take them, and the batch (and its copy to an
-        # accelerator, where ``BaseStats.to`` widens them) is up to 1.7x smaller at k = 256.
-        layout[k] = ((n_pos, *rows[0][k].shape[1:]), np.int32 if k in LONG_KEYS else rows[0][k].dtype)
-    out, arrays = _one_buffer(layout, torch.utils.data.get_worker_info() is not None if shared is None else shared)
-    uniform = bool((lengths == width).all())
-    for k, fill in (("input_ids", pad_token_id), ("labels", IGNORE_INDEX), ("position_ids", 0)):
-        if k not in arrays:
-            continue
-        if uniform:  # packed rows of max_length: one copy, nothing to pad
-            np.concatenate([r[k] for r in rows], out=arrays[k].reshape(-1), casting="unsafe")
-        else:
-            arrays[k].fill(fill)
-            for b, (r, n) in enumerate(zip(rows, lengths)):
-                arrays[k][b, :n] = r[k]
-    np.less(np.arange(width), lengths[:, None], out=arrays["attention_mask"], casting="unsafe")
-    for k in stats:
-        np.concatenate([r[k] for r in rows], out=arrays[k], casting="unsafe")
-    n_labelled = int(np.count_nonzero(arrays["labels"][:, 1:] != IGNORE_INDEX))
+    if isinstance(rows, CacheRows):
+        try:
+            out, arrays = _collate_located(rows.located, pad_token_id, shared)
+        except Exception:
+            for i in rows.indices.tolist():  # name the shard that cannot be read, as ``cache[i]`` does
+                rows.reader._row(i)
+            raise
+    else:
+        rows = [{k: v.numpy() for k, v in r.items()} if isinstance(r["lse"], torch.Tensor) else r for r in rows]
+        out, arrays = _collate_located([(r, 0, len(r["input_ids"]), 0, len(r["lse"])) for r in rows], pad_token_id, shared)
+    n_pos, n_labelled = len(arrays["lse"]), int(np.count_nonzero(arrays["labels"][:, 1:] != IGNORE_INDEX))
     if n_pos != n_labelled:
         raise CacheError(f"cache rows hold {n_pos} positions but their labels mark {n_labelled}: the cache is corrupt")
     base = BaseStats(
@@ -222,6 +239,39 @@ def collate_cache_rows(rows: list[dict], pad_token_id: int = 0, shared: Optional
         if k in out:
             batch[k] = out[k]
     return batch
+
+
+def _collate_located(located: list[tuple], pad_token_id: int, shared: Optional[bool]) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+    """The batch's tensors, and numpy views of them, from rows located as ``(arrays, t0, t1, p0,
+    p1)``: row b is ``arrays[name][t0:t1]`` (tokens) and ``arrays[name][p0:p1]`` (positions). Each
+    array is one concatenation of the rows' slices (padded rows: one copy per row)."""
+    B = len(located)
+    lengths = [t1 - t0 for _, t0, t1, _, _ in located]
+    width = max(lengths)
+    n_pos = sum(p1 - p0 for _, _, _, p0, p1 in located)
+    first = located[0][0]
+    layout = {k: ((B, width), np.int64) for k in ("input_ids", "labels", "attention_mask", *(("position_ids",) if "position_ids" in first else ()))}
+    parts = {k: [a[k][p0:p1] for a, _, _, p0, p1 in located] for k in first if k not in TOKEN_KEYS}
+    for k, (part, *_) in parts.items():
+        # Ids as int32, not int64: gather/scatter take them, and the batch (and its copy to an
+        # accelerator, where ``BaseStats.to`` widens them) is up to 1.7x smaller at k = 256.
+        layout[k] = ((n_pos, *part.shape[1:]), np.int32 if k in LONG_KEYS else part.dtype)
+    out, arrays = _one_buffer(layout, torch.utils.data.get_worker_info() is not None if shared is None else shared)
+    uniform = min(lengths) == width
+    np.less(np.arange(width), np.array(lengths)[:, None], out=arrays["attention_mask"], casting="unsafe")
+    for k, fill in (("input_ids", pad_token_id), ("labels", IGNORE_INDEX), ("position_ids", 0)):
+        if k not in arrays:
+            continue
+        if uniform:  # packed rows of max_length: one copy, nothing to pad
+            np.concatenate([a[k][t0:t1] for a, t0, t1, _, _ in located], out=arrays[k].reshape(-1), casting="unsafe")
+        else:
+            dest = arrays[k]
+            dest.fill(fill)
+            for b, (a, t0, t1, _, _) in enumerate(located):
+                dest[b, : t1 - t0] = a[k][t0:t1]
+    for k, part in parts.items():
+        np.concatenate(part, out=arrays[k], casting="unsafe")
+    return out, arrays
 
 
 def _one_buffer(layout: dict[str, tuple[tuple, np.dtype]], shared: bool) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
