@@ -55,31 +55,44 @@ def _rows_into(flat: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> tor
     return out.copy_(flat.index_select(0, rows))
 
 
-def _log_softmax_rows(z: torch.Tensor, logp: torch.Tensor, p: torch.Tensor, tmp: torch.Tensor):
-    """log p, p and H(p) of logit rows ``z [n, V]`` into the given buffers; returns (logp, p, H [n])."""
-    torch.sub(z, z.amax(-1, keepdim=True), out=logp)
+def _log_softmax_rows(z: torch.Tensor, logp: torch.Tensor, p: torch.Tensor):
+    """log p, p and H(p) of logit rows ``z [n, V]`` into the given buffers; returns (logp, p, H [n]).
+    Four passes over the rows (fused log-softmax, clamp, exp, a dot per row): at a small vocabulary
+    the loss is a sum of such passes, so each one counts."""
+    torch.log_softmax(z, -1, out=logp)
     # Clamp keeps −inf logits (masked vocab) finite so that 0·log 0 below is 0, not NaN.
     logp.clamp_min_(torch.finfo(logp.dtype).min)
     torch.exp(logp, out=p)
-    s = p.sum(-1, keepdim=True)
-    logp.sub_(s.log())
-    p.div_(s)
-    h = -torch.mul(p, logp, out=tmp).sum(-1)
-    return logp, p, h
+    return logp, p, -torch.linalg.vecdot(p, logp)
 
 
 class _Tail(NamedTuple):
-    log_mass: torch.Tensor  # [n] log q_T, −inf where the tail is empty
-    dist: torch.Tensor  # [n, V] q_j / q_T off the top-k, 0 on it
+    log_mass: torch.Tensor  # [n] log q_T, −inf where the tail is empty (k = V)
+    masked: torch.Tensor  # [n, V] 0 on the top-k; off it, masked / mass = q_j / q_T
+    mass: torch.Tensor  # [n]
 
 
-def _tail_softmax_into(logq: torch.Tensor, ids: torch.Tensor, buf: torch.Tensor) -> _Tail:
-    """log q_T and q restricted to the complement of ``ids``, normalised, into ``buf``."""
-    buf.copy_(logq).scatter_(1, ids, -math.inf)
-    mx = buf.amax(-1, keepdim=True).clamp_min(torch.finfo(buf.dtype).min)
-    s = buf.sub_(mx).exp_().sum(-1, keepdim=True)
-    log_mass = (mx + s.log()).squeeze(-1)
-    return _Tail(log_mass, buf.div_(s.clamp_min(torch.finfo(buf.dtype).tiny)))
+def _tail_into(q: torch.Tensor, lq: torch.Tensor, ids: torch.Tensor, buf: torch.Tensor) -> _Tail:
+    """The tuned tail outside ``ids``: log q_T and q restricted to it, into ``buf``.
+
+    q_T is summed over the tail's own entries (never 1 − Σ_S q, which cancels catastrophically
+    when the tuned tail collapses): two passes where a log-space logsumexp takes five. Rows whose
+    tail mass is so small that its entries may have underflowed (q_T < √tiny) are redone in log
+    space, so that log q_T and q_j / q_T stay exact however far the tail collapses."""
+    masked = buf.copy_(q).scatter_(1, ids, 0.0)
+    mass = masked.sum(-1)
+    log_mass = mass.log()
+    if ids.shape[1] >= q.shape[1]:  # k = V: no tail
+        return _Tail(log_mass.fill_(-math.inf), masked, mass.fill_(1.0))
+    small = mass < math.sqrt(torch.finfo(q.dtype).tiny)
+    if bool(small.any()):
+        r = small.nonzero().squeeze(1)
+        lt = lq.index_select(0, r).scatter_(1, ids.index_select(0, r).long(), -math.inf)
+        lm = lt.logsumexp(-1)
+        log_mass[r] = lm
+        masked[r] = lt.sub_(lm.unsqueeze(-1)).exp_()
+        mass[r] = 1.0
+    return _Tail(log_mass, masked, mass)
 
 
 class GeometryAwareLoss(nn.Module):
@@ -227,6 +240,8 @@ class GeometryAwareLoss(nn.Module):
         grad = torch.zeros_like(flat) if need_grad else None
         rows_buf = min(chunk, max(n_total, 1))
         zq, lq, q, tmp = (torch.empty(rows_buf, vocab, dtype=dtype, device=logits.device) for _ in range(4))
+        # topk_sampled's forward KL and gradient never read the tuned tail mass: skip its passes.
+        need_tail = not exact and base is not None and (cfg.kl_estimator != "topk_sampled" or cfg.kl_direction != "forward")
         if exact:
             lp, p = torch.empty_like(zq), torch.empty_like(zq)
         forward = cfg.kl_direction == "forward"
@@ -236,12 +251,12 @@ class GeometryAwareLoss(nn.Module):
             stop = min(start + chunk, n_total)
             r, y = rows[start:stop], targets[start:stop].unsqueeze(-1)
             n = stop - start
-            lq_c, q_c, h_q = _log_softmax_rows(_rows_into(flat, r, zq), lq[:n], q[:n], tmp[:n])
+            lq_c, q_c, h_q = _log_softmax_rows(_rows_into(flat, r, zq), lq[:n], q[:n])
             nll = -lq_c.gather(1, y).squeeze(-1)
             if base is None:  # no base this step: KL and dH contribute nothing
                 kl, h_p = torch.zeros_like(h_q), h_q
             elif exact:
-                lp_c, p_c, h_p = _log_softmax_rows(_rows_into(base_flat, r, zq), lp[:n], p[:n], tmp[:n])
+                lp_c, p_c, h_p = _log_softmax_rows(_rows_into(base_flat, r, zq), lp[:n], p[:n])
                 if forward:  # Σ p (log p − log q) = −H(p) − Σ p log q
                     kl = -h_p - torch.mul(p_c, lq_c, out=tmp[:n]).sum(-1)
                 else:  # Σ q (log q − log p) = −H(q) − Σ q log p
@@ -249,10 +264,10 @@ class GeometryAwareLoss(nn.Module):
             else:
                 st = base.select(slice(start, stop))
                 h_p = st.entropy.to(dtype)
-                # q restricted to the tail (outside the cached top-k), normalised: q_j / q_T.
-                tail = _tail_softmax_into(lq_c, st.topk_ids, zq[:n])
+                # q restricted to the tail (outside the cached top-k) and its mass q_T.
+                tail = _tail_into(q_c, lq_c, st.topk_ids, zq[:n]) if need_tail else None
                 kl, (alpha, s_coef, x_coef, tail_coef) = cached_kl_terms(
-                    lq_c.gather(1, st.topk_ids), lq_c.gather(1, st.sample_ids), tail.log_mass, st, cfg.kl_estimator, cfg.kl_direction
+                    lq_c.gather(1, st.topk_ids), lq_c.gather(1, st.sample_ids), tail and tail.log_mass, st, cfg.kl_estimator, cfg.kl_direction
                 )
             out[0, start:stop], out[1, start:stop], out[2, start:stop], out[3, start:stop] = kl, h_q, h_p, nll
             if not need_grad:
@@ -279,8 +294,8 @@ class GeometryAwareLoss(nn.Module):
             elif exact:  # reverse: + d · q ⊙ (log q − log p − KL), built in the log p buffer
                 g.add_(lp_c.sub_(lq_c).neg_().sub_(kl.unsqueeze(-1)).mul_(q_c).mul_(d.unsqueeze(-1)))
             elif base is not None:
-                if bool(tail_coef.any()):
-                    g.add_(tail.dist.mul_((d * tail_coef).unsqueeze(-1)))
+                if tail is not None and bool(tail_coef.any()):  # + d·tail_coef·q_j/q_T off the top-k
+                    g.add_(tail.masked.mul_((d * tail_coef / tail.mass).unsqueeze(-1)))
                 g.scatter_add_(1, st.topk_ids, d.unsqueeze(-1) * s_coef)
                 if st.m:
                     g.scatter_add_(1, st.sample_ids, d.unsqueeze(-1) * x_coef)

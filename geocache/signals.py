@@ -342,7 +342,7 @@ def _tail_mass(logprobs: torch.Tensor) -> torch.Tensor:
 def cached_kl_terms(
     lq_s: torch.Tensor,
     lq_x: torch.Tensor,
-    log_q_tail: torch.Tensor,
+    log_q_tail: Optional[torch.Tensor],
     base: BaseStats,
     estimator: str = "topk_tail",
     direction: str = "forward",
@@ -350,8 +350,9 @@ def cached_kl_terms(
     """Cached KL per position, and its gradient with respect to the tuned logits, in sparse form.
 
     lq_s ``[n, k]``: tuned log q at the cached top-k ids; lq_x ``[n, m]``: at the tail samples;
-    log_q_tail ``[n]``: log q_T, the tuned log-mass outside the top-k (a logsumexp over the
-    complement, not log(1 − Σ_S q), which cancels catastrophically when the tuned tail collapses).
+    log_q_tail ``[n]``: log q_T, the tuned log-mass outside the top-k (summed over the complement,
+    not log(1 − Σ_S q), which cancels catastrophically when the tuned tail collapses); −inf marks
+    an empty tail (k = V). ``topk_sampled`` (forward) never reads it: None is accepted there.
     With S = cached top-k and p_T = 1 − Σ_S p (SPEC, "The cache and its estimators"):
 
     forward, KL(p‖q):
@@ -373,11 +374,17 @@ def cached_kl_terms(
     tiny = torch.finfo(dtype).tiny
     lp_s = base.topk_logprobs.to(dtype)
     p_s, q_s = lp_s.exp(), lq_s.exp()
-    # An empty tail (k = V) has no mass on either side; p_T from rounded cached log-probs would
-    # otherwise be ~1e-4 of noise multiplied by log(1/tiny) ≈ 87 (float32) in the tail term.
-    p_t = torch.where(torch.isneginf(log_q_tail), torch.zeros_like(log_q_tail), _tail_mass(lp_s))
-    q_t = log_q_tail.exp()
-    log_p_t, log_q_t = p_t.clamp_min(tiny).log(), log_q_tail.clamp_min(math.log(tiny))
+    if log_q_tail is None and (estimator != "topk_sampled" or direction != "forward"):
+        raise ValueError(f"the {direction} KL with estimator {estimator!r} needs the tuned tail mass log_q_tail")
+    p_t = _tail_mass(lp_s)
+    if log_q_tail is not None:
+        # An empty tail (k = V) has no mass on either side; p_T from rounded cached log-probs would
+        # otherwise be ~1e-4 of noise multiplied by log(1/tiny) ≈ 87 (float32) in the tail term.
+        # (Without log_q_tail, topk_sampled: with k = V every sample is marked missing, so the
+        # rounded p_T multiplies zeros.)
+        p_t = torch.where(torch.isneginf(log_q_tail), torch.zeros_like(log_q_tail), p_t)
+        q_t = log_q_tail.exp()
+        log_p_t, log_q_t = p_t.clamp_min(tiny).log(), log_q_tail.clamp_min(math.log(tiny))
     zeros_n, x_coef = torch.zeros_like(p_t), torch.zeros_like(lq_x)
     if direction == "reverse":
         # ∂/∂z_j = q_j (log(Q_c(j)/P_c(j)) − KL), c(j) the coarse cell of j.

@@ -23,13 +23,13 @@ ESTIMATORS = ["topk_tail", "topk_sampled", "topk_hybrid", "topk_renorm"]
 DIRECTIONS = ["forward", "reverse"]
 
 
-def reference_loss(tuned, base, labels, cfg: GeometryConfig, estimator=None):
+def reference_loss(tuned, base, labels, cfg: GeometryConfig, estimator=None, dtype=torch.float64):
     """The note's sketch with SPEC's masking, written with plain autograd ops in float64.
 
     ``base`` is full logits (exact KL) or BaseStats (KL from ``signals.cached_kl``).
     """
     rows, y = labelled_positions(labels)
-    q = tuned.reshape(-1, tuned.shape[-1])[rows].double()
+    q = tuned.reshape(-1, tuned.shape[-1])[rows].to(dtype)
     task = F.cross_entropy(q, y, reduction="none")
     h_q = -(F.softmax(q, -1) * F.log_softmax(q, -1)).sum(-1)
     if isinstance(base, BaseStats):
@@ -107,6 +107,37 @@ def test_gradcheck_in_float64(direction, base_kind):
     loss_fn = GeometryAwareLoss(kl_direction=direction, kl_estimator=estimator, chunk_size=3, **ACTIVE)
     x = tuned.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda z: loss_fn(z, base, labels)[0], (x,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["topk_tail", "topk_hybrid"])
+def test_a_collapsed_tuned_tail_is_penalised_not_read_as_an_empty_tail(estimator):
+    """The tuned tail mass is summed over the tail's own entries; when they underflow (here e^-150
+    a token, float32) the tail must be redone in log space, not read as the empty tail of k = V
+    (which would drop the penalty) nor as zeros (which would drop its gradient off the top-k)."""
+    tuned, base_logits, labels, g = make_batch(seed=5, dtype=torch.float32)
+    stats = BaseStats.from_logits(base_logits, labels, k=4, m=3, generator=g)
+    rows, _ = labelled_positions(labels)
+    collapsed = tuned.reshape(-1, tuned.shape[-1]).clone()
+    keep = torch.full_like(collapsed[rows], -150.0).scatter(1, stats.topk_ids.long(), 0.0)
+    collapsed[rows] = keep
+    collapsed = collapsed.view_as(tuned)
+    loss_fn = GeometryAwareLoss(kl_estimator=estimator, lambda_kl=1.0, lambda_cal=0.0, lambda_entropy=0.0, kl_threshold=0.0, final_kl_threshold=0.0)
+    x = collapsed.clone().requires_grad_()
+    loss, metrics = loss_fn(x, stats, labels)
+    loss.backward()
+    # The value: autograd through signals.cached_kl in float32, whose log q_T is a logsumexp over
+    # the tail (−147.8 here) floored at log(tiny) = −87.3, as the loss's is.
+    ref32, ref_m = reference_loss(collapsed.clone(), stats, labels, loss_fn.config, dtype=torch.float32)
+    p_t = 1 - stats.topk_logprobs.double().exp().sum(-1)
+    assert metrics["KL_mean"] > (p_t * 80).mean()  # p_T (log p_T − log q_T) with log q_T at the floor
+    torch.testing.assert_close(metrics["KL_mean"], ref_m["KL_mean"].float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss, ref32.float(), rtol=1e-5, atol=0)
+    # The gradient: the floor is on the value only; the float64 reference (no floor reached) has
+    # the exact gradient, tail entries (q_j / q_T = 1/|tail| each) included.
+    x_ref = collapsed.double().requires_grad_()
+    ref64, _ = reference_loss(x_ref, stats, labels, loss_fn.config)
+    ref64.backward()
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_cached_loss_equals_exact_loss_when_k_is_the_vocabulary():
