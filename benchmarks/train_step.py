@@ -14,8 +14,11 @@ same batches read from a geocache cache (k=64, m=8, router logits), through the 
 Each (shape, variant) runs in a fresh subprocess (``--worker``): model, cache reader, optimizer and
 ``--warmup`` steps first; then VmRSS is read, the high-water mark reset (``/proc/self/clear_refs``),
 ``--steps`` steps timed; peak = VmHWM − that baseline (what the steps add on top of the weights,
-optimizer state and data). Step time = the median of the timed steps, except ``periodic``, whose
-mean is reported (its 1-in-4 base forwards are the point). Shapes: ``tiny`` (the test fixture's Qwen3-MoE) and ``small`` (Qwen3-MoE,
+optimizer state and data). Then one more subprocess per shape holds every variant and lets them
+take turns, ``--rounds`` rounds of ``--block`` consecutive steps each (the first of a block untimed,
+so caches are warm as in a real run), the order rotated every round: the time ratios come from it, since this machine's speed drifts between processes run minutes apart by
+more than the 10% being measured. Step time = the median of the timed steps, except
+``periodic``, whose mean is reported (its 1-in-4 base forwards are the point). Shapes: ``tiny`` (the test fixture's Qwen3-MoE) and ``small`` (Qwen3-MoE,
 hidden 256, 4 layers, 8 experts top-2, vocab 32,768), sequences of ``--seq`` tokens.
 
 Results: ``benchmarks/results/train_step.{json,md,png}`` with command, machine and versions.
@@ -77,7 +80,8 @@ def build(shape: str, root: Path, seq: int, n_seq: int) -> tuple[Path, Path]:
     return model_dir, cache_dir
 
 
-def run_worker(p: dict) -> dict:
+def setup(p: dict, variant: str):
+    """(step(i), batches) for one variant: its own DoRA model, trainer and optimizer."""
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from geocache.base import CacheBase, CopyBase, LiveBase, PeriodicBase
@@ -86,11 +90,9 @@ def run_worker(p: dict) -> dict:
     from geocache.trainer import GeometryTrainer, add_dora_adapter
 
     torch.manual_seed(0)
-    torch.set_num_threads(p["threads"])
     cache = open_cache(p["cache"])
     model = add_dora_adapter(AutoModelForCausalLM.from_pretrained(p["model"]), r=16, alpha=32)
     args = TrainingArguments(output_dir=p["tmp"], report_to=[], use_cpu=True, remove_unused_columns=False, per_device_train_batch_size=p["batch"])
-    variant = p["variant"]
     if variant == "plain":
         trainer = Trainer(model=model, args=args, train_dataset=cache, data_collator=collate_cache_rows)
     else:
@@ -107,16 +109,32 @@ def run_worker(p: dict) -> dict:
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which this loop replaces
     batches = [collate_cache_rows([cache[(i * p["batch"] + j) % len(cache)] for j in range(p["batch"])]) for i in range(p["warmup"] + p["steps"])]
 
-    def step(i: int, batch: dict) -> None:
+    def step(i: int) -> None:
         trainer.state.global_step = i
+        batch = batches[i]
         inputs = {k: v for k, v in batch.items() if variant != "plain" or k in ("input_ids", "attention_mask", "labels")}
         trainer.training_step(model, inputs)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     model.train()
+    return step, batches
+
+
+def _step_time(variant: str, times: list[float]) -> float:
+    # the median: a few-millisecond tiny step is easily doubled by one stall of the machine;
+    # periodic: the mean, its 1-in-4 base forwards are the point
+    return sum(times) / len(times) if variant == "periodic" else sorted(times)[len(times) // 2]
+
+
+def run_worker(p: dict) -> dict:
+    torch.set_num_threads(p["threads"])
+    if p["variant"] == "interleaved":
+        return run_interleaved(p)
+    variant = p["variant"]
+    step, batches = setup(p, variant)
     for i in range(p["warmup"]):
-        step(i, batches[i])
+        step(i)
     import gc
 
     gc.collect()
@@ -125,13 +143,35 @@ def run_worker(p: dict) -> dict:
     times = []
     for i in range(p["warmup"], p["warmup"] + p["steps"]):
         t = time.perf_counter()
-        step(i, batches[i])
+        step(i)
         times.append(time.perf_counter() - t)
     peak = proc_status_kib("VmHWM") - baseline
     tokens = sum(int(b["attention_mask"].sum()) for b in batches[p["warmup"] :])
-    # the median: a few-millisecond tiny step is easily doubled by one stall of the machine
-    return {"variant": variant, "shape": p["shape"], "step_s": sum(times) / len(times) if variant == "periodic" else sorted(times)[len(times) // 2], "times_s": times, "peak_kib": peak,
+    return {"variant": variant, "shape": p["shape"], "step_s": _step_time(variant, times), "times_s": times, "peak_kib": peak,
             "peak_exact": exact, "baseline_kib": baseline, "tokens_per_s": tokens / sum(times)}
+
+
+def run_interleaved(p: dict) -> dict:
+    """Every variant in this one process, taking turns: each round, each variant runs ``block``
+    consecutive steps (the first untimed, so its caches are warm as in a real run), the order
+    rotated every round. The time ratios then compare steps taken seconds apart, not minutes apart
+    in separate processes, on a machine whose speed drifts by more than the 10% being measured."""
+    steps = {v: setup(p, v)[0] for v in VARIANTS}
+    for v in VARIANTS:
+        for i in range(p["warmup"]):
+            steps[v](i)
+    times = {v: [] for v in VARIANTS}
+    i = p["warmup"]
+    for r in range(p["rounds"]):
+        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
+        for v in order:
+            for j in range(p["block"]):
+                t = time.perf_counter()
+                steps[v](i + j)
+                if j:
+                    times[v].append(time.perf_counter() - t)
+        i += p["block"]
+    return {"variant": "interleaved", "shape": p["shape"], "times_s": times, "step_s": {v: _step_time(v, ts) for v, ts in times.items()}}
 
 
 def spawn(params: dict, a: argparse.Namespace) -> dict:
@@ -144,16 +184,18 @@ def spawn(params: dict, a: argparse.Namespace) -> dict:
     return r
 
 
-def ratios(results: list[dict]) -> list[dict]:
+def ratios(results: list[dict], interleaved: list[dict]) -> list[dict]:
+    """Time ratios from the interleaved run (steps side by side), memory from the separate ones."""
     rows = []
     for shape in sorted({r["shape"] for r in results}):
         by = {r["variant"]: r for r in results if r["shape"] == shape}
+        t = next(r["step_s"] for r in interleaved if r["shape"] == shape)
         checks = [
-            ("cache / plain step time", by["cache"]["step_s"] / by["plain"]["step_s"], "<=", TARGETS["time_cache_over_plain"]),
+            ("cache / plain step time", t["cache"] / t["plain"], "<=", TARGETS["time_cache_over_plain"]),
             ("cache / plain peak memory", by["cache"]["peak_kib"] / max(by["plain"]["peak_kib"], 1), "<=", TARGETS["mem_cache_over_plain"]),
-            ("live / cache step time", by["live"]["step_s"] / by["cache"]["step_s"], ">=", TARGETS["time_live_over_cache"]),
-            ("copy / cache step time", by["copy"]["step_s"] / by["cache"]["step_s"], None, None),
-            ("periodic / cache step time", by["periodic"]["step_s"] / by["cache"]["step_s"], None, None),
+            ("live / cache step time", t["live"] / t["cache"], ">=", TARGETS["time_live_over_cache"]),
+            ("copy / cache step time", t["copy"] / t["cache"], None, None),
+            ("periodic / cache step time", t["periodic"] / t["cache"], None, None),
             ("live / plain peak memory", by["live"]["peak_kib"] / max(by["plain"]["peak_kib"], 1), None, None),
             ("copy / plain peak memory", by["copy"]["peak_kib"] / max(by["plain"]["peak_kib"], 1), None, None),
         ]
@@ -181,12 +223,17 @@ def write_outputs(data: dict, out: Path) -> None:
         "",
         *provenance_markdown(prov, data["load_after"]),
         "",
-        "| shape | variant | step time (s) | tokens/s | peak memory over baseline (MiB) | other CPU (s) | attempts |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "Step times: **interleaved** = all variants in one process taking turns, a block of steps each (order rotated every round), "
+        "the ratios below come from these; *separate* = the variant alone in its own process (where its peak memory is "
+        "measured), minutes apart from the others.",
+        "",
+        "| shape | variant | step time, interleaved (s) | step time, separate (s) | tokens/s (separate) | peak memory over baseline (MiB) | other CPU (s) | attempts |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["results"]:
-        lines.append(f"| {r['shape']} | {r['variant']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {r['peak_kib'] / 1024:.1f} | "
-                     f"{r['other_cpu_s']:.1f} | {r['attempts']} |")
+        t = next(x for x in data["interleaved"] if x["shape"] == r["shape"])
+        lines.append(f"| {r['shape']} | {r['variant']} | **{t['step_s'][r['variant']]:.4f}** | {r['step_s']:.4f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['peak_kib'] / 1024:.1f} | {r['other_cpu_s']:.1f} | {r['attempts']} |")
     lines += ["", "| shape | ratio | value | target | verdict |", "|---|---|---:|---|---|"]
     for r in data["ratios"]:
         verdict = "" if r["pass"] is None else ("PASS" if r["pass"] else "FAIL")
@@ -199,10 +246,11 @@ def write_outputs(data: dict, out: Path) -> None:
     for j, variant in enumerate(VARIANTS):
         rs = [next(r for r in data["results"] if r["shape"] == s and r["variant"] == variant) for s in shapes]
         plain = [next(r for r in data["results"] if r["shape"] == s and r["variant"] == "plain") for s in shapes]
+        inter = [next(r["step_s"] for r in data["interleaved"] if r["shape"] == s) for s in shapes]
         xs = [i + j * width for i in range(len(shapes))]
-        axes[0].bar(xs, [r["step_s"] / p_["step_s"] for r, p_ in zip(rs, plain)], width, label=variant)
+        axes[0].bar(xs, [t[variant] / t["plain"] for t in inter], width, label=variant)
         axes[1].bar(xs, [r["peak_kib"] / max(p_["peak_kib"], 1) for r, p_ in zip(rs, plain)], width, label=variant)
-    for ax, title in zip(axes, ("step time / plain", "peak memory over baseline / plain")):
+    for ax, title in zip(axes, ("step time / plain (interleaved)", "peak memory over baseline / plain")):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_title(title)
@@ -219,6 +267,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=4, help="Sequences per step.")
     ap.add_argument("--steps", type=int, default=16, help="Timed steps per variant.")
     ap.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
+    ap.add_argument("--rounds", type=int, default=8, help="Rounds of the interleaved run.")
+    ap.add_argument("--block", type=int, default=4, help="Consecutive steps of one variant per round of the interleaved run (the first untimed).")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in each worker.")
     add_measurement_args(ap)
     ap.add_argument("--out", type=Path, default=HERE / "results", help="Where results go.")
@@ -229,19 +279,24 @@ def main(argv=None) -> None:
         return
     prov = provenance()  # before the workers: it records the load average at the start
     load_before = prov["loadavg_at_start"]
-    results = []
+    results, interleaved = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in a.shapes:
-            model_dir, cache_dir = build(shape, Path(tmp) / shape, a.seq, n_seq=(a.warmup + a.steps) * a.batch)
+            model_dir, cache_dir = build(shape, Path(tmp) / shape, a.seq, n_seq=(a.warmup + max(a.steps, a.rounds * a.block)) * a.batch)
             for variant in VARIANTS:
                 params = dict(shape=shape, variant=variant, model=str(model_dir), cache=str(cache_dir), tmp=str(Path(tmp) / "run"),
                               batch=a.batch, steps=a.steps, warmup=a.warmup, threads=a.threads)
                 r = spawn(params, a)
                 print(f"{shape:6s} {variant:9s} {r['step_s']:.3f} s/step  peak +{r['peak_kib'] / 1024:.0f} MiB", flush=True)
                 results.append(r)
+            params = dict(shape=shape, variant="interleaved", model=str(model_dir), cache=str(cache_dir), tmp=str(Path(tmp) / "run"),
+                          batch=a.batch, steps=a.rounds * a.block, rounds=a.rounds, block=a.block, warmup=a.warmup, threads=a.threads)
+            r = spawn(params, a)
+            print(f"{shape:6s} interleaved " + "  ".join(f"{v} {t:.4f}" for v, t in r["step_s"].items()), flush=True)
+            interleaved.append(r)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k != "worker"}
     data = {"config": config, "provenance": prov, "load_before": load_before, "load_after": loadavg(), "results": results,
-            "ratios": ratios(results), "targets": TARGETS}
+            "interleaved": interleaved, "ratios": ratios(results, interleaved), "targets": TARGETS}
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "train_step.json").write_text(json.dumps(data, indent=2))
     write_outputs(data, a.out)

@@ -16,11 +16,13 @@ terms. That is what it loses: the base-relative penalties act on 1/N of the batc
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 
+from geocache.moe import recorded_router_logits
 from geocache.signals import BaseStats, labelled_positions
 
 BASE_MODES = ("cache", "live", "copy", "periodic")
@@ -31,26 +33,28 @@ class BaseBatch:
     """The base side of one batch.
 
     lm: ``BaseStats`` over the labelled positions, full base logits ``[B, T, V]``, or None (no base).
-    router: one tensor per MoE layer over the labelled positions: base router logits ``[P, E]``
-    (float) or base expert ids ``[P, r]`` (int, best first); None for dense models or no base.
+    router: the MoE layers over the labelled positions, stacked ``[L, P, ...]``: base router
+    logits ``[L, P, E]`` (float) or base expert ids ``[L, P, r]`` (int, best first); None for
+    dense models or no base.
     """
 
     lm: Union[BaseStats, torch.Tensor, None]
-    router: Optional[list[torch.Tensor]] = None
+    router: Optional[torch.Tensor] = None
 
 
-def _router_from_batch(batch: dict) -> Optional[list[torch.Tensor]]:
-    if "router_logits" in batch:
-        return list(batch["router_logits"].unbind(1))  # [P, L, E] → L × [P, E]
-    if "router_topk_ids" in batch:
-        return list(batch["router_topk_ids"].unbind(1))
+def _router_from_batch(batch: dict) -> Optional[torch.Tensor]:
+    for key in ("router_logits", "router_topk_ids"):
+        if key in batch:
+            return batch[key].transpose(0, 1)  # [P, L, ...] → [L, P, ...], a view
     return None
 
 
-def select_router_rows(router_logits, labels: torch.Tensor) -> list[torch.Tensor]:
-    """Router logits of a forward (one ``[B*T, E]`` tensor per MoE layer) at the labelled positions."""
+def select_router_rows(router_logits, labels: torch.Tensor) -> torch.Tensor:
+    """Router logits of a forward (one ``[B*T, E]`` tensor per MoE layer) at the labelled
+    positions, stacked ``[L, P, E]``."""
     rows, _ = labelled_positions(labels)
-    return [r[rows.to(r.device)] for r in router_logits]
+    stacked = torch.stack(list(router_logits))
+    return stacked.index_select(1, rows.to(stacked.device))
 
 
 class CacheBase:
@@ -69,14 +73,14 @@ def _forward_base(model, batch: dict, want_router: bool) -> BaseBatch:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            kwargs = {"output_router_logits": True} if want_router else {}
-            if "position_ids" in batch:
-                kwargs["position_ids"] = batch["position_ids"]
+        kwargs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+        # Router logits through hooks: output_router_logits=True would also compute transformers'
+        # load-balancing loss, which nothing here reads.
+        with torch.no_grad(), (recorded_router_logits(model) if want_router else nullcontext([])) as router_logits:
             out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False, **kwargs)
     finally:
         model.train(was_training)
-    router = select_router_rows(out.router_logits, batch["labels"]) if want_router and out.router_logits else None
+    router = select_router_rows(router_logits, batch["labels"]) if router_logits else None
     return BaseBatch(out.logits, router)
 
 

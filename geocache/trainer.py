@@ -13,6 +13,7 @@ import math
 import time
 import warnings
 from collections import defaultdict
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,6 +27,7 @@ from geocache.cache.reader import collate_cache_rows
 from geocache.config import GeometryConfig
 from geocache.losses import AdaptiveGeometryScheduler, GeometryAwareLoss, router_divergence_loss
 from geocache.models import moe_layout
+from geocache.moe import recorded_router_logits
 from geocache.signals import labelled_positions
 
 # Modules never adapted: the output head, MoE routers and the shared-expert gate (a scalar gate).
@@ -142,11 +144,13 @@ class GeometryTrainer(Trainer):
         step = self.state.global_step
         labels = inputs["labels"]
         lam_router = self.geometry_config.lambda_router
-        kwargs = {"output_router_logits": True} if self.layout is not None else {}
-        if "position_ids" in inputs:
-            kwargs["position_ids"] = inputs["position_ids"]
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False, **kwargs)
-        base: BaseBatch = self.base_source(self.accelerator.unwrap_model(model), inputs, step)
+        kwargs = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
+        unwrapped = self.accelerator.unwrap_model(model)
+        # Router logits through hooks, not output_router_logits=True (which adds transformers'
+        # load-balancing loss to every forward); the call stays on the wrapped model (DDP).
+        with (recorded_router_logits(unwrapped) if self.layout is not None else nullcontext([])) as router_logits:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False, **kwargs)
+        base: BaseBatch = self.base_source(unwrapped, inputs, step)
         lm = base.lm.to(outputs.logits.device) if base.lm is not None else None
         thresholds = self.geometry_scheduler.get_thresholds(step)
         n_local = int(labelled_positions(labels)[0].numel())
@@ -154,8 +158,8 @@ class GeometryTrainer(Trainer):
         loss, metrics = self.geometry_loss(outputs.logits, lm, labels, thresholds=thresholds, num_items_in_batch=denom)
 
         if self.layout is not None and base.router is not None:
-            tuned_router = select_router_rows(outputs.router_logits, labels)
-            base_router = [r.to(tuned_router[0].device) for r in base.router]
+            tuned_router = select_router_rows(router_logits, labels)
+            base_router = base.router.to(tuned_router.device)
             r_loss, r_metrics = router_divergence_loss(
                 tuned_router, base_router, self.layer_weights, self.layout["top_k"], scoring=self.layout["scoring"]
             )

@@ -377,11 +377,36 @@ def test_sigmoid_scoring_normalises_sigmoid_scores():
     torch.testing.assert_close(loss, (rb * (rb / rt).log()).sum(-1).mean())
 
 
-def test_router_divergence_gradcheck():
+@pytest.mark.parametrize("base_kind", ["logits", "ids"])
+def test_router_divergence_gradcheck(base_kind):
     g = torch.Generator().manual_seed(1)
     tuned = [torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
-    base = [torch.randn(4, 5, generator=g, dtype=torch.float64), torch.tensor([[0, 1], [2, 3], [4, 0], [1, 2]])]
+    if base_kind == "logits":
+        base = [torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    else:
+        base = [torch.tensor([[0, 1], [2, 3], [4, 0], [1, 2]]), torch.tensor([[3, 1], [0, 4], [2, 0], [4, 3]])]
     assert torch.autograd.gradcheck(lambda a, b: router_divergence_loss([a, b], base, None, top_k=2)[0], tuple(tuned))
+
+
+def test_router_layers_given_stacked_or_as_a_list_agree_and_mixed_kinds_are_refused():
+    g = torch.Generator().manual_seed(3)
+    tuned = torch.randn(3, 6, 8, generator=g)
+    base = torch.randn(3, 6, 8, generator=g)
+    mask = torch.tensor([True, False, True, True, False, True])
+    a, ma = router_divergence_loss(tuned, base, None, top_k=2, mask=mask)
+    b, mb = router_divergence_loss(list(tuned), list(base), None, top_k=2, mask=mask)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ma["router_jaccard_per_layer"], mb["router_jaccard_per_layer"])
+    per_layer = [router_divergence_loss([t[mask]], [p[mask]], None, top_k=2)[0] for t, p in zip(tuned, base)]
+    torch.testing.assert_close(ma["router_divergence_per_layer"], torch.stack(per_layer))
+    for top_k in (1, 2, 3):  # the membership sets against torch.topk's
+        _, m = router_divergence_loss(tuned, base, None, top_k=top_k)
+        want = torch.stack([router_jaccard(p.topk(top_k, -1).indices, t.topk(top_k, -1).indices).mean() for t, p in zip(tuned, base)])
+        torch.testing.assert_close(m["router_jaccard_per_layer"], want)
+        _, m = router_divergence_loss(tuned, base.argsort(-1, descending=True), None, top_k=top_k)  # base as expert ids
+        torch.testing.assert_close(m["router_jaccard_per_layer"], want)
+    with pytest.raises(ValueError, match="router layers must share one shape per token"):
+        router_divergence_loss(list(tuned[:2]), [base[0], base[1, :, :2].argsort(-1)], None, top_k=2)
 
 
 def test_midband_weights_peak_over_the_middle_third_and_sum_to_one():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from geocache.moe import block_output, expert_output, expert_outputs, moe_blocks, recombine, router_of, selection, v2_tokens
+from geocache.moe import block_output, expert_output, expert_outputs, moe_blocks, recombine, recorded_router_logits, router_of, selection, v2_tokens
 from geocache.testing import MOE_MODEL_TYPES, tiny_config
 from geocache.v2 import StrataConfig, c1_c2
 
@@ -16,6 +16,24 @@ from geocache.v2 import StrataConfig, c1_c2
 def _model(model_type, **overrides):
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(tiny_config(model_type, vocab_size=64, **overrides)).eval()
+
+
+@pytest.mark.parametrize("model_type", MOE_MODEL_TYPES)
+def test_router_logits_recorded_by_hooks_are_the_models_own_with_their_gradient(model_type):
+    """What training reads instead of ``output_router_logits=True`` (which also computes the
+    load-balancing loss): the same tensors, layer for layer, and gradients reach the routers."""
+    model = _model(model_type).train()
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(2))
+    want = model(input_ids=ids, output_router_logits=True).router_logits
+    with recorded_router_logits(model) as got:
+        out = model(input_ids=ids)
+    assert len(got) == len(want) == len(moe_blocks(model)) > 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    sum(g.float().logsumexp(-1).sum() for g in got).backward()
+    assert all(router_of(b).weight.grad is not None and router_of(b).weight.grad.abs().sum() > 0 for _, b in moe_blocks(model))
+    model(input_ids=ids)  # outside the block nothing is recorded
+    assert len(got) == len(want) and out.router_logits is None
 
 
 @pytest.mark.parametrize("model_type", MOE_MODEL_TYPES)
