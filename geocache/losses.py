@@ -23,6 +23,7 @@ from geocache.config import GeometryConfig
 from geocache.signals import (
     SAMPLED_ESTIMATORS,
     BaseStats,
+    base_kl_terms,
     cached_kl_terms,
     default_chunk_rows,
     labelled_positions,
@@ -58,13 +59,16 @@ def _rows_into(flat: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> tor
 
 def _log_softmax_rows(z: torch.Tensor, logp: torch.Tensor, p: torch.Tensor):
     """log p, p and H(p) of logit rows ``z [n, V]`` into the given buffers; returns (logp, p, H [n]).
-    Four passes over the rows (fused log-softmax, clamp, exp, a dot per row): at a small vocabulary
-    the loss is a sum of such passes, so each one counts."""
+    Three passes over the rows (fused log-softmax, exp, a dot per row): at a small vocabulary the
+    loss is a sum of such passes, so each one counts."""
     torch.log_softmax(z, -1, out=logp)
-    # Clamp keeps −inf logits (masked vocab) finite so that 0·log 0 below is 0, not NaN.
-    logp.clamp_min_(torch.finfo(logp.dtype).min)
     torch.exp(logp, out=p)
-    return logp, p, -torch.linalg.vecdot(p, logp)
+    h = -torch.linalg.vecdot(p, logp)
+    if not bool(torch.isfinite(h).all()):
+        # −inf logits (a masked vocabulary) give 0·(−inf) = NaN: clamp log p so that 0·log 0 is 0.
+        logp.clamp_min_(torch.finfo(logp.dtype).min)
+        h = -torch.linalg.vecdot(p, logp)
+    return logp, p, h
 
 
 class _Tail(NamedTuple):
@@ -239,7 +243,12 @@ class GeometryAwareLoss(nn.Module):
         cached = base is not None and not exact
         base_flat = base.reshape(-1, vocab) if exact else None
         out = torch.empty(4, n_total, dtype=dtype, device=logits.device)
-        grad = torch.zeros_like(flat) if need_grad else None
+        grad = None
+        if need_grad:  # every labelled row is written below: zero only the others
+            grad = torch.empty_like(flat)
+            unlabelled = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
+            unlabelled[rows] = False
+            grad[unlabelled] = 0
         rows_buf = min(chunk, max(n_total, 1))
         zq, lq, q, tmp = (torch.empty(rows_buf, vocab, dtype=dtype, device=logits.device) for _ in range(4))
         if exact:
@@ -253,6 +262,7 @@ class GeometryAwareLoss(nn.Module):
         if cached:
             k, m = base.k, base.m
             ids = torch.cat([base.topk_ids.long(), base.sample_ids.long(), targets.unsqueeze(-1)], 1)
+            terms, h_p_all = base_kl_terms(base, dtype), base.entropy.to(dtype)  # the base's side, once
         else:
             k = m = 0
             ids = targets.unsqueeze(-1)
@@ -284,28 +294,30 @@ class GeometryAwareLoss(nn.Module):
                 else:  # Σ q (log q − log p) = −H(q) − Σ q log p
                     kl = -h_q - torch.linalg.vecdot(q_c, lp_c)
             else:
-                st = BaseStats(*(t[start:stop] for t in (base.lse, base.entropy, base.topk_ids, base.topk_logprobs, base.sample_ids, base.sample_logprobs)))
-                h_p = st.entropy.to(dtype)
+                h_p = h_p_all[start:stop]
                 # q restricted to the tail (outside the cached top-k) and its mass q_T.
-                tail = _tail_into(q_c, lq_c, st.topk_ids, zq[:n]) if need_tail else None
+                tail = _tail_into(q_c, lq_c, ids_c[:, :k], zq[:n]) if need_tail else None
                 kl, (alpha, s_coef, x_coef, tail_coef) = cached_kl_terms(
-                    lq_ids[:, :k], lq_ids[:, k : k + m], tail and tail.log_mass, st, cfg.kl_estimator, cfg.kl_direction
+                    lq_ids[:, :k], lq_ids[:, k : k + m], tail and tail.log_mass, None, cfg.kl_estimator, cfg.kl_direction,
+                    terms=terms.select(slice(start, stop)),
                 )
             torch.stack((kl, h_q, h_p, nll), out=out[:, start:stop])
             if not need_grad:
                 continue
 
+            # The hinge masks as 0/1 and the coefficients, constants folded on the Python side.
             m_kl = (kl > th["kl_threshold"]).to(dtype)
             m_cal = (nll - h_q > th["cal_threshold"]).to(dtype)
             m_h = (h_q - h_p < -th["dh_threshold"]).to(dtype)
-            c = (1.0 + lam_cal * m_cal) / denom
-            b = (lam_cal * m_cal + lam_h * m_h) / denom
-            d = lam_kl * m_kl / denom
-            a = c.clone()
+            c = m_cal.mul(lam_cal / denom).add_(1.0 / denom)
+            b = torch.add(m_cal.mul_(lam_cal / denom), m_h, alpha=lam_h / denom)
+            d = m_kl.mul_(lam_kl / denom)
             if exact and forward:
-                a += d
+                a = c + d
             elif cached:
-                a += d * alpha
+                a = torch.addcmul(c, d, alpha)
+            else:
+                a = c
             g = grad[r0 : r0 + n] if contiguous and in_place_grad else tmp[:n]
             if bool(b.any()):  # q ⊙ (b·log q + (a + b·H)), two passes
                 torch.addcmul((a + b * h_q).unsqueeze(-1), lq_c, b.unsqueeze(-1), out=g).mul_(q_c)

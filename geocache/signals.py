@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -285,6 +285,9 @@ def compute_base_stats(
         s = bsum.sum(-1) if m else e.sum(-1)
         # Σ e·(z − max): multiply into the shifted buffer (no longer needed) and reduce.
         dot = shifted.mul_(e).sum(-1)
+        if not bool(torch.isfinite(dot).all()):
+            # −inf logits (a masked vocabulary) give 0·(−inf) = NaN: redo with z − max floored.
+            dot = torch.sub(z, zmax, out=shifted).clamp_min_(torch.finfo(dtype).min).mul_(e).sum(-1)
         row_lse = zmax.squeeze(-1) + s.log()
         bad = ~torch.isfinite(row_lse)
         if bad.any():
@@ -336,13 +339,43 @@ def compute_base_stats(
 # ----------------------------------------------------------------------------------------------
 
 
+class BaseKLTerms(NamedTuple):
+    """The base's side of ``cached_kl_terms``, per position: it depends on the cache alone."""
+
+    lp_s: torch.Tensor  # [n, k] cached top-k log p, in the math dtype
+    p_s: torch.Tensor  # [n, k]
+    p_t: torch.Tensor  # [n] p_T = 1 − Σ_S p, the base mass outside the top-k
+    head_base: torch.Tensor  # [n] Σ_S p log p
+    p_t_log_p_t: torch.Tensor  # [n] p_T log p_T (0 at p_T = 0)
+    log_p_t: torch.Tensor  # [n] log p_T, floored at the smallest normal float
+    w_x: torch.Tensor  # [n, m] 1/count on the valid tail samples, 0 on missing ones
+    lp_x_mean: torch.Tensor  # [n] Σ w_x log p(x): the samples' mean log p
+
+    def select(self, index) -> "BaseKLTerms":
+        return BaseKLTerms(*(t[index] for t in self))
+
+
+def base_kl_terms(base: BaseStats, dtype: torch.dtype) -> BaseKLTerms:
+    """``BaseKLTerms`` of ``base`` in ``dtype`` (see ``cached_kl_terms``)."""
+    tiny = torch.finfo(dtype).tiny
+    lp_s = base.topk_logprobs.to(dtype)
+    p_s = lp_s.exp()
+    p_t = (1.0 - p_s.sum(-1)).clamp_min(0.0)
+    lp_x = base.sample_logprobs.to(dtype)
+    valid = torch.isfinite(lp_x)
+    w_x = valid.to(dtype) / valid.sum(-1, keepdim=True).clamp_min(1)
+    lp_x_mean = (w_x * torch.where(valid, lp_x, torch.zeros_like(lp_x))).sum(-1)
+    return BaseKLTerms(lp_s, p_s, p_t, (p_s * lp_s).sum(-1), torch.xlogy(p_t, p_t), p_t.clamp_min(tiny).log(), w_x, lp_x_mean)
+
+
 def cached_kl_terms(
     lq_s: torch.Tensor,
     lq_x: torch.Tensor,
     log_q_tail: Optional[torch.Tensor],
-    base: BaseStats,
+    base: Optional[BaseStats],
     estimator: str = "topk_tail",
     direction: str = "forward",
+    terms: Optional[BaseKLTerms] = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Cached KL per position, and its gradient with respect to the tuned logits, in sparse form.
 
@@ -362,6 +395,9 @@ def cached_kl_terms(
                                                                      2025); for comparison only
     reverse, KL(q‖p): over the coarse partition S ∪ {tail}, a lower bound (``estimator`` unused).
 
+    ``terms``: ``base_kl_terms(base, dtype)``, the base's side of these formulas, when the caller
+    computes it once for many calls (the chunked loss does, for all positions); else computed here.
+
     Returns ``kl [n]`` and ``(alpha [n], s_coef [n, k], x_coef [n, m], tail_coef [n])`` such that
     ∂kl/∂z = alpha·q + tail_coef·q/q_T (on tokens outside S) + scatter(S, s_coef)
     + scatter(samples, x_coef). The value is differentiable by autograd through the inputs; the
@@ -369,53 +405,48 @@ def cached_kl_terms(
     """
     dtype = lq_s.dtype
     tiny = torch.finfo(dtype).tiny
-    lp_s = base.topk_logprobs.to(dtype)
-    p_s = lp_s.exp()
     if log_q_tail is None and (estimator != "topk_sampled" or direction != "forward"):
         raise ValueError(f"the {direction} KL with estimator {estimator!r} needs the tuned tail mass log_q_tail")
-    p_t = (1.0 - p_s.sum(-1)).clamp_min(0.0)  # the base mass outside the cached top-k
+    if direction not in KL_DIRECTIONS:
+        raise ValueError(f"kl direction {direction!r} is not one of {KL_DIRECTIONS}")
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl estimator {estimator!r} is not one of {KL_ESTIMATORS}")
+    t = terms if terms is not None else base_kl_terms(base, dtype)
+    p_s, p_t, p_t_log_p_t, log_p_t = t.p_s, t.p_t, t.p_t_log_p_t, t.log_p_t
     if log_q_tail is not None:
         # An empty tail (k = V) has no mass on either side; p_T from rounded cached log-probs would
         # otherwise be ~1e-4 of noise multiplied by log(1/tiny) ≈ 87 (float32) in the tail term.
         # (Without log_q_tail, topk_sampled: with k = V every sample is marked missing, so the
         # rounded p_T multiplies zeros.)
-        p_t = torch.where(torch.isneginf(log_q_tail), torch.zeros_like(log_q_tail), p_t)
-        q_t = log_q_tail.exp()
-        log_p_t, log_q_t = p_t.clamp_min(tiny).log(), log_q_tail.clamp_min(math.log(tiny))
+        empty = torch.isneginf(log_q_tail)
+        p_t, p_t_log_p_t = p_t.masked_fill(empty, 0.0), p_t_log_p_t.masked_fill(empty, 0.0)
+        log_p_t = torch.where(empty, math.log(tiny), log_p_t)
+        q_t, log_q_t = log_q_tail.exp(), log_q_tail.clamp_min(math.log(tiny))
     zeros_n, x_coef = torch.zeros_like(p_t), torch.zeros_like(lq_x)
     if direction == "reverse":
         # ∂/∂z_j = q_j (log(Q_c(j)/P_c(j)) − KL), c(j) the coarse cell of j.
         q_s = lq_s.exp()
-        kl = (q_s * (lq_s - lp_s)).sum(-1) + q_t * (log_q_t - log_p_t)
-        s_coef = q_s * (lq_s - lp_s - kl.unsqueeze(-1))
+        kl = (q_s * (lq_s - t.lp_s)).sum(-1) + q_t * (log_q_t - log_p_t)
+        s_coef = q_s * (lq_s - t.lp_s - kl.unsqueeze(-1))
         return kl, (zeros_n, s_coef, x_coef, q_t * (log_q_t - log_p_t - kl))
-    if direction != "forward":
-        raise ValueError(f"kl direction {direction!r} is not one of {KL_DIRECTIONS}")
-    head = (p_s * (lp_s - lq_s)).sum(-1)
+    head = t.head_base - torch.linalg.vecdot(p_s, lq_s)  # Σ_S p log(p/q)
     ones_n = torch.ones_like(p_t)
-    if estimator == "topk_tail":
-        # ∂/∂z_j = q_j − p_j on S, q_j − p_T·q_j/q_T off S.
-        kl = head + torch.xlogy(p_t, p_t) - p_t * log_q_t
-        return kl, (ones_n, -p_s, x_coef, -p_t)
+    if estimator in ("topk_tail", "topk_hybrid"):
+        kl_tail = head + p_t_log_p_t - p_t * log_q_t
+        if estimator == "topk_tail":
+            # ∂/∂z_j = q_j − p_j on S, q_j − p_T·q_j/q_T off S.
+            return kl_tail, (ones_n, -p_s, x_coef, -p_t)
     if estimator in SAMPLED_ESTIMATORS:
         # ∂/∂z_j = q_j − p_j·1[j∈S] − p_T·(count of j among the samples)/m.
-        lp_x = base.sample_logprobs.to(dtype)
-        valid = torch.isfinite(lp_x)
-        count = valid.sum(-1).clamp_min(1)
-        log_ratio_x = torch.where(valid, lp_x - lq_x, torch.zeros_like(lq_x))
-        kl = head + p_t * log_ratio_x.sum(-1) / count
+        kl = head + p_t * (t.lp_x_mean - torch.linalg.vecdot(t.w_x, lq_x))
         if estimator == "topk_hybrid":  # the sampled value carrying the coarse-grained gradient
-            kl_tail = head + torch.xlogy(p_t, p_t) - p_t * log_q_t
             return kl_tail + (kl - kl_tail).detach(), (ones_n, -p_s, x_coef, -p_t)
-        x_coef = -(p_t / count).unsqueeze(-1) * valid.to(dtype)
-        return kl, (ones_n, -p_s, x_coef, zeros_n)
-    if estimator == "topk_renorm":
-        # ∂/∂z_j = q̂_j − p̂_j on S, 0 off S.
-        log_ps = lp_s - lp_s.logsumexp(-1, keepdim=True)
-        log_qs = lq_s - lq_s.logsumexp(-1, keepdim=True)
-        kl = (log_ps.exp() * (log_ps - log_qs)).sum(-1)
-        return kl, (zeros_n, log_qs.exp() - log_ps.exp(), x_coef, zeros_n)
-    raise ValueError(f"kl estimator {estimator!r} is not one of {KL_ESTIMATORS}")
+        return kl, (ones_n, -p_s, -p_t.unsqueeze(-1) * t.w_x, zeros_n)
+    # topk_renorm: ∂/∂z_j = q̂_j − p̂_j on S, 0 off S.
+    log_ps = t.lp_s - t.lp_s.logsumexp(-1, keepdim=True)
+    log_qs = lq_s - lq_s.logsumexp(-1, keepdim=True)
+    kl = (log_ps.exp() * (log_ps - log_qs)).sum(-1)
+    return kl, (zeros_n, log_qs.exp() - log_ps.exp(), x_coef, zeros_n)
 
 
 def log_tail_mass(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

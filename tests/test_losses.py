@@ -140,6 +140,28 @@ def test_a_collapsed_tuned_tail_is_penalised_not_read_as_an_empty_tail(estimator
     torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("base_kind", ["exact", "topk_tail", "topk_sampled"])
+def test_a_masked_vocabulary_of_minus_inf_logits_gives_finite_loss_and_gradient(base_kind):
+    """Token ids a model never emits (−inf logits, in the tuned and the base model alike) must act
+    as tokens of probability 0: the loss and gradient equal those of logits at −1e4 there."""
+    tuned, base_logits, labels, g = make_batch(seed=11, dtype=torch.float32)
+    masked = torch.tensor([2, 7])
+    labels = labels.masked_fill(torch.isin(labels, masked), 0)
+    results = []
+    for fill in (-math.inf, -1e4):
+        t, b = tuned.clone(), base_logits.clone()
+        t[..., masked], b[..., masked] = fill, fill
+        estimator = "topk_tail" if base_kind == "exact" else base_kind
+        base = b if base_kind == "exact" else BaseStats.from_logits(b, labels, k=4, m=3, generator=torch.Generator().manual_seed(0))
+        x = t.requires_grad_()
+        loss, metrics = GeometryAwareLoss(kl_estimator=estimator, **ACTIVE)(x, base, labels)
+        loss.backward()
+        results.append((loss, metrics["KL_mean"], metrics["H_q_mean"], x.grad))
+    for got, want in zip(results[0], results[1]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want)
+
+
 def test_cached_loss_equals_exact_loss_when_k_is_the_vocabulary():
     tuned, base_logits, labels, g = make_batch(seed=3)
     stats = BaseStats.from_logits(base_logits, labels, k=13, m=2, generator=g)

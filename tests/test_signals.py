@@ -173,6 +173,20 @@ def test_non_finite_base_logits_are_an_error_naming_the_rows():
         compute_base_stats(logits, k=2, rows=torch.tensor([0, 3, 4]), chunk_size=1)
 
 
+def test_minus_inf_logits_are_a_masked_vocabulary_not_an_error():
+    """−inf logits (tokens a model never emits) are probability 0: statistics equal
+    torch.distributions', the masked ids are never in the top-k nor sampled."""
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(4)) * 3
+    masked = torch.tensor([0, 5, 6, 39])
+    logits[:, masked] = -math.inf
+    got = compute_base_stats(logits, k=8, m=16, generator=torch.Generator().manual_seed(0), block_size=4)
+    dist = torch.distributions.Categorical(logits=logits)
+    torch.testing.assert_close(got.lse, logits.logsumexp(-1))
+    torch.testing.assert_close(got.entropy, dist.entropy())
+    assert not torch.isin(got.topk_ids, masked).any() and not torch.isin(got.sample_ids, masked).any()
+    assert torch.isfinite(got.sample_logprobs).all()
+
+
 @pytest.mark.parametrize("k", [0, 41])
 def test_k_outside_the_vocabulary_is_an_error(k):
     with pytest.raises(ValueError, match=f"k={k} must be between 1 and the vocabulary size 40"):
