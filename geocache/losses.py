@@ -57,17 +57,24 @@ def _rows_into(flat: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> tor
     return out.copy_(flat.index_select(0, rows))
 
 
-def _log_softmax_rows(z: torch.Tensor, logp: torch.Tensor, p: torch.Tensor):
+def _dot_rows(a: torch.Tensor, b: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """Σ_j a_ij b_ij per row, the product written into a reused buffer (``vecdot`` allocates a
+    fresh [n, V] temporary each call, and on CPU faulting in fresh pages costs as much as the
+    arithmetic)."""
+    return torch.mul(a, b, out=tmp).sum(-1)
+
+
+def _log_softmax_rows(z: torch.Tensor, logp: torch.Tensor, p: torch.Tensor, tmp: torch.Tensor):
     """log p, p and H(p) of logit rows ``z [n, V]`` into the given buffers; returns (logp, p, H [n]).
     Three passes over the rows (fused log-softmax, exp, a dot per row): at a small vocabulary the
     loss is a sum of such passes, so each one counts."""
     torch.log_softmax(z, -1, out=logp)
     torch.exp(logp, out=p)
-    h = -torch.linalg.vecdot(p, logp)
+    h = -_dot_rows(p, logp, tmp)
     if not bool(torch.isfinite(h).all()):
         # −inf logits (a masked vocabulary) give 0·(−inf) = NaN: clamp log p so that 0·log 0 is 0.
         logp.clamp_min_(torch.finfo(logp.dtype).min)
-        h = -torch.linalg.vecdot(p, logp)
+        h = -_dot_rows(p, logp, tmp)
     return logp, p, h
 
 
@@ -243,12 +250,7 @@ class GeometryAwareLoss(nn.Module):
         cached = base is not None and not exact
         base_flat = base.reshape(-1, vocab) if exact else None
         out = torch.empty(4, n_total, dtype=dtype, device=logits.device)
-        grad = None
-        if need_grad:  # every labelled row is written below: zero only the others
-            grad = torch.empty_like(flat)
-            unlabelled = torch.ones(flat.shape[0], dtype=torch.bool, device=flat.device)
-            unlabelled[rows] = False
-            grad[unlabelled] = 0
+        grad = torch.zeros_like(flat) if need_grad else None
         rows_buf = min(chunk, max(n_total, 1))
         zq, lq, q, tmp = (torch.empty(rows_buf, vocab, dtype=dtype, device=logits.device) for _ in range(4))
         if exact:
@@ -282,17 +284,17 @@ class GeometryAwareLoss(nn.Module):
                 z = flat[r0 : r0 + n]
             else:
                 z = _rows_into(flat, r, zq)
-            lq_c, q_c, h_q = _log_softmax_rows(z, lq[:n], q[:n])
+            lq_c, q_c, h_q = _log_softmax_rows(z, lq[:n], q[:n], tmp[:n])
             lq_ids = lq_c.gather(1, ids_c)
             nll = -lq_ids[:, -1]
             if base is None:  # no base this step: KL and dH contribute nothing
                 kl, h_p = torch.zeros_like(h_q), h_q
             elif exact:
-                lp_c, p_c, h_p = _log_softmax_rows(_rows_into(base_flat, r, zq), lp[:n], p[:n])
+                lp_c, p_c, h_p = _log_softmax_rows(_rows_into(base_flat, r, zq), lp[:n], p[:n], tmp[:n])
                 if forward:  # Σ p (log p − log q) = −H(p) − Σ p log q
-                    kl = -h_p - torch.linalg.vecdot(p_c, lq_c)
+                    kl = -h_p - _dot_rows(p_c, lq_c, tmp[:n])
                 else:  # Σ q (log q − log p) = −H(q) − Σ q log p
-                    kl = -h_q - torch.linalg.vecdot(q_c, lp_c)
+                    kl = -h_q - _dot_rows(q_c, lp_c, tmp[:n])
             else:
                 h_p = h_p_all[start:stop]
                 # q restricted to the tail (outside the cached top-k) and its mass q_T.
