@@ -24,6 +24,7 @@ import os
 import posixpath
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
@@ -37,6 +38,7 @@ from geocache.cache.reader import CacheError, _fs
 from geocache.cache.writer import ShardWriter, atomic_write_text, part_path
 from geocache.data import DataConfig, Sequence, data_fingerprint, iter_sequences, load_examples, tokenizer_fingerprint
 from geocache.models import load_model_and_tokenizer, model_fingerprint, moe_layout, output_size
+from geocache.moe import recorded_router_logits
 from geocache.signals import compute_base_stats, labelled_positions
 
 ROUTER_MODES = ("auto", "full", "topk", "none")
@@ -220,12 +222,14 @@ class _Run:
         device = model.get_input_embeddings().weight.device
         want_router = self.router_mode != "none"
         started = time.perf_counter()
-        with _hidden_only(self.head) as kept:
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_router_logits=want_router, use_cache=False)
+        # Router logits through hooks on the routers: output_router_logits=True would also compute
+        # transformers' load-balancing loss, which precompute never reads.
+        with _hidden_only(self.head) as kept, (recorded_router_logits(model) if want_router else nullcontext([])) as router_logits:
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
         _sync(device)
         self.timings["forward_s"] += time.perf_counter() - started
         started = time.perf_counter()
-        router = torch.stack(out.router_logits) if want_router else None  # [layers, segments*width, E]
+        router = torch.stack(router_logits) if want_router else None  # [layers, segments*width, E]
 
         # Flat row (segment row in the batch * width + offset in the segment) of every labelled position.
         seq_rows, seg_row = [], 0
