@@ -15,8 +15,8 @@ Each (shape, variant) runs in a fresh subprocess (``--worker``): model, cache re
 ``--warmup`` steps first; then VmRSS is read, the high-water mark reset (``/proc/self/clear_refs``),
 ``--steps`` steps timed; peak = VmHWM − that baseline (what the steps add on top of the weights,
 optimizer state and data). Then one more subprocess per shape holds every variant and lets them
-take turns, ``--rounds`` rounds of ``--block`` consecutive steps each (the first of a block untimed,
-so caches are warm as in a real run), the order rotated every round: the time ratios come from it, since this machine's speed drifts between processes run minutes apart by
+take turns, ``--rounds`` rounds of one untimed step (caches warm as in a real run) and ``--block``
+timed consecutive steps each (whole periods of ``periodic``), the order rotated every round: the time ratios come from it, since this machine's speed drifts between processes run minutes apart by
 more than the 10% being measured. Step time = the median of the timed steps, except
 ``periodic``, whose mean is reported (its 1-in-4 base forwards are the point). Shapes: ``tiny`` (the test fixture's Qwen3-MoE) and ``small`` (Qwen3-MoE,
 hidden 256, 4 layers, 8 experts top-2, vocab 32,768), sequences of ``--seq`` tokens.
@@ -152,9 +152,9 @@ def run_worker(p: dict) -> dict:
 
 
 def run_interleaved(p: dict) -> dict:
-    """Every variant in this one process, taking turns: each round, each variant runs ``block``
-    consecutive steps (the first untimed, so its caches are warm as in a real run), the order
-    rotated every round. The time ratios then compare steps taken seconds apart, not minutes apart
+    """Every variant in this one process, taking turns: each round, each variant runs one untimed
+    step (so its caches are warm as in a real run) and then ``block`` timed consecutive steps,
+    the order rotated every round. The time ratios then compare steps taken seconds apart, not minutes apart
     in separate processes, on a machine whose speed drifts by more than the 10% being measured."""
     steps = {v: setup(p, v)[0] for v in VARIANTS}
     for v in VARIANTS:
@@ -165,11 +165,11 @@ def run_interleaved(p: dict) -> dict:
     for r in range(p["rounds"]):
         order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
         for v in order:
-            for j in range(p["block"]):
+            steps[v](i)  # untimed, to warm the caches; the timed steps repeat its index, so that
+            for j in range(p["block"]):  # they cover whole periods of `periodic` (block % 4 == 0)
                 t = time.perf_counter()
                 steps[v](i + j)
-                if j:
-                    times[v].append(time.perf_counter() - t)
+                times[v].append(time.perf_counter() - t)
         i += p["block"]
     return {"variant": "interleaved", "shape": p["shape"], "times_s": times, "step_s": {v: _step_time(v, ts) for v, ts in times.items()}}
 
@@ -268,12 +268,14 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=16, help="Timed steps per variant.")
     ap.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
     ap.add_argument("--rounds", type=int, default=8, help="Rounds of the interleaved run.")
-    ap.add_argument("--block", type=int, default=4, help="Consecutive steps of one variant per round of the interleaved run (the first untimed).")
+    ap.add_argument("--block", type=int, default=4, help="Timed consecutive steps of one variant per round of the interleaved run, after one untimed (a multiple of 4, periodic's period).")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in each worker.")
     add_measurement_args(ap)
     ap.add_argument("--out", type=Path, default=HERE / "results", help="Where results go.")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.block % 4:
+        ap.error("--block must be a multiple of 4, the period of the periodic variant")
     if a.worker:
         print(json.dumps(run_worker(json.loads(a.worker))))
         return
@@ -282,7 +284,7 @@ def main(argv=None) -> None:
     results, interleaved = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for shape in a.shapes:
-            model_dir, cache_dir = build(shape, Path(tmp) / shape, a.seq, n_seq=(a.warmup + max(a.steps, a.rounds * a.block)) * a.batch)
+            model_dir, cache_dir = build(shape, Path(tmp) / shape, a.seq, n_seq=(a.warmup + max(a.steps, a.rounds * a.block) + 1) * a.batch)
             for variant in VARIANTS:
                 params = dict(shape=shape, variant=variant, model=str(model_dir), cache=str(cache_dir), tmp=str(Path(tmp) / "run"),
                               batch=a.batch, steps=a.steps, warmup=a.warmup, threads=a.threads)

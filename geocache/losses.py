@@ -65,17 +65,18 @@ def _dot_rows(a: torch.Tensor, b: torch.Tensor, tmp: torch.Tensor) -> torch.Tens
 
 
 def _log_softmax_rows(z: torch.Tensor, logp: torch.Tensor, p: torch.Tensor, tmp: torch.Tensor):
-    """log p, p and H(p) of logit rows ``z [n, V]`` into the given buffers; returns (logp, p, H [n]).
-    Three passes over the rows (fused log-softmax, exp, a dot per row): at a small vocabulary the
+    """log p, p and H(p) of logit rows ``z [n, V]`` into the given buffers; returns (logp, p,
+    H [n], whether the rows hold −inf logits). Three passes over the rows (fused log-softmax, exp, a dot per row): at a small vocabulary the
     loss is a sum of such passes, so each one counts."""
     torch.log_softmax(z, -1, out=logp)
     torch.exp(logp, out=p)
     h = -_dot_rows(p, logp, tmp)
-    if not bool(torch.isfinite(h).all()):
+    masked = not bool(torch.isfinite(h).all())
+    if masked:
         # −inf logits (a masked vocabulary) give 0·(−inf) = NaN: clamp log p so that 0·log 0 is 0.
         logp.clamp_min_(torch.finfo(logp.dtype).min)
         h = -_dot_rows(p, logp, tmp)
-    return logp, p, h
+    return logp, p, h, masked
 
 
 class _Tail(NamedTuple):
@@ -102,7 +103,11 @@ def _tail_into(q: torch.Tensor, lq: torch.Tensor, ids: torch.Tensor, buf: torch.
         lt = lq.index_select(0, r).scatter_(1, ids.index_select(0, r).long(), -math.inf)
         lm = lt.logsumexp(-1)
         log_mass[r] = lm
-        masked[r] = lt.sub_(lm.unsqueeze(-1)).exp_()
+        # Divided by their own sum, not only shifted by lm: where every tail logit is masked
+        # (−inf, held at the float minimum), lm rounds back to that minimum and exp(lt − lm) is 1
+        # on each tail token instead of 1/|tail|.
+        e = lt.sub_(lm.unsqueeze(-1)).exp_()
+        masked[r] = e.div_(e.sum(-1, keepdim=True))
         mass[r] = 1.0
     return _Tail(log_mass, masked, mass)
 
@@ -257,8 +262,8 @@ class GeometryAwareLoss(nn.Module):
             lp, p = torch.empty_like(zq), torch.empty_like(zq)
         forward = cfg.kl_direction == "forward"
         lam_kl, lam_cal, lam_h = cfg.lambda_kl, cfg.lambda_cal, cfg.lambda_entropy
-        # topk_sampled's forward KL and gradient never read the tuned tail mass: skip its passes.
-        need_tail = cached and (cfg.kl_estimator != "topk_sampled" or not forward)
+        # Only topk_tail, topk_hybrid and the reverse KL read the tuned tail mass: skip its passes.
+        need_tail = cached and (cfg.kl_estimator in ("topk_tail", "topk_hybrid") or not forward)
         # One gather and one scatter per chunk: the cached top-k ids, the tail samples and the
         # label, side by side [N, k + m + 1].
         if cached:
@@ -284,13 +289,13 @@ class GeometryAwareLoss(nn.Module):
                 z = flat[r0 : r0 + n]
             else:
                 z = _rows_into(flat, r, zq)
-            lq_c, q_c, h_q = _log_softmax_rows(z, lq[:n], q[:n], tmp[:n])
+            lq_c, q_c, h_q, masked_vocab = _log_softmax_rows(z, lq[:n], q[:n], tmp[:n])
             lq_ids = lq_c.gather(1, ids_c)
             nll = -lq_ids[:, -1]
             if base is None:  # no base this step: KL and dH contribute nothing
                 kl, h_p = torch.zeros_like(h_q), h_q
             elif exact:
-                lp_c, p_c, h_p = _log_softmax_rows(_rows_into(base_flat, r, zq), lp[:n], p[:n], tmp[:n])
+                lp_c, p_c, h_p, _ = _log_softmax_rows(_rows_into(base_flat, r, zq), lp[:n], p[:n], tmp[:n])
                 if forward:  # Σ p (log p − log q) = −H(p) − Σ p log q
                     kl = -h_p - _dot_rows(p_c, lq_c, tmp[:n])
                 else:  # Σ q (log q − log p) = −H(q) − Σ q log p
@@ -323,6 +328,8 @@ class GeometryAwareLoss(nn.Module):
             g = grad[r0 : r0 + n] if contiguous and in_place_grad else tmp[:n]
             if bool(b.any()):  # q ⊙ (b·log q + (a + b·H)), two passes
                 torch.addcmul((a + b * h_q).unsqueeze(-1), lq_c, b.unsqueeze(-1), out=g).mul_(q_c)
+                if masked_vocab:  # b · (float minimum) can overflow to −inf, and 0 · −inf is NaN
+                    g.masked_fill_(q_c == 0, 0.0)
             else:
                 torch.mul(q_c, a.unsqueeze(-1), out=g)
             if exact and forward:
@@ -513,11 +520,13 @@ def router_divergence_loss(
 def _top_k_members(x: torch.Tensor, k: int) -> torch.Tensor:
     """Membership ``[L, E, N]`` bool of the k largest of ``x [L, E, N]`` along the experts (dim 1),
     by k rounds of max-and-remove (``topk`` along a dim of a few experts is 20x slower here).
-    Experts tied at the k-th value are all members; with continuous logits ties do not occur."""
+    Exactly k members per token: of experts tied at a maximum (float16/bfloat16 router logits do
+    tie), the lowest index is taken first."""
     member = torch.zeros_like(x, dtype=torch.bool)
     rest = x
     for _ in range(k):
         hit = rest >= rest.amax(1, keepdim=True)
+        hit &= hit.cumsum(1) == 1  # the first of the tied maxima only
         member |= hit
         rest = rest.masked_fill(hit, -math.inf)
     return member

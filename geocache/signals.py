@@ -345,7 +345,6 @@ class BaseKLTerms(NamedTuple):
     lp_s: torch.Tensor  # [n, k] cached top-k log p, in the math dtype
     p_s: torch.Tensor  # [n, k]
     p_t: torch.Tensor  # [n] p_T = 1 − Σ_S p, the base mass outside the top-k
-    head_base: torch.Tensor  # [n] Σ_S p log p
     p_t_log_p_t: torch.Tensor  # [n] p_T log p_T (0 at p_T = 0)
     log_p_t: torch.Tensor  # [n] log p_T, floored at the smallest normal float
     w_x: torch.Tensor  # [n, m] 1/count on the valid tail samples, 0 on missing ones
@@ -358,14 +357,16 @@ class BaseKLTerms(NamedTuple):
 def base_kl_terms(base: BaseStats, dtype: torch.dtype) -> BaseKLTerms:
     """``BaseKLTerms`` of ``base`` in ``dtype`` (see ``cached_kl_terms``)."""
     tiny = torch.finfo(dtype).tiny
-    lp_s = base.topk_logprobs.to(dtype)
+    # Floored at the float minimum: with a masked vocabulary (−inf logits) smaller than k the
+    # top-k holds tokens of probability 0, whose p·log p must be 0, not NaN.
+    lp_s = base.topk_logprobs.to(dtype).clamp_min(torch.finfo(dtype).min)
     p_s = lp_s.exp()
     p_t = (1.0 - p_s.sum(-1)).clamp_min(0.0)
     lp_x = base.sample_logprobs.to(dtype)
     valid = torch.isfinite(lp_x)
     w_x = valid.to(dtype) / valid.sum(-1, keepdim=True).clamp_min(1)
     lp_x_mean = (w_x * torch.where(valid, lp_x, torch.zeros_like(lp_x))).sum(-1)
-    return BaseKLTerms(lp_s, p_s, p_t, (p_s * lp_s).sum(-1), torch.xlogy(p_t, p_t), p_t.clamp_min(tiny).log(), w_x, lp_x_mean)
+    return BaseKLTerms(lp_s, p_s, p_t, torch.xlogy(p_t, p_t), p_t.clamp_min(tiny).log(), w_x, lp_x_mean)
 
 
 def cached_kl_terms(
@@ -382,7 +383,8 @@ def cached_kl_terms(
     lq_s ``[n, k]``: tuned log q at the cached top-k ids; lq_x ``[n, m]``: at the tail samples;
     log_q_tail ``[n]``: log q_T, the tuned log-mass outside the top-k (summed over the complement,
     not log(1 − Σ_S q), which cancels catastrophically when the tuned tail collapses); −inf marks
-    an empty tail (k = V). ``topk_sampled`` (forward) never reads it: None is accepted there.
+    an empty tail (k = V). The forward ``topk_sampled`` and ``topk_renorm`` never read it: None is
+    accepted there.
     With S = cached top-k and p_T = 1 − Σ_S p (SPEC, "The cache and its estimators"):
 
     forward, KL(p‖q):
@@ -405,7 +407,7 @@ def cached_kl_terms(
     """
     dtype = lq_s.dtype
     tiny = torch.finfo(dtype).tiny
-    if log_q_tail is None and (estimator != "topk_sampled" or direction != "forward"):
+    if log_q_tail is None and (estimator in ("topk_tail", "topk_hybrid") or direction != "forward"):
         raise ValueError(f"the {direction} KL with estimator {estimator!r} needs the tuned tail mass log_q_tail")
     if direction not in KL_DIRECTIONS:
         raise ValueError(f"kl direction {direction!r} is not one of {KL_DIRECTIONS}")
@@ -429,7 +431,9 @@ def cached_kl_terms(
         kl = (q_s * (lq_s - t.lp_s)).sum(-1) + q_t * (log_q_t - log_p_t)
         s_coef = q_s * (lq_s - t.lp_s - kl.unsqueeze(-1))
         return kl, (zeros_n, s_coef, x_coef, q_t * (log_q_t - log_p_t - kl))
-    head = t.head_base - torch.linalg.vecdot(p_s, lq_s)  # Σ_S p log(p/q)
+    # Σ_S p log(p/q) as one sum of p·(log p − log q), not Σ p log p − Σ p log q: at KL ≈ 0 the
+    # difference of two sums of a few nats each rounds to ±1e-6 and flips a zero-threshold hinge.
+    head = torch.linalg.vecdot(p_s, t.lp_s - lq_s)
     ones_n = torch.ones_like(p_t)
     if estimator in ("topk_tail", "topk_hybrid"):
         kl_tail = head + p_t_log_p_t - p_t * log_q_t

@@ -162,6 +162,48 @@ def test_a_masked_vocabulary_of_minus_inf_logits_gives_finite_loss_and_gradient(
         torch.testing.assert_close(got, want)
 
 
+def test_a_tuned_tail_masked_to_minus_inf_spreads_its_gradient_uniformly():
+    """Every tuned logit outside the cached top-k at −inf: the tail term's gradient q_j/q_T is the
+    uniform 1/|tail| limit, as for tail logits all equal and far below the top-k (−200: their
+    probabilities underflow float32 too, and log q_T meets the same floor).
+    (topk_tail: a sampled value would be infinite there, the tuned model giving 0 to tokens the
+    base draws.)"""
+    estimator = "topk_tail"
+    tuned, base_logits, labels, g = make_batch(seed=13, dtype=torch.float32)
+    stats = BaseStats.from_logits(base_logits, labels, k=4, m=3, generator=g)
+    rows, _ = labelled_positions(labels)
+    # Each labelled position's label: its most probable cached token (finite under the mask).
+    labels_on_topk = labels.clone()
+    b, t = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    labels_on_topk[b, t + 1] = stats.topk_ids[:, 0].long()
+    out = []
+    for fill in (-math.inf, -200.0):
+        z = tuned.reshape(-1, tuned.shape[-1]).clone()
+        keep = torch.full_like(z[rows], fill).scatter(1, stats.topk_ids.long(), z[rows].gather(1, stats.topk_ids.long()))
+        z[rows] = keep
+        x = z.view_as(tuned).requires_grad_()
+        loss, metrics = GeometryAwareLoss(kl_estimator=estimator, **ACTIVE)(x, stats, labels_on_topk)
+        loss.backward()
+        out.append((loss, metrics["KL_mean"], x.grad))
+    for got, want in zip(*out):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want)
+
+
+def test_bfloat16_logits_on_gap_free_chunks_match_float32():
+    """Rows without a gap are read and written in place; bfloat16 logits take the cast path."""
+    tuned, base_logits, labels, g = make_batch(seed=17, dtype=torch.float32)
+    labels = labels.masked_fill(labels == -100, 1)  # no ignored position: chunks run unbroken
+    stats = BaseStats.from_logits(base_logits, labels, k=4, m=3, generator=g)
+    x16 = tuned.to(torch.bfloat16).requires_grad_()
+    x32 = tuned.to(torch.bfloat16).float().requires_grad_()
+    for x in (x16, x32):
+        loss, _ = GeometryAwareLoss(chunk_size=2, **ACTIVE)(x, stats, labels)
+        loss.backward()
+    assert x16.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x16.grad.float(), x32.grad.to(torch.bfloat16).float())
+
+
 def test_cached_loss_equals_exact_loss_when_k_is_the_vocabulary():
     tuned, base_logits, labels, g = make_batch(seed=3)
     stats = BaseStats.from_logits(base_logits, labels, k=13, m=2, generator=g)
@@ -442,6 +484,16 @@ def test_midband_weights_peak_over_the_middle_third_and_sum_to_one():
             assert torch.allclose(w[middle], w.max())
     w = midband_layer_weights(24)
     assert w[0] < w[4] < w[8] and w[0] == pytest.approx(0.1 * w.max().item(), rel=0.2)
+
+
+def test_router_sets_hold_exactly_top_k_experts_when_logits_tie():
+    """float16 router logits tie; each set still holds top_k experts (the lowest index first)."""
+    tuned = torch.zeros(2, 5, 6, dtype=torch.float16)  # all tied
+    base = torch.zeros(2, 5, 6, dtype=torch.float16)
+    base[..., 4] = 1.0  # expert 4 first, then ties: 0
+    _, m = router_divergence_loss(tuned, base, None, top_k=2)
+    # tuned sets {0, 1}, base sets {4, 0}: Jaccard 1/3
+    torch.testing.assert_close(m["router_jaccard_per_layer"], torch.full((2,), 1 / 3))
 
 
 def test_router_layer_weight_and_shape_errors():

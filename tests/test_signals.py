@@ -187,6 +187,21 @@ def test_minus_inf_logits_are_a_masked_vocabulary_not_an_error():
     assert torch.isfinite(got.sample_logprobs).all()
 
 
+def test_a_masked_vocabulary_smaller_than_k_gives_finite_cached_kl():
+    """Only 3 tokens can occur and k = 5: the top-k holds tokens of probability 0 (log p = −inf)."""
+    logits = torch.full((4, 12), -math.inf)
+    logits[:, [1, 4, 9]] = torch.randn(4, 3, generator=torch.Generator().manual_seed(5))
+    base = compute_base_stats(logits, k=5, m=2, generator=torch.Generator().manual_seed(0))
+    assert torch.isneginf(base.topk_logprobs).any()
+    tuned = logits.clone()
+    tuned[:, [1, 4, 9]] += 0.3 * torch.randn(4, 3, generator=torch.Generator().manual_seed(6))
+    tuned = tuned.clamp_min(-1e4)  # the tuned model gives the masked tokens a little mass
+    for estimator in ("topk_tail", "topk_sampled", "topk_renorm"):
+        for direction in ("forward", "reverse"):
+            kl = cached_kl(tuned, base, estimator, direction)
+            assert torch.isfinite(kl).all() and (kl > -1e-5).all(), (estimator, direction)
+
+
 @pytest.mark.parametrize("k", [0, 41])
 def test_k_outside_the_vocabulary_is_an_error(k):
     with pytest.raises(ValueError, match=f"k={k} must be between 1 and the vocabulary size 40"):

@@ -215,10 +215,10 @@ def collate_cache_rows(rows: list[dict], pad_token_id: int = 0, shared: Optional
     if isinstance(rows, CacheRows):
         try:
             out, arrays = _collate_located(rows.located, pad_token_id, shared)
-        except Exception:
+        except Exception as exc:
             for i in rows.indices.tolist():  # name the shard that cannot be read, as ``cache[i]`` does
                 rows.reader._row(i)
-            raise
+            raise CacheError(f"cache {rows.reader.url!r} cannot be read ({exc})") from exc  # a read that failed once
     else:
         rows = [{k: v.numpy() for k, v in r.items()} if isinstance(r["lse"], torch.Tensor) else r for r in rows]
         out, arrays = _collate_located([(r, 0, len(r["input_ids"]), 0, len(r["lse"])) for r in rows], pad_token_id, shared)
