@@ -66,10 +66,11 @@ def _dot_rows(a: torch.Tensor, b: torch.Tensor, tmp: torch.Tensor) -> torch.Tens
 
 def _log_softmax_rows(z: torch.Tensor, logp: torch.Tensor, p: torch.Tensor, tmp: torch.Tensor):
     """log p, p and H(p) of logit rows ``z [n, V]`` into the given buffers; returns (logp, p,
-    H [n], whether the rows hold −inf logits). Three passes over the rows (fused log-softmax, exp, a dot per row): at a small vocabulary the
-    loss is a sum of such passes, so each one counts."""
+    H [n], whether the rows hold −inf logits). Three passes over the rows (fused log-softmax,
+    fused softmax, a dot per row): at a small vocabulary the loss is a sum of such passes, so each
+    one counts."""
     torch.log_softmax(z, -1, out=logp)
-    torch.exp(logp, out=p)
+    torch.softmax(z, -1, out=p)  # not exp(log p): torch.exp took twice as long on CPU (measured)
     h = -_dot_rows(p, logp, tmp)
     masked = not bool(torch.isfinite(h).all())
     if masked:
