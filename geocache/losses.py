@@ -58,9 +58,8 @@ def _rows_into(flat: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> tor
 
 
 def _dot_rows(a: torch.Tensor, b: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """Σ_j a_ij b_ij per row, the product written into a reused buffer (``vecdot`` allocates a
-    fresh [n, V] temporary each call, and on CPU faulting in fresh pages costs as much as the
-    arithmetic)."""
+    """Σ_j a_ij b_ij per row, the product written into a reused buffer (``vecdot`` would allocate
+    a fresh [n, V] temporary each call)."""
     return torch.mul(a, b, out=tmp).sum(-1)
 
 
