@@ -16,7 +16,6 @@ terms. That is what it loses: the base-relative penalties act on 1/N of the batc
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -76,7 +75,7 @@ def _forward_base(model, batch: dict, want_router: bool) -> BaseBatch:
         kwargs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
         # Router logits through hooks: output_router_logits=True would also compute transformers'
         # load-balancing loss, which nothing here reads.
-        with torch.no_grad(), (recorded_router_logits(model) if want_router else nullcontext([])) as router_logits:
+        with torch.no_grad(), recorded_router_logits(model, enabled=want_router) as router_logits:
             out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False, **kwargs)
     finally:
         model.train(was_training)

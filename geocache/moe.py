@@ -37,19 +37,20 @@ def router_of(block: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def recorded_router_logits(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+def recorded_router_logits(model: nn.Module, enabled: bool = True) -> Iterator[list[torch.Tensor]]:
     """Record the router logits ``[tokens, E]`` of every MoE layer during the forwards run inside
     the block, in layer order, by forward hooks on the routers (their first output, as
     transformers' own recorder takes it). The same tensors as ``output_router_logits=True``, with
     their autograd graph, without the load-balancing loss transformers computes whenever it
     returns them (0.5-1.2 ms of a 35 ms step of the tiny training benchmark). Hooks are
-    removed on exit, so a gradient-checkpointing recomputation in backward records nothing."""
+    removed on exit, so a gradient-checkpointing recomputation in backward records nothing.
+    ``enabled=False`` records nothing (the list stays empty)."""
     logits: list[torch.Tensor] = []
 
     def hook(module, args, output):
         logits.append(output[0] if isinstance(output, tuple) else output)
 
-    handles = [router_of(block).register_forward_hook(hook) for _, block in moe_blocks(model)]
+    handles = [router_of(block).register_forward_hook(hook) for _, block in moe_blocks(model)] if enabled else []
     try:
         yield logits
     finally:

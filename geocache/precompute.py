@@ -24,7 +24,6 @@ import os
 import posixpath
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional
 
@@ -224,7 +223,7 @@ class _Run:
         started = time.perf_counter()
         # Router logits through hooks on the routers: output_router_logits=True would also compute
         # transformers' load-balancing loss, which precompute never reads.
-        with _hidden_only(self.head) as kept, (recorded_router_logits(model) if want_router else nullcontext([])) as router_logits:
+        with _hidden_only(self.head) as kept, recorded_router_logits(model, enabled=want_router) as router_logits:
             out = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
         _sync(device)
         self.timings["forward_s"] += time.perf_counter() - started

@@ -13,7 +13,6 @@ import math
 import time
 import warnings
 from collections import defaultdict
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
@@ -148,7 +147,7 @@ class GeometryTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model)
         # Router logits through hooks, not output_router_logits=True (which adds transformers'
         # load-balancing loss to every forward); the call stays on the wrapped model (DDP).
-        with (recorded_router_logits(unwrapped) if self.layout is not None else nullcontext([])) as router_logits:
+        with recorded_router_logits(unwrapped, enabled=self.layout is not None) as router_logits:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False, **kwargs)
         base: BaseBatch = self.base_source(unwrapped, inputs, step)
         lm = base.lm.to(outputs.logits.device) if base.lm is not None else None
