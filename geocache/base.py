@@ -48,10 +48,12 @@ def _router_from_batch(batch: dict) -> Optional[torch.Tensor]:
     return None
 
 
-def select_router_rows(router_logits, labels: torch.Tensor) -> torch.Tensor:
+def select_router_rows(router_logits, labels: Optional[torch.Tensor] = None, *, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Router logits of a forward (one ``[B*T, E]`` tensor per MoE layer) at the labelled
-    positions, stacked ``[L, P, E]``."""
-    rows, _ = labelled_positions(labels)
+    positions (of ``labels``, or ``rows`` from ``labelled_positions`` when the caller has them),
+    stacked ``[L, P, E]``."""
+    if rows is None:
+        rows, _ = labelled_positions(labels)
     stacked = torch.stack(list(router_logits))
     return stacked.index_select(1, rows.to(stacked.device))
 

@@ -71,7 +71,7 @@ def _log_softmax_rows(z: torch.Tensor, logp: torch.Tensor, p: torch.Tensor, tmp:
     torch.log_softmax(z, -1, out=logp)
     torch.softmax(z, -1, out=p)  # not exp(log p): torch.exp took twice as long on CPU (measured)
     h = -_dot_rows(p, logp, tmp)
-    masked = not bool(torch.isfinite(h).all())
+    masked = not math.isfinite(h.sum())  # one reduction (isfinite().all() is five operations); H ≤ log V, no overflow
     if masked:
         # −inf logits (a masked vocabulary) give 0·(−inf) = NaN: clamp log p so that 0·log 0 is 0.
         logp.clamp_min_(torch.finfo(logp.dtype).min)
@@ -174,32 +174,33 @@ class GeometryAwareLoss(nn.Module):
 
         kl, h_q, h_p, nll = per_pos
         d_h, gap = h_q - h_p, nll - h_q
-        kl_pen = (kl - th["kl_threshold"]).clamp_min(0)
-        cal_pen = (gap - th["cal_threshold"]).clamp_min(0)
-        h_pen = (-d_h - th["dh_threshold"]).clamp_min(0)
-        task = nll.sum() / denom
-        value = task + (cfg.lambda_kl * kl_pen.sum() + cfg.lambda_cal * cal_pen.sum() + cfg.lambda_entropy * h_pen.sum()) / denom
+        # Stacked, so that the penalties, sums and means are a few operations whatever their number
+        # (at a small vocabulary the loss is mostly per-operation overhead).
+        excess = torch.stack((kl - th["kl_threshold"], gap - th["cal_threshold"], d_h.neg().sub_(th["dh_threshold"])))
+        sums = torch.cat((excess.clamp_min(0).sum(1), nll.sum().unsqueeze(0))).div_(denom)  # kl, cal, H penalties; task
+        kl_pen, cal_pen, h_pen, task = sums
+        value = task + (cfg.lambda_kl * kl_pen + cfg.lambda_cal * cal_pen + cfg.lambda_entropy * h_pen)
         value = value.to(torch.float32) if value.dtype != torch.float64 else value
         loss = _AttachGrad.apply(tuned_logits, value, grad) if need_grad else value
-
-        def mean(x: torch.Tensor, needs_base: bool = False) -> torch.Tensor:
-            if needs_base and base is None:
-                return x.new_full((), float("nan"))
-            return x.mean() if n else x.new_zeros(())
+        # Means of KL, dH, gap, H(q), H(p) and of the three hinge masks (excess > 0 ⇔ above its threshold).
+        means = torch.cat((torch.stack((kl, d_h, gap, h_q, h_p)), (excess > 0).to(kl.dtype))).mean(1) if n else kl.new_zeros(8)
+        if base is None:  # the base's metrics are undefined without one
+            means[[0, 1, 4]] = float("nan")
+        kl_m, dh_m, gap_m, hq_m, hp_m, pen_kl, pen_cal, pen_h = means
 
         metrics = {
-            "task_loss": task.detach(),
-            "KL_mean": mean(kl, needs_base=True),
-            "dH_mean": mean(d_h, needs_base=True),
-            "cal_gap_mean": mean(gap),
-            "H_q_mean": mean(h_q),
-            "H_p_mean": mean(h_p, needs_base=True),
-            "kl_penalty": (kl_pen.sum() / denom),
-            "cal_penalty": (cal_pen.sum() / denom),
-            "entropy_penalty": (h_pen.sum() / denom),
-            "positions_penalized_KL": mean((kl > th["kl_threshold"]).float()),
-            "positions_penalized_cal": mean((gap > th["cal_threshold"]).float()),
-            "positions_penalized_H": mean((d_h < -th["dh_threshold"]).float()),
+            "task_loss": task,
+            "KL_mean": kl_m,
+            "dH_mean": dh_m,
+            "cal_gap_mean": gap_m,
+            "H_q_mean": hq_m,
+            "H_p_mean": hp_m,
+            "kl_penalty": kl_pen,
+            "cal_penalty": cal_pen,
+            "entropy_penalty": h_pen,
+            "positions_penalized_KL": pen_kl,
+            "positions_penalized_cal": pen_cal,
+            "positions_penalized_H": pen_h,
             "num_positions": n,
             "kl_direction": cfg.kl_direction,
             "kl_estimator": estimator,
@@ -244,26 +245,42 @@ class GeometryAwareLoss(nn.Module):
         with a = c = 1 + λ_cal·m_cal and b = λ_cal·m_cal + λ_H·m_H.
         ∂KL: forward exact q − p; reverse exact q ⊙ (log q − log p − KL); cached: see
         ``signals.cached_kl_terms`` (alpha·q plus sparse terms on the top-k ids and samples).
+
+        Two ways to walk the positions. *Spans* (cached statistics or no base, float32 logits,
+        labelled rows nearly gap-free, as in packed or plain-text batches): a chunk is the range
+        of logit rows from its first to its last labelled position, read and, for the gradient,
+        written in place, the few unlabelled rows inside computed and then zeroed; it needs two
+        [chunk × V] buffers, so chunks can be half the positions. *Rows* otherwise: a chunk is a
+        set of labelled rows, read through a copy where they are not contiguous, with four
+        buffers (six with full base logits), a quarter of the positions. At a small vocabulary
+        every chunk costs some 80 small tensor operations, so fewer chunks is faster.
         """
         cfg = self.config
         vocab = logits.shape[-1]
         flat = logits.reshape(-1, vocab)
         dtype = math_dtype(logits.dtype)
+        device = logits.device
         n_total = rows.numel()
-        chunk = cfg.chunk_size or default_chunk_rows(vocab, logits.device, n_total)
         exact = isinstance(base, torch.Tensor)
         cached = base is not None and not exact
-        base_flat = base.reshape(-1, vocab) if exact else None
-        out = torch.empty(4, n_total, dtype=dtype, device=logits.device)
-        grad = torch.zeros_like(flat) if need_grad else None
-        rows_buf = min(chunk, max(n_total, 1))
-        zq, lq, q, tmp = (torch.empty(rows_buf, vocab, dtype=dtype, device=logits.device) for _ in range(4))
-        if exact:
-            lp, p = torch.empty_like(zq), torch.empty_like(zq)
         forward = cfg.kl_direction == "forward"
-        lam_kl, lam_cal, lam_h = cfg.lambda_kl, cfg.lambda_cal, cfg.lambda_entropy
         # Only topk_tail, topk_hybrid and the reverse KL read the tuned tail mass: skip its passes.
         need_tail = cached and (cfg.kl_estimator in ("topk_tail", "topk_hybrid") or not forward)
+        plan, spans = _chunk_plan(rows, vocab, device, cfg.chunk_size, spannable=flat.dtype == dtype and not exact and not need_tail)
+        width = max((n_span for *_, n_span in plan), default=1)  # rows of a chunk's buffers
+        out = torch.empty(4, n_total, dtype=dtype, device=device)
+        # Spans write every labelled row's gradient and zero the rest at the end.
+        grad = (torch.empty_like(flat) if spans else torch.zeros_like(flat)) if need_grad else None
+
+        def buffer() -> torch.Tensor:
+            return torch.empty(width, vocab, dtype=dtype, device=device)
+
+        lq, q = buffer(), buffer()
+        zq = None if spans else buffer()
+        tmp = None if spans and need_grad else buffer()  # spans use the gradient's own rows as scratch
+        if exact:
+            lp, p = buffer(), buffer()
+        lam_kl, lam_cal, lam_h = cfg.lambda_kl, cfg.lambda_cal, cfg.lambda_entropy
         # One gather and one scatter per chunk: the cached top-k ids, the tail samples and the
         # label, side by side [N, k + m + 1].
         if cached:
@@ -273,29 +290,35 @@ class GeometryAwareLoss(nn.Module):
         else:
             k = m = 0
             ids = targets.unsqueeze(-1)
-        # Where the labelled rows run without a gap (one sequence, or a packed row), a chunk reads
-        # the logits and writes the gradient in place instead of through index_select/index_copy.
-        gaps = (rows[1:] - rows[:-1] != 1).nonzero().flatten().tolist() if n_total > 1 else []
-        vals = torch.empty(rows_buf, ids.shape[1], dtype=dtype, device=logits.device)
+        most = max((stop - start for start, stop, *_ in plan), default=1)  # labelled rows in a chunk
+        vals = torch.empty(most, ids.shape[1], dtype=dtype, device=device)
         in_place_grad = need_grad and grad.dtype == dtype
 
-        for start in range(0, n_total, chunk):
-            stop = min(start + chunk, n_total)
+        for start, stop, r0, n_span in plan:
             n = stop - start
             r, ids_c = rows[start:stop], ids[start:stop]
-            contiguous = bisect_left(gaps, start) == bisect_left(gaps, stop - 1)
-            r0 = int(r[0]) if contiguous else 0
-            if contiguous and flat.dtype == dtype:
-                z = flat[r0 : r0 + n]
+            # z: the chunk's logit rows; local: where its labelled rows sit among them (None: all of
+            # them, in order); g_rows: where its gradient goes in place (None: through a copy).
+            local, g_rows = None, None
+            if r0 is not None:  # contiguous rows, or a span
+                z = flat[r0 : r0 + n_span] if flat.dtype == dtype else _rows_into(flat, r, zq)
+                g_rows = grad[r0 : r0 + n_span] if in_place_grad else None
+                if n_span != n:
+                    local = r - r0
             else:
                 z = _rows_into(flat, r, zq)
-            lq_c, q_c, h_q, masked_vocab = _log_softmax_rows(z, lq[:n], q[:n], tmp[:n])
-            lq_ids = lq_c.gather(1, ids_c)
+            scratch = g_rows if spans and g_rows is not None else tmp[:n_span]
+            lq_c, q_c, h_all, masked_vocab = _log_softmax_rows(z, lq[:n_span], q[:n_span], scratch)
+            if local is None:
+                h_q, lq_ids = h_all, lq_c.gather(1, ids_c)
+            else:  # the labelled rows' entries, read by flat index
+                flat_ids = local.unsqueeze(-1) * vocab + ids_c
+                h_q, lq_ids = h_all.index_select(0, local), lq_c.take(flat_ids)
             nll = -lq_ids[:, -1]
             if base is None:  # no base this step: KL and dH contribute nothing
                 kl, h_p = torch.zeros_like(h_q), h_q
             elif exact:
-                lp_c, p_c, h_p, _ = _log_softmax_rows(_rows_into(base_flat, r, zq), lp[:n], p[:n], tmp[:n])
+                lp_c, p_c, h_p, _ = _log_softmax_rows(_rows_into(base_flat := base.reshape(-1, vocab), r, zq), lp[:n], p[:n], tmp[:n])
                 if forward:  # Σ p (log p − log q) = −H(p) − Σ p log q
                     kl = -h_p - _dot_rows(p_c, lq_c, tmp[:n])
                 else:  # Σ q (log q − log p) = −H(q) − Σ q log p
@@ -325,13 +348,14 @@ class GeometryAwareLoss(nn.Module):
                 a = torch.addcmul(c, d, alpha)
             else:
                 a = c
-            g = grad[r0 : r0 + n] if contiguous and in_place_grad else tmp[:n]
+            g = g_rows if g_rows is not None else tmp[:n]
             if bool(b.any()):  # q ⊙ (b·log q + (a + b·H)), two passes
-                torch.addcmul((a + b * h_q).unsqueeze(-1), lq_c, b.unsqueeze(-1), out=g).mul_(q_c)
+                ab, b_rows = _spread(a + b * h_q, local, n_span), _spread(b, local, n_span)
+                torch.addcmul(ab.unsqueeze(-1), lq_c, b_rows.unsqueeze(-1), out=g).mul_(q_c)
                 if masked_vocab:  # b · (float minimum) can overflow to −inf, and 0 · −inf is NaN
                     g.masked_fill_(q_c == 0, 0.0)
             else:
-                torch.mul(q_c, a.unsqueeze(-1), out=g)
+                torch.mul(q_c, _spread(a, local, n_span).unsqueeze(-1), out=g)
             if exact and forward:
                 g.sub_(p_c.mul_(d.unsqueeze(-1)))
             elif exact:  # reverse: + d · q ⊙ (log q − log p − KL), built in the log p buffer
@@ -345,14 +369,54 @@ class GeometryAwareLoss(nn.Module):
                 torch.mul(s_coef, d.unsqueeze(-1), out=v[:, :k])
                 torch.mul(x_coef, d.unsqueeze(-1), out=v[:, k : k + m])
             torch.neg(c, out=v[:, -1])
-            g.scatter_add_(1, ids_c, v)
-            if not (contiguous and in_place_grad):
-                if contiguous:
+            if local is None:
+                g.scatter_add_(1, ids_c, v)
+            else:
+                g.view(-1).scatter_add_(0, flat_ids.view(-1), v.view(-1))
+            if g_rows is None:
+                if r0 is not None:
                     grad[r0 : r0 + n] = g
                 else:
                     grad.index_copy_(0, r, g.to(grad.dtype))
 
+        if spans and need_grad:  # unlabelled rows: inside spans computed (on zero coefficients), outside never written
+            unlabelled = torch.ones(flat.shape[0], dtype=torch.bool, device=device).index_fill_(0, rows, False)
+            grad.index_fill_(0, unlabelled.nonzero().squeeze(1), 0.0)
         return tuple(out), (grad.view_as(logits) if need_grad else None)
+
+
+def _spread(x: torch.Tensor, local: Optional[torch.Tensor], n_span: int) -> torch.Tensor:
+    """Per-position values ``[n]`` over a span's ``n_span`` rows (0 on its unlabelled ones)."""
+    return x if local is None else x.new_zeros(n_span).index_copy_(0, local, x)
+
+
+def _chunk_plan(rows: torch.Tensor, vocab: int, device, chunk_size: Optional[int], spannable: bool) -> tuple[list[tuple], bool]:
+    """The chunks of ``_chunked_pass``: ``[(start, stop, r0, n_span)]`` over the labelled
+    positions ``rows[start:stop]``, with ``r0`` the first logit row of a contiguous range of
+    ``n_span`` rows holding them (None where they are read through a copy), and whether the
+    chunks are spans. Spans are used when ``spannable`` and their unlabelled rows add at most an
+    eighth to the work."""
+    n_total = rows.numel()
+    if n_total == 0:
+        return [], False
+    if spannable:
+        chunk = chunk_size or default_chunk_rows(vocab, device, n_total, buffers=2)
+        starts = list(range(0, n_total, chunk))
+        stops = starts[1:] + [n_total]
+        ends = torch.stack([rows[starts], rows[[s - 1 for s in stops]]]).tolist()
+        widths = [e - b + 1 for b, e in zip(*ends)]
+        if sum(widths) - n_total <= n_total // 8:
+            return list(zip(starts, stops, ends[0], widths)), True
+    chunk = chunk_size or default_chunk_rows(vocab, device, n_total, buffers=4)
+    # A chunk whose labelled rows run without a gap (one sequence, or a packed row) reads the
+    # logits and writes the gradient in place instead of through index_select/index_copy.
+    gaps = (rows[1:] - rows[:-1] != 1).nonzero().flatten().tolist() if n_total > 1 else []
+    plan = []
+    for start in range(0, n_total, chunk):
+        stop = min(start + chunk, n_total)
+        contiguous = bisect_left(gaps, start) == bisect_left(gaps, stop - 1)
+        plan.append((start, stop, int(rows[start]) if contiguous else None, stop - start))
+    return plan, False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,15 +582,21 @@ def router_divergence_loss(
 
 
 def _top_k_members(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Membership ``[L, E, N]`` bool of the k largest of ``x [L, E, N]`` along the experts (dim 1),
-    by k rounds of max-and-remove (``topk`` along a dim of a few experts is 20x slower here).
-    Exactly k members per token: of experts tied at a maximum (float16/bfloat16 router logits do
-    tie), the lowest index is taken first."""
-    member = torch.zeros_like(x, dtype=torch.bool)
+    """Membership ``[L, E, N]`` bool of the k largest of ``x [L, E, N]`` along the experts (dim 1)
+    (``topk`` along a dim of a few experts is 20x slower here). Exactly k members per token: of
+    experts tied at a maximum (float16/bfloat16 router logits do tie), the lowest index is taken
+    first.
+
+    The k-th largest value by k − 1 rounds of removing the maxima, and every expert at or above
+    it: exact for each token where that selects k experts (no tie across the k-th place). The
+    few tokens with such a tie are redone by a stable sort."""
     rest = x
-    for _ in range(k):
-        hit = rest >= rest.amax(1, keepdim=True)
-        hit &= hit.cumsum(1) == 1  # the first of the tied maxima only
-        member |= hit
-        rest = rest.masked_fill(hit, -math.inf)
+    for _ in range(k - 1):
+        rest = rest.masked_fill(rest >= rest.amax(1, keepdim=True), -math.inf)
+    member = x >= rest.amax(1, keepdim=True)
+    tied = member.sum(1) != k  # [L, N]
+    if bool(tied.any()):
+        layer, token = tied.nonzero(as_tuple=True)
+        order = torch.sort(x[layer, :, token], dim=1, descending=True, stable=True).indices[:, :k]
+        member[layer, :, token] = torch.zeros_like(member[layer, :, token]).scatter_(1, order, True)
     return member

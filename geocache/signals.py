@@ -29,19 +29,19 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def default_chunk_rows(vocab: int, device: torch.device | str, n_rows: Optional[int] = None) -> int:
+def default_chunk_rows(vocab: int, device: torch.device | str, n_rows: Optional[int] = None, buffers: int = 4) -> int:
     """Rows per chunk for [rows × vocab] float32 temporaries: about 8 MiB on CPU, where a chunk
     that stays in cache is several times faster than one of hundreds of rows (the fused statistics
     pass and the loss were both written and timed this way; benchmarks/loss_memory.py has the
     default's numbers), and 512 MiB on an accelerator (a setting, not yet measured on a GPU).
-    With ``n_rows`` given, at most a quarter of them (and at least 16), so that the loss's chunk
-    buffers (four; six with full base logits) stay about the size of the logits themselves when
-    the vocabulary is small (an eighth made the loss of the tiny training benchmark's shape 1.3x
-    slower, measured interleaved: 128-row chunks at V = 512)."""
+    With ``n_rows`` given, at most ``n_rows / buffers`` (and at least 16), so that ``buffers``
+    chunk buffers together stay about the size of the logits themselves when the vocabulary is
+    small (an eighth of the rows per chunk made the loss of the tiny training benchmark's shape
+    1.3x slower than a quarter, measured interleaved: 128-row chunks at V = 512)."""
     budget = 1 << 21 if torch.device(device).type == "cpu" else 1 << 27
     rows = max(1, budget // vocab)
     if n_rows is not None:
-        rows = min(rows, max(16, -(-n_rows // 4)))
+        rows = min(rows, max(16, -(-n_rows // buffers)))
     return rows
 
 

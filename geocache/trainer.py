@@ -8,6 +8,7 @@ checkpointing; everything geometry-specific is a component this class calls: a b
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -152,12 +153,13 @@ class GeometryTrainer(Trainer):
         base: BaseBatch = self.base_source(unwrapped, inputs, step)
         lm = base.lm.to(outputs.logits.device) if base.lm is not None else None
         thresholds = self.geometry_scheduler.get_thresholds(step)
-        n_local = int(labelled_positions(labels)[0].numel())
+        rows, _ = labelled_positions(labels)
+        n_local = rows.numel()
         denom = int(num_items_in_batch) if num_items_in_batch is not None else None
         loss, metrics = self.geometry_loss(outputs.logits, lm, labels, thresholds=thresholds, num_items_in_batch=denom)
 
         if self.layout is not None and base.router is not None:
-            tuned_router = select_router_rows(router_logits, labels)
+            tuned_router = select_router_rows(router_logits, rows=rows)
             base_router = base.router.to(tuned_router.device)
             r_loss, r_metrics = router_divergence_loss(
                 tuned_router, base_router, self.layer_weights, self.layout["top_k"], scoring=self.layout["scoring"]
@@ -180,9 +182,12 @@ class GeometryTrainer(Trainer):
 
     def _accumulate(self, split: str, metrics: dict, weight: int) -> None:
         sums = self._sums[split]
+        metrics = dict(metrics)
+        scalars = [key for key, value in metrics.items() if isinstance(value, torch.Tensor) and value.dim() == 0]
+        if scalars:  # one transfer for all of them, not one .item() each
+            dtype = functools.reduce(torch.promote_types, [metrics[key].dtype for key in scalars])
+            metrics.update(zip(scalars, torch.stack([metrics[key].detach().to(dtype) for key in scalars]).tolist()))
         for key, value in metrics.items():
-            if isinstance(value, torch.Tensor) and value.dim() == 0:
-                value = value.item()
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "num_positions":
                 if isinstance(value, float) and math.isnan(value):
                     continue

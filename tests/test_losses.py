@@ -297,6 +297,52 @@ def test_chunk_size_does_not_change_loss_or_gradient():
         torch.testing.assert_close(grad, results[0][1])
 
 
+@pytest.mark.parametrize("estimator", ["topk_sampled", "topk_renorm", None])
+@pytest.mark.parametrize("chunk", [7, 16, None])
+def test_spans_across_sequence_gaps_match_the_autograd_reference(estimator, chunk):
+    """Nearly gap-free labels (plain text: only each sequence's last row has no next token, plus
+    one masked label) are walked in spans of logit rows that cross the gaps; the unlabelled rows
+    inside are computed and must end with a zero gradient even when their logits are not finite."""
+    from geocache.losses import _chunk_plan
+
+    tuned, base_logits, labels, g = make_batch(seed=11, B=3, T=20, V=11)
+    labels[:] = torch.randint(0, 11, labels.shape, generator=g)
+    labels[1, 5] = -100
+    rows, _ = labelled_positions(labels)
+    plan, spans = _chunk_plan(rows, 11, "cpu", chunk, spannable=True)
+    assert spans and any(n_span > stop - start for start, stop, _, n_span in plan)  # some span crosses a gap
+    tuned[0, -1] = float("nan")  # the last row of sequence 0: no label, inside a span
+    tuned[1, 4, 3] = float("inf")  # predicts the masked label
+    stats = BaseStats.from_logits(base_logits, labels, k=4, m=3, generator=g) if estimator else None
+    loss_fn = GeometryAwareLoss(kl_estimator=estimator or "topk_sampled", chunk_size=chunk, **ACTIVE)
+    x = tuned.clone().requires_grad_()
+    loss, metrics = loss_fn(x, stats, labels)
+    loss.backward()
+    gap_rows = torch.ones(tuned.shape[0] * tuned.shape[1], dtype=torch.bool).index_fill_(0, rows, False)
+    assert torch.isfinite(x.grad).all() and (x.grad.reshape(-1, 11)[gap_rows] == 0).all()
+    clean = tuned.clone()
+    clean[0, -1], clean[1, 4, 3] = 0.0, 0.0  # the reference sees finite logits on the unlabelled rows
+    x_ref = clean.requires_grad_()
+    ref, _ = reference_loss(x_ref, stats, labels, loss_fn.config) if stats is not None else (None, None)
+    if stats is None:  # no base: task and calibration terms only
+        ref, _ = reference_loss(x_ref, base_logits, labels, GeometryAwareLoss(**dict(ACTIVE, lambda_kl=0.0, lambda_entropy=0.0)).config)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_spans_gradcheck_in_float64():
+    tuned, base_logits, labels, g = make_batch(seed=3, B=2, T=9, V=7)
+    labels[:] = torch.randint(0, 7, labels.shape, generator=g)
+    stats = BaseStats.from_logits(base_logits, labels, k=3, m=2, generator=g)
+    loss_fn = GeometryAwareLoss(kl_estimator="topk_sampled", chunk_size=6, **ACTIVE)
+    from geocache.losses import _chunk_plan
+
+    assert _chunk_plan(labelled_positions(labels)[0], 7, "cpu", 6, spannable=True)[1]
+    x = tuned.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: loss_fn(z, stats, labels)[0], (x,), eps=1e-6, atol=1e-6)
+
+
 def test_thresholds_argument_overrides_the_config_for_one_call():
     tuned, base_logits, labels, _ = make_batch()
     loss_fn = GeometryAwareLoss(**ACTIVE)
@@ -494,6 +540,20 @@ def test_router_sets_hold_exactly_top_k_experts_when_logits_tie():
     _, m = router_divergence_loss(tuned, base, None, top_k=2)
     # tuned sets {0, 1}, base sets {4, 0}: Jaccard 1/3
     torch.testing.assert_close(m["router_jaccard_per_layer"], torch.full((2,), 1 / 3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(0, 2**31 - 1), st.sampled_from([2, 5, 16]))
+def test_top_k_members_match_a_stable_sort_with_and_without_ties(k, seed, levels):
+    """The membership sets equal the first k of a stable descending sort (ties: lowest index),
+    whether no token ties (the fast path) or some do (few distinct levels force ties)."""
+    from geocache.losses import _top_k_members
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, levels, (2, 4, 33), generator=g).float() + torch.rand(2, 4, 33, generator=g) * (levels == 16)
+    order = torch.sort(-x, dim=1, stable=True).indices[:, :k]
+    want = torch.zeros_like(x, dtype=torch.bool).scatter_(1, order, True)
+    assert torch.equal(_top_k_members(x, k), want)
 
 
 def test_router_layer_weight_and_shape_errors():
