@@ -12,6 +12,7 @@ logits, not those). The closed forms are checked against autograd with ``gradche
 
 from __future__ import annotations
 
+import functools
 import math
 from bisect import bisect_left
 from typing import Mapping, NamedTuple, Optional, Sequence, Union
@@ -266,7 +267,9 @@ class GeometryAwareLoss(nn.Module):
         forward = cfg.kl_direction == "forward"
         # Only topk_tail, topk_hybrid and the reverse KL read the tuned tail mass: skip its passes.
         need_tail = cached and (cfg.kl_estimator in ("topk_tail", "topk_hybrid") or not forward)
-        plan, spans = _chunk_plan(rows, vocab, device, cfg.chunk_size, spannable=flat.dtype == dtype and not exact and not need_tail)
+        spannable = flat.dtype == dtype and not exact and not need_tail
+        # A span with the gradient keeps q in the gradient's own rows: one buffer (log q), else two.
+        plan, spans = _chunk_plan(rows, vocab, device, cfg.chunk_size, spannable, buffers=1 if need_grad else 2)
         width = max((n_span for *_, n_span in plan), default=1)  # rows of a chunk's buffers
         out = torch.empty(4, n_total, dtype=dtype, device=device)
         # Spans write every labelled row's gradient and zero the rest at the end.
@@ -275,9 +278,10 @@ class GeometryAwareLoss(nn.Module):
         def buffer() -> torch.Tensor:
             return torch.empty(width, vocab, dtype=dtype, device=device)
 
-        lq, q = buffer(), buffer()
+        lq = buffer()
+        q = None if spans and need_grad else buffer()
         zq = None if spans else buffer()
-        tmp = None if spans and need_grad else buffer()  # spans use the gradient's own rows as scratch
+        tmp = None if spans else buffer()
         if exact:
             lp, p = buffer(), buffer()
         lam_kl, lam_cal, lam_h = cfg.lambda_kl, cfg.lambda_cal, cfg.lambda_entropy
@@ -307,13 +311,27 @@ class GeometryAwareLoss(nn.Module):
                     local = r - r0
             else:
                 z = _rows_into(flat, r, zq)
-            scratch = g_rows if spans and g_rows is not None else tmp[:n_span]
-            lq_c, q_c, h_all, masked_vocab = _log_softmax_rows(z, lq[:n_span], q[:n_span], scratch)
-            if local is None:
+            if spans:
+                # log q, its entries at the ids, then q (into the gradient's rows when there is a
+                # gradient), then q·log q in place of log q: H(q) is its row sum, and the gradient
+                # below needs q and q·log q only.
+                lq_c = torch.log_softmax(z, -1, out=lq[:n_span])
+                if local is None:
+                    lq_ids = lq_c.gather(1, ids_c)
+                else:  # the labelled rows' entries, read by flat index
+                    flat_ids = local.unsqueeze(-1) * vocab + ids_c
+                    lq_ids = lq_c.take(flat_ids)
+                q_c = torch.softmax(z, -1, out=g_rows if g_rows is not None else q[:n_span])
+                qlq = lq_c.mul_(q_c)
+                h_all = qlq.sum(-1).neg_()
+                masked_vocab = not math.isfinite(h_all.sum())
+                if masked_vocab:  # −inf logits (a masked vocabulary): 0·(−inf) = NaN must be 0,
+                    h_all = qlq.nan_to_num_(nan=0.0).sum(-1).neg_()
+                    lq_ids.clamp_min_(torch.finfo(dtype).min)  # and log q floored, as in the rows walk
+                h_q = h_all if local is None else h_all.index_select(0, local)
+            else:
+                lq_c, q_c, h_all, masked_vocab = _log_softmax_rows(z, lq[:n_span], q[:n_span], tmp[:n_span])
                 h_q, lq_ids = h_all, lq_c.gather(1, ids_c)
-            else:  # the labelled rows' entries, read by flat index
-                flat_ids = local.unsqueeze(-1) * vocab + ids_c
-                h_q, lq_ids = h_all.index_select(0, local), lq_c.take(flat_ids)
             nll = -lq_ids[:, -1]
             if base is None:  # no base this step: KL and dH contribute nothing
                 kl, h_p = torch.zeros_like(h_q), h_q
@@ -349,13 +367,16 @@ class GeometryAwareLoss(nn.Module):
             else:
                 a = c
             g = g_rows if g_rows is not None else tmp[:n]
-            if bool(b.any()):  # q ⊙ (b·log q + (a + b·H)), two passes
-                ab, b_rows = _spread(a + b * h_q, local, n_span), _spread(b, local, n_span)
-                torch.addcmul(ab.unsqueeze(-1), lq_c, b_rows.unsqueeze(-1), out=g).mul_(q_c)
+            if spans:  # q·(a + b·H) + b·(q·log q), q already in g; spread over the span's rows
+                g.mul_(_spread(a + b * h_q, local, n_span).unsqueeze(-1))
+                if bool(b.any()):
+                    g.addcmul_(qlq, _spread(b, local, n_span).unsqueeze(-1))
+            elif bool(b.any()):  # q ⊙ (b·log q + (a + b·H)), two passes
+                torch.addcmul((a + b * h_q).unsqueeze(-1), lq_c, b.unsqueeze(-1), out=g).mul_(q_c)
                 if masked_vocab:  # b · (float minimum) can overflow to −inf, and 0 · −inf is NaN
                     g.masked_fill_(q_c == 0, 0.0)
             else:
-                torch.mul(q_c, _spread(a, local, n_span).unsqueeze(-1), out=g)
+                torch.mul(q_c, a.unsqueeze(-1), out=g)
             if exact and forward:
                 g.sub_(p_c.mul_(d.unsqueeze(-1)))
             elif exact:  # reverse: + d · q ⊙ (log q − log p − KL), built in the log p buffer
@@ -390,17 +411,17 @@ def _spread(x: torch.Tensor, local: Optional[torch.Tensor], n_span: int) -> torc
     return x if local is None else x.new_zeros(n_span).index_copy_(0, local, x)
 
 
-def _chunk_plan(rows: torch.Tensor, vocab: int, device, chunk_size: Optional[int], spannable: bool) -> tuple[list[tuple], bool]:
+def _chunk_plan(rows: torch.Tensor, vocab: int, device, chunk_size: Optional[int], spannable: bool, buffers: int = 2) -> tuple[list[tuple], bool]:
     """The chunks of ``_chunked_pass``: ``[(start, stop, r0, n_span)]`` over the labelled
     positions ``rows[start:stop]``, with ``r0`` the first logit row of a contiguous range of
     ``n_span`` rows holding them (None where they are read through a copy), and whether the
-    chunks are spans. Spans are used when ``spannable`` and their unlabelled rows add at most an
-    eighth to the work."""
+    chunks are spans. Spans (needing ``buffers`` chunk buffers) are used when ``spannable`` and
+    their unlabelled rows add at most an eighth to the work."""
     n_total = rows.numel()
     if n_total == 0:
         return [], False
     if spannable:
-        chunk = chunk_size or default_chunk_rows(vocab, device, n_total, buffers=2)
+        chunk = chunk_size or default_chunk_rows(vocab, device, n_total, buffers=buffers)
         starts = list(range(0, n_total, chunk))
         stops = starts[1:] + [n_total]
         ends = torch.stack([rows[starts], rows[[s - 1 for s in stops]]]).tolist()
@@ -474,6 +495,11 @@ def midband_layer_weights(n_layers: int, floor: float = 0.1) -> torch.Tensor:
     A smooth bump over layer position x = (l + ½)/n: flat at 1 over the middle third, falling as
     cos² to ``floor`` at the ends (SPEC: "a smooth bump ... peaking at the middle third").
     """
+    return _midband_layer_weights(n_layers, floor).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _midband_layer_weights(n_layers: int, floor: float) -> torch.Tensor:  # once per shape, not every training step
     if n_layers <= 0:
         raise ValueError(f"n_layers={n_layers} must be positive")
     if not 0 <= floor <= 1:

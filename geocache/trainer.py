@@ -8,7 +8,6 @@ checkpointing; everything geometry-specific is a component this class calls: a b
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import time
@@ -171,7 +170,7 @@ class GeometryTrainer(Trainer):
             metrics.update(r_metrics)
         if denom is not None and self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
             loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does for token-summed losses
-        if not torch.isfinite(loss):
+        if not math.isfinite(loss.item()):
             raise FloatingPointError(
                 f"the loss is {loss.item()} at step {step}; training stopped, and the last good checkpoint in {self.args.output_dir} is kept"
             )
@@ -185,8 +184,9 @@ class GeometryTrainer(Trainer):
         metrics = dict(metrics)
         scalars = [key for key, value in metrics.items() if isinstance(value, torch.Tensor) and value.dim() == 0]
         if scalars:  # one transfer for all of them, not one .item() each
-            dtype = functools.reduce(torch.promote_types, [metrics[key].dtype for key in scalars])
-            metrics.update(zip(scalars, torch.stack([metrics[key].detach().to(dtype) for key in scalars]).tolist()))
+            dtype = torch.float64 if any(metrics[key].dtype == torch.float64 for key in scalars) else torch.float32
+            with torch.no_grad():
+                metrics.update(zip(scalars, torch.stack([metrics[key].to(dtype) for key in scalars]).tolist()))
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "num_positions":
                 if isinstance(value, float) and math.isnan(value):
