@@ -171,7 +171,16 @@ def run_interleaved(p: dict) -> dict:
                 steps[v](i + j)
                 times[v].append(time.perf_counter() - t)
         i += p["block"]
-    return {"variant": "interleaved", "shape": p["shape"], "times_s": times, "step_s": {v: _step_time(v, ts) for v, ts in times.items()}}
+    return {"variant": "interleaved", "shape": p["shape"], "times_s": times, "block": p["block"],
+            "step_s": {v: _step_time(v, ts) for v, ts in times.items()}}
+
+
+def paired_ratios(record: dict, variant: str, reference: str = "plain") -> list[float]:
+    """Per round, the median step of ``variant`` over the median step of ``reference`` in the
+    same round (seconds apart): a ratio that the machine's drift between rounds cannot move."""
+    b, t = record["block"], record["times_s"]
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    return [med(t[variant][i : i + b]) / med(t[reference][i : i + b]) for i in range(0, len(t[reference]), b)]
 
 
 def spawn(params: dict, a: argparse.Namespace) -> dict:
@@ -199,6 +208,11 @@ def ratios(results: list[dict], interleaved: list[dict]) -> list[dict]:
             ("live / plain peak memory", by["live"]["peak_kib"] / max(by["plain"]["peak_kib"], 1), None, None),
             ("copy / plain peak memory", by["copy"]["peak_kib"] / max(by["plain"]["peak_kib"], 1), None, None),
         ]
+        record = next(r for r in interleaved if r["shape"] == shape)
+        if "block" in record:  # a diagnostic beside the verdict: the same ratio paired round by round
+            pr = sorted(paired_ratios(record, "cache"))
+            q = lambda f: pr[min(len(pr) - 1, int(f * len(pr)))]  # noqa: E731
+            checks.append((f"cache / plain step time, per round (median; quartiles {q(0.25):.3f}-{q(0.75):.3f})", q(0.5), None, None))
         for name, value, op, target in checks:
             ok = None if op is None else (value <= target if op == "<=" else value >= target)
             rows.append({"shape": shape, "ratio": name, "value": value, "target": None if op is None else f"{op} {target}", "pass": ok})
@@ -267,7 +281,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=4, help="Sequences per step.")
     ap.add_argument("--steps", type=int, default=16, help="Timed steps per variant.")
     ap.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
-    ap.add_argument("--rounds", type=int, default=8, help="Rounds of the interleaved run.")
+    ap.add_argument("--rounds", type=int, default=16, help="Rounds of the interleaved run.")
     ap.add_argument("--block", type=int, default=4, help="Timed consecutive steps of one variant per round of the interleaved run, after one untimed (a multiple of 4, periodic's period).")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in each worker.")
     add_measurement_args(ap)

@@ -247,14 +247,17 @@ class GeometryAwareLoss(nn.Module):
         ∂KL: forward exact q − p; reverse exact q ⊙ (log q − log p − KL); cached: see
         ``signals.cached_kl_terms`` (alpha·q plus sparse terms on the top-k ids and samples).
 
-        Two ways to walk the positions. *Spans* (cached statistics or no base, float32 logits,
-        labelled rows nearly gap-free, as in packed or plain-text batches): a chunk is the range
-        of logit rows from its first to its last labelled position, read and, for the gradient,
-        written in place, the few unlabelled rows inside computed and then zeroed; it needs two
-        [chunk × V] buffers, so chunks can be half the positions. *Rows* otherwise: a chunk is a
-        set of labelled rows, read through a copy where they are not contiguous, with four
-        buffers (six with full base logits), a quarter of the positions. At a small vocabulary
-        every chunk costs some 80 small tensor operations, so fewer chunks is faster.
+        Two ways to walk the positions. *Spans* (cached statistics without the tuned tail, or no
+        base; float32 logits; labelled rows nearly gap-free, as in packed or plain-text batches):
+        a chunk is the range of logit rows from its first to its last labelled position, read
+        in place, the few unlabelled rows inside computed and their gradient zeroed at the end.
+        q is written straight into the gradient's rows and q·log q over log q, so the only
+        [chunk × V] buffer is log q (with a gradient; q's too without): at a small vocabulary one
+        chunk holds the whole batch for the memory the rows walk spends on a quarter of it.
+        *Rows* otherwise: a chunk is a set of labelled rows, read through a copy where they are
+        not contiguous, with four buffers (six with full base logits), a quarter of the positions.
+        At a small vocabulary every chunk costs some 80 small tensor operations (each a few µs on
+        a CPU), so fewer chunks is faster (the tiny training benchmark's loss: 2.6 → 1.9 ms).
         """
         cfg = self.config
         vocab = logits.shape[-1]
