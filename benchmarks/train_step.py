@@ -286,8 +286,12 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads in each worker.")
     add_measurement_args(ap)
     ap.add_argument("--out", type=Path, default=HERE / "results", help="Where results go.")
+    ap.add_argument("--replot", action="store_true", help="Only re-render train_step.md and .png from train_step.json in --out.")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.replot:
+        write_outputs(json.loads((a.out / "train_step.json").read_text()), a.out)
+        return
     if a.block % 4:
         ap.error("--block must be a multiple of 4, the period of the periodic variant")
     if a.worker:
