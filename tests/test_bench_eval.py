@@ -10,7 +10,8 @@ from geocache.bench.evaluate import brier, exact_heldout
 from geocache.cache import collate_cache_rows, open_cache
 from geocache.data import DataConfig
 from geocache.precompute import PrecomputeConfig, precompute
-from geocache.signals import shift_and_select
+from geocache.losses import router_jaccard
+from geocache.signals import labelled_positions, shift_and_select
 from geocache.trainer import add_dora_adapter
 
 
@@ -58,6 +59,22 @@ def test_exact_heldout_of_an_identity_adapter_equals_its_base_and_a_hand_compute
         q, targets = shift_and_select(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
     assert res["base_ece"] == pytest.approx(_hand_ece(torch.softmax(q.float(), -1), targets), abs=1e-5)
     assert res["base_task_loss"] == pytest.approx(torch.nn.functional.cross_entropy(q.float(), targets).item(), rel=1e-5)
+    if model_type == "qwen3_moe":  # a moved adapter: router Jaccard against transformers' own router logits
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=g) * 0.5)
+        moved = exact_heldout(model, tmp_path / "c", batch_size=3, calibration=True)
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_router_logits=True)
+        with torch.no_grad():
+            tuned = model(**inputs).router_logits
+            with model.disable_adapter():
+                base = model(**inputs).router_logits
+        rows, _ = labelled_positions(batch["labels"])
+        k = model.config.num_experts_per_tok
+        want = torch.stack([router_jaccard(b[rows].topk(k, -1).indices, t[rows].topk(k, -1).indices) for t, b in zip(tuned, base)]).mean()
+        assert moved["router_jaccard"] < 0.99 and moved["router_jaccard"] == pytest.approx(want.item(), abs=1e-6)
     # A moved adapter: every mean equals geocache.signals' definitions on the same positions.
     from geocache.signals import geometry_signals
 

@@ -41,6 +41,7 @@ def exact_heldout(model, cache_path: str | Path, batch_size: int = 8, calibratio
     from geocache.base import select_router_rows
     from geocache.losses import router_jaccard
     from geocache.models import moe_layout
+    from geocache.moe import recorded_router_logits
 
     cache = open_cache(str(cache_path))
     device = next(model.parameters()).device
@@ -56,12 +57,13 @@ def exact_heldout(model, cache_path: str | Path, batch_size: int = 8, calibratio
     for start in range(0, len(cache), batch_size):
         batch = collate_cache_rows([cache[i] for i in range(start, min(start + batch_size, len(cache)))])
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-        if layout is not None:
-            inputs["output_router_logits"] = True
         labels = batch["labels"].to(device)
-        out = model(**inputs)
+        # Router logits by hooks, as in training (output_router_logits=True adds transformers'
+        # load-balancing loss to every forward).
+        with recorded_router_logits(model, enabled=layout is not None) as tuned_router:
+            out = model(**inputs)
         q, targets = shift_and_select(out.logits.float(), labels)
-        with model.disable_adapter():
+        with model.disable_adapter(), recorded_router_logits(model, enabled=layout is not None) as base_router:
             base_out = model(**inputs)
         p, _ = shift_and_select(base_out.logits.float(), labels)
         # Each log-softmax once; the same definitions as geocache.signals (tests check against them).
@@ -87,7 +89,7 @@ def exact_heldout(model, cache_path: str | Path, batch_size: int = 8, calibratio
             base_ece.update(pp, targets)
             if layout is not None:
                 k = layout["top_k"]
-                tuned_r, base_r = select_router_rows(out.router_logits, labels), select_router_rows(base_out.router_logits, labels)
+                tuned_r, base_r = select_router_rows(tuned_router, labels), select_router_rows(base_router, labels)
                 values["router_jaccard"] = torch.stack(
                     [router_jaccard(b.topk(k, -1).indices, t.topk(k, -1).indices) for t, b in zip(tuned_r, base_r)]
                 ).mean(0)
