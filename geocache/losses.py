@@ -276,7 +276,9 @@ class GeometryAwareLoss(nn.Module):
         width = max((n_span for *_, n_span in plan), default=1)  # rows of a chunk's buffers
         out = torch.empty(4, n_total, dtype=dtype, device=device)
         # Spans write every labelled row's gradient and zero the rest at the end.
-        grad = (torch.empty_like(flat) if spans else torch.zeros_like(flat)) if need_grad else None
+        # Row-major whatever the logits' strides: spans scatter into a flat view of their rows.
+        fresh = torch.empty_like if spans else torch.zeros_like
+        grad = fresh(flat, memory_format=torch.contiguous_format) if need_grad else None
 
         def buffer() -> torch.Tensor:
             return torch.empty(width, vocab, dtype=dtype, device=device)
@@ -419,7 +421,7 @@ def _chunk_plan(rows: torch.Tensor, vocab: int, device, chunk_size: Optional[int
     positions ``rows[start:stop]``, with ``r0`` the first logit row of a contiguous range of
     ``n_span`` rows holding them (None where they are read through a copy), and whether the
     chunks are spans. Spans (needing ``buffers`` chunk buffers) are used when ``spannable`` and
-    their unlabelled rows add at most an eighth to the work."""
+    every span's unlabelled rows add at most an eighth (or one row) to it."""
     n_total = rows.numel()
     if n_total == 0:
         return [], False
@@ -429,7 +431,9 @@ def _chunk_plan(rows: torch.Tensor, vocab: int, device, chunk_size: Optional[int
         stops = starts[1:] + [n_total]
         ends = torch.stack([rows[starts], rows[[s - 1 for s in stops]]]).tolist()
         widths = [e - b + 1 for b, e in zip(*ends)]
-        if sum(widths) - n_total <= n_total // 8:
+        # Each span at most an eighth (and one row) wider than its labelled rows, so that its
+        # buffer stays within 9/8 of a chunk: a long padding run sends the batch to the rows walk.
+        if all(w - (stop - start) <= max(1, (stop - start) // 8) for w, start, stop in zip(widths, starts, stops)):
             return list(zip(starts, stops, ends[0], widths)), True
     chunk = chunk_size or default_chunk_rows(vocab, device, n_total, buffers=4)
     # A chunk whose labelled rows run without a gap (one sequence, or a packed row) reads the

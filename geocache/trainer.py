@@ -182,11 +182,16 @@ class GeometryTrainer(Trainer):
     def _accumulate(self, split: str, metrics: dict, weight: int) -> None:
         sums = self._sums[split]
         metrics = dict(metrics)
-        scalars = [key for key, value in metrics.items() if isinstance(value, torch.Tensor) and value.dim() == 0]
-        if scalars:  # one transfer for all of them, not one .item() each
-            dtype = torch.float64 if any(metrics[key].dtype == torch.float64 for key in scalars) else torch.float32
-            with torch.no_grad():
-                metrics.update(zip(scalars, torch.stack([metrics[key].to(dtype) for key in scalars]).tolist()))
+        # 0-d tensors as Python numbers, one transfer per device instead of one .item() each (with a
+        # device_map the router's metrics may sit on another device than the loss's).
+        by_device = defaultdict(list)
+        for key, value in metrics.items():
+            if isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool:
+                by_device[value.device].append(key)
+        with torch.no_grad():
+            for keys in by_device.values():
+                dtype = torch.float64 if any(metrics[key].dtype == torch.float64 for key in keys) else torch.float32
+                metrics.update(zip(keys, torch.stack([metrics[key].to(dtype) for key in keys]).tolist()))
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "num_positions":
                 if isinstance(value, float) and math.isnan(value):

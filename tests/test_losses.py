@@ -342,6 +342,42 @@ def test_spans_across_sequence_gaps_match_the_autograd_reference(estimator, chun
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
+def test_spans_on_logits_that_are_not_row_major_match_contiguous_ones():
+    """Vocabulary-major logits (a transposed view): the gradient is allocated row-major, so the
+    spans' flat scatter works and the result equals that of the same logits made contiguous."""
+    tuned, base_logits, labels, g = make_batch(seed=5, B=2, T=16, V=11, dtype=torch.float32)
+    labels[:] = torch.randint(0, 11, labels.shape, generator=g)
+    labels[0, 7] = -100  # a gap inside a span
+    stats = BaseStats.from_logits(base_logits, labels, k=4, m=3, generator=g)
+    strided = tuned.reshape(-1, 11).t().contiguous().t().reshape(tuned.shape)
+    assert not strided.is_contiguous()
+    results = []
+    for t in (strided, tuned.contiguous()):
+        x = t.clone(memory_format=torch.preserve_format).requires_grad_()
+        loss, _ = GeometryAwareLoss(**ACTIVE)(x, stats, labels)
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_a_long_padding_run_keeps_span_buffers_within_a_chunk():
+    """No span's buffer grows past 9/8 of its chunk (plus a row): 64-row chunks over a batch with
+    one 212-token padding run go to the rows walk (a span over the run would hold 276 rows),
+    though the padding is well under an eighth of the batch; one chunk over the whole batch
+    stays a span."""
+    from geocache.losses import _chunk_plan
+
+    labels = torch.randint(0, 50, (8, 512))
+    labels[3, 300:] = -100  # one short sequence, right-padded
+    rows, _ = labelled_positions(labels)
+    for chunk, want_spans in ((64, False), (None, True)):
+        plan, spans = _chunk_plan(rows, 50, "cpu", chunk, spannable=True, buffers=1)
+        assert spans == want_spans
+        assert all(n_span - (stop - start) <= max(1, (stop - start) // 8) for start, stop, _, n_span in plan)
+    assert len(_chunk_plan(rows, 50, "cpu", None, spannable=True, buffers=1)[0]) == 1
+
+
 def test_spans_gradcheck_in_float64():
     tuned, base_logits, labels, g = make_batch(seed=3, B=2, T=9, V=7)
     labels[:] = torch.randint(0, 7, labels.shape, generator=g)
