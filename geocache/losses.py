@@ -288,7 +288,7 @@ class GeometryAwareLoss(nn.Module):
         zq = None if spans else buffer()
         tmp = None if spans else buffer()
         if exact:
-            lp, p = buffer(), buffer()
+            base_flat, lp, p = base.reshape(-1, vocab), buffer(), buffer()
         lam_kl, lam_cal, lam_h = cfg.lambda_kl, cfg.lambda_cal, cfg.lambda_entropy
         # One gather and one scatter per chunk: the cached top-k ids, the tail samples and the
         # label, side by side [N, k + m + 1].
@@ -341,7 +341,7 @@ class GeometryAwareLoss(nn.Module):
             if base is None:  # no base this step: KL and dH contribute nothing
                 kl, h_p = torch.zeros_like(h_q), h_q
             elif exact:
-                lp_c, p_c, h_p, _ = _log_softmax_rows(_rows_into(base_flat := base.reshape(-1, vocab), r, zq), lp[:n], p[:n], tmp[:n])
+                lp_c, p_c, h_p, _ = _log_softmax_rows(_rows_into(base_flat, r, zq), lp[:n], p[:n], tmp[:n])
                 if forward:  # Σ p (log p − log q) = −H(p) − Σ p log q
                     kl = -h_p - _dot_rows(p_c, lq_c, tmp[:n])
                 else:  # Σ q (log q − log p) = −H(q) − Σ q log p
@@ -416,7 +416,9 @@ def _spread(x: torch.Tensor, local: Optional[torch.Tensor], n_span: int) -> torc
     return x if local is None else x.new_zeros(n_span).index_copy_(0, local, x)
 
 
-def _chunk_plan(rows: torch.Tensor, vocab: int, device, chunk_size: Optional[int], spannable: bool, buffers: int = 2) -> tuple[list[tuple], bool]:
+def _chunk_plan(
+    rows: torch.Tensor, vocab: int, device, chunk_size: Optional[int], spannable: bool, buffers: int = 2
+) -> tuple[list[tuple], bool]:
     """The chunks of ``_chunked_pass``: ``[(start, stop, r0, n_span)]`` over the labelled
     positions ``rows[start:stop]``, with ``r0`` the first logit row of a contiguous range of
     ``n_span`` rows holding them (None where they are read through a copy), and whether the

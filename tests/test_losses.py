@@ -140,7 +140,9 @@ def test_a_collapsed_tuned_tail_is_penalised_not_read_as_an_empty_tail(estimator
     torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("base_kind,walk", [("exact", "rows"), ("topk_tail", "rows"), ("topk_sampled", "rows"), ("topk_sampled", "spans"), (None, "spans")])
+@pytest.mark.parametrize(
+    "base_kind,walk", [("exact", "rows"), ("topk_tail", "rows"), ("topk_sampled", "rows"), ("topk_sampled", "spans"), (None, "spans")]
+)
 def test_a_masked_vocabulary_of_minus_inf_logits_gives_finite_loss_and_gradient(base_kind, walk):
     """Token ids a model never emits (−inf logits, in the tuned and the base model alike) must act
     as tokens of probability 0: the loss and gradient equal those of logits at −1e4 there, whether
