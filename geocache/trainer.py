@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from geocache.base import BaseBatch, CacheBase, select_router_rows
+from geocache.base import BaseBatch, CacheBase
 from geocache.cache.reader import collate_cache_rows
 from geocache.config import GeometryConfig
 from geocache.losses import AdaptiveGeometryScheduler, GeometryAwareLoss, router_divergence_loss
@@ -144,7 +144,7 @@ class GeometryTrainer(Trainer):
         labels = inputs["labels"]
         lam_router = self.geometry_config.lambda_router
         kwargs = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
-        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped = self._unwrap(model)
         # Router logits through hooks, not output_router_logits=True (which adds transformers'
         # load-balancing loss to every forward); the call stays on the wrapped model (DDP).
         with recorded_router_logits(unwrapped, enabled=self.layout is not None) as router_logits:
@@ -158,10 +158,10 @@ class GeometryTrainer(Trainer):
         loss, metrics = self.geometry_loss(outputs.logits, lm, labels, thresholds=thresholds, num_items_in_batch=denom)
 
         if self.layout is not None and base.router is not None:
-            tuned_router = select_router_rows(router_logits, rows=rows)
-            base_router = base.router.to(tuned_router.device)
+            tuned_router = torch.stack(router_logits)  # [L, B*T, E]; the loss takes the labelled rows
             r_loss, r_metrics = router_divergence_loss(
-                tuned_router, base_router, self.layer_weights, self.layout["top_k"], scoring=self.layout["scoring"]
+                tuned_router, base.router.to(tuned_router.device), self.layer_weights, self.layout["top_k"],
+                rows=rows.to(tuned_router.device), scoring=self.layout["scoring"],
             )
             # a mean over this micro-batch's positions, re-weighted like the token terms
             scale = n_local / denom if denom else 1.0
@@ -178,6 +178,14 @@ class GeometryTrainer(Trainer):
         if model.training:
             self._tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
         return (loss, outputs) if return_outputs else loss
+
+    def _unwrap(self, model):
+        # ``unwrap_model`` walks every module looking for compiled regions (0.2 ms a step at the
+        # tiny shape, more with more modules); the answer changes only with the wrapper.
+        cached = getattr(self, "_unwrapped", None)
+        if cached is None or cached[0] is not model:
+            cached = self._unwrapped = (model, self.accelerator.unwrap_model(model))
+        return cached[1]
 
     def _accumulate(self, split: str, metrics: dict, weight: int) -> None:
         sums = self._sums[split]

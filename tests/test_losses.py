@@ -536,15 +536,68 @@ def test_sigmoid_scoring_normalises_sigmoid_scores():
     torch.testing.assert_close(loss, (rb * (rb / rt).log()).sum(-1).mean())
 
 
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("base_kind", ["logits", "ids"])
-def test_router_divergence_gradcheck(base_kind):
+def test_router_divergence_gradcheck(base_kind, scoring):
+    """The closed-form gradient against finite differences, over all tokens and over selected
+    rows (the trainer's path: tokens 1, 3, 4, 6 of 7 stand for the base's 4)."""
     g = torch.Generator().manual_seed(1)
     tuned = [torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     if base_kind == "logits":
         base = [torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(2)]
     else:
         base = [torch.tensor([[0, 1], [2, 3], [4, 0], [1, 2]]), torch.tensor([[3, 1], [0, 4], [2, 0], [4, 3]])]
-    assert torch.autograd.gradcheck(lambda a, b: router_divergence_loss([a, b], base, None, top_k=2)[0], tuple(tuned))
+    assert torch.autograd.gradcheck(lambda a, b: router_divergence_loss([a, b], base, None, top_k=2, scoring=scoring)[0], tuple(tuned))
+    full = [torch.randn(7, 5, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    rows = torch.tensor([1, 3, 4, 6])
+    assert torch.autograd.gradcheck(
+        lambda a, b: router_divergence_loss([a, b], base, torch.tensor([1.0, 3.0]), top_k=2, rows=rows, scoring=scoring)[0], tuple(full)
+    )
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("base_kind", ["logits", "ids"])
+def test_router_divergence_rows_mask_and_preselected_agree_with_autograd(base_kind, scoring):
+    """Rows selected inside (one index_copy in backward), a mask, and rows selected beforehand
+    give the loss and gradient of the same formulas written with plain autograd."""
+    g = torch.Generator().manual_seed(5)
+    L, N, E = 3, 11, 6
+    tuned = torch.randn(L, N, E, generator=g)
+    rows = torch.tensor([0, 2, 3, 4, 7, 10])
+    mask = torch.zeros(N, dtype=torch.bool).index_fill_(0, rows, True)
+    base = torch.randn(L, len(rows), E, generator=g)
+    if base_kind == "ids":
+        base = base.argsort(-1, descending=True)[..., :3]
+    w = torch.tensor([0.2, 0.5, 0.3])
+
+    def reference(t):
+        x = t[:, rows]
+        ls = torch.nn.functional.logsigmoid(x) if scoring == "sigmoid" else x
+        log_rt = ls.log_softmax(-1)
+        if base_kind == "logits":
+            lb = torch.nn.functional.logsigmoid(base) if scoring == "sigmoid" else base
+            log_rb = lb.log_softmax(-1)
+            div = (log_rb.exp() * (log_rb - log_rt)).sum(-1)
+        else:
+            div = 1 - log_rt.exp().gather(-1, base[..., :2]).sum(-1)
+        return (w * div.mean(-1)).sum()
+
+    t_ref = tuned.clone().requires_grad_()
+    want = reference(t_ref)
+    want.backward()
+    # a mask selects the same tokens of tuned and base logits alike
+    base_all = base.new_zeros(L, N, base.shape[-1]).index_copy_(1, rows, base)
+    for kw in ({"rows": rows}, {"mask": mask}, {}):
+        t = tuned.clone().requires_grad_()
+        got, m = router_divergence_loss(t if kw else t[:, rows], base_all if "mask" in kw else base, w, top_k=2, scoring=scoring, **kw)
+        got.backward()
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(t.grad, t_ref.grad)
+        assert t.grad[:, ~mask].abs().max() == 0
+    with pytest.raises(ValueError, match="a mask or rows, not both"):
+        router_divergence_loss(tuned, base, w, rows=rows, mask=mask)
+    with pytest.raises(ValueError, match="cover 5 tokens but base ones 6"):
+        router_divergence_loss(tuned, base, w, rows=rows[:5])
 
 
 def test_router_layers_given_stacked_or_as_a_list_agree_and_mixed_kinds_are_refused():
