@@ -295,7 +295,7 @@ class GeometryAwareLoss(nn.Module):
         if cached:
             k, m = base.k, base.m
             ids = torch.cat([base.topk_ids.long(), base.sample_ids.long(), targets.unsqueeze(-1)], 1)
-            terms, h_p_all = base_kl_terms(base, dtype), base.entropy.to(dtype)  # the base's side, once
+            terms, h_p_all = base_kl_terms(base, dtype, cfg.kl_estimator, cfg.kl_direction), base.entropy.to(dtype)  # the base's side, once
         else:
             k = m = 0
             ids = targets.unsqueeze(-1)

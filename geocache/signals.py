@@ -340,33 +340,44 @@ def compute_base_stats(
 
 
 class BaseKLTerms(NamedTuple):
-    """The base's side of ``cached_kl_terms``, per position: it depends on the cache alone."""
+    """The base's side of ``cached_kl_terms``, per position: it depends on the cache alone. Terms
+    an estimator does not read may be None (``base_kl_terms(..., estimator=...)``)."""
 
     lp_s: torch.Tensor  # [n, k] cached top-k log p, in the math dtype
-    p_s: torch.Tensor  # [n, k]
-    p_t: torch.Tensor  # [n] p_T = 1 − Σ_S p, the base mass outside the top-k
-    p_t_log_p_t: torch.Tensor  # [n] p_T log p_T (0 at p_T = 0)
-    log_p_t: torch.Tensor  # [n] log p_T, floored at the smallest normal float
-    w_x: torch.Tensor  # [n, m] 1/count on the valid tail samples, 0 on missing ones
-    lp_x_mean: torch.Tensor  # [n] Σ w_x log p(x): the samples' mean log p
+    p_s: Optional[torch.Tensor]  # [n, k]
+    p_t: Optional[torch.Tensor]  # [n] p_T = 1 − Σ_S p, the base mass outside the top-k
+    p_t_log_p_t: Optional[torch.Tensor]  # [n] p_T log p_T (0 at p_T = 0)
+    log_p_t: Optional[torch.Tensor]  # [n] log p_T, floored at the smallest normal float
+    w_x: Optional[torch.Tensor]  # [n, m] 1/count on the valid tail samples, 0 on missing ones
+    lp_x_mean: Optional[torch.Tensor]  # [n] Σ w_x log p(x): the samples' mean log p
 
     def select(self, index) -> "BaseKLTerms":
-        return BaseKLTerms(*(t[index] for t in self))
+        return BaseKLTerms(*(None if t is None else t[index] for t in self))
 
 
-def base_kl_terms(base: BaseStats, dtype: torch.dtype) -> BaseKLTerms:
-    """``BaseKLTerms`` of ``base`` in ``dtype`` (see ``cached_kl_terms``)."""
-    tiny = torch.finfo(dtype).tiny
+def base_kl_terms(base: BaseStats, dtype: torch.dtype, estimator: Optional[str] = None, direction: str = "forward") -> BaseKLTerms:
+    """``BaseKLTerms`` of ``base`` in ``dtype`` (see ``cached_kl_terms``): all of them, or (with
+    ``estimator``) those that estimator and direction read, the others None."""
+    every = estimator is None
+    tail = every or direction != "forward" or estimator in ("topk_tail", "topk_hybrid")
+    sampled = every or (direction == "forward" and estimator in SAMPLED_ESTIMATORS)
     # Floored at the float minimum: with a masked vocabulary (−inf logits) smaller than k the
     # top-k holds tokens of probability 0, whose p·log p must be 0, not NaN.
     lp_s = base.topk_logprobs.to(dtype).clamp_min(torch.finfo(dtype).min)
+    if not (tail or sampled):  # topk_renorm: the top-k log-probs alone
+        return BaseKLTerms(lp_s, None, None, None, None, None, None)
     p_s = lp_s.exp()
-    p_t = (1.0 - p_s.sum(-1)).clamp_min(0.0)
-    lp_x = base.sample_logprobs.to(dtype)
-    valid = torch.isfinite(lp_x)
-    w_x = valid.to(dtype) / valid.sum(-1, keepdim=True).clamp_min(1)
-    lp_x_mean = (w_x * torch.where(valid, lp_x, torch.zeros_like(lp_x))).sum(-1)
-    return BaseKLTerms(lp_s, p_s, p_t, torch.xlogy(p_t, p_t), p_t.clamp_min(tiny).log(), w_x, lp_x_mean)
+    p_t = p_s.sum(-1).neg_().add_(1.0).clamp_min_(0.0)
+    p_t_log_p_t = log_p_t = w_x = lp_x_mean = None
+    if tail:
+        p_t_log_p_t, log_p_t = torch.xlogy(p_t, p_t), p_t.clamp_min(torch.finfo(dtype).tiny).log_()
+    if sampled:
+        lp_x = base.sample_logprobs.to(dtype)
+        valid = lp_x > -math.inf  # −inf marks a missing sample (NaN too; log p is never +inf)
+        w_x = valid.to(dtype)
+        w_x.div_(w_x.sum(-1, keepdim=True).clamp_min_(1))
+        lp_x_mean = torch.linalg.vecdot(w_x, lp_x.nan_to_num(neginf=0.0))  # missing samples (−inf) weigh 0
+    return BaseKLTerms(lp_s, p_s, p_t, p_t_log_p_t, log_p_t, w_x, lp_x_mean)
 
 
 def cached_kl_terms(
@@ -424,17 +435,22 @@ def cached_kl_terms(
         p_t, p_t_log_p_t = p_t.masked_fill(empty, 0.0), p_t_log_p_t.masked_fill(empty, 0.0)
         log_p_t = torch.where(empty, math.log(tiny), log_p_t)
         q_t, log_q_t = log_q_tail.exp(), log_q_tail.clamp_min(math.log(tiny))
-    zeros_n, x_coef = torch.zeros_like(p_t), torch.zeros_like(lq_x)
+    zeros_n, x_coef = lq_s.new_zeros(lq_s.shape[0]), torch.zeros_like(lq_x)
     if direction == "reverse":
         # ∂/∂z_j = q_j (log(Q_c(j)/P_c(j)) − KL), c(j) the coarse cell of j.
         q_s = lq_s.exp()
         kl = (q_s * (lq_s - t.lp_s)).sum(-1) + q_t * (log_q_t - log_p_t)
         s_coef = q_s * (lq_s - t.lp_s - kl.unsqueeze(-1))
         return kl, (zeros_n, s_coef, x_coef, q_t * (log_q_t - log_p_t - kl))
+    if estimator == "topk_renorm":  # ∂/∂z_j = q̂_j − p̂_j on S, 0 off S.
+        log_ps = t.lp_s - t.lp_s.logsumexp(-1, keepdim=True)
+        log_qs = lq_s - lq_s.logsumexp(-1, keepdim=True)
+        kl = (log_ps.exp() * (log_ps - log_qs)).sum(-1)
+        return kl, (zeros_n, log_qs.exp() - log_ps.exp(), x_coef, zeros_n)
     # Σ_S p log(p/q) as one sum of p·(log p − log q), not Σ p log p − Σ p log q: at KL ≈ 0 the
     # difference of two sums of a few nats each rounds to ±1e-6 and flips a zero-threshold hinge.
     head = torch.linalg.vecdot(p_s, t.lp_s - lq_s)
-    ones_n = torch.ones_like(p_t)
+    ones_n = lq_s.new_ones(lq_s.shape[0])
     if estimator in ("topk_tail", "topk_hybrid"):
         kl_tail = head + p_t_log_p_t - p_t * log_q_t
         if estimator == "topk_tail":
@@ -446,11 +462,6 @@ def cached_kl_terms(
         if estimator == "topk_hybrid":  # the sampled value carrying the coarse-grained gradient
             return kl_tail + (kl - kl_tail).detach(), (ones_n, -p_s, x_coef, -p_t)
         return kl, (ones_n, -p_s, -p_t.unsqueeze(-1) * t.w_x, zeros_n)
-    # topk_renorm: ∂/∂z_j = q̂_j − p̂_j on S, 0 off S.
-    log_ps = t.lp_s - t.lp_s.logsumexp(-1, keepdim=True)
-    log_qs = lq_s - lq_s.logsumexp(-1, keepdim=True)
-    kl = (log_ps.exp() * (log_ps - log_qs)).sum(-1)
-    return kl, (zeros_n, log_qs.exp() - log_ps.exp(), x_coef, zeros_n)
 
 
 def log_tail_mass(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
