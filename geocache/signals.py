@@ -425,6 +425,10 @@ def cached_kl_terms(
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl estimator {estimator!r} is not one of {KL_ESTIMATORS}")
     t = terms if terms is not None else base_kl_terms(base, dtype)
+    missing = (log_q_tail is not None and t.log_p_t is None) or (
+        direction == "forward" and (estimator in SAMPLED_ESTIMATORS and t.w_x is None or estimator != "topk_renorm" and t.p_s is None))
+    if missing:
+        raise ValueError(f"the base's terms were computed for another estimator than {estimator!r} ({direction})")
     p_s, p_t, p_t_log_p_t, log_p_t = t.p_s, t.p_t, t.p_t_log_p_t, t.log_p_t
     if log_q_tail is not None:
         # An empty tail (k = V) has no mass on either side; p_T from rounded cached log-probs would

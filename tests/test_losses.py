@@ -594,8 +594,28 @@ def test_router_divergence_rows_mask_and_preselected_agree_with_autograd(base_ki
         torch.testing.assert_close(got, want)
         torch.testing.assert_close(t.grad, t_ref.grad)
         assert t.grad[:, ~mask].abs().max() == 0
+    # rows repeated or out of order (their gradients summed), as int32, against plain autograd
+    odd = torch.tensor([3, 0, 3, 10, 2, 2], dtype=torch.int32)
+    t_ref = tuned.clone().requires_grad_()
+    rows_saved, rows = rows, odd.long()
+    want = reference(t_ref)
+    want.backward()
+    t = tuned.clone().requires_grad_()
+    got, _ = router_divergence_loss(t, base, w, top_k=2, scoring=scoring, rows=odd)
+    got.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(t.grad, t_ref.grad)
+    rows = rows_saved
     with pytest.raises(ValueError, match="a mask or rows, not both"):
         router_divergence_loss(tuned, base, w, rows=rows, mask=mask)
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        router_divergence_loss(tuned, base_all, w, mask=mask.long())
+    # The closed-form gradient is not itself differentiable: a second derivative says so instead
+    # of silently leaving this loss out (here through a weight that carries a gradient).
+    t, weight = tuned.clone().requires_grad_(), torch.tensor(2.0, requires_grad=True)
+    (g,) = torch.autograd.grad(router_divergence_loss(t, base, w, rows=rows)[0], t, grad_outputs=weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
     with pytest.raises(ValueError, match="cover 5 tokens but base ones 6"):
         router_divergence_loss(tuned, base, w, rows=rows[:5])
 

@@ -317,3 +317,28 @@ def test_rounded_cached_logprobs_at_k_equal_vocab_add_no_phantom_tail():
         est = cached_kl(q_logits.float(), base, "topk_tail", direction).double()
         ref = exact if direction == "forward" else kl_reverse(p_logits, q_logits)
         torch.testing.assert_close(est, ref, rtol=2e-2, atol=1e-4)
+
+
+def test_base_terms_for_one_estimator_serve_it_and_refuse_another():
+    """``base_kl_terms(..., estimator)`` leaves out what that estimator never reads; its KL and
+    sparse gradient equal those from every term, and another estimator is refused, not fed None."""
+    from geocache.signals import base_kl_terms, cached_kl_terms, log_probs, log_tail_mass
+
+    g = torch.Generator().manual_seed(4)
+    base = BaseStats.from_logits(torch.randn(1, 9, 40, generator=g), torch.randint(0, 40, (1, 9), generator=g), k=6, m=3, generator=g)
+    lq = log_probs(torch.randn(8, 40, generator=g))
+    lq_s, lq_x, tail = lq.gather(-1, base.topk_ids.long()), lq.gather(-1, base.sample_ids.long()), log_tail_mass(lq, base.topk_ids.long())
+    for estimator, direction in [("topk_sampled", "forward"), ("topk_tail", "forward"), ("topk_hybrid", "forward"),
+                                 ("topk_renorm", "forward"), ("topk_tail", "reverse")]:
+        few = base_kl_terms(base, torch.float32, estimator, direction)
+        args = (lq_s, lq_x, None if estimator in ("topk_sampled", "topk_renorm") else tail, base, estimator, direction)
+        want, want_coef = cached_kl_terms(*args, terms=base_kl_terms(base, torch.float32))
+        got, got_coef = cached_kl_terms(*args, terms=few)
+        torch.testing.assert_close(got, want)
+        for a, b in zip(got_coef, want_coef):
+            torch.testing.assert_close(a, b)
+    few = base_kl_terms(base, torch.float32, "topk_renorm")
+    assert few.p_s is None and few.w_x is None
+    for estimator in ("topk_sampled", "topk_tail"):
+        with pytest.raises(ValueError, match="computed for another estimator"):
+            cached_kl_terms(lq_s, lq_x, tail, base, estimator, "forward", terms=few)
