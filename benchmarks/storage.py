@@ -302,6 +302,58 @@ def _batch_tensors(batch: dict) -> list:
                       if torch.is_tensor(getattr(base, f, None))]
 
 
+def read_floor(cache, perm: list[int], batch_size: int, reps: int = 5) -> dict:
+    """What no collate behind a DataLoader can beat, for the epoch in ``perm`` order: (1) ``copies``:
+    only the copies a numpy collate makes, one ``np.concatenate`` per array per batch (tokens as
+    int64, ids as int32, as ``collate_cache_rows`` gives them; nothing padded) into outputs
+    allocated once, the rows located and sliced beforehand: for Zarr, decoding is left out with
+    the slicing); (2) ``memcpy``: one contiguous copy per batch of as many bytes as that batch's
+    outputs hold, between two buffers reused for every batch (cache-hot): an optimistic bound for
+    a compiled gather, which would read rows scattered over the shards and widen their ids. Min
+    over ``reps`` epochs each (seconds per epoch)."""
+    import numpy as np
+
+    from geocache.cache.backends import TOKEN_KEYS
+    from geocache.cache.reader import LONG_KEYS
+
+    batches = []
+    for start in range(0, len(perm), batch_size):
+        located = cache.__getitems__(perm[start : start + batch_size]).located
+        parts = {k: [a[k][t0:t1] if k in TOKEN_KEYS else a[k][p0:p1] for a, t0, t1, p0, p1 in located] for k in located[0][0]}
+        batches.append(parts)
+    out_dtype = {k: np.int64 if k in TOKEN_KEYS else np.int32 if k in LONG_KEYS else v[0].dtype for k, v in batches[0].items()}
+    outs, nbytes = {}, []
+    for parts in batches:
+        total = 0
+        for k, ps in parts.items():
+            n = sum(len(x) for x in ps)
+            total += n * int(np.prod(ps[0].shape[1:], dtype=np.int64)) * np.dtype(out_dtype[k]).itemsize
+            if k not in outs or len(outs[k]) < n:
+                outs[k] = np.empty((n, *ps[0].shape[1:]), out_dtype[k])
+        tokens = sum(len(x) for x in parts["input_ids"])
+        nbytes.append(total + tokens * 8)  # and the attention mask, int64
+    mask = np.empty(max(len(outs["input_ids"]), 1), np.int64)
+    # (output view, parts) per array per batch, and the batch's mask view: nothing left to compute
+    plan = [([(outs[k][: sum(len(x) for x in ps)], ps) for k, ps in parts.items()], mask[: sum(len(x) for x in parts["input_ids"])])
+            for parts in batches]
+
+    def copies() -> None:
+        for arrays, batch_mask in plan:
+            for out, ps in arrays:
+                np.concatenate(ps, out=out, casting="unsafe")
+            batch_mask.fill(1)
+
+    src, dst = np.ones(max(nbytes), np.uint8), np.empty(max(nbytes), np.uint8)
+
+    def memcpy() -> None:
+        for n in nbytes:
+            dst[:n] = src[:n]
+
+    copies(), memcpy()  # warm
+    return {"copies_s": min(_timed(copies) for _ in range(reps)), "memcpy_s": min(_timed(memcpy) for _ in range(reps)),
+            "output_bytes": int(sum(nbytes)), "batches": len(batches)}
+
+
 def worker_read(p: dict) -> dict:
     import numpy as np
     import torch
@@ -430,6 +482,10 @@ def worker_read(p: dict) -> dict:
             pass
         loader_s.append(time.perf_counter() - t0)
     loader_us_per_batch = min(loader_s[1:]) / len(empty) * 1e6
+    floor = read_floor(cache, perm, p["batch_size"])
+    floor.update(loader_s=min(loader_s[1:]))
+    for name in ("copies", "memcpy"):
+        floor[f"{name}_ratio"] = plain_s / (floor["loader_s"] + floor[f"{name}_s"])
     fs, root = _fs(path)
     t0 = time.perf_counter()
     for s in cache.manifest.shards:
@@ -462,6 +518,7 @@ def worker_read(p: dict) -> dict:
         "shared_segments_per_batch": n_tensors / n_batches,
         "streamed_tokens_per_s": tokens / (getitem_s + collate_s),
         "dataloader_us_per_batch": loader_us_per_batch,
+        "floor": floor,
         "checksum_all_shards_s": checksum_s,
         "open_first_shard_s": open_s,
         "slice_ms_per_row_by_array": slice_ms,
@@ -684,6 +741,32 @@ def write_markdown(path: Path, data: dict) -> None:
                 f"{d.get('row_bytes_per_token', float('nan')):.0f} | {d.get('batch_bytes_per_token', float('nan')):.0f} | "
                 f"{fmt(d.get('shared_collate_ms_per_batch'), '.2f')} ({fmt(d.get('shared_segments_per_batch'), '.0f')}) | "
                 f"{d['checksum_all_shards_s']:.3f} | {d['open_first_shard_s'] * 1e3:.1f} | {r['other_cpu_s']:.1f} |"
+            )
+    floors = [(backend, k, reads[(backend, k)]) for k in cfg["ks"] for backend in cfg["backends"]
+              if (backend, k) in reads and "floor" in reads[(backend, k)]["diagnostics"]]
+    if floors:
+        lines += [
+            "",
+            "## The floor behind a DataLoader (single process, warm)",
+            "",
+            "The same shuffled epoch with everything but the unavoidable taken away, against the plain read (the limit): "
+            "*DataLoader alone* = the same sampler and batch size over a dataset that returns the indices (nothing read); "
+            "*numpy copies* = only the `np.concatenate` per array per batch that a numpy collate makes (tokens to int64, "
+            "ids to int32; nothing padded; outputs allocated once; rows located and sliced beforehand, which for Zarr leaves its "
+            "decoding out); *one memcpy per batch* = a single contiguous copy of as many bytes as the batch's outputs hold, "
+            "between two buffers reused for every batch (cache-hot): an optimistic bound for a compiled gather, which would "
+            "read rows scattered over the shards. *Best ratio* = plain read / (DataLoader alone + copies): no reader through "
+            "a 0-worker `DataLoader` can exceed it on this machine (worker processes copy in parallel, and pay to send batches).",
+            "",
+            "| backend | k | batches | plain read (ms) | DataLoader alone (ms) | numpy copies (ms) | one memcpy per batch (ms) | batch outputs MB | best ratio, numpy collate | best ratio, compiled collate (optimistic) | measured shuffled / plain (0 workers) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for backend, k, r in floors:
+            f = r["diagnostics"]["floor"]
+            measured = next((x["ratio_to_plain"] for x in r["shuffled"] if x["workers"] == 0 and not x.get("persistent_workers")), float("nan"))
+            lines.append(
+                f"| {backend} | {k} | {f['batches']} | {r['plain']['s'] * 1e3:.2f} | {f['loader_s'] * 1e3:.2f} | {f['copies_s'] * 1e3:.2f} | "
+                f"{f['memcpy_s'] * 1e3:.2f} | {f['output_bytes'] / MB:.1f} | {f['copies_ratio']:.3f} | {f['memcpy_ratio']:.3f} | {measured:.3f} |"
             )
     lines += ["", "## Findings", "", *data.get("findings", []), "", conclusion(data), "", f"Raw numbers: `{NAME}.json`; plot: `{NAME}.png`.", ""]
     path.write_text("\n".join(lines))
