@@ -620,9 +620,9 @@ def router_divergence_loss(
     first) → escaped mass 1 − Σ_{e∈S_base} r_tuned(e). mask ``[N]`` bool selects the tokens that
     count. ``rows`` (integer) instead selects the tuned logits' tokens that the base's
     ``len(rows)`` tokens stand for (the labelled positions of a forward, ``labelled_positions``):
-    the selection happens inside, its gradient written back with one copy. The note's Jaccard
-    has no gradient, so it is reported (``router_jaccard``, mean over tokens and layers) but not
-    trained on. All layers are computed at once, stacked.
+    the selection happens inside, its gradient written back with one copy (summed where rows
+    repeat). The note's Jaccard has no gradient, so it is reported (``router_jaccard``, mean over
+    tokens and layers) but not trained on. All layers are computed at once, stacked.
     """
     n_layers = len(tuned_router_logits)
     if n_layers == 0 or len(base_router_logits) != n_layers:
