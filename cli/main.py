@@ -270,7 +270,7 @@ def fidelity(arch, out, work_dir, tune_domain, steps, ks, ms, eval_sequences, de
 @click.option("--learning-rate", type=float, default=1e-3, show_default=True, help="Learning rate.")
 @click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
 @click.option("--cache-dir", default=None, help="Reference models' cache directory.")
-@click.option("--kl-estimator", type=click.Choice(["topk_hybrid", "topk_tail", "topk_sampled", "topk_renorm"]), default=None,
+@click.option("--kl-estimator", type=click.Choice(["topk_hybrid", "topk_tail", "topk_sampled", "topk_cv", "topk_renorm"]), default=None,
               help="Cached KL estimator of the cache run (default: the library's).")
 def parity(arch, out, work_dir, tune_domain, steps, learning_rate, device, cache_dir, kl_estimator):
     """Train with --base cache and --base live from the same start; compare held-out exact KL, dH, gap, loss."""

@@ -55,8 +55,8 @@ class GeometryConfig:
     kl_estimator: str = field(
         default="topk_sampled",
         metadata={
-            "help": "Estimator of forward KL from cached statistics: topk_sampled (needs tail samples) | topk_hybrid | "
-            "topk_tail | topk_renorm."
+            "help": "Estimator of forward KL from cached statistics: topk_sampled (needs tail samples) | topk_cv (same "
+            "expectation and gradient, lower-variance value) | topk_hybrid | topk_tail | topk_renorm."
         },
     )
     chunk_size: Optional[int] = field(

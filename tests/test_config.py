@@ -37,7 +37,7 @@ def test_loads_from_yaml_section_or_top_level(tmp_path):
         ("lambda_kl: -0.3\n", "lambda_kl=-0.3 must be a finite number >= 0"),
         ("lambda_kl: .nan\n", "lambda_kl=nan must be a finite number >= 0"),
         ("kl_direction: sideways\n", "kl_direction='sideways' must be one of forward, reverse"),
-        ("kl_estimator: topk\n", "kl_estimator='topk' must be one of topk_tail, topk_sampled, topk_hybrid, topk_renorm"),
+        ("kl_estimator: topk\n", "kl_estimator='topk' must be one of topk_tail, topk_sampled, topk_cv, topk_hybrid, topk_renorm"),
         ("kl_threshold: 0.05\nfinal_kl_threshold: 0.1\n", "final_kl_threshold=0.1 is above kl_threshold=0.05"),
         ("kl_warmup_steps: 0\n", "kl_warmup_steps=0 must be a positive integer"),
         ("chunk_size: -4\n", "chunk_size=-4 must be a positive integer or null"),

@@ -33,6 +33,7 @@ def test_compare_is_exact_at_full_vocabulary_and_lower_bounds_below_it():
     assert set(by) == {(d, e, k, m) for k in (8, V) for d, e, m in
                        [("forward", "topk_tail", 0), ("forward", "topk_renorm", 0), ("forward", "topk_sampled", 2),
                         ("forward", "topk_sampled", 4), ("forward", "topk_hybrid", 2), ("forward", "topk_hybrid", 4),
+                        ("forward", "topk_cv", 2), ("forward", "topk_cv", 4),
                         ("reverse", "coarse", 0)]}
     for r in rows:
         exact = exact_fwd if r["direction"] == "forward" else exact_rev
