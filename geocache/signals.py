@@ -379,7 +379,7 @@ def base_kl_terms(base: BaseStats, dtype: torch.dtype, estimator: Optional[str] 
         w_x.div_(w_x.sum(-1, keepdim=True).clamp_min_(1))
         lp_x = lp_x.nan_to_num(neginf=0.0)  # missing samples (−inf) weigh 0
         lp_x_mean = torch.linalg.vecdot(w_x, lp_x)
-    cv = every or (direction == "forward" and estimator == "topk_cv")
+    cv = every or (direction == "forward" and estimator in ("topk_cv", "topk_hybrid"))
     return BaseKLTerms(lp_s, p_s, p_t, p_t_log_p_t, log_p_t, w_x, lp_x_mean, lp_x if cv else None)
 
 
@@ -411,15 +411,14 @@ def cached_kl_terms(
                        regression coefficient fitted on the other samples (leave-one-out, hence
                        still unbiased). Near the base, log(p/q) ≈ 1 − r and the error shrinks from
                        O(drift) to O(drift²) (``_loo_control_variate``).
-      ``topk_hybrid``  the value of ``topk_sampled``, the gradient of ``topk_tail``: unbiased in
+      ``topk_hybrid``  the value of ``topk_cv``, the gradient of ``topk_tail``: unbiased in
                        value, and a deterministic gradient (the samples' gradient is noisy;
                        ``benchmarks/results/fidelity.md``)
       ``topk_renorm``  KL of p and q renormalised on S            — biased (Anshumann et al., ACL
                                                                      2025); for comparison only
     reverse, KL(q‖p): over the coarse partition S ∪ {tail}, a lower bound (``estimator`` unused).
 
-    ``topk_cv`` reads q_T from ``log_q_tail`` when given, else as 1 − Σ_S q (its rounding enters
-    the value as p_T · (q_T/p_T) error, i.e. absolutely, ~1e-7 in float32).
+    ``topk_cv`` reads q_T from ``log_q_tail`` when given, else as 1 − Σ_S q (``_cv_value``).
 
     ``terms``: ``base_kl_terms(base, dtype)``, the base's side of these formulas, when the caller
     computes it once for many calls (the chunked loss does, for all positions); else computed here.
@@ -440,7 +439,7 @@ def cached_kl_terms(
     t = terms if terms is not None else base_kl_terms(base, dtype)
     missing = (log_q_tail is not None and t.log_p_t is None) or (
         direction == "forward" and (estimator in SAMPLED_ESTIMATORS and t.w_x is None or estimator != "topk_renorm" and t.p_s is None
-                                    or estimator == "topk_cv" and t.lp_x is None))
+                                    or estimator in ("topk_cv", "topk_hybrid") and t.lp_x is None))
     if missing:
         raise ValueError(f"the base's terms were computed for another estimator than {estimator!r} ({direction})")
     p_s, p_t, p_t_log_p_t, log_p_t = t.p_s, t.p_t, t.p_t_log_p_t, t.log_p_t
@@ -474,21 +473,24 @@ def cached_kl_terms(
         if estimator == "topk_tail":
             # ∂/∂z_j = q_j − p_j on S, q_j − p_T·q_j/q_T off S.
             return kl_tail, (ones_n, -p_s, x_coef, -p_t)
+    if estimator == "topk_hybrid":  # the control-variate value carrying the coarse-grained gradient
+        return kl_tail + (_cv_value(head, p_t, lq_s, lq_x, log_q_tail, t) - kl_tail).detach(), (ones_n, -p_s, x_coef, -p_t)
     if estimator in SAMPLED_ESTIMATORS:
         # ∂/∂z_j = q_j − p_j·1[j∈S] − p_T·(count of j among the samples)/m.
         kl = head + p_t * (t.lp_x_mean - torch.linalg.vecdot(t.w_x, lq_x))
-        if estimator == "topk_hybrid":  # the sampled value carrying the coarse-grained gradient
-            return kl_tail + (kl - kl_tail).detach(), (ones_n, -p_s, x_coef, -p_t)
         if estimator == "topk_cv":  # the control-variate value carrying the sampled gradient
-            with torch.no_grad():
-                if log_q_tail is not None:
-                    q_t_cv = q_t
-                else:  # q_T as 1 − Σ_S q: see the docstring for why its rounding is harmless here
-                    q_t_cv = lq_s.exp().sum(-1).neg_().add_(1.0).clamp_min_(0.0)
-                mean = _loo_control_variate(t.lp_x - lq_x, t.lp_x, lq_x, q_t_cv / p_t.clamp_min(tiny), t.w_x)
-                kl_cv = head + p_t * mean
-            kl = kl + (kl_cv - kl).detach()
+            kl = kl + (_cv_value(head, p_t, lq_s, lq_x, log_q_tail, t) - kl).detach()
         return kl, (ones_n, -p_s, -p_t.unsqueeze(-1) * t.w_x, zeros_n)
+
+
+@torch.no_grad()
+def _cv_value(head, p_t, lq_s, lq_x, log_q_tail, t: "BaseKLTerms") -> torch.Tensor:
+    """``topk_cv``'s value (no gradient): head + p_T · the control-variate mean of log(p/q) over
+    the samples. q_T from ``log_q_tail`` when given, else as 1 − Σ_S q: its rounding enters as
+    p_T · (q_T/p_T) error, i.e. absolutely, ~1e-7 in float32."""
+    q_t = log_q_tail.exp() if log_q_tail is not None else lq_s.exp().sum(-1).neg_().add_(1.0).clamp_min_(0.0)
+    mu = q_t / p_t.clamp_min(torch.finfo(p_t.dtype).tiny)
+    return head + p_t * _loo_control_variate(t.lp_x - lq_x, t.lp_x, lq_x, mu, t.w_x)
 
 
 def _loo_control_variate(y: torch.Tensor, lp_x: torch.Tensor, lq_x: torch.Tensor, mu: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -500,28 +502,29 @@ def _loo_control_variate(y: torch.Tensor, lp_x: torch.Tensor, lq_x: torch.Tensor
     depend on sample j, E[c_j x_j] = E[c_j] E[x_j] = 0 and the result stays unbiased; a coefficient
     fitted on all samples, the textbook choice, is biased by O(1/m) (measured: −3% to −12% of the
     KL at m = 4-16). Rows with fewer than 3 valid samples get c = 0. ``w``: 1/count on valid
-    samples, 0 on missing ones. Computed in float64: the leave-one-out variances are differences
-    of sums, [n, m] elements only.
+    samples, 0 on missing ones. Elementwise over ``[n, m]`` in the inputs' dtype; q/p is capped at
+    e^30 (beyond it the mean of x is no longer exactly 0: such a sample is a bug upstream).
     """
-    out_dtype = y.dtype
-    y, w = y.double(), w.double()
-    valid = w > 0
-    x = torch.where(valid, (lq_x.double() - lp_x.double()).clamp_max(80.0).exp() - mu.double().unsqueeze(-1), 0.0)
-    y = torch.where(valid, y, 0.0)
-    count = valid.sum(-1, keepdim=True).double()
-    yc = torch.where(valid, y - (w * y).sum(-1, keepdim=True), 0.0)
-    xc = torch.where(valid, x - (w * x).sum(-1, keepdim=True), 0.0)
+    v = torch.sign(w)  # 1 on valid samples, 0 on missing ones
+    y = y * v
+    x = (lq_x - lp_x).clamp_max_(30.0).exp_().sub_(mu.unsqueeze(-1)).mul_(v)
+    count = v.sum(-1, keepdim=True)
+    inv = 1.0 / count.clamp_min(1)
+    yc = (y - y.sum(-1, keepdim=True).mul_(inv)).mul_(v)  # centred on the valid samples' means
+    xc = (x - x.sum(-1, keepdim=True).mul_(inv)).mul_(v)
     # Sums over the others of sample j, from the centred sums over all: with n' = count − 1 others,
     # Σ_others ỹx̃ − n'·ȳ'x̄' = S_yx − ỹ_j x̃_j · count / n' (and likewise for x̃²).
-    others = (count - 1).clamp_min(1)
-    cov = (yc * xc).sum(-1, keepdim=True) - yc * xc * count / others
-    var = (xc * xc).sum(-1, keepdim=True) - xc * xc * count / others
-    # Others all equal (repeated draws are common in a peaked tail) means a variance of exactly 0,
-    # which the centring and the differences of sums above leave as rounding noise ~1e-16 of Σ x²:
-    # anything under 1e-9 of it counts as 0 (c = 0), or a coefficient fitted to noise would decide.
-    ok = valid & (count >= 3) & (var > 1e-9 * (x * x).sum(-1, keepdim=True)) & torch.isfinite(cov / var)
-    c = torch.where(ok, (cov / torch.where(ok, var, 1.0)).clamp(-1.0, 0.0), 0.0)
-    return (w * (y - c * x)).sum(-1).to(out_dtype)
+    f = count.div_((count - 1).clamp_min_(1))
+    pxy, pxx = yc.mul_(xc), xc.mul_(xc)
+    cov = pxy.sum(-1, keepdim=True) - pxy.mul_(f)
+    var = pxx.sum(-1, keepdim=True) - pxx.mul_(f)
+    # Others all equal (repeated draws are common in a peaked tail), or fewer than two of them, mean
+    # a variance of exactly 0, which the centring and the differences of sums above leave as
+    # rounding noise ~eps of Σ x²: anything under 100 eps of it counts as 0 and gives c = 0, or a
+    # coefficient fitted to noise would decide (exact zeros give 0/0, dropped by the same where).
+    floor = (x * x).sum(-1, keepdim=True).mul_(100 * torch.finfo(y.dtype).eps)
+    c = torch.where(var > floor, cov.div_(var), 0.0).clamp_(-1.0, 0.0)
+    return y.addcmul_(c, x, value=-1.0).sum(-1).mul_(inv.squeeze(-1))
 
 
 def log_tail_mass(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -284,13 +284,14 @@ def test_topk_sampled_is_unbiased_and_topk_renorm_is_not():
     assert tail < exact - 20 * stderr  # the coarse-grained bound loses the within-tail move
 
 
-def test_topk_hybrid_has_the_sampled_value_and_the_coarse_grained_gradient():
+def test_topk_hybrid_has_the_control_variate_value_and_the_coarse_grained_gradient():
     p_logits, q_logits, k = _constructed_case()
     reps = 64
     base = compute_base_stats(p_logits.expand(reps, -1).contiguous(), k=k, m=4, generator=torch.Generator().manual_seed(0))
-    z = {e: q_logits.expand(reps, -1).clone().requires_grad_(True) for e in ("topk_hybrid", "topk_sampled", "topk_tail")}
+    z = {e: q_logits.expand(reps, -1).clone().requires_grad_(True) for e in ("topk_hybrid", "topk_sampled", "topk_tail", "topk_cv")}
     kl = {e: cached_kl(z[e], base, e) for e in z}
-    torch.testing.assert_close(kl["topk_hybrid"], kl["topk_sampled"], rtol=0, atol=0)
+    torch.testing.assert_close(kl["topk_hybrid"], kl["topk_cv"], rtol=1e-12, atol=1e-12)
+    assert (kl["topk_hybrid"] - kl["topk_sampled"]).abs().max() > 1e-3
     grads = {e: torch.autograd.grad(kl[e].sum(), z[e])[0] for e in z}
     torch.testing.assert_close(grads["topk_hybrid"], grads["topk_tail"], rtol=1e-12, atol=1e-12)
     assert not torch.allclose(grads["topk_hybrid"], grads["topk_sampled"])
