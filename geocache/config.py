@@ -49,14 +49,15 @@ class GeometryConfig:
     kl_direction: str = field(
         default="forward", metadata={"help": "`forward` = KL(p‖q) (the note's code), `reverse` = KL(q‖p) (the note's text)."}
     )
-    # topk_sampled by measurement: at k=32, m=16 it has the same (unbiased) value as topk_hybrid
-    # (benchmarks/results/fidelity.md), and its unbiased gradient makes 200 cached steps match live
-    # training within 0.2% (parity.md), where topk_hybrid's smoother but biased one drifts 2.1-2.3% further.
+    # topk_cv by measurement: topk_sampled's unbiased gradient, whose 200 cached steps match live
+    # training within 0.4% (parity.md; topk_hybrid's biased one drifts 2.1-2.3% further), and a value
+    # with 3x less per-position error, so the penalty masks agree with the exact KL's on 94.5% of
+    # positions instead of 85.9% at k=32, m=16 (benchmarks/results/fidelity.md).
     kl_estimator: str = field(
-        default="topk_sampled",
+        default="topk_cv",
         metadata={
-            "help": "Estimator of forward KL from cached statistics: topk_sampled (needs tail samples) | topk_cv (same "
-            "expectation and gradient, lower-variance value) | topk_hybrid | topk_tail | topk_renorm."
+            "help": "Estimator of forward KL from cached statistics: topk_cv (needs tail samples; topk_sampled's "
+            "expectation and gradient, a lower-variance value) | topk_sampled | topk_hybrid | topk_tail | topk_renorm."
         },
     )
     chunk_size: Optional[int] = field(

@@ -500,7 +500,7 @@ def _loo_control_variate(y: torch.Tensor, lp_x: torch.Tensor, lq_x: torch.Tensor
     c_j = Cov(y, x) / Var(x) over the *other* valid samples of the row, clamped to [−1, 0] (−1 is the
     small-drift limit, where y ≈ −(x + mu − 1); 0 is the plain sampled mean). Because c_j does not
     depend on sample j, E[c_j x_j] = E[c_j] E[x_j] = 0 and the result stays unbiased; a coefficient
-    fitted on all samples, the textbook choice, is biased by O(1/m) (measured: −3% to −12% of the
+    fitted on all samples, the textbook choice, is biased by O(1/m) (measured: −2% to −12% of the
     KL at m = 4-16). Rows with fewer than 3 valid samples get c = 0. ``w``: 1/count on valid
     samples, 0 on missing ones. Elementwise over ``[n, m]`` in the inputs' dtype; q/p is capped at
     e^30 (beyond it the mean of x is no longer exactly 0: such a sample is a bug upstream).
