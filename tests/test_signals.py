@@ -325,18 +325,6 @@ def _every_draw(p_logits: torch.Tensor, k: int, m: int) -> tuple[BaseStats, torc
     return base, prob
 
 
-def _loo_reference(y: list[float], x: list[float]) -> float:
-    """The leave-one-out control-variate mean, with plain loops and numpy's covariance."""
-    total = 0.0
-    for j in range(len(y)):
-        ys, xs = np.delete(np.array(y), j), np.delete(np.array(x), j)
-        c = 0.0
-        if len(ys) >= 2 and np.var(xs) > 0:
-            c = float(np.clip(np.cov(ys, xs, bias=True)[0, 1] / np.var(xs), -1.0, 0.0))
-        total += y[j] - c * x[j]
-    return total / len(y)
-
-
 @pytest.mark.parametrize("drift", [0.05, 1.5])
 def test_topk_cv_is_exactly_unbiased_and_beats_topk_sampled_near_the_base(drift):
     """Expectation and variance over every possible draw of m = 4 tail samples (7^4 tuples), not a
@@ -360,17 +348,18 @@ def test_topk_cv_is_exactly_unbiased_and_beats_topk_sampled_near_the_base(drift)
         assert var["topk_cv"] < 0.1 * var["topk_sampled"]
     else:
         assert var["topk_cv"] < var["topk_sampled"]
-    # Each row's value against loops over the samples (head and p_T from the same statistics).
+    # Each row's value against loops over the samples: the coarse-grained KL plus p_T times the
+    # samples' mean of e^u − 1 − u, u = log(q/p) − log(q_T/p_T) (head and p_T from the statistics).
     lq = torch.log_softmax(q_logits, -1)
     p_s = base.topk_logprobs[0].exp()
     head = (p_s * (base.topk_logprobs[0] - lq[base.topk_ids[0]])).sum().item()
     p_t = 1 - p_s.sum().item()
     q_t = 1 - lq[base.topk_ids[0]].exp().sum().item()
     for i in torch.randint(0, len(prob), (25,), generator=g).tolist():
-        lp_x, lq_x = base.sample_logprobs[i].tolist(), lq[base.sample_ids[i]].tolist()
-        y = [a - b for a, b in zip(lp_x, lq_x)]
-        x = [math.exp(b - a) - q_t / p_t for a, b in zip(lp_x, lq_x)]
-        assert values["topk_cv"][i].item() == pytest.approx(head + p_t * _loo_reference(y, x), rel=1e-9, abs=1e-12)
+        us = [b - a - math.log(q_t / p_t) for a, b in zip(base.sample_logprobs[i].tolist(), lq[base.sample_ids[i]].tolist())]
+        want = head + p_t * math.log(p_t / q_t) + p_t * sum(math.expm1(u) - u for u in us) / len(us)
+        assert values["topk_cv"][i].item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+        assert values["topk_cv"][i].item() >= cached_kl(q_logits[None], base.select(slice(i, i + 1)), "topk_tail").item() - 1e-12
 
 
 def test_topk_cv_carries_the_sampled_gradient_and_skips_missing_samples():
@@ -393,6 +382,29 @@ def test_topk_cv_carries_the_sampled_gradient_and_skips_missing_samples():
     keep = [0, 2, 3, 4]
     short = BaseStats(base.lse, base.entropy, base.topk_ids, base.topk_logprobs, base.sample_ids[:, keep], base.sample_logprobs[:, keep])
     torch.testing.assert_close(with_holes[4:], cached_kl(q_logits.expand(reps - 4, -1), short.select(slice(4, None)), "topk_cv"))
+
+
+def test_topk_cv_reads_q_t_from_the_top_k_only_where_that_is_precise():
+    """In the loss's fast path the tuned tail mass is 1 − Σ_S q (no vocabulary pass): the same value
+    as from the summed tail, except where the tuned tail has collapsed below float32's reach of
+    that difference, where the sampled value (which needs no q_T) is taken instead."""
+    from geocache.signals import cached_kl_terms, log_probs, log_tail_mass
+
+    g = torch.Generator().manual_seed(5)
+    p_logits = torch.randn(6, 50, generator=g) * 2
+    base = compute_base_stats(p_logits, k=8, m=6, generator=g)
+    ids = base.topk_ids.long()
+    z = torch.randn(6, 50, generator=g) * 2
+    z[:2] = -30.0  # rows 0-1: the tuned model keeps (almost) nothing outside the cached top-k
+    z[:2].scatter_(1, ids[:2], 5.0)
+    lq = log_probs(z)
+    lq_s, lq_x, tail = lq.gather(-1, ids), lq.gather(-1, base.sample_ids.long()), log_tail_mass(lq, ids)
+    with_tail = {e: cached_kl_terms(lq_s, lq_x, tail, base, e)[0] for e in ("topk_cv", "topk_sampled")}
+    fast = {e: cached_kl_terms(lq_s, lq_x, None, base, e)[0] for e in ("topk_cv", "topk_sampled")}
+    assert (tail[:2].exp() < 1e-3).all() and (tail[2:].exp() > 1e-2).all()
+    torch.testing.assert_close(fast["topk_cv"][2:], with_tail["topk_cv"][2:], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fast["topk_cv"][:2], fast["topk_sampled"][:2], rtol=0, atol=0)
+    assert not torch.allclose(with_tail["topk_cv"][:2], with_tail["topk_sampled"][:2])
 
 
 def test_base_stats_select_and_sizes():
