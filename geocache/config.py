@@ -50,8 +50,8 @@ class GeometryConfig:
         default="forward", metadata={"help": "`forward` = KL(p‖q) (the note's code), `reverse` = KL(q‖p) (the note's text)."}
     )
     # topk_cv by measurement: topk_sampled's unbiased gradient, whose 200 cached steps match live
-    # training within 0.4% (parity.md; topk_hybrid's biased one drifts 2.1-2.3% further), and a value
-    # with 3x less per-position error, so the penalty masks agree with the exact KL's on 94.5% of
+    # training within 0.2% (parity.md; topk_hybrid's biased one drifts 2.2-2.3% further), and a value
+    # with 3x less per-position error, so the penalty masks agree with the exact KL's on 94.8% of
     # positions instead of 85.9% at k=32, m=16 (benchmarks/results/fidelity.md).
     kl_estimator: str = field(
         default="topk_cv",

@@ -142,7 +142,8 @@ def test_a_collapsed_tuned_tail_is_penalised_not_read_as_an_empty_tail(estimator
 
 
 @pytest.mark.parametrize(
-    "base_kind,walk", [("exact", "rows"), ("topk_tail", "rows"), ("topk_sampled", "rows"), ("topk_sampled", "spans"), (None, "spans")]
+    "base_kind,walk",
+    [("exact", "rows"), ("topk_tail", "rows"), ("topk_sampled", "rows"), ("topk_sampled", "spans"), ("topk_cv", "spans"), (None, "spans")],
 )
 def test_a_masked_vocabulary_of_minus_inf_logits_gives_finite_loss_and_gradient(base_kind, walk):
     """Token ids a model never emits (−inf logits, in the tuned and the base model alike) must act
@@ -155,7 +156,7 @@ def test_a_masked_vocabulary_of_minus_inf_logits_gives_finite_loss_and_gradient(
         labels[:] = torch.randint(0, 13, labels.shape, generator=g)
     masked = torch.tensor([2, 7])
     labels = labels.masked_fill(torch.isin(labels, masked), 0)
-    spannable = base_kind in ("topk_sampled", None)
+    spannable = base_kind in ("topk_sampled", "topk_cv", None)
     assert _chunk_plan(labelled_positions(labels)[0], 13, "cpu", None, spannable)[1] == (walk == "spans")
     results = []
     for fill in (-math.inf, -1e4):

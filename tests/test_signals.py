@@ -197,7 +197,7 @@ def test_a_masked_vocabulary_smaller_than_k_gives_finite_cached_kl():
     tuned = logits.clone()
     tuned[:, [1, 4, 9]] += 0.3 * torch.randn(4, 3, generator=torch.Generator().manual_seed(6))
     tuned = tuned.clamp_min(-1e4)  # the tuned model gives the masked tokens a little mass
-    for estimator in ("topk_tail", "topk_sampled", "topk_renorm"):
+    for estimator in ("topk_tail", "topk_sampled", "topk_cv", "topk_hybrid", "topk_renorm"):
         for direction in ("forward", "reverse"):
             kl = cached_kl(tuned, base, estimator, direction)
             assert torch.isfinite(kl).all() and (kl > -1e-5).all(), (estimator, direction)
