@@ -351,6 +351,7 @@ class BaseKLTerms(NamedTuple):
     w_x: Optional[torch.Tensor]  # [n, m] 1/count on the valid tail samples, 0 on missing ones
     lp_x_mean: Optional[torch.Tensor]  # [n] Σ w_x log p(x): the samples' mean log p
     lp_x: Optional[torch.Tensor] = None  # [n, m] log p(x) of the samples, 0 on missing ones (topk_cv)
+    cv_ok: Optional[torch.Tensor] = None  # [n] bool: p_T far above its rounding error (topk_cv)
 
     def select(self, index) -> "BaseKLTerms":
         return BaseKLTerms(*(None if t is None else t[index] for t in self))
@@ -379,8 +380,19 @@ def base_kl_terms(base: BaseStats, dtype: torch.dtype, estimator: Optional[str] 
         w_x.div_(w_x.sum(-1, keepdim=True).clamp_min_(1))
         lp_x = lp_x.nan_to_num(neginf=0.0)  # missing samples (−inf) weigh 0
         lp_x_mean = torch.linalg.vecdot(w_x, lp_x)
-    cv = every or (direction == "forward" and estimator in ("topk_cv", "topk_hybrid"))
-    return BaseKLTerms(lp_s, p_s, p_t, p_t_log_p_t, log_p_t, w_x, lp_x_mean, lp_x if cv else None)
+    cv_ok = None
+    if every or (direction == "forward" and estimator in ("topk_cv", "topk_hybrid")):
+        # p_T = 1 − Σ_S p from log-probs rounded to their stored dtype (float16 in a cache): each
+        # off by up to |log p|·u (u its unit roundoff), so p_T by up to Σ_S p |log p| u, plus the
+        # sum's own rounding. topk_cv divides by p_T inside a logarithm; where p_T is not 30x that
+        # bound (a peaked base, whose true tail can be far below float16's reach) the row takes
+        # topk_sampled's value, which only multiplies by p_T. (Depends on the cache alone.)
+        unit = torch.finfo(base.topk_logprobs.dtype).eps / 2 if base.topk_logprobs.is_floating_point() else 0.0
+        bound = torch.linalg.vecdot(p_s, lp_s.abs().clamp_max(1e4)).mul_(unit).add_(lp_s.shape[-1] * torch.finfo(dtype).eps)
+        cv_ok = p_t > 30 * bound
+    else:
+        lp_x = None
+    return BaseKLTerms(lp_s, p_s, p_t, p_t_log_p_t, log_p_t, w_x, lp_x_mean, lp_x, cv_ok)
 
 
 def cached_kl_terms(
@@ -439,7 +451,7 @@ def cached_kl_terms(
     t = terms if terms is not None else base_kl_terms(base, dtype)
     missing = (log_q_tail is not None and t.log_p_t is None) or (
         direction == "forward" and (estimator in SAMPLED_ESTIMATORS and t.w_x is None or estimator != "topk_renorm" and t.p_s is None
-                                    or estimator in ("topk_cv", "topk_hybrid") and t.lp_x is None))
+                                    or estimator in ("topk_cv", "topk_hybrid") and (t.lp_x is None or t.cv_ok is None)))
     if missing:
         raise ValueError(f"the base's terms were computed for another estimator than {estimator!r} ({direction})")
     p_s, p_t, p_t_log_p_t, log_p_t = t.p_s, t.p_t, t.p_t_log_p_t, t.log_p_t
@@ -494,25 +506,27 @@ def _cv_value(sampled, head, p_t, lq_s, lq_x, log_q_tail, t: "BaseKLTerms") -> t
     coarse-grained part is exact. (Measured on the fidelity data: per-position error 3x below
     ``topk_sampled``'s, and below a leave-one-out regression coefficient's.)
 
-    q_T comes from ``log_q_tail`` when given. Else it is 1 − Σ_S q, whose rounding (~eps) is a
-    relative error eps/q_T: rows where q_T is under 10⁴ eps of 1 (1.2e-3 in float32: a collapsed
-    tuned tail, or k = V) take ``topk_sampled``'s value instead, which needs no q_T; the choice
-    depends on the tuned logits only, not on the samples, so both stay unbiased. Missing samples
-    weigh 0; u is capped at 50 against overflow (q/p beyond e^50 times the tail ratio).
+    Rows fall back to ``topk_sampled``'s value (which needs no q_T and only multiplies by p_T)
+    where either mass is not known well enough to divide by: p_T near its rounding error
+    (``BaseKLTerms.cv_ok``); a tuned tail mass under float's smallest normal (a collapsed tail,
+    floored); or, without ``log_q_tail``, q_T = 1 − Σ_S q under 10⁵ eps (1.2e-2 in float32; that
+    difference is off by ~|logits|·eps, so this keeps its relative error under ~1e-3 for logits up
+    to ~100). The choice depends on the cache and the tuned logits, never on the samples, so both
+    branches stay unbiased. Missing samples weigh 0; u is capped at 50 against overflow.
     ``sampled``: ``topk_sampled``'s value of the same rows."""
     tiny = torch.finfo(p_t.dtype).tiny
     if log_q_tail is not None:
-        # Floored as in topk_tail: an empty tail (k = V, −inf) then has p_T = 0 times a finite term.
-        log_q_t, precise = log_q_tail.clamp_min(math.log(tiny)), None
+        precise = t.cv_ok & (log_q_tail > math.log(tiny))
+        log_q_t = log_q_tail.clamp_min(math.log(tiny))  # k = V: −inf, then p_T = 0 times a finite term
     else:
         q_t = lq_s.exp().sum(-1).neg_().add_(1.0)
-        precise = q_t > 1e4 * torch.finfo(q_t.dtype).eps
+        precise = t.cv_ok & (q_t > 1e5 * torch.finfo(q_t.dtype).eps)
         log_q_t = q_t.clamp_min_(tiny).log_()
     log_p_t = p_t.clamp_min(tiny).log()
     u = (lq_x - t.lp_x).sub_((log_q_t - log_p_t).unsqueeze(-1)).clamp_max_(50.0)
     g = torch.expm1(u).sub_(u)
     value = head + p_t * (log_p_t - log_q_t + torch.linalg.vecdot(t.w_x, g))  # missing samples: w = 0
-    return value if precise is None else torch.where(precise, value, sampled)
+    return torch.where(precise, value, sampled)
 
 
 def log_tail_mass(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from scipy import stats as sps
 
 from geocache.signals import (
     BaseStats,
+    base_kl_terms,
     cached_kl,
     calibration_gap,
     compute_base_stats,
@@ -405,6 +406,45 @@ def test_topk_cv_reads_q_t_from_the_top_k_only_where_that_is_precise():
     torch.testing.assert_close(fast["topk_cv"][2:], with_tail["topk_cv"][2:], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(fast["topk_cv"][:2], fast["topk_sampled"][:2], rtol=0, atol=0)
     assert not torch.allclose(with_tail["topk_cv"][:2], with_tail["topk_sampled"][:2])
+
+
+def test_topk_cv_falls_back_where_float16_rounding_swamps_the_tail_mass():
+    """A peaked base (two likely tokens, the rest 25 nats below) cached as a cache stores it, log-probs
+    in float16: p_T = 1 − Σ_S p is then rounding noise (~1e-4) against a true tail of ~1e-9, and
+    dividing by it inside the control variate's logarithm blew an exact KL of 0 up to ~6 nats.
+    Such rows take topk_sampled's value, on both paths (tuned tail mass given or not)."""
+    from geocache.signals import cached_kl_terms, log_probs, log_tail_mass
+
+    z = torch.full((64, 1000), -25.0)
+    z[:, 0], z[:, 1] = 0.0, torch.linspace(-1.5, 1.5, 64)
+    b = compute_base_stats(z, k=8, m=16, generator=torch.Generator().manual_seed(1))
+    stored = BaseStats(b.lse, b.entropy, b.topk_ids, b.topk_logprobs.half(), b.sample_ids, b.sample_logprobs.half())
+    lq = log_probs(z)  # the tuned model is the base: the exact KL is 0
+    ids = stored.topk_ids.long()
+    lq_s, lq_x, tail = lq.gather(-1, ids), lq.gather(-1, stored.sample_ids.long()), log_tail_mass(lq, ids)
+    for estimator in ("topk_cv", "topk_hybrid"):
+        assert cached_kl(z, stored, estimator).abs().max() < 1e-3
+        assert cached_kl_terms(lq_s, lq_x, tail, stored, estimator)[0].abs().max() < 1e-3
+    assert cached_kl_terms(lq_s, lq_x, None, stored, "topk_cv")[0].abs().max() < 1e-3
+    assert not base_kl_terms(stored, torch.float32, "topk_cv").cv_ok.any()
+    # In float32 (a live base's statistics) 1 − Σ_S p cannot resolve a tail of 1e-8 either; in
+    # float64 it can, and there is no fallback.
+    assert not base_kl_terms(b, torch.float32, "topk_cv").cv_ok.any()
+    b64 = compute_base_stats(z.double(), k=8, m=16, generator=torch.Generator().manual_seed(1))
+    assert base_kl_terms(b64, torch.float64, "topk_cv").cv_ok.all()
+    assert cached_kl(z.double(), b64, "topk_cv").abs().max() < 1e-3
+
+
+def test_topk_cv_takes_the_sampled_value_where_the_tuned_tail_collapsed():
+    """A tuned tail mass below float32's smallest normal is floored; the control variate would
+    then be off by p_T, so the row takes topk_sampled's value (the exact KL is ~85 nats here)."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(4, 200, generator=g)
+    b = compute_base_stats(p, k=8, m=64, generator=torch.Generator().manual_seed(1))
+    q = p.clone().scatter_(1, b.topk_ids.long(), 60.0)
+    q[torch.ones_like(q, dtype=torch.bool).scatter_(1, b.topk_ids.long(), False)] -= 60.0
+    torch.testing.assert_close(cached_kl(q, b, "topk_cv"), cached_kl(q, b, "topk_sampled"), rtol=0, atol=0)
+    torch.testing.assert_close(cached_kl(q, b, "topk_cv"), kl_forward(p, q), rtol=1e-5, atol=0)
 
 
 def test_base_stats_select_and_sizes():
