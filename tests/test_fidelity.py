@@ -45,6 +45,10 @@ def test_compare_is_exact_at_full_vocabulary_and_lower_bounds_below_it():
         else:
             q_tail = 1 - torch.softmax(base, -1).topk(8, -1).values.sum(-1)
             assert r["tail_mass_mean"] == pytest.approx(q_tail.mean().item(), rel=1e-5) and 0 < r["tail_kl_share"] < 1
+    # topk_cv is read as the loss reads it: at k = V the tuned tail mass 1 − Σ_S q is rounding
+    # noise, so every row takes the sampled value; at k = 8 only the rare peaked rows do.
+    assert by[("forward", "topk_cv", V, 4)]["fallback_share"] == 1.0 and by[("forward", "topk_cv", 8, 4)]["fallback_share"] < 0.1
+    assert all(r["fallback_share"] is None for r in rows if r["estimator"] != "topk_cv")
     for d, e in (("forward", "topk_tail"), ("reverse", "coarse")):  # coarse-graining never adds KL
         assert by[(d, e, 8, 0)]["agg_bias"] < 0
     # Mask agreement and penalty error, by hand from the library's own estimator.
