@@ -383,10 +383,11 @@ def _library_default_note(d: dict) -> list[str]:
     default = GeometryConfig().kl_estimator
     if default == d["estimator"]:
         return []
-    return [f"The library's default estimator is `{default}` at this k and m. `topk_cv` and `topk_hybrid` share their value "
-            "(every value column below is identical for them), `topk_cv` and `topk_sampled` their gradient (the gradient cosine "
-            "is identical); training parity (`parity.md`) settles between gradients, since an unbiased but noisy per-batch "
-            "gradient averages out over steps where a biased one accumulates.", ""]
+    return [f"The library's default estimator is `{default}` at this k and m. `topk_hybrid` has `topk_cv`'s value (computed "
+            "with the summed tuned tail mass its gradient needs, so the two differ only on rows where `topk_cv` falls back), "
+            "`topk_cv` has `topk_sampled`'s gradient (the gradient cosine is identical); training parity (`parity.md`) settles "
+            "between gradients, since an unbiased but noisy per-batch gradient averages out over steps where a biased one "
+            "accumulates.", ""]
 
 
 def _fallback_note(rows: list[dict]) -> list[str]:
@@ -511,7 +512,7 @@ def plot(result: dict, path: Path) -> None:
     ]
     for ax, fy, title, target in panels:
         for (est, k, m), w in sorted(worst.items(), key=lambda kv: kv[0][0] == "topk_cv"):
-            # topk_hybrid's value is topk_cv's: topk_cv drawn last and hollow, so both show.
+            # topk_hybrid's value is (nearly) topk_cv's: topk_cv drawn last and hollow, so both show.
             hollow = est == "topk_cv"
             ax.scatter(w["bytes_per_token"], max(fy(w), 1e-6), marker=markers.get(m, "x"), s=20 + 3 * math.log2(k) ** 2,
                        facecolors="none" if hollow else colors[est], edgecolors=colors[est], linewidths=1.5, label=label(est, m))
