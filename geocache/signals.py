@@ -387,7 +387,7 @@ def base_kl_terms(base: BaseStats, dtype: torch.dtype, estimator: Optional[str] 
         # sum's own rounding. topk_cv divides by p_T inside a logarithm; where p_T is not 30x that
         # bound (a peaked base, whose true tail can be far below float16's reach) the row takes
         # topk_sampled's value, which only multiplies by p_T. (Depends on the cache alone.)
-        unit = torch.finfo(base.topk_logprobs.dtype).eps / 2 if base.topk_logprobs.is_floating_point() else 0.0
+        unit = torch.finfo(base.topk_logprobs.dtype).eps / 2
         bound = torch.linalg.vecdot(p_s, lp_s.abs().clamp_max(1e4)).mul_(unit).add_(lp_s.shape[-1] * torch.finfo(dtype).eps)
         cv_ok = p_t > 30 * bound
     else:
