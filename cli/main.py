@@ -24,6 +24,20 @@ class GeocacheGroup(click.Group):
         except (ValueError, FileNotFoundError, CacheError, CacheWriteError, BadRowError) as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
+        finally:
+            _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Under torchrun a command leaves a process group behind (precompute's, or accelerate's for
+    train); exiting with it alive let gloo's threads be torn down at interpreter exit, which
+    aborted a rank now and then ("terminate called without an active exception", exit -6)."""
+    if "torch" not in sys.modules:  # nothing ran that could have started one (--help, errors)
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @click.group(cls=GeocacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
