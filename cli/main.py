@@ -21,7 +21,7 @@ class GeocacheGroup(click.Group):
 
         try:
             return super().invoke(ctx)
-        except (ValueError, FileNotFoundError, CacheError, CacheWriteError, BadRowError) as exc:
+        except (ValueError, FileNotFoundError, CacheError, CacheWriteError, BadRowError, FloatingPointError) as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
         finally:
@@ -132,8 +132,8 @@ def _dataclass_options(cls, skip=()):
             base = next((a for a in args if a is not type(None)), hint) if args else hint
             opt = "--" + f.name.replace("_", "-")
             help_text = f.metadata.get("help", "")
-            if base is bool:
-                func = click.option(opt, f.name, is_flag=True, default=None, help=help_text)(func)
+            if base is bool:  # --x/--no-x: either overrides the YAML and the default; neither leaves them
+                func = click.option(f"{opt}/--no-{opt[2:]}", f.name, default=None, help=help_text)(func)
             elif typing.get_origin(base) is list:
                 func = click.option(opt, f.name, multiple=True, help=help_text + " (repeatable)")(func)
             else:

@@ -125,7 +125,9 @@ class CopyBase:
 
 
 class PeriodicBase:
-    """Queries an inner ``live``/``copy`` base every ``every`` steps (step 0 included); no base otherwise."""
+    """Queries an inner ``live``/``copy`` base every ``every`` training steps (step 0 included); no
+    base otherwise. Evaluation (the model in eval mode) queries it on every batch, so that eval
+    metrics and ``eval_loss`` mean the same whatever step they are taken at."""
 
     mode = "periodic"
 
@@ -135,7 +137,7 @@ class PeriodicBase:
         self.inner, self.every = inner, every
 
     def __call__(self, model, batch: dict, step: int) -> BaseBatch:
-        if step % self.every == 0:
+        if step % self.every == 0 or not model.training:
             return self.inner(model, batch, step)
         return BaseBatch(None, None)
 

@@ -35,20 +35,28 @@ from geocache.signals import (
 BaseInput = Union[torch.Tensor, BaseStats, None]
 
 
+# float16 closed-form gradients are stored as this many times their coefficients (see
+# ``GeometryAwareLoss.forward``): entries up to ~1,000x a probability stay finite, down to ~1e-9 nonzero.
+_FP16_PRESCALE = 64.0
+
+
 class _AttachGrad(torch.autograd.Function):
-    """Returns ``value`` and hands back a gradient for ``logits`` computed beforehand."""
+    """Returns ``value`` and hands back a gradient for ``logits`` computed beforehand, times
+    ``scale`` (a Python float, applied with the backward's own scale in float32 arithmetic)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, value: torch.Tensor, grad: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         ctx.save_for_backward(grad)
+        ctx.scale = scale
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        if grad_output.item() == 1.0:
-            return grad, None, None
-        return grad * grad_output.to(grad.dtype), None, None
+        factor = grad_output.item() * ctx.scale
+        if factor == 1.0:
+            return grad, None, None, None
+        return grad.mul(factor), None, None, None
 
 
 def _rows_into(flat: torch.Tensor, rows: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
@@ -153,7 +161,9 @@ class GeometryAwareLoss(nn.Module):
         Returns ``(loss, metrics)``: a scalar, and detached scalars named as in the design note
         (``task_loss``, ``KL_mean``, ``dH_mean``, ``cal_gap_mean``, ``positions_penalized_KL``,
         ``positions_penalized_cal``, ``positions_penalized_H``) plus the direction, estimator and
-        thresholds in force.
+        thresholds in force. The loss is divided by ``num_items_in_batch`` (default: this call's
+        labelled positions); the metrics, ``task_loss`` and the penalties included, are means over
+        this call's positions whatever the normaliser.
         """
         cfg = self.config
         th = {"kl_threshold": cfg.kl_threshold, "dh_threshold": cfg.dh_threshold, "cal_threshold": cfg.cal_threshold}
@@ -171,8 +181,14 @@ class GeometryAwareLoss(nn.Module):
         n = rows.numel()
         denom = float(num_items_in_batch) if num_items_in_batch else float(max(n, 1))
         need_grad = torch.is_grad_enabled() and tuned_logits.requires_grad
+        # float16 gradients are stored before the backward's scale (GradScaler's 65,536 and up) is
+        # known: divided by the normaliser they would underflow (q/denom below float16's smallest
+        # normal), and 65,536 itself is not a float16. So they are stored as 64·(coefficients), and
+        # the backward multiplies by its scale / (64·denom) in float32 arithmetic.
+        grad_scale = 1.0 if tuned_logits.dtype != torch.float16 else 1.0 / (_FP16_PRESCALE * denom)
         with torch.no_grad():  # the gradient is computed in closed form inside the pass
-            per_pos, grad = self._chunked_pass(tuned_logits, base, rows, targets, th, denom, need_grad)
+            grad_denom = denom if grad_scale == 1.0 else 1.0 / _FP16_PRESCALE
+            per_pos, grad = self._chunked_pass(tuned_logits, base, rows, targets, th, grad_denom, need_grad)
 
         kl, h_q, h_p, nll = per_pos
         d_h, gap = h_q - h_p, nll - h_q
@@ -180,14 +196,17 @@ class GeometryAwareLoss(nn.Module):
         # (at a small vocabulary the loss is mostly per-operation overhead).
         excess = torch.stack((kl - th["kl_threshold"], gap - th["cal_threshold"], d_h.neg().sub_(th["dh_threshold"])))
         sums = torch.cat((excess.clamp_min(0).sum(1), nll.sum().unsqueeze(0))).div_(denom)  # kl, cal, H penalties; task
-        kl_pen, cal_pen, h_pen, task = sums
-        value = task + (cfg.lambda_kl * kl_pen + cfg.lambda_cal * cal_pen + cfg.lambda_entropy * h_pen)
+        value = sums[3] + (cfg.lambda_kl * sums[0] + cfg.lambda_cal * sums[1] + cfg.lambda_entropy * sums[2])
         value = value.to(torch.float32) if value.dtype != torch.float64 else value
-        loss = _AttachGrad.apply(tuned_logits, value, grad) if need_grad else value
+        loss = _AttachGrad.apply(tuned_logits, value, grad, grad_scale) if need_grad else value
+        # Reported per position of this call, whatever the normaliser: with gradient accumulation or
+        # several processes num_items_in_batch counts every micro-batch's positions, and a metric
+        # divided by it would shrink with their number (the trainer weights calls by positions).
+        kl_pen, cal_pen, h_pen, task = sums if denom == max(n, 1) else sums * (denom / max(n, 1))
         # Means of KL, dH, gap, H(q), H(p) and of the three hinge masks (excess > 0 ⇔ above its threshold).
         means = torch.cat((torch.stack((kl, d_h, gap, h_q, h_p)), (excess > 0).to(kl.dtype))).mean(1) if n else kl.new_zeros(8)
-        if base is None:  # the base's metrics are undefined without one
-            means[[0, 1, 4]] = float("nan")
+        if base is None:  # the base's metrics, and the masks that read it, are undefined without one
+            means[[0, 1, 4, 5, 7]] = float("nan")
         kl_m, dh_m, gap_m, hq_m, hp_m, pen_kl, pen_cal, pen_h = means
 
         metrics = {

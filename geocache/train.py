@@ -122,10 +122,12 @@ def _check_run_dir(cfg: TrainConfig) -> Optional[str]:
     return None
 
 
-def _base_source(cfg: TrainConfig, want_router: bool):
+def _base_source(cfg: TrainConfig, want_router: bool, device):
     def copy():
-        base_model, _ = load_model_and_tokenizer(cfg.base_model or cfg.model, revision=cfg.revision, dtype=cfg.dtype)
-        return CopyBase(base_model, want_router=want_router, offload=cfg.offload_base)
+        # Offloaded: loaded on the CPU (never whole on the accelerator), run layer by layer on ``device``.
+        base_model, _ = load_model_and_tokenizer(cfg.base_model or cfg.model, revision=cfg.revision, dtype=cfg.dtype,
+                                                 device="cpu" if cfg.offload_base else device)
+        return CopyBase(base_model, want_router=want_router, offload=cfg.offload_base, device=device)
 
     if cfg.base == "cache":
         return CacheBase()
@@ -152,29 +154,7 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
         from transformers.trainer_utils import get_last_checkpoint
 
         resume_from = get_last_checkpoint(cfg.out) if cfg.resume and Path(cfg.out).exists() else None
-    model, tokenizer = load_model_and_tokenizer(cfg.model, revision=cfg.revision, dtype=cfg.dtype)
-    cache = open_cache(cfg.cache)
-    eval_cache = open_cache(cfg.eval_cache) if cfg.eval_cache else None
-    for c in (cache, eval_cache):
-        if c is not None:
-            c.check_compatible(model, tokenizer)
-    if eval_cache is not None and eval_cache.manifest.data["preprocessing"] != cache.manifest.data["preprocessing"]:
-        raise CacheError("the eval cache was preprocessed differently from the training cache (max length, packing or masking)")
-    layout = moe_layout(model)
-    if layout is None and cfg.layer_weights is not None:
-        raise ValueError(f"router layer weights were given, but model {cfg.model!r} is dense (it has no MoE router)")
-    if cfg.v2_every and layout is None:
-        raise ValueError(f"--v2-every needs a MoE model (V2 is measured on MoE layers), and {cfg.model!r} is dense")
-    if cfg.base == "cache" and layout is not None and cfg.geometry.lambda_router > 0 and cache.manifest.moe.get("router_mode") == "none":
-        raise CacheError("the cache holds no router statistics (precompute --router none), so base mode 'cache' cannot train the router loss")
-
-    set_seed(cfg.seed)  # the adapter's random init must not depend on what ran before in this process
-    model = add_dora_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.adapt_experts)
-    want_router = layout is not None  # router drift is always measured on MoE; trained on when λ_router > 0
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:
-        (out / RUN_CONFIG).write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
     args = TrainingArguments(
         output_dir=str(out),
@@ -206,6 +186,30 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
         dataloader_num_workers=0,
         disable_tqdm=not cfg.progress,
     )
+    # Every model on the device the Trainer gives this process (the local rank's GPU under
+    # torchrun, the CPU with --use-cpu), not on the first GPU it finds.
+    model, tokenizer = load_model_and_tokenizer(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=args.device)
+    cache = open_cache(cfg.cache)
+    eval_cache = open_cache(cfg.eval_cache) if cfg.eval_cache else None
+    for c in (cache, eval_cache):
+        if c is not None:
+            c.check_compatible(model, tokenizer)
+    if eval_cache is not None and eval_cache.manifest.data["preprocessing"] != cache.manifest.data["preprocessing"]:
+        raise CacheError("the eval cache was preprocessed differently from the training cache (max length, packing or masking)")
+    layout = moe_layout(model)
+    if layout is None and cfg.layer_weights is not None:
+        raise ValueError(f"router layer weights were given, but model {cfg.model!r} is dense (it has no MoE router)")
+    if cfg.v2_every and layout is None:
+        raise ValueError(f"--v2-every needs a MoE model (V2 is measured on MoE layers), and {cfg.model!r} is dense")
+    if cfg.base == "cache" and layout is not None and cfg.geometry.lambda_router > 0 and cache.manifest.moe.get("router_mode") == "none":
+        raise CacheError("the cache holds no router statistics (precompute --router none), so base mode 'cache' cannot train the router loss")
+
+    set_seed(cfg.seed)  # the adapter's random init must not depend on what ran before in this process
+    model = add_dora_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.adapt_experts)
+    want_router = layout is not None  # router drift is always measured on MoE; trained on when λ_router > 0
+    out.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        (out / RUN_CONFIG).write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     gate_cb = None
     if cfg.v2_every:  # ahead of the user's callbacks, so that they see what the gate did at a step
         from geocache.gate import V2Gate, V2GateCallback, V2Signal
@@ -221,7 +225,7 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
         eval_dataset=eval_cache,
         processing_class=tokenizer,
         geometry_config=cfg.geometry,
-        base=_base_source(cfg, want_router),
+        base=_base_source(cfg, want_router, args.device),
         layer_weights=cfg.layer_weights,
         callbacks=[JsonlLogger(out / "metrics.jsonl"), *([gate_cb] if gate_cb else []), *(callbacks or [])],
     )

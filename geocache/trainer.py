@@ -211,19 +211,34 @@ class GeometryTrainer(Trainer):
                     sums[f"{key}/{i}"] += v * weight
                     sums[f"__w_{key}/{i}"] += weight
 
-    def _flush(self, split: str) -> dict[str, float]:
-        sums, out = self._sums[split], {}
+    def _flush(self, split: str, extra: Optional[dict[str, float]] = None) -> dict[str, float]:
+        """Position-weighted means of the metrics accumulated since the last flush, over every
+        process (each holds sums over its own shard of the data); ``extra`` sums are summed across
+        processes and returned under their own names. Every process calls this (``Trainer`` logs
+        and evaluates on all of them)."""
+        sums, out = dict(self._sums[split]), {}
+        self._sums[split].clear()
+        sums.update({f"__extra_{k}": v for k, v in (extra or {}).items()})
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            merged: dict[str, float] = defaultdict(float)
+            for part in gather_object([sums]):  # keys may differ (a metric NaN on one process): merged by name
+                for key, value in part.items():
+                    merged[key] += value
+            sums = merged
         for key, value in sums.items():
-            if not key.startswith("__w_") and sums[f"__w_{key}"] > 0:
+            if key.startswith("__extra_"):
+                out[key[len("__extra_"):]] = value
+            elif not key.startswith("__w_") and sums[f"__w_{key}"] > 0:
                 out[key] = value / sums[f"__w_{key}"]
-        sums.clear()
         return out
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:  # a training log
-            logs.update(self._flush("train"))
+            logs.update(self._flush("train", extra={"tokens": float(self._tokens)}))
             now = time.perf_counter()
-            logs["tokens_per_s"] = self._tokens / max(now - self._clock, 1e-9)
+            logs["tokens_per_s"] = logs.pop("tokens") / max(now - self._clock, 1e-9)  # all processes' tokens
             self._tokens, self._clock = 0, now
             logs["base_mode"] = self.base_source.mode
             logs["kl_direction"] = self.geometry_config.kl_direction

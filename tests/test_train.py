@@ -144,6 +144,37 @@ def test_periodic_queries_the_base_every_n_steps(tmp_path, moe_cache):
     assert calls == [0, 3, 6]
     logged = {r["step"]: r for r in tr.state.log_history if "loss" in r}
     assert "KL_mean" in logged[1] and "KL_mean" not in logged[2]  # step 2 ran on steps without a base
+    # The masks that read the base are undefined without one, not 0 (which would dilute their means).
+    assert "positions_penalized_KL" in logged[1] and "positions_penalized_KL" not in logged[2] and "positions_penalized_H" not in logged[2]
+    assert "positions_penalized_cal" in logged[2]  # the calibration mask needs no base
+
+
+def test_periodic_evaluation_queries_the_base_on_every_batch(tmp_path, moe_cache):
+    model, root = moe_cache
+    periodic = _trainer(model, root / "k512", PeriodicBase(LiveBase(want_router=True), every=10), tmp_path / "p", per_device_eval_batch_size=4)
+    live = _trainer(model, root / "k512", LiveBase(want_router=True), tmp_path / "l", per_device_eval_batch_size=4)
+    eval_set = open_cache(str(root / "k512"))
+    for tr in (periodic, live):
+        tr.state.global_step = 3  # not a multiple of 10: a training step here would have no base
+    got, want = periodic.evaluate(eval_set), live.evaluate(eval_set)
+    for key in ("eval_loss", "eval_KL_mean", "eval_dH_mean", "eval_positions_penalized_KL", "eval_router_jaccard", "eval_router_divergence"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), key
+
+
+def test_logged_metrics_do_not_depend_on_gradient_accumulation(tmp_path, moe_cache):
+    """One step of 4 sequences, as one batch or as 4 accumulated micro-batches: the same loss and the
+    same per-position metrics (num_items_in_batch counts all 4 micro-batches' positions)."""
+    model, root = moe_cache
+    logs = {}
+    for bs, ga in ((4, 1), (1, 4)):
+        tr = _trainer(model, root / "k64", CacheBase(), tmp_path / f"{bs}x{ga}", max_steps=2, logging_steps=1, learning_rate=1e-2,
+                      per_device_train_batch_size=bs, gradient_accumulation_steps=ga, train_sampling_strategy="sequential")
+        tr.train()
+        logs[bs] = [r for r in tr.state.log_history if "loss" in r]
+    assert len(logs[4]) == len(logs[1]) == 2
+    for a, b in zip(logs[4], logs[1]):
+        for key in ("loss", "task_loss", "kl_penalty", "cal_penalty", "entropy_penalty", "KL_mean", "cal_gap_mean", "router_divergence"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
 def test_default_targets_avoid_fused_experts_and_routers(tiny_model_dir):
@@ -198,7 +229,7 @@ def test_train_cli_writes_adapter_logs_and_resolved_config(tmp_path, moe_cache):
     out = tmp_path / "run"
     args = ["train", "--model", str(model), "--cache", str(root / "k64"), "--eval-cache", str(root / "k64"), "--out", str(out),
             "--max-steps", "4", "--eval-steps", "2", "--logging-steps", "2", "--per-device-train-batch-size", "4",
-            "--lora-r", "4", "--lambda-kl", "0.3", "--use-cpu"]
+            "--lora-r", "4", "--lambda-kl", "0.3", "--use-cpu", "--no-progress"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -210,7 +241,7 @@ def test_train_cli_writes_adapter_logs_and_resolved_config(tmp_path, moe_cache):
     eval_rec = next(r for r in records if "eval_loss" in r)
     assert {"eval_KL_mean", "eval_dH_mean", "eval_cal_gap_mean", "eval_router_jaccard"} <= set(eval_rec)
     resolved = (out / "geocache_run.yaml").read_text()
-    assert "lambda_kl: 0.3" in resolved and "max_steps: 4" in resolved
+    assert "lambda_kl: 0.3" in resolved and "max_steps: 4" in resolved and "progress: false" in resolved
     base = AutoModelForCausalLM.from_pretrained(model)
     tuned = PeftModel.from_pretrained(base, out / "adapter")
     assert any("lora_magnitude_vector" in n for n, _ in tuned.named_parameters())  # DoRA, loaded back
@@ -236,6 +267,39 @@ def test_bad_inputs_are_refused_in_one_sentence(tmp_path, moe_cache, tiny_model_
         TrainConfig(model="m", cache="c", out="o", eval_steps=3)
 
 
+def test_the_cli_reports_a_nan_stop_in_one_sentence(monkeypatch, tmp_path):
+    import geocache.train
+
+    def nan_run(cfg, **_):
+        raise FloatingPointError(f"the loss is nan at step 2; training stopped, and the last good checkpoint in {cfg.out} is kept")
+
+    monkeypatch.setattr(geocache.train, "train", nan_run)
+    result = CliRunner().invoke(main, ["train", "--model", "m", "--cache", "c", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and result.output.startswith("error: the loss is nan at step 2") and "Traceback" not in result.output
+
+
+def test_every_model_goes_to_the_trainers_device(monkeypatch, tmp_path, moe_cache):
+    """The tuned model and a copy base load on ``TrainingArguments.device`` (the local rank's GPU under
+    torchrun, the CPU with --use-cpu), an offloaded copy on the CPU, never on whatever GPU is first."""
+    import geocache.train
+
+    model, root = moe_cache
+    devices, real = [], geocache.train.load_model_and_tokenizer
+
+    def spy(*args, **kwargs):
+        devices.append(kwargs.get("device"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(geocache.train, "load_model_and_tokenizer", spy)
+    common = dict(model=str(model), cache=str(root / "k64"), max_steps=1, use_cpu=True, lora_r=2, lora_alpha=4, progress=False, base="copy")
+    trainer = train(TrainConfig(out=str(tmp_path / "a"), **common))
+    assert devices == [trainer.args.device, trainer.args.device] and devices[0] == torch.device("cpu")
+    assert next(trainer.base_source.base_model.parameters()).device == trainer.args.device
+    devices.clear()
+    train(TrainConfig(out=str(tmp_path / "b"), offload_base=True, **common))
+    assert devices[1] == "cpu"
+
+
 def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, moe_cache):
     model, root = moe_cache
 
@@ -254,7 +318,7 @@ def test_two_processes_over_gloo_train_like_one_with_the_same_global_batch(tmp_p
     model, root = moe_cache
     common = ["--model", str(model), "--cache", str(root / "k512"), "--max-steps", "3", "--logging-steps", "1", "--save-steps", "100",
               "--train-sampling-strategy", "sequential", "--lora-r", "4", "--learning-rate", "0.01", "--use-cpu",
-              "--kl-threshold", "0", "--final-kl-threshold", "0"]
+              "--kl-threshold", "0", "--final-kl-threshold", "0", "--eval-cache", str(root / "k512"), "--eval-steps", "3"]
     one = subprocess.run([sys.executable, "-m", "geocache_cli.main", "train", *common, "--out", str(tmp_path / "one"), "--per-device-train-batch-size", "4"],
                          env=ENV, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -262,6 +326,18 @@ def test_two_processes_over_gloo_train_like_one_with_the_same_global_batch(tmp_p
                           "train", *common, "--out", str(tmp_path / "two"), "--per-device-train-batch-size", "2"],
                          env=ENV, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
+    # The logged metrics cover both ranks' positions (each rank accumulates its own shard), so they
+    # match the single process's, train and eval.
+    records = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("one", "two")}
+    train_keys = ("loss", "task_loss", "kl_penalty", "KL_mean", "dH_mean", "cal_gap_mean", "positions_penalized_cal", "router_jaccard")
+    train_logs = {run: [r for r in recs if "task_loss" in r] for run, recs in records.items()}
+    assert len(train_logs["one"]) == len(train_logs["two"]) == 3
+    for a, b in zip(train_logs["one"], train_logs["two"]):
+        for key in train_keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    evals = {run: next(r for r in recs if "eval_loss" in r) for run, recs in records.items()}
+    for key in ("eval_loss", "eval_task_loss", "eval_KL_mean", "eval_cal_gap_mean", "eval_router_jaccard"):
+        assert evals["two"][key] == pytest.approx(evals["one"][key], rel=1e-4, abs=1e-6), key
     a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
