@@ -24,6 +24,10 @@ class GeocacheGroup(click.Group):
         except (ValueError, FileNotFoundError, CacheError, CacheWriteError, BadRowError, FloatingPointError) as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
+        except OSError as exc:  # a full disk, a permission, a vanished mount, wherever it happens
+            where = f" ({exc.filename})" if exc.filename else ""
+            click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+            ctx.exit(2)
         finally:
             _end_process_group()
 
@@ -80,6 +84,9 @@ def _load_yaml(path: str | None) -> dict:
 @click.option("--max-sequences", type=int, help="Stop after this many sequences.")
 @click.option("--max-tokens", type=int, help="Stop once this many tokens are cached.")
 @click.option("--split", help="Dataset split (hub datasets).")
+@click.option("--data-revision", help="Hub dataset revision (default: the commit the hub resolves now, recorded and pinned).")
+@click.option("--text-sample-by", type=click.Choice(["line", "paragraph", "document"]),
+              help="Examples of .txt files: one per line (default; blank lines skipped), paragraph or file.")
 @click.option("--batch-size", type=int, help="Sequences per forward (default 8).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Base compute dtype.")
 @click.option("--device", help="Device, e.g. cpu or cuda:0.")

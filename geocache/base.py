@@ -54,7 +54,7 @@ def select_router_rows(router_logits, labels: Optional[torch.Tensor] = None, *, 
     stacked ``[L, P, E]``."""
     if rows is None:
         rows, _ = labelled_positions(labels)
-    stacked = torch.stack(list(router_logits))
+    stacked = torch.stack([r.to(router_logits[0].device) for r in router_logits])  # a device_map spreads layers
     return stacked.index_select(1, rows.to(stacked.device))
 
 

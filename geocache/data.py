@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, Optional
 from geocache.signals import IGNORE_INDEX
 
 FORMATS = ("auto", "text", "prompt_completion", "messages")
+TEXT_SAMPLE_BY = ("line", "paragraph", "document")
 _EXTENSIONS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text", ".text": "text"}
 
 
@@ -49,11 +50,17 @@ class DataConfig:
     max_sequences: Optional[int] = field(default=None, metadata={"help": "Stop after this many cached sequences."})
     max_tokens: Optional[int] = field(default=None, metadata={"help": "Stop once this many tokens are cached."})
     split: str = field(default="train", metadata={"help": "Dataset split to read."})
+    text_sample_by: str = field(default="line", metadata={
+        "help": "Examples of .txt files: one per line (as datasets reads them; blank lines skipped), paragraph or document."})
+    data_revision: Optional[str] = field(default=None, metadata={
+        "help": "Hub dataset revision (branch, tag or commit); default: the commit the hub resolves now, recorded and pinned."})
     skip_bad_rows: bool = field(default=False, metadata={"help": "Count and skip malformed rows instead of failing."})
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"format={self.format!r} must be one of {', '.join(FORMATS)}")
+        if self.text_sample_by not in TEXT_SAMPLE_BY:
+            raise ValueError(f"text_sample_by={self.text_sample_by!r} must be one of {', '.join(TEXT_SAMPLE_BY)}")
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise ValueError(f"max_length={self.max_length!r} must be an integer >= 2")
         for name in ("max_sequences", "max_tokens"):
@@ -95,10 +102,14 @@ def _local_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def load_examples(data: str | list[str], split: str = "train", streaming: bool = True) -> Iterable[dict]:
-    """Rows of local JSONL/JSON/Parquet/CSV/text files (or directories of them), or a hub dataset id.
+def load_examples(data: str | list[str], split: str = "train", streaming: bool = True, text_sample_by: str = "line",
+                  revision: Optional[str] = None) -> Iterable[dict]:
+    """Rows of local JSONL/JSON/Parquet/CSV/text files (or directories of them), or a hub dataset id
+    (at ``revision``).
 
-    All local files must share one format. Streaming by default, so large inputs never load whole.
+    All local files must share one format. Text files give one row per line (``datasets``' default;
+    blank lines, which separate rather than hold examples, are skipped), per paragraph or per file
+    (``text_sample_by``). Streaming by default, so large inputs never load whole.
     """
     import datasets
 
@@ -117,18 +128,23 @@ def load_examples(data: str | list[str], split: str = "train", streaming: bool =
         files = [f for f in files if f.stat().st_size > 0]  # datasets refuses empty files with an obscure error
         if not files:
             raise ValueError(f"data {', '.join(sources)} holds only empty files: there is nothing to read")
-        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming)
+        if builder != "text":
+            return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming)
+        rows = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming, sample_by=text_sample_by)
+        return rows.filter(lambda row: bool(row["text"].strip()))
     missing = [s for s, p in zip(sources, paths) if not p.exists()]
     if len(sources) == 1 and "/" in sources[0] and not sources[0].startswith((".", "/")):
         try:
-            return datasets.load_dataset(sources[0], split=split, streaming=streaming)
+            return datasets.load_dataset(sources[0], split=split, streaming=streaming, revision=revision)
         except Exception as exc:  # datasets raises many types; the user needs one sentence
             raise FileNotFoundError(f"data {sources[0]!r} is neither a local path nor a loadable hub dataset ({exc})") from None
     raise FileNotFoundError(f"data path(s) {missing} do not exist")
 
 
-def data_fingerprint(data: str | list[str]) -> dict:
-    """Identity of the input data: sha256 of every local file, or the hub id."""
+def data_fingerprint(data: str | list[str], revision: Optional[str] = None) -> dict:
+    """Identity of the input data: sha256 of every local file (read in chunks: a file larger than
+    memory is fine), or the hub id and the commit ``revision`` resolves to (None when the hub cannot
+    be asked, offline: then nothing pins the data, and the record says so)."""
     sources = [data] if isinstance(data, str) else list(data)
     paths = [Path(s) for s in sources]
     if all(p.exists() for p in paths):
@@ -136,9 +152,24 @@ def data_fingerprint(data: str | list[str]) -> dict:
         files = _local_files(paths)
         for f in files:
             h.update(f.name.encode())
-            h.update(hashlib.sha256(f.read_bytes()).digest())
+            file_hash = hashlib.sha256()
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    file_hash.update(chunk)
+            h.update(file_hash.digest())
         return {"kind": "local", "files": [str(f) for f in files], "sha256": h.hexdigest()}
-    return {"kind": "hub", "id": sources[0]}
+    return {"kind": "hub", "id": sources[0], "revision": revision, "commit": _hub_commit(sources[0], revision)}
+
+
+def _hub_commit(dataset_id: str, revision: Optional[str]) -> Optional[str]:
+    """The commit sha a hub dataset's revision points at now, or None when the hub cannot be asked.
+    Precompute loads that commit, so a resume never mixes two versions of the data."""
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(dataset_id, revision=revision).sha
+    except Exception:  # offline, unknown id (load_examples names it), no hub client
+        return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -182,7 +182,7 @@ class _Run:
                 "dtype": cfg.dtype,
             },
             tokenizer_sha256=tokenizer_fingerprint(self.tokenizer),
-            data={"source": data_fingerprint(cfg.data), "preprocessing": cfg.data_config.fingerprint_fields()},
+            data={"source": data_fingerprint(cfg.data, cfg.data_config.data_revision), "preprocessing": cfg.data_config.fingerprint_fields()},
             statistics={
                 "k": cfg.k,
                 "m": cfg.m,
@@ -201,7 +201,10 @@ class _Run:
     # ------------------------------------------------------------------------------------------
 
     def sequences(self, bad_rows: list) -> Iterator[tuple[int, Sequence]]:
-        rows = load_examples(self.cfg.data, split=self.cfg.data_config.split)
+        source, dc = self.template.data["source"], self.cfg.data_config
+        # A hub dataset at the commit recorded in the manifest (its revision resolved once, here).
+        rows = load_examples(self.cfg.data, split=dc.split, text_sample_by=dc.text_sample_by,
+                             revision=source.get("commit") or dc.data_revision)
         for i, seq in enumerate(iter_sequences(rows, self.tokenizer, self.cfg.data_config, bad_rows)):
             if i % self.world == self.rank:
                 yield i, seq
@@ -228,7 +231,8 @@ class _Run:
         _sync(device)
         self.timings["forward_s"] += time.perf_counter() - started
         started = time.perf_counter()
-        router = torch.stack(router_logits) if want_router else None  # [layers, segments*width, E]
+        # [layers, segments*width, E]; with a device_map each layer's logits sit on its own device.
+        router = torch.stack([r.to(router_logits[0].device) for r in router_logits]) if want_router else None
 
         # Flat row (segment row in the batch * width + offset in the segment) of every labelled position.
         seq_rows, seg_row = [], 0

@@ -158,7 +158,7 @@ class GeometryTrainer(Trainer):
         loss, metrics = self.geometry_loss(outputs.logits, lm, labels, thresholds=thresholds, num_items_in_batch=denom)
 
         if self.layout is not None and base.router is not None:
-            tuned_router = torch.stack(router_logits)  # [L, B*T, E]; the loss takes the labelled rows
+            tuned_router = torch.stack([r.to(router_logits[0].device) for r in router_logits])  # [L, B*T, E]; the loss takes the labelled rows
             r_loss, r_metrics = router_divergence_loss(
                 tuned_router, base.router.to(tuned_router.device), self.layer_weights, self.layout["top_k"],
                 rows=rows.to(tuned_router.device), scoring=self.layout["scoring"],

@@ -111,3 +111,28 @@ def test_yaml_config_with_cli_overrides(tmp_path, tiny_model_dir):
     (tmp_path / "bad.yaml").write_text("modle: x\n")
     bad = CliRunner().invoke(main, ["precompute", "--config", str(tmp_path / "bad.yaml"), "--model", "m", "--data", "d", "--out", "o"])
     assert bad.exit_code == 2 and "unknown precompute option(s) ['modle']" in bad.output
+
+
+def test_a_full_disk_and_an_unreadable_manifest_are_one_sentence_each(tmp_path, tiny_model_dir, monkeypatch):
+    import errno
+    import json
+
+    import geocache.precompute
+
+    model, data, out = str(tiny_model_dir("llama")), _write_rows(tmp_path / "d.jsonl"), tmp_path / "c"
+    args = ["precompute", "--model", model, "--data", str(data), "--out", str(out), "--top-k", "4", "--max-length", "48", "--no-progress"]
+    real = geocache.precompute.atomic_write_text
+
+    def full(fs, path, text):  # the rank's part file or the merged manifest: the last writes of a run
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(geocache.precompute, "atomic_write_text", full)
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and result.output.startswith("error: No space left on device (") and "Traceback" not in result.output
+    monkeypatch.setattr(geocache.precompute, "atomic_write_text", real)
+    assert CliRunner().invoke(main, [*args, "--resume"]).exit_code == 0  # the shards written before were kept
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][0]["compression"] = "zstd"  # a field this version does not know
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["cache", "verify", str(out)])
+    assert result.exit_code != 0 and "does not have the cache manifest's fields" in result.output and "Traceback" not in result.output

@@ -1,6 +1,7 @@
 """dataset → sequences: the three example shapes, label masking, truncation, packing, caps, bad rows."""
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -100,7 +101,7 @@ def test_packing_never_crosses_example_boundaries(tok):
     assert max(len(s.segments) for s in seqs) > 1
 
 
-def test_load_examples_from_each_local_format_and_directories(tmp_path):
+def test_load_examples_from_each_local_format_and_directories(tmp_path, monkeypatch):
     rows = [{"text": "alpha"}, {"text": "beta"}]
     (tmp_path / "j").mkdir()
     (tmp_path / "j" / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -114,6 +115,47 @@ def test_load_examples_from_each_local_format_and_directories(tmp_path):
     fp = data_fingerprint(str(tmp_path / "j"))
     (tmp_path / "j" / "b.jsonl").write_text(json.dumps({"text": "delta"}))
     assert data_fingerprint(str(tmp_path / "j"))["sha256"] != fp["sha256"]
+    # The digest is of the bytes (read in 1 MiB chunks, never whole): a file over one chunk, changed
+    # past its first chunk, changes it, and it equals hashlib's over the same name and bytes.
+    import hashlib
+
+    big = tmp_path / "big" / "x.jsonl"
+    big.parent.mkdir()
+    body = (json.dumps({"text": "x" * 1000}) + "\n") * 3000
+    big.write_text(body)
+    want = hashlib.sha256(b"x.jsonl" + hashlib.sha256(body.encode()).digest()).hexdigest()
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"{self} was read whole"))
+    assert data_fingerprint(str(big))["sha256"] == want
+    big.write_text(body[:-3] + 'y"}\n')
+    assert data_fingerprint(str(big))["sha256"] != want
+
+
+def test_text_files_give_lines_paragraphs_or_documents_and_skip_blank_lines(tmp_path):
+    (tmp_path / "d.txt").write_text("First paragraph, line one\ncontinues here.\n\nSecond paragraph.\n")
+    lines = [r["text"] for r in load_examples(str(tmp_path / "d.txt"))]
+    assert lines == ["First paragraph, line one", "continues here.", "Second paragraph."]  # the blank line is no bad row
+    paragraphs = [r["text"].strip() for r in load_examples(str(tmp_path / "d.txt"), text_sample_by="paragraph")]
+    assert paragraphs == ["First paragraph, line one\ncontinues here.", "Second paragraph."]
+    documents = [r["text"] for r in load_examples(str(tmp_path / "d.txt"), text_sample_by="document")]
+    assert len(documents) == 1 and "continues here.\n\nSecond" in documents[0]
+    with pytest.raises(ValueError, match="text_sample_by='page' must be one of line, paragraph, document"):
+        DataConfig(text_sample_by="page")
+
+
+def test_a_hub_dataset_is_pinned_to_the_commit_its_revision_resolves_to(monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    class Info:
+        sha = "c0ffee"
+
+    asked = {}
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, repo_id, revision=None: asked.update(info=(repo_id, revision)) or Info())
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: asked.update(load=(a, kw)) or [{"text": "x"}])
+    fp = data_fingerprint("org/corpus", "main")
+    assert fp == {"kind": "hub", "id": "org/corpus", "revision": "main", "commit": "c0ffee"} and asked["info"] == ("org/corpus", "main")
+    load_examples("org/corpus", revision=fp["commit"])
+    assert asked["load"][0] == ("org/corpus",) and asked["load"][1]["revision"] == "c0ffee"
 
 
 def test_missing_and_mixed_inputs_are_clear_errors(tmp_path):

@@ -357,6 +357,9 @@ def test_an_existing_cache_is_refused_unless_overwrite_or_resume(tmp_path, tiny_
         run(model, data_file, tmp_path / "c", k=4)
     with pytest.raises(CacheError, match=r"different settings \(statistics.k: 4 != 8\)"):
         run(model, data_file, tmp_path / "c", k=8, resume=True)
+    # The same weights in another dtype give other statistics: a resume must not mix them.
+    with pytest.raises(CacheError, match=r"different settings \(base_model.dtype: 'float32' != 'bfloat16'\)"):
+        run(model, data_file, tmp_path / "c", k=4, resume=True, dtype="bfloat16")
     run(model, data_file, tmp_path / "c", k=8, overwrite=True)
     assert open_cache(str(tmp_path / "c")).manifest.statistics["k"] == 8
     (tmp_path / "other").mkdir()
@@ -518,3 +521,19 @@ def test_timings_split_forward_statistics_and_background_writing(tmp_path, tiny_
     assert set(timings) == {"forward_s", "statistics_s", "write_s", "wall_s"}
     assert all(v > 0 for v in timings.values())
     assert timings["forward_s"] + timings["statistics_s"] < timings["wall_s"]
+
+
+def test_a_hub_dataset_is_read_at_the_commit_the_manifest_records(monkeypatch, tmp_path, tiny_model_dir):
+    """The hub's answer for the revision is recorded once and loaded, so a resume reads the same data."""
+    import datasets
+    import huggingface_hub
+
+    class Info:
+        sha = "c0ffee"
+
+    loads = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, repo_id, revision=None: Info())
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: loads.append(kw.get("revision")) or [{"text": f"row {i} of the corpus"} for i in range(5)])
+    manifest = precompute(PrecomputeConfig(model=str(tiny_model_dir("llama")), data=["org/corpus"], out=str(tmp_path / "c"), k=4, progress=False))
+    assert manifest.data["source"] == {"kind": "hub", "id": "org/corpus", "revision": None, "commit": "c0ffee"}
+    assert loads == ["c0ffee"] and manifest.counts["sequences"] == 5

@@ -59,8 +59,8 @@ class Manifest:
         if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
             got = raw.get("format_version") if isinstance(raw, dict) else None
             raise ValueError(f"{where} has cache format version {got!r}; this geocache reads version {FORMAT_VERSION}")
-        raw["shards"] = [ShardInfo(**s) for s in raw.get("shards", [])]
         try:
+            raw["shards"] = [ShardInfo(**s) for s in raw.get("shards", [])]
             return cls(**raw)
         except TypeError as exc:
             raise ValueError(f"{where} does not have the cache manifest's fields ({exc})") from None
@@ -68,7 +68,9 @@ class Manifest:
     def fingerprint(self) -> dict:
         """Everything that decides which tokens and which statistics are cached (a copy)."""
         return json.loads(json.dumps({
-            "base_model": {k: self.base_model.get(k) for k in ("id", "revision", "config_sha256", "weights_sha256", "output_size")},
+            # dtype too: the weights' fingerprint is the same loaded in float32 or bfloat16 (on
+            # purpose), but the statistics are not, and a resume must not mix them.
+            "base_model": {k: self.base_model.get(k) for k in ("id", "revision", "config_sha256", "weights_sha256", "output_size", "dtype")},
             "tokenizer_sha256": self.tokenizer_sha256,
             "data": self.data,
             "statistics": self.statistics,
