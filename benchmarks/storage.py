@@ -34,6 +34,11 @@ Per (backend, k), each step in a fresh subprocess (this script with the hidden `
     default ``persistent_workers=False`` happens every epoch, is included) until ``--min-read-s``
     seconds have passed. tokens/s = the cache's tokens / mean epoch seconds. A fresh
     ``open_cache`` per w.
+(c') **Batch-size sweep** (diagnostic): the same 0-worker shuffled read at each of
+    ``--sweep-batch-sizes``, against the same limit. A least-squares line through the time per
+    batch against the rows it holds splits the shuffled read into a cost per batch and a cost per
+    row; however large the batch, the ratio to the limit cannot exceed (limit's time per row) /
+    (cost per row).
 (d) **Plain sequential read of the same bytes**: every file under the cache directory read in
     sorted order, warm page cache (one untimed pass first), min of ``--plain-reps``, two ways:
     ``open(f, "rb").read()`` (a new bytes object per file) and ``readinto`` through one reused
@@ -405,14 +410,10 @@ def worker_read(p: dict) -> dict:
     }
 
     # (c) shuffled DataLoader epochs (the persistent-workers row is a diagnostic: start-up paid once).
-    settings = [(w, False) for w in p["workers"]] + [(w, True) for w in p.get("persistent_workers", [])]
-    for workers, persistent in settings:
-        cache = open_cache(path)
-        loader = DataLoader(cache, batch_size=p["batch_size"], shuffle=True, num_workers=workers, collate_fn=collate_cache_rows,
-                            persistent_workers=persistent)
-        epochs = []
+    def epochs_of(loader) -> list[float]:
         # A warm-up epoch, then timed epochs until --min-read-s have passed (one epoch of a small
         # cache lasts milliseconds: its first batches' costs would dominate a single epoch).
+        epochs = []
         while len(epochs) < 2 or sum(epochs[1:]) < p["min_read_s"]:
             t0 = time.perf_counter()
             rows = 0
@@ -420,6 +421,14 @@ def worker_read(p: dict) -> dict:
                 rows += batch["input_ids"].shape[0]
             epochs.append(time.perf_counter() - t0)
             assert rows == sequences, (rows, sequences)
+        return epochs
+
+    settings = [(w, False) for w in p["workers"]] + [(w, True) for w in p.get("persistent_workers", [])]
+    for workers, persistent in settings:
+        cache = open_cache(path)
+        loader = DataLoader(cache, batch_size=p["batch_size"], shuffle=True, num_workers=workers, collate_fn=collate_cache_rows,
+                            persistent_workers=persistent)
+        epochs = epochs_of(loader)
         timed = epochs[1:]
         mean_s = sum(timed) / len(timed)
         result["shuffled"].append(
@@ -434,6 +443,18 @@ def worker_read(p: dict) -> dict:
                 "ratio_to_plain_read": plain["read"]["s"] / mean_s,
             }
         )
+
+    # (c') 0 workers at other batch sizes: separates what the shuffled read pays per batch
+    # (DataLoader, allocation, one concatenation per array) from what it pays per row (slices,
+    # padding copies). A diagnostic beside the --batch-size verdict, not a replacement for it.
+    result["batch_sweep"] = []
+    for batch_size in p.get("sweep_batch_sizes", []):
+        cache = open_cache(path)
+        loader = DataLoader(cache, batch_size=batch_size, shuffle=True, num_workers=0, collate_fn=collate_cache_rows)
+        timed = epochs_of(loader)[1:]
+        mean_s = sum(timed) / len(timed)
+        result["batch_sweep"].append({"batch_size": batch_size, "tokens_per_batch": tokens / -(-sequences // batch_size), "epochs_s": timed,
+                                      "s": mean_s, "tokens_per_s": tokens / mean_s, "ratio_to_plain": plain_s / mean_s})
 
     # Diagnostics, single process, warm.
     cache = open_cache(path)
@@ -716,6 +737,32 @@ def write_markdown(path: Path, data: dict) -> None:
                if max(x["gb_per_s"] for x in data["plain_read_by_size"]) <= 1.25 * min(x["gb_per_s"] for x in data["plain_read_by_size"])
                else ". The speed depends on the size here: small caches overstate the limit."),
         ]
+    sweeps = [(backend, k, reads[(backend, k)]) for k in cfg["ks"] for backend in cfg["backends"] if reads.get((backend, k), {}).get("batch_sweep")]
+    if sweeps:
+        sizes = sorted({x["batch_size"] for *_, r in sweeps for x in r["batch_sweep"]})
+        lines += [
+            "",
+            "## Shuffled read against batch size (0 workers; diagnostic)",
+            "",
+            f"The verdicts above are at batch size {cfg['batch_size']}. Same cache, sampler and collate as above; each cell: "
+            "shuffled / limit (mean tokens per batch). *Per batch* and *per row*: a least-squares line through the mean "
+            "time per batch against the mean rows per batch (a negative per-batch cost: smaller than the noise); *bound* = "
+            "the limit's time per row / the cost per row, the ratio no batch size can exceed.",
+            "",
+            "| backend | k | " + " | ".join(f"batch {b}" for b in sizes) + f" | smallest batch at ≥ {TARGET_RATIO} "
+            "| per batch (µs) | per row (µs) | limit per row (µs) | bound |",
+            "|---|---:|" + "---:|" * len(sizes) + "---:|---:|---:|---:|---:|",
+        ]
+        for backend, k, r in sweeps:
+            by = {x["batch_size"]: x for x in r["batch_sweep"]}
+            first = next((b for b in sizes if b in by and by[b]["ratio_to_plain"] >= TARGET_RATIO), None)
+            fit = sweep_fit(r)
+            lines.append(
+                f"| {backend} | {k} | "
+                + " | ".join(f"{by[b]['ratio_to_plain']:.3f} ({by[b]['tokens_per_batch']:,.0f})" if b in by else "—" for b in sizes)
+                + f" | {first if first is not None else 'none measured'} | {fit['batch_s'] * 1e6:.0f} | {fit['row_s'] * 1e6:.2f} "
+                f"| {fit['plain_row_s'] * 1e6:.2f} | {fit['bound']:.3f} |"
+            )
     lines += [
         "",
         "## Where the shuffled read's time goes (single process, warm)",
@@ -862,6 +909,20 @@ def _w0(r: dict) -> "dict | None":
     return next((s for s in r["shuffled"] if s["workers"] == 0 and not s.get("persistent_workers")), None)
 
 
+def sweep_fit(r: dict) -> dict:
+    """The batch-size sweep of one read record as a cost per batch plus a cost per row (least
+    squares on mean time per batch against mean rows per batch), the limit's time per row, and
+    the bound on the ratio that no batch size can pass: limit per row / cost per row."""
+    import numpy as np
+
+    n_batches = [-(-r["sequences"] // x["batch_size"]) for x in r["batch_sweep"]]
+    rows = [r["sequences"] / n for n in n_batches]
+    per_batch = [x["s"] / n for x, n in zip(r["batch_sweep"], n_batches)]
+    row_s, batch_s = np.polyfit(rows, per_batch, 1)
+    plain_row_s = r["plain"]["s"] / r["sequences"]
+    return {"batch_s": float(batch_s), "row_s": float(row_s), "plain_row_s": plain_row_s, "bound": plain_row_s / float(row_s)}
+
+
 def findings(data: dict) -> list[str]:
     """Observations computed from the numbers (the conclusion follows them)."""
     reads, builds = _rows(data, "reads"), _rows(data, "builds")
@@ -925,6 +986,26 @@ def findings(data: dict) -> list[str]:
             + ", ".join(f"{x['getitem_ms_per_row'] * 1e3 * data['config']['batch_size']:.0f}" for x in d)
             + " µs."
         )
+        swept = sorted((r for r in reads.values() if r.get("batch_sweep")), key=lambda r: (r["backend"] != "arrow", r["k"]))
+        if swept:
+            parts = []
+            for r in swept:
+                sweep = sorted(r["batch_sweep"], key=lambda x: x["batch_size"])
+                first = next((x for x in sweep if x["ratio_to_plain"] >= TARGET_RATIO), None)
+                fit = sweep_fit(r)
+                parts.append(
+                    f"{r['backend']} k={r['k']}: {fit['batch_s'] * 1e6:.0f} µs a batch + {fit['row_s'] * 1e6:.1f} µs a row against "
+                    f"{fit['plain_row_s'] * 1e6:.1f} µs a row for the limit, bound {fit['bound']:.2f}x, "
+                    + (f"{TARGET_RATIO}x from batch {first['batch_size']}" if first
+                       else f"{sweep[-1]['ratio_to_plain']:.2f}x at batch {sweep[-1]['batch_size']}"))
+            out.append(
+                "- **Rows, not batches, set the ceiling** (0 workers, the batch-size sweep, a line fitted through time per batch "
+                "against rows per batch): " + "; ".join(parts) + ". Larger batches spread the per-batch cost (the DataLoader, "
+                "allocating the batch, one concatenation per array), but every row still costs one slice per array and, for "
+                "token arrays of unequal lengths, one padding copy each: numpy calls of a few hundred ns each, "
+                "which for short rows at small k outweigh the bytes the row holds. Longer (packed) rows carry more bytes per "
+                f"such call. The verdicts are at batch {data['config']['batch_size']} and are kept as measured."
+            )
         bs = data["config"]["batch_size"]
         n_batches = {r["k"]: -(-r["sequences"] // bs) for r in a}
         w2 = {r["k"]: next((s for s in r["shuffled"] if s["workers"] == 2 and not s.get("persistent_workers")), None) for r in a}
@@ -998,6 +1079,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--precompute-batch-size", type=int, default=8, help="PrecomputeConfig.batch_size")
     ap.add_argument("--shard-sequences", type=int, default=256, help="PrecomputeConfig.shard_sequences")
     ap.add_argument("--batch-size", type=int, default=8, help="DataLoader batch size")
+    ap.add_argument("--sweep-batch-sizes", type=int, nargs="*", default=[8, 16, 32, 64, 128],
+                    help="extra diagnostic rows: the 0-worker shuffled read at these batch sizes (the ratio against tokens per batch)")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers values")
     ap.add_argument("--persistent-workers", type=int, nargs="*", default=[2],
                     help="extra diagnostic rows: these num_workers with persistent_workers=True (start-up paid once)")
@@ -1096,6 +1179,7 @@ def main(argv=None) -> None:
                     "workers": args.workers,
                     "persistent_workers": args.persistent_workers,
                     "batch_size": args.batch_size,
+                    "sweep_batch_sizes": args.sweep_batch_sizes,
                     "plain_reps": args.plain_reps,
                     "min_read_s": args.min_read_s,
                     "seed": args.seed,
