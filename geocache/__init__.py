@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from geocache.cache import collate_cache_rows, open_cache
 from geocache.config import GeometryConfig
 from geocache.losses import (
     AdaptiveGeometryScheduler,
@@ -23,10 +24,12 @@ __all__ = [
     "GeometryAwareLoss",
     "GeometryConfig",
     "cached_kl",
+    "collate_cache_rows",
     "compute_base_stats",
     "geometry_signals",
     "labelled_positions",
     "midband_layer_weights",
+    "open_cache",
     "router_divergence_loss",
     "router_jaccard",
     "__version__",

@@ -47,9 +47,17 @@ class DataConfig:
     max_length: int = field(default=1024, metadata={"help": "Tokens per cached sequence; longer examples are truncated."})
     packing: bool = field(default=False, metadata={"help": "Pack whole examples into rows of up to max_length tokens."})
     add_eos: bool = field(default=True, metadata={"help": "Append the EOS token to text and completions."})
+    add_bos: bool = field(default=True, metadata={
+        "help": "Start text and prompts with the special tokens the tokenizer puts before text by default (BOS for "
+                "Llama, Mistral or Gemma; nothing for Qwen), as the model saw in pretraining. Chat rows take what "
+                "their template renders."})
     max_sequences: Optional[int] = field(default=None, metadata={"help": "Stop after this many cached sequences."})
     max_tokens: Optional[int] = field(default=None, metadata={"help": "Stop once this many tokens are cached."})
-    split: str = field(default="train", metadata={"help": "Dataset split to read."})
+    split: str = field(default="train", metadata={
+        "help": "Dataset split to read, or a slice of it (datasets' syntax: 'train[:1000]', 'train[10%:20%]'). Local files "
+                "form one split, 'train'."})
+    subset: Optional[str] = field(default=None, metadata={
+        "help": "Hub dataset configuration (subset) name, e.g. 'en' for allenai/c4 or 'main' for openai/gsm8k."})
     text_sample_by: str = field(default="line", metadata={
         "help": "Examples of .txt files: one per line (as datasets reads them; blank lines skipped), paragraph or document."})
     data_revision: Optional[str] = field(default=None, metadata={
@@ -102,17 +110,27 @@ def _local_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def load_examples(data: str | list[str], split: str = "train", streaming: bool = True, text_sample_by: str = "line",
-                  revision: Optional[str] = None) -> Iterable[dict]:
-    """Rows of local JSONL/JSON/Parquet/CSV/text files (or directories of them), or a hub dataset id
-    (at ``revision``).
+def _split_name(split: str) -> str:
+    """The split a split expression reads: 'train' for 'train', 'train[:100]' or 'train[10%:20%]'."""
+    return split.split("[", 1)[0].strip()
 
-    All local files must share one format. Text files give one row per line (``datasets``' default;
-    blank lines, which separate rather than hold examples, are skipped), per paragraph or per file
-    (``text_sample_by``). Streaming by default, so large inputs never load whole.
+
+def load_examples(data: str | list[str], split: str = "train", streaming: bool = True, text_sample_by: str = "line",
+                  revision: Optional[str] = None, subset: Optional[str] = None) -> Iterable[dict]:
+    """Rows of local JSONL/JSON/Parquet/CSV/text files (or directories of them), or a hub dataset id
+    (its ``subset``, at ``revision``).
+
+    All local files must share one format and form one split, ``train``; ``split`` may slice it
+    (``'train[:1000]'``, ``'train[10%:20%]'``). Text files give one row per line (``datasets``'
+    default; blank lines, which separate rather than hold examples, are skipped), per paragraph or
+    per file (``text_sample_by``). CSV columns are read as text (a completion ``42`` is the string
+    ``"42"``, not a wrong type). Streaming by default, so large inputs never load whole; a slice
+    loads non-streaming (``datasets`` slices only then).
     """
     import datasets
 
+    sliced = "[" in split
+    streaming = streaming and not sliced
     sources = [data] if isinstance(data, str) else list(data)
     paths = [Path(s) for s in sources]
     if all(p.exists() for p in paths):
@@ -128,17 +146,32 @@ def load_examples(data: str | list[str], split: str = "train", streaming: bool =
         files = [f for f in files if f.stat().st_size > 0]  # datasets refuses empty files with an obscure error
         if not files:
             raise ValueError(f"data {', '.join(sources)} holds only empty files: there is nothing to read")
+        if _split_name(split) != "train":
+            raise ValueError(f"split={split!r}: local data files form one split, 'train' (or a slice of it, e.g. 'train[:1000]')")
+        kwargs = {"data_files": [str(f) for f in files], "split": split, "streaming": streaming}
+        if builder == "csv":  # every column as text: datasets would infer 42 as an integer
+            kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in _csv_header(files[0])})
         if builder != "text":
-            return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming)
-        rows = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=streaming, sample_by=text_sample_by)
+            return datasets.load_dataset(builder, **kwargs)
+        rows = datasets.load_dataset(builder, sample_by=text_sample_by, **kwargs)
         return rows.filter(lambda row: bool(row["text"].strip()))
     missing = [s for s, p in zip(sources, paths) if not p.exists()]
     if len(sources) == 1 and "/" in sources[0] and not sources[0].startswith((".", "/")):
         try:
-            return datasets.load_dataset(sources[0], split=split, streaming=streaming, revision=revision)
+            return datasets.load_dataset(sources[0], name=subset, split=split, streaming=streaming, revision=revision)
         except Exception as exc:  # datasets raises many types; the user needs one sentence
             raise FileNotFoundError(f"data {sources[0]!r} is neither a local path nor a loadable hub dataset ({exc})") from None
     raise FileNotFoundError(f"data path(s) {missing} do not exist")
+
+
+def _csv_header(path: Path) -> list[str]:
+    import csv
+
+    with path.open(newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), None)
+    if not header:
+        raise ValueError(f"CSV file {str(path)!r} has no header row naming its columns")
+    return header
 
 
 def data_fingerprint(data: str | list[str], revision: Optional[str] = None) -> dict:
@@ -197,8 +230,22 @@ def _field(row: dict, name: str, index: int) -> str:
     return value
 
 
-def tokenize_example(row: dict, index: int, tokenizer, cfg: DataConfig) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one example; labels are -100 where no loss is taken.
+def text_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text by default (``add_special_tokens=True``):
+    BOS for Llama, Mistral or Gemma tokenizers, nothing for Qwen's. Read off the tokenizer itself, so
+    that whatever it appends after the text (some append EOS) is not taken with it."""
+    bare = tokenizer("x", add_special_tokens=False)["input_ids"]
+    full = tokenizer("x", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(bare) + 1):
+        if full[i : i + len(bare)] == bare:
+            return list(full[:i])
+    return []
+
+
+def tokenize_example(row: dict, index: int, tokenizer, cfg: DataConfig, prefix: Optional[list[int]] = None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one example; labels are -100 where no loss is taken. Text and prompts
+    start with ``prefix`` (default: ``text_prefix(tokenizer)`` when ``cfg.add_bos``), which is
+    never a label.
 
     Raises ``BadRowError`` naming ``index`` for a missing field, a wrong type or empty text.
     """
@@ -206,17 +253,19 @@ def tokenize_example(row: dict, index: int, tokenizer, cfg: DataConfig) -> tuple
         raise BadRowError(f"row {index}: expected a mapping, got {type(row).__name__}")
     kind = _detect(row, cfg)
     eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
+    if kind != "messages" and prefix is None:
+        prefix = text_prefix(tokenizer) if cfg.add_bos else []
     if kind == "text":
         text = _field(row, cfg.text_field, index)
         if not text.strip():
             raise BadRowError(f"row {index}: field {cfg.text_field!r} is empty")
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
-        return ids, list(ids)
+        return prefix + ids, [IGNORE_INDEX] * len(prefix) + ids
     if kind == "prompt_completion":
         prompt, completion = _field(row, cfg.prompt_field, index), _field(row, cfg.completion_field, index)
         if not completion.strip():
             raise BadRowError(f"row {index}: field {cfg.completion_field!r} is empty")
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        p = prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"]
         c = tokenizer(completion, add_special_tokens=False)["input_ids"] + eos
         return p + c, [IGNORE_INDEX] * len(p) + c
     return _tokenize_chat(row, index, tokenizer, cfg)
@@ -257,11 +306,15 @@ def _tokenize_chat(row: dict, index: int, tokenizer, cfg: DataConfig) -> tuple[l
 # ----------------------------------------------------------------------------------------------
 
 
-def iter_sequences(rows: Iterable[dict], tokenizer, cfg: DataConfig, bad_rows: Optional[list] = None) -> Iterator[Sequence]:
+def iter_sequences(rows: Iterable[dict], tokenizer, cfg: DataConfig, bad_rows: Optional[list] = None,
+                   unlabelled_rows: Optional[list] = None) -> Iterator[Sequence]:
     """Cached sequences from example rows, in order, truncated or packed, capped by the config.
 
-    ``bad_rows`` collects the messages of skipped rows when ``cfg.skip_bad_rows``.
+    ``bad_rows`` collects the messages of skipped rows when ``cfg.skip_bad_rows``;
+    ``unlabelled_rows`` the numbers of rows left with nothing to learn (no label after the first
+    token once truncated to ``max_length``: a prompt longer than it), which are never cached.
     """
+    prefix = text_prefix(tokenizer) if cfg.add_bos else []
     n_seq = n_tok = 0
     pending: list[tuple[list[int], list[int]]] = []
     pending_len = 0
@@ -282,7 +335,7 @@ def iter_sequences(rows: Iterable[dict], tokenizer, cfg: DataConfig, bad_rows: O
 
     for index, row in enumerate(rows):
         try:
-            ids, labels = tokenize_example(row, index, tokenizer, cfg)
+            ids, labels = tokenize_example(row, index, tokenizer, cfg, prefix)
         except BadRowError as exc:
             if not cfg.skip_bad_rows:
                 raise
@@ -291,6 +344,8 @@ def iter_sequences(rows: Iterable[dict], tokenizer, cfg: DataConfig, bad_rows: O
             continue
         ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
         if all(label == IGNORE_INDEX for label in labels[1:]):
+            if unlabelled_rows is not None:
+                unlabelled_rows.append(index)
             continue  # nothing to learn after truncation
         if not cfg.packing:
             seq = emit([(ids, labels)])

@@ -200,12 +200,12 @@ class _Run:
 
     # ------------------------------------------------------------------------------------------
 
-    def sequences(self, bad_rows: list) -> Iterator[tuple[int, Sequence]]:
+    def sequences(self, bad_rows: list, unlabelled_rows: Optional[list] = None) -> Iterator[tuple[int, Sequence]]:
         source, dc = self.template.data["source"], self.cfg.data_config
         # A hub dataset at the commit recorded in the manifest (its revision resolved once, here).
         rows = load_examples(self.cfg.data, split=dc.split, text_sample_by=dc.text_sample_by,
-                             revision=source.get("commit") or dc.data_revision)
-        for i, seq in enumerate(iter_sequences(rows, self.tokenizer, self.cfg.data_config, bad_rows)):
+                             revision=source.get("commit") or dc.data_revision, subset=dc.subset)
+        for i, seq in enumerate(iter_sequences(rows, self.tokenizer, self.cfg.data_config, bad_rows, unlabelled_rows)):
             if i % self.world == self.rank:
                 yield i, seq
 
@@ -367,7 +367,8 @@ class _hidden_only:
 def _estimate(run: _Run, bad_rows: list) -> dict:
     """Sequences, tokens, labelled positions and bytes a run would store, without the model forward."""
     n_seq = n_tok = n_pos = 0
-    for _, seq in run.sequences(bad_rows):
+    unlabelled: list[int] = []
+    for _, seq in run.sequences(bad_rows, unlabelled):
         n_seq, n_tok = n_seq + 1, n_tok + len(seq)
         n_pos += labelled_positions(torch.tensor(seq.labels).unsqueeze(0))[0].numel()
     cfg, idb = run.cfg, run.id_dtype.itemsize
@@ -387,6 +388,7 @@ def _estimate(run: _Run, bad_rows: list) -> dict:
         "bytes_per_token_lm_uncompressed": (n_pos * per_pos) / max(n_tok, 1),
         "bytes_per_token_router_uncompressed": (n_pos * router_per_pos) / max(n_tok, 1),
         "skipped_rows": len(bad_rows),
+        "unlabelled_rows": len(unlabelled),
     }
 
 
@@ -429,7 +431,9 @@ def _merge(fs, root: str, run: _Run) -> Manifest:
         parts.append(Manifest.from_json(fs.cat_file(p).decode(), where=p))
     merged = replace(run.template, shards=[s for p in parts for s in p.shards], complete=all(p.complete for p in parts))
     merged.recount()
-    merged.counts["skipped_rows"] = max(p.counts.get("skipped_rows", 0) for p in parts)
+    # Every rank reads (and counts) every row, then keeps its own sequences.
+    for key in ("skipped_rows", "unlabelled_rows"):
+        merged.counts[key] = max(p.counts.get(key, 0) for p in parts)
     atomic_write_text(fs, posixpath.join(root, MANIFEST), merged.to_json())
     return merged
 
@@ -444,6 +448,7 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
     rank, world = _distributed()
     run = _Run(cfg, rank, world)
     bad_rows: list[str] = []
+    unlabelled: list[int] = []  # rows with no label left after truncation: never cached, counted
     if cfg.dry_run:
         return _estimate(run, bad_rows)
     fs, root = _fs(cfg.out)
@@ -459,7 +464,7 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
     tokens, started = 0, time.perf_counter()
     batch: list[tuple[int, Sequence]] = []
     try:
-        for n, (i, seq) in enumerate(run.sequences(bad_rows)):
+        for n, (i, seq) in enumerate(run.sequences(bad_rows, unlabelled)):
             if n < done:
                 continue  # committed before an interruption
             batch.append((i, seq))
@@ -474,6 +479,7 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
     part = writer.part
     part.complete = True
     part.counts["skipped_rows"] = len(bad_rows)
+    part.counts["unlabelled_rows"] = len(unlabelled)
     atomic_write_text(fs, part_path(root, rank), part.to_json())
     _barrier(world)
     merged = _merge(fs, root, run) if rank == 0 else None
@@ -485,6 +491,9 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
         timings.update(run.timings, write_s=writer.write_s, wall_s=time.perf_counter() - wall)
     if bad_rows:
         print(f"skipped {len(bad_rows)} malformed row(s); first: {bad_rows[0]}", file=sys.stderr)
+    if unlabelled and rank == 0:
+        print(f"left out {len(unlabelled)} row(s) with no label within max_length={cfg.data_config.max_length} "
+              f"(a prompt that long leaves nothing to learn); first: row {unlabelled[0]}", file=sys.stderr)
     return merged
 
 

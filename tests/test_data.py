@@ -176,3 +176,77 @@ def test_missing_and_mixed_inputs_are_clear_errors(tmp_path):
 def test_an_unreachable_hub_dataset_is_one_sentence():
     with pytest.raises(FileNotFoundError, match="'nobody/no-such-dataset' is neither a local path nor a loadable hub dataset"):
         load_examples("nobody/no-such-dataset")
+
+
+def test_local_data_reads_the_train_split_or_a_slice_of_it(tmp_path):
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": f"row {i}"}) for i in range(5)))
+    assert [r["text"] for r in load_examples(str(tmp_path / "d.jsonl"), split="train[:2]")] == ["row 0", "row 1"]
+    assert [r["text"] for r in load_examples(str(tmp_path / "d.jsonl"), split="train[60%:]")] == ["row 3", "row 4"]
+    with pytest.raises(ValueError, match=r"split='test': local data files form one split, 'train' \(or a slice of it"):
+        load_examples(str(tmp_path / "d.jsonl"), split="test")
+
+
+def test_a_hub_dataset_subset_and_slice_reach_datasets(monkeypatch):
+    import datasets
+
+    asked = {}
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: asked.update(a=a, kw=kw) or [{"text": "x"}])
+    load_examples("allenai/c4", split="validation[:10]", subset="en")
+    # datasets slices only when not streaming; the subset is its configuration name
+    assert asked["a"] == ("allenai/c4",) and asked["kw"]["name"] == "en"
+    assert asked["kw"]["split"] == "validation[:10]" and asked["kw"]["streaming"] is False
+    load_examples("allenai/c4", subset="en")
+    assert asked["kw"]["split"] == "train" and asked["kw"]["streaming"] is True
+
+
+def test_csv_columns_are_text_even_when_they_look_numeric(tmp_path, tok):
+    (tmp_path / "qa.csv").write_text('prompt,completion\n"What is 6 x 7?",42\n"And 1 + 1?",2\n')
+    rows = list(load_examples(str(tmp_path / "qa.csv")))
+    assert rows == [{"prompt": "What is 6 x 7?", "completion": "42"}, {"prompt": "And 1 + 1?", "completion": "2"}]
+    ids, labels = tokenize_example(rows[0], 0, tok, DataConfig())
+    assert labelled_text(tok, ids, labels) == "42" + tok.eos_token
+    # a JSON number where text belongs is still a wrong type
+    with pytest.raises(BadRowError, match="row 3: field 'completion' must be a string, got int"):
+        tokenize_example({"prompt": "q", "completion": 42}, 3, tok, DataConfig())
+
+
+@pytest.fixture(scope="module")
+def bos_tok(tokenizer_dir, tmp_path_factory):
+    """The test tokenizer with a Llama-style post-processor: BOS before every text."""
+    from tokenizers import processors
+
+    t = AutoTokenizer.from_pretrained(tokenizer_dir)
+    t.add_special_tokens({"bos_token": "<s>"})
+    t.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.bos_token_id)])
+    path = tmp_path_factory.mktemp("bos_tok")
+    t.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_text_and_prompts_start_with_the_tokenizers_bos_which_is_never_a_label(bos_tok, tok):
+    from geocache.data import text_prefix
+
+    assert text_prefix(bos_tok) == [bos_tok.bos_token_id] and text_prefix(tok) == []
+    ids, labels = tokenize_example({"text": "def f(x):"}, 0, bos_tok, DataConfig())
+    assert ids[0] == bos_tok.bos_token_id and ids[1:-1] == bos_tok("def f(x):", add_special_tokens=False)["input_ids"]
+    assert labels[0] == IGNORE and labels[1:] == ids[1:]
+    ids, labels = tokenize_example({"prompt": "Q?", "completion": " A."}, 0, bos_tok, DataConfig())
+    assert ids[0] == bos_tok.bos_token_id and labelled_text(bos_tok, ids, labels) == " A." + bos_tok.eos_token
+    plain, _ = tokenize_example({"text": "def f(x):"}, 0, bos_tok, DataConfig(add_bos=False))
+    assert plain == ids_without_bos(bos_tok, "def f(x):")
+    # packed: every example keeps its BOS, and no label crosses into the next example
+    seqs = list(iter_sequences([{"text": "a b"}, {"text": "c d"}], bos_tok, DataConfig(packing=True, max_length=64)))
+    (seq,) = seqs
+    assert [seq.input_ids[a] for a, _ in seq.segments] == [bos_tok.bos_token_id] * 2
+    assert all(seq.labels[a] == IGNORE for a, _ in seq.segments)
+
+
+def ids_without_bos(t, text):
+    return t(text, add_special_tokens=False)["input_ids"] + [t.eos_token_id]
+
+
+def test_rows_left_with_nothing_to_learn_are_counted(tok):
+    rows = [{"prompt": "x " * 40, "completion": " y"}, {"text": "short"}, {"prompt": "z " * 40, "completion": " w"}]
+    unlabelled = []
+    seqs = list(iter_sequences(rows, tok, DataConfig(max_length=8), unlabelled_rows=unlabelled))
+    assert len(seqs) == 1 and unlabelled == [0, 2]

@@ -537,3 +537,68 @@ def test_a_hub_dataset_is_read_at_the_commit_the_manifest_records(monkeypatch, t
     manifest = precompute(PrecomputeConfig(model=str(tiny_model_dir("llama")), data=["org/corpus"], out=str(tmp_path / "c"), k=4, progress=False))
     assert manifest.data["source"] == {"kind": "hub", "id": "org/corpus", "revision": None, "commit": "c0ffee"}
     assert loads == ["c0ffee"] and manifest.counts["sequences"] == 5
+
+
+def test_geocache_open_cache_is_the_readers_entry_point(tmp_path, tiny_model_dir, data_file):
+    import geocache
+
+    run(tiny_model_dir("llama"), data_file, tmp_path / "c", k=4)
+    assert geocache.open_cache is open_cache
+    assert_same_rows(rows_of(tmp_path / "c"), [geocache.open_cache(str(tmp_path / "c"))[i] for i in range(len(open_cache(str(tmp_path / "c"))))])
+
+
+def test_a_resume_names_the_model_and_data_by_content_not_by_path(tmp_path, tiny_model_dir, data_file, monkeypatch):
+    model = tiny_model_dir("llama")
+    run(model, data_file, tmp_path / "c", k=4)
+    before = rows_of(tmp_path / "c")
+    # the same files, named relative to another working directory (a job script run elsewhere)
+    monkeypatch.chdir(data_file.parent)
+    manifest = run(os.path.relpath(model), data_file.name, tmp_path / "c", k=4, resume=True)
+    assert manifest.counts["sequences"] == len(before)
+    assert_same_rows(rows_of(tmp_path / "c"), before)
+    other = data_file.parent / "other.jsonl"
+    other.write_text(data_file.read_text().replace("wrap", "WRAP"))
+    with pytest.raises(CacheError, match=r"different settings \(data.source.sha256: "):
+        run(model, other, tmp_path / "c", k=4, resume=True)
+
+
+def test_check_compatible_refuses_other_preprocessing(tmp_path, tiny_model_dir, data_file):
+    run(tiny_model_dir("llama"), data_file, tmp_path / "c", k=4, packing=True)
+    cache = open_cache(str(tmp_path / "c"))
+    cache.check_compatible(data_config=DataConfig(max_length=48, packing=True))
+    with pytest.raises(CacheError, match=r"built with different preprocessing \(preprocessing.max_length: 48 != 2048\)"):
+        cache.check_compatible(data_config=DataConfig(max_length=2048, packing=True))
+    with pytest.raises(CacheError, match=r"preprocessing.packing: True != False"):
+        cache.check_compatible(data_config=DataConfig(max_length=48))
+
+
+def test_rows_left_without_labels_are_counted_in_the_manifest_and_the_estimate(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "long_prompts.jsonl"
+    rows = [{"prompt": "word " * 80, "completion": " answer"}] * 3 + [{"text": "a short text row"}]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    model = tiny_model_dir("llama")
+    estimate = run(model, data, tmp_path / "unused", k=4, dry_run=True)
+    assert estimate["sequences"] == 1 and estimate["unlabelled_rows"] == 3
+    manifest = run(model, data, tmp_path / "c", k=4)
+    assert manifest.counts["sequences"] == 1 and manifest.counts["unlabelled_rows"] == 3
+    assert "left out 3 row(s) with no label within max_length=48" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+def test_router_topk_mode_caches_the_top_router_logits_of_a_direct_forward(tmp_path, tiny_model_dir, data_file, model_type):
+    model_dir = tiny_model_dir(model_type)
+    manifest = run(model_dir, data_file, tmp_path / "c", k=4, router="topk", router_k=3)
+    assert manifest.moe["router_mode"] == "topk" and manifest.moe["router_k"] == 3
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    cache = open_cache(str(tmp_path / "c"))
+    for i in (0, 5, len(cache) - 1):
+        row = cache[i]
+        assert "router_logits" not in row
+        with torch.no_grad():
+            out = model(row["input_ids"].unsqueeze(0), output_router_logits=True)
+        rows, _ = labelled_positions(row["labels"].unsqueeze(0))
+        router = torch.stack(out.router_logits)[:, rows].transpose(0, 1)  # [P, L, E]
+        want = router.topk(3, dim=-1)
+        torch.testing.assert_close(row["router_topk_logits"].float(), want.values, rtol=2e-3, atol=2e-3)
+        # the ids, best first, pick those logits out of the full router (ties aside)
+        torch.testing.assert_close(router.gather(-1, row["router_topk_ids"]), want.values, rtol=0, atol=1e-5)

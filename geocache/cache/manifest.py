@@ -70,9 +70,11 @@ class Manifest:
         return json.loads(json.dumps({
             # dtype too: the weights' fingerprint is the same loaded in float32 or bfloat16 (on
             # purpose), but the statistics are not, and a resume must not mix them.
-            "base_model": {k: self.base_model.get(k) for k in ("id", "revision", "config_sha256", "weights_sha256", "output_size", "dtype")},
+            # The model and the data by content, not by the path they were given as: the same files
+            # named from another directory are the same cache (the paths stay in the manifest).
+            "base_model": {k: self.base_model.get(k) for k in ("config_sha256", "weights_sha256", "output_size", "dtype")},
             "tokenizer_sha256": self.tokenizer_sha256,
-            "data": self.data,
+            "data": {**self.data, "source": {k: v for k, v in self.data.get("source", {}).items() if k != "files"}},
             "statistics": self.statistics,
             "moe": self.moe,
             "backend": self.backend,

@@ -137,10 +137,12 @@ class CacheReader(torch.utils.data.Dataset):
         ``cache[i]`` for a row of owned tensors."""
         return CacheRows(self, indices)
 
-    def check_compatible(self, model=None, tokenizer=None, expected: Optional[dict] = None) -> None:
+    def check_compatible(self, model=None, tokenizer=None, expected: Optional[dict] = None, data_config=None) -> None:
         """Refuse, in one sentence, a cache built for another model, revision, tokenizer or
-        preprocessing. ``expected`` is a manifest fingerprint (``Manifest.fingerprint()``) of the
-        run that wants to read this cache; any difference is named."""
+        preprocessing. ``data_config`` (a ``geocache.data.DataConfig``): the preprocessing the
+        caller expects (max length, packing, masking, chat template use, caps, split or slice);
+        ``expected``: a whole manifest fingerprint (``Manifest.fingerprint()``) of the run that
+        wants to read this cache. Any difference is named."""
         from geocache.data import tokenizer_fingerprint
         from geocache.models import model_fingerprint, output_size
 
@@ -157,6 +159,10 @@ class CacheReader(torch.utils.data.Dataset):
                 raise CacheError(f"cache {self.url!r} covers {base['output_size']} output rows but the model has {output_size(model)}")
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != self.manifest.tokenizer_sha256:
             raise CacheError(f"cache {self.url!r} was built with another tokenizer than the one given")
+        if data_config is not None:
+            diff = first_difference(self.manifest.data.get("preprocessing"), data_config.fingerprint_fields(), "preprocessing")
+            if diff:
+                raise CacheError(f"cache {self.url!r} was built with different preprocessing ({diff})")
         if expected is not None:
             diff = first_difference(self.manifest.fingerprint(), expected)
             if diff:
