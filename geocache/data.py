@@ -84,12 +84,14 @@ class DataConfig:
 
 @dataclass
 class Sequence:
-    """One cached row. ``segments`` are (start, end) token spans of the examples packed in it."""
+    """One cached row. ``segments`` are (start, end) token spans of the examples packed in it;
+    ``rows_read``: how many input rows had been read when it was complete (for progress)."""
 
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int]
     segments: list[tuple[int, int]]
+    rows_read: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -319,7 +321,7 @@ def iter_sequences(rows: Iterable[dict], tokenizer, cfg: DataConfig, bad_rows: O
     pending: list[tuple[list[int], list[int]]] = []
     pending_len = 0
 
-    def emit(examples):
+    def emit(examples, rows_read):
         ids, labels, pos, segs = [], [], [], []
         for e_ids, e_labels in examples:
             segs.append((len(ids), len(ids) + len(e_ids)))
@@ -328,11 +330,12 @@ def iter_sequences(rows: Iterable[dict], tokenizer, cfg: DataConfig, bad_rows: O
             ids += e_ids
             labels += [first] + e_labels[1:]
             pos += list(range(len(e_ids)))
-        return Sequence(ids, labels, pos, segs)
+        return Sequence(ids, labels, pos, segs, rows_read)
 
     def capped() -> bool:
         return (cfg.max_sequences is not None and n_seq >= cfg.max_sequences) or (cfg.max_tokens is not None and n_tok >= cfg.max_tokens)
 
+    index = -1
     for index, row in enumerate(rows):
         try:
             ids, labels = tokenize_example(row, index, tokenizer, cfg, prefix)
@@ -348,20 +351,56 @@ def iter_sequences(rows: Iterable[dict], tokenizer, cfg: DataConfig, bad_rows: O
                 unlabelled_rows.append(index)
             continue  # nothing to learn after truncation
         if not cfg.packing:
-            seq = emit([(ids, labels)])
+            seq = emit([(ids, labels)], index + 1)
         elif pending_len + len(ids) <= cfg.max_length:
             pending.append((ids, labels))
             pending_len += len(ids)
             continue
         else:
-            seq = emit(pending)
+            seq = emit(pending, index)
             pending, pending_len = [(ids, labels)], len(ids)
         yield seq
         n_seq, n_tok = n_seq + 1, n_tok + len(seq)
         if capped():
             return
     if pending:
-        yield emit(pending)
+        yield emit(pending, index + 1)
+
+
+def count_rows(data: str | list[str], cfg: DataConfig) -> Optional[int]:
+    """How many rows ``load_examples`` will give for local data, read cheaply for a progress bar's
+    ETA (Parquet metadata; lines of JSONL, CSV and text files, blank ones skipped; paragraphs; files),
+    or None where it cannot be known without loading (hub datasets, slices, JSON arrays). CSV
+    records with quoted newlines are over-counted: an estimate, never a limit."""
+    sources = [data] if isinstance(data, str) else list(data)
+    paths = [Path(s) for s in sources]
+    if cfg.split != "train" or not all(p.exists() for p in paths):
+        return None
+    files = [f for f in _local_files(paths) if f.stat().st_size > 0]
+    kinds = {_EXTENSIONS.get(f.suffix) for f in files}
+    if len(kinds) != 1:
+        return None
+    kind = kinds.pop()
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    if kind == "text" and cfg.text_sample_by == "document":
+        return len(files)
+    total = 0
+    for f in files:
+        with f.open("rb") as fh:
+            if kind == "json" and fh.read(64).lstrip().startswith(b"["):
+                return None  # one JSON array: rows unknown until parsed
+            fh.seek(0)
+            blank_before, lines, paragraphs = True, 0, 0
+            for line in fh:
+                blank = not line.strip()
+                lines += not blank
+                paragraphs += blank_before and not blank
+                blank_before = blank
+        total += paragraphs if kind == "text" and cfg.text_sample_by == "paragraph" else lines - (kind == "csv")
+    return total
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -35,7 +35,7 @@ from geocache.cache.backends import BACKENDS, get_backend
 from geocache.cache.manifest import FORMAT_VERSION, MANIFEST, PARTS_DIR, SHARDS_DIR, Manifest, first_difference
 from geocache.cache.reader import CacheError, _fs
 from geocache.cache.writer import ShardWriter, atomic_write_text, part_path
-from geocache.data import DataConfig, Sequence, data_fingerprint, iter_sequences, load_examples, tokenizer_fingerprint
+from geocache.data import DataConfig, Sequence, count_rows, data_fingerprint, iter_sequences, load_examples, tokenizer_fingerprint
 from geocache.models import load_model_and_tokenizer, model_fingerprint, moe_layout, output_size
 from geocache.moe import recorded_router_logits
 from geocache.signals import compute_base_stats, labelled_positions
@@ -457,10 +457,16 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
     writer = ShardWriter(fs, root, get_backend(cfg.backend), part, rank, cfg.shard_sequences, stride=world)
     from tqdm.auto import tqdm
 
+    # The bar counts sequences when their number is capped, else input rows (every rank reads every
+    # row and keeps its share), whose total local files give cheaply: both give an ETA.
     cap = cfg.data_config.max_sequences
-    total = None if cap is None else -(-max(cap - rank, 0) // world)
-    bar = tqdm(total=total, unit="seq", desc=f"precompute[{rank}]" if world > 1 else "precompute", disable=not cfg.progress, file=sys.stderr)
-    bar.update(done)
+    by_rows = cap is None
+    total = count_rows(cfg.data, cfg.data_config) if by_rows and cfg.progress else None if by_rows else -(-max(cap - rank, 0) // world)
+    bar = tqdm(total=total, unit="row" if by_rows else "seq", desc=f"precompute[{rank}]" if world > 1 else "precompute",
+               disable=not cfg.progress, file=sys.stderr)
+    bar.by_rows, bar.sequences = by_rows, done
+    if not by_rows:
+        bar.update(done)
     tokens, started = 0, time.perf_counter()
     batch: list[tuple[int, Sequence]] = []
     try:
@@ -501,8 +507,10 @@ def _flush(run: _Run, batch, writer: ShardWriter, bar, tokens: int, started: flo
     for rec in run.records(batch):
         writer.put(rec)
     n_tok = sum(len(seq) for _, seq in batch)
-    bar.update(len(batch))
-    bar.set_postfix(tokens_per_s=f"{(tokens + n_tok) / max(time.perf_counter() - started, 1e-9):,.0f}")
+    bar.sequences += len(batch)
+    bar.update(batch[-1][1].rows_read - bar.n if bar.by_rows else len(batch))
+    postfix = {"seq": bar.sequences} if bar.by_rows else {}
+    bar.set_postfix(**postfix, tokens_per_s=f"{(tokens + n_tok) / max(time.perf_counter() - started, 1e-9):,.0f}")
     return n_tok
 
 

@@ -250,3 +250,31 @@ def test_rows_left_with_nothing_to_learn_are_counted(tok):
     unlabelled = []
     seqs = list(iter_sequences(rows, tok, DataConfig(max_length=8), unlabelled_rows=unlabelled))
     assert len(seqs) == 1 and unlabelled == [0, 2]
+
+
+def test_count_rows_gives_what_load_examples_reads(tmp_path):
+    from geocache.data import count_rows
+
+    rows = [{"text": f"row {i}"} for i in range(7)]
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:4]) + "\n\n")
+    (tmp_path / "j" / "b.jsonl").write_text("\n".join(json.dumps(r) for r in rows[4:]))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    (tmp_path / "d.csv").write_text("text\n" + "\n".join(r["text"] for r in rows) + "\n")
+    (tmp_path / "d.txt").write_text("one\ntwo\n\n\nthree\nfour\n\nfive\n")
+    for path, cfg in [("j", DataConfig()), ("d.parquet", DataConfig()), ("d.csv", DataConfig()), ("d.txt", DataConfig()),
+                      ("d.txt", DataConfig(text_sample_by="paragraph")), ("d.txt", DataConfig(text_sample_by="document"))]:
+        got = count_rows(str(tmp_path / path), cfg)
+        assert got == len(list(load_examples(str(tmp_path / path), text_sample_by=cfg.text_sample_by))), (path, cfg.text_sample_by)
+    (tmp_path / "arr.json").write_text(json.dumps(rows))
+    assert count_rows(str(tmp_path / "arr.json"), DataConfig()) is None  # a JSON array: unknown until parsed
+    assert count_rows(str(tmp_path / "d.csv"), DataConfig(split="train[:3]")) is None
+    assert count_rows("org/corpus", DataConfig()) is None
+
+
+def test_sequences_record_the_rows_read_when_they_were_complete(tok):
+    rows = [{"text": "a b c"}, {"text": "d"}, {"prompt": "x " * 40, "completion": " y"}, {"text": "e f"}]
+    single = list(iter_sequences(rows, tok, DataConfig(max_length=8)))
+    assert [s.rows_read for s in single] == [1, 2, 4]
+    packed = list(iter_sequences(rows, tok, DataConfig(max_length=64, packing=True)))
+    assert [s.rows_read for s in packed] == [4]

@@ -602,3 +602,16 @@ def test_router_topk_mode_caches_the_top_router_logits_of_a_direct_forward(tmp_p
         torch.testing.assert_close(row["router_topk_logits"].float(), want.values, rtol=2e-3, atol=2e-3)
         # the ids, best first, pick those logits out of the full router (ties aside)
         torch.testing.assert_close(router.gather(-1, row["router_topk_ids"]), want.values, rtol=0, atol=1e-5)
+
+
+def test_the_progress_bar_counts_rows_with_an_eta_when_nothing_caps_the_sequences(tmp_path, tiny_model_dir, data_file, capsys):
+    n_rows = sum(1 for line in data_file.read_text().splitlines() if line.strip())
+    cfg = PrecomputeConfig(model=str(tiny_model_dir("llama")), data=[str(data_file)], out=str(tmp_path / "c"), k=4, batch_size=4,
+                           data_config=DataConfig(max_length=48))
+    manifest = precompute(cfg)
+    err = capsys.readouterr().err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert f"{n_rows}/{n_rows}" in last and "row" in last and f"seq={manifest.counts['sequences']}" in last, last
+    import re
+
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", last), last  # elapsed<remaining: a total to count down to
