@@ -189,7 +189,7 @@ def train(config_path, **options):
     if isinstance(merged.get("layer_weights"), list):
         merged["layer_weights"] = [float(w) for w in merged["layer_weights"]]
     trainer = run(TrainConfig.from_dict({**merged, "geometry": geometry}))
-    last = next((r for r in reversed(trainer.state.log_history) if "loss" in r), {})
+    last = next((r for r in reversed(trainer.state.log_history) if "task_loss" in r), {})  # a window's log or the final summary
     click.echo(f"trained {trainer.state.global_step} steps; adapter saved in {merged['out']}/adapter; last task loss {last.get('task_loss', float('nan')):.4f}")
 
 

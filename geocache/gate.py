@@ -161,10 +161,9 @@ class V2GateCallback(TrainerCallback):
                 lr_scheduler.base_lrs = [lr * 0.5 for lr in lr_scheduler.base_lrs]
             row["lr"] = optimizer.param_groups[0]["lr"]
         elif decision == "double_lambdas":
-            for cfg in self._geometry_configs():
-                for name in LAMBDAS:
-                    setattr(cfg, name, getattr(cfg, name) * 2)
-            row["lambdas"] = {n: getattr(self._geometry_configs()[0], n) for n in LAMBDAS}
+            if self.trainer is None:
+                raise RuntimeError("double_lambdas needs the trainer (V2GateCallback.trainer)")
+            row["lambdas"] = double_lambdas(self.trainer)
         elif decision == "rollback":
             from peft import set_peft_model_state_dict
 
@@ -177,10 +176,17 @@ class V2GateCallback(TrainerCallback):
         self._record(row)
         return control
 
-    def _geometry_configs(self) -> list:
-        if self.trainer is None:
-            raise RuntimeError("double_lambdas needs the trainer (V2GateCallback.trainer)")
-        return [self.trainer.geometry_config, self.trainer.geometry_loss.config]
+
+def double_lambdas(trainer) -> dict:
+    """Double every geometry λ of a running ``GeometryTrainer`` where the loss reads it: λ_KL, λ_cal
+    and λ_H in the loss's config, λ_router in the scheduler; the trainer's own config follows (what
+    is logged). Returns the new λ's."""
+    configs = {id(c): c for c in (trainer.geometry_config, trainer.geometry_loss.config)}.values()
+    for cfg in configs:
+        for name in LAMBDAS:
+            setattr(cfg, name, getattr(cfg, name) * 2)
+    trainer.geometry_scheduler.lambda_router *= 2
+    return {n: getattr(trainer.geometry_config, n) for n in LAMBDAS}
 
 
 def _numbers(result: dict) -> dict:

@@ -72,8 +72,14 @@ class TrainConfig:
     geometry: GeometryConfig = field(default_factory=GeometryConfig, metadata={"help": "λ's and thresholds."})
 
     def __post_init__(self) -> None:
+        # Which geometry options the user gave (YAML/CLI keys; of a GeometryConfig object, the fields
+        # off their defaults): a dense model refuses an asked-for router loss but skips the default one.
         if isinstance(self.geometry, dict):
+            self.geometry_given = frozenset(self.geometry)
             self.geometry = GeometryConfig.from_dict(self.geometry)
+        else:
+            defaults = asdict(GeometryConfig())
+            self.geometry_given = frozenset(k for k, v in asdict(self.geometry).items() if v != defaults[k])
         if self.base not in BASE_MODES:
             raise ValueError(f"base={self.base!r} must be one of {', '.join(BASE_MODES)}")
         if self.periodic_inner not in ("live", "copy"):
@@ -103,14 +109,16 @@ class TrainConfig:
 
 
 def _check_run_dir(cfg: TrainConfig) -> Optional[str]:
-    """Refuse a directory holding another run unless resuming or overwriting; return the checkpoint to resume."""
+    """Refuse a directory holding another run unless resuming or overwriting; return the checkpoint to resume.
+    ``--overwrite`` replaces only a geocache run: any other non-empty directory is refused, never deleted."""
     out = Path(cfg.out)
     holds_run = (out / RUN_CONFIG).exists() or any(out.glob("checkpoint-*"))
     if holds_run and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"run directory {cfg.out!r} holds another run; pass --resume to continue it or --overwrite to replace it")
-    if not holds_run and out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise ValueError(f"run directory {cfg.out!r} is not empty and holds no geocache run; choose another")
-    if cfg.overwrite and out.exists():
+    if not holds_run and out.exists() and any(out.iterdir()):
+        raise ValueError(f"run directory {cfg.out!r} is not empty and holds no geocache run (no {RUN_CONFIG}, no checkpoint-*); "
+                         "choose another (--overwrite replaces only a geocache run)")
+    if cfg.overwrite and holds_run:
         shutil.rmtree(out)
     if cfg.resume:
         from transformers.trainer_utils import get_last_checkpoint
@@ -118,8 +126,37 @@ def _check_run_dir(cfg: TrainConfig) -> Optional[str]:
         last = get_last_checkpoint(str(out)) if out.exists() else None
         if last is None:
             raise ValueError(f"--resume was given but run directory {cfg.out!r} has no checkpoint")
+        _check_resumed_config(cfg, out / RUN_CONFIG)
         return last
     return None
+
+
+# Settings that change what a run computes: a resumed run must keep them. The others (max_steps
+# or epochs extended, save/eval/logging intervals, progress, the run directory) may change.
+RESUME_MUST_MATCH = (
+    "model", "revision", "base_model", "cache", "eval_cache", "base", "periodic_inner", "periodic_every", "dtype",
+    "lora_r", "lora_alpha", "lora_dropout", "target_modules", "layer_weights", "seed", "train_sampling_strategy",
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "geometry",
+)
+_PATH_FIELDS = ("model", "base_model", "cache", "eval_cache")
+
+
+def _check_resumed_config(cfg: TrainConfig, saved_path: Path) -> None:
+    """Refuse to resume a run with settings that differ from the ones it was started with (its
+    ``geocache_run.yaml``), naming the first differing one."""
+    if not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    now = asdict(cfg)
+    pairs = [(name, saved[name], now[name]) for name in RESUME_MUST_MATCH if name != "geometry" and name in saved]
+    pairs += [(f"geometry.{k}", v, now["geometry"][k]) for k, v in (saved.get("geometry") or {}).items() if k in now["geometry"]]
+    for name, before, after in pairs:
+        if name in _PATH_FIELDS and before and after:  # `cache/` and `cache` are the same cache
+            before, after = os.path.normpath(before), os.path.normpath(after)
+        if before != after:
+            raise ValueError(f"--resume would continue run {cfg.out!r} with {name}={after!r}, but it was started with {name}={before!r}; "
+                             f"resume with the run's own settings (see {saved_path}) or start a new run")
 
 
 def _base_source(cfg: TrainConfig, want_router: bool, device):
@@ -201,8 +238,15 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
         raise ValueError(f"router layer weights were given, but model {cfg.model!r} is dense (it has no MoE router)")
     if cfg.v2_every and layout is None:
         raise ValueError(f"--v2-every needs a MoE model (V2 is measured on MoE layers), and {cfg.model!r} is dense")
-    if cfg.base == "cache" and layout is not None and cfg.geometry.lambda_router > 0 and cache.manifest.moe.get("router_mode") == "none":
-        raise CacheError("the cache holds no router statistics (precompute --router none), so base mode 'cache' cannot train the router loss")
+    if layout is None and "lambda_router" in cfg.geometry_given and cfg.geometry.lambda_router > 0:
+        raise ValueError(f"lambda_router={cfg.geometry.lambda_router} asks for a router loss, but model {cfg.model!r} is dense "
+                         "(it has no MoE router); leave lambda_router unset or 0")
+    if cfg.base == "cache" and layout is not None and cfg.geometry.lambda_router > 0:
+        for name, c in (("cache", cache), ("eval cache", eval_cache)):
+            if c is not None and c.manifest.moe.get("router_mode") == "none":
+                raise CacheError(f"the {name} {c.url!r} holds no router statistics (precompute --router none), so base mode 'cache' "
+                                 f"cannot train or evaluate the router loss with lambda_router={cfg.geometry.lambda_router}; "
+                                 "rebuild it with --router auto, or set lambda_router 0")
 
     set_seed(cfg.seed)  # the adapter's random init must not depend on what ran before in this process
     model = add_dora_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.adapt_experts)
@@ -236,5 +280,6 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
 
         trainer.remove_callback(PrinterCallback)
     trainer.train(resume_from_checkpoint=resume_from)
+    trainer.check_weights_finite(str(out / "adapter"))
     trainer.save_model(str(out / "adapter"))  # the adapter (PEFT) and tokenizer, from the main process only
     return trainer

@@ -79,8 +79,9 @@ def add_dora_adapter(
     adapt_experts: bool = False,
 ):
     """Wrap ``model`` with a DoRA adapter (``peft``, ``use_dora=True``) on ``target_modules``
-    (default: ``default_target_modules``). MoE experts can only take plain LoRA through PEFT's
-    ``target_parameters``, which refuses DoRA, so ``adapt_experts`` is refused here."""
+    (default, or ``"all-linear"``: ``default_target_modules``, which is what peft's ``all-linear``
+    means, minus what would break on fused-expert MoE models). MoE experts can only take plain LoRA
+    through PEFT's ``target_parameters``, which refuses DoRA, so ``adapt_experts`` is refused here."""
     from peft import LoraConfig, get_peft_model
 
     if adapt_experts:
@@ -88,7 +89,12 @@ def add_dora_adapter(
             "adapting MoE experts needs LoRA through peft's target_parameters, which does not support DoRA; "
             "geocache trains DoRA on attention, dense MLPs and shared experts only"
         )
-    targets = list(target_modules) if target_modules else default_target_modules(model)
+    if isinstance(target_modules, str):  # one name, as YAML or a caller may write it
+        target_modules = [target_modules]
+    if target_modules and "all-linear" in target_modules and len(target_modules) > 1:
+        raise ValueError(f"target_modules={list(target_modules)!r} mixes 'all-linear' with module names; give 'all-linear' alone or names only")
+    all_linear = not target_modules or list(target_modules) == ["all-linear"]
+    targets = default_target_modules(model) if all_linear else list(target_modules)
     if not targets:
         raise ValueError("no nn.Linear modules to adapt were found; pass target_modules explicitly")
     # target_parameters=[] explicitly: left None, peft 0.21 fills in per-architecture expert
@@ -136,13 +142,20 @@ class GeometryTrainer(Trainer):
         if self.layout is None and layer_weights is not None:
             raise ValueError("router layer weights were given, but the model is dense (it has no MoE router)")
         self._sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
-        self._tokens, self._clock = 0, time.perf_counter()
+        # tokens/s window: the clock starts at the first training forward (not at setup) and stands
+        # still during evaluation.
+        self._tokens, self._clock = 0, None
+
+    def train(self, *args, **kwargs):
+        self._tokens, self._clock = 0, None
+        self._sums["train"].clear()
+        return super().train(*args, **kwargs)
 
     # --------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         step = self.state.global_step
         labels = inputs["labels"]
-        lam_router = self.geometry_config.lambda_router
+        lam_router = self.geometry_scheduler.lambda_router  # the scheduler's λ_router (the V2 gate may double it)
         kwargs = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
         unwrapped = self._unwrap(model)
         # Router logits through hooks, not output_router_logits=True (which adds transformers'
@@ -171,13 +184,35 @@ class GeometryTrainer(Trainer):
         if denom is not None and self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
             loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does for token-summed losses
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(
-                f"the loss is {loss.item()} at step {step}; training stopped, and the last good checkpoint in {self.args.output_dir} is kept"
-            )
+            where = f"at step {step + 1} (after {step} completed steps)" if model.training else f"in evaluation after {step} completed steps"
+            raise FloatingPointError(f"the loss is {loss.item()} {where}; training stopped, and {self._last_good_checkpoint()}")
         self._accumulate("train" if model.training else "eval", metrics, n_local)
         if model.training:
+            if self._clock is None:
+                self._clock = time.perf_counter()
             self._tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
         return (loss, outputs) if return_outputs else loss
+
+    def _last_good_checkpoint(self) -> str:
+        """Where the run can restart from, in words. Every checkpoint on disk is good: ``_save_checkpoint``
+        refuses to write non-finite weights."""
+        from transformers.trainer_utils import get_last_checkpoint
+
+        out = Path(self.args.output_dir)
+        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        return f"the last good checkpoint is {last}" if last else f"there is no checkpoint in {out} yet"
+
+    def check_weights_finite(self, writing: str) -> None:
+        """Raise ``FloatingPointError`` if a trainable weight is NaN/inf, before ``writing`` is
+        written: a poisoned checkpoint or adapter would be used later as if it were good."""
+        bad = next((name for name, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise FloatingPointError(f"the trainable weight {bad} is not finite after step {self.state.global_step}, so {writing} "
+                                     f"was not written; training stopped, and {self._last_good_checkpoint()}")
+
+    def _save_checkpoint(self, model, trial, **kwargs) -> None:  # transformers 5: (model, trial)
+        self.check_weights_finite(f"checkpoint-{self.state.global_step}")
+        super()._save_checkpoint(model, trial, **kwargs)
 
     def _unwrap(self, model):
         # ``unwrap_model`` walks every module looking for compiled regions (0.2 ms a step at the
@@ -235,10 +270,15 @@ class GeometryTrainer(Trainer):
         return out
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs:  # a training log
+        # A training log, or Trainer's end-of-training summary ('train_loss', no 'loss') when steps
+        # ran since the last training log: that last window's metrics go into the summary, not lost.
+        # (Every process runs the same micro-batches, so they agree on whether there are sums.)
+        if "loss" in logs or ("train_loss" in logs and self._sums["train"]):
             logs.update(self._flush("train", extra={"tokens": float(self._tokens)}))
             now = time.perf_counter()
-            logs["tokens_per_s"] = logs.pop("tokens") / max(now - self._clock, 1e-9)  # all processes' tokens
+            tokens = logs.pop("tokens")  # all processes' tokens
+            if self._clock is not None:
+                logs["tokens_per_s"] = tokens / max(now - self._clock, 1e-9)
             self._tokens, self._clock = 0, now
             logs["base_mode"] = self.base_source.mode
             logs["kl_direction"] = self.geometry_config.kl_direction
@@ -249,7 +289,10 @@ class GeometryTrainer(Trainer):
 
     def evaluation_loop(self, *args, **kwargs):
         self._sums["eval"].clear()
+        start = time.perf_counter()
         output = super().evaluation_loop(*args, **kwargs)
+        if self._clock is not None:  # evaluation is not training time: the tokens/s clock skips it
+            self._clock += time.perf_counter() - start
         prefix = kwargs.get("metric_key_prefix", args[3] if len(args) > 3 else "eval")
         for key, value in self._flush("eval").items():
             output.metrics[f"{prefix}_{key}"] = value

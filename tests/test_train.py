@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -48,11 +49,12 @@ def moe_cache(tmp_path_factory, tiny_model_dir, sft_data):
     return model, root
 
 
-def _trainer(model_dir, cache_path, base, out, geometry=ALL_ON, **args):
+def _trainer(model_dir, cache_path, base, out, geometry=ALL_ON, eval_dataset=None, **args):
     torch.manual_seed(0)
     model = add_dora_adapter(AutoModelForCausalLM.from_pretrained(model_dir), r=4, alpha=8)
     targs = TrainingArguments(output_dir=str(out), report_to=[], save_strategy="no", use_cpu=True, remove_unused_columns=False, seed=0, **args)
-    return GeometryTrainer(model=model, args=targs, train_dataset=open_cache(str(cache_path)), geometry_config=geometry, base=base)
+    return GeometryTrainer(model=model, args=targs, train_dataset=open_cache(str(cache_path)), eval_dataset=eval_dataset, geometry_config=geometry,
+                           base=base)
 
 
 def _loss_and_grads(trainer, rows):
@@ -300,18 +302,46 @@ def test_every_model_goes_to_the_trainers_device(monkeypatch, tmp_path, moe_cach
     assert devices[1] == "cpu"
 
 
+class _Poison(TrainerCallback):
+    """Makes a trainable weight NaN right after the optimizer step ``at`` (before that step's save)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.at:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+
+
+def _all_finite(checkpoint):
+    weights = load_file(checkpoint / "adapter_model.safetensors")
+    return weights and all(torch.isfinite(w).all() for w in weights.values())
+
+
 def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, moe_cache):
     model, root = moe_cache
+    out = tmp_path / "r"
+    # Weights poisoned after step 3 (no save there): step 4's loss is NaN, checkpoint-2 is the good one.
+    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 4 \(after 3 completed steps\); training stopped, "
+                                                 r"and the last good checkpoint is .*checkpoint-2$"):
+        train(TrainConfig(model=str(model), cache=str(root / "k64"), out=str(out), max_steps=5, save_steps=2, use_cpu=True, lora_r=2, lora_alpha=4,
+                          progress=False), callbacks=[_Poison(3)])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"] and _all_finite(out / "checkpoint-2")
 
-    class Poison(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.global_step == 2:
-                with torch.no_grad():
-                    next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
 
-    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 2; training stopped, and the last good checkpoint"):
-        train(TrainConfig(model=str(model), cache=str(root / "k64"), out=str(tmp_path / "r"), max_steps=5, save_steps=2, use_cpu=True, lora_r=2, lora_alpha=4), callbacks=[Poison()])
-    assert (tmp_path / "r" / "checkpoint-2").is_dir()
+def test_non_finite_weights_are_never_saved_as_a_checkpoint(tmp_path, moe_cache):
+    model, root = moe_cache
+    common = dict(model=str(model), cache=str(root / "k64"), save_steps=2, use_cpu=True, lora_r=2, lora_alpha=4, progress=False)
+    # Poisoned by step 4's update, saved at step 4: refused, and checkpoint-2 named as the good one.
+    with pytest.raises(FloatingPointError, match=r"the trainable weight .*lora_A.* is not finite after step 4, so checkpoint-4 was not written; "
+                                                 r"training stopped, and the last good checkpoint is .*checkpoint-2$"):
+        train(TrainConfig(out=str(tmp_path / "a"), max_steps=5, **common), callbacks=[_Poison(4)])
+    assert sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*")) == ["checkpoint-2"] and _all_finite(tmp_path / "a" / "checkpoint-2")
+    # Poisoned before the first save: nothing on disk to go back to, and the message says so.
+    with pytest.raises(FloatingPointError, match=r"so checkpoint-2 was not written; training stopped, and there is no checkpoint in .* yet"):
+        train(TrainConfig(out=str(tmp_path / "b"), max_steps=3, **common), callbacks=[_Poison(2)])
+    assert not list((tmp_path / "b").glob("checkpoint-*")) and not (tmp_path / "b" / "adapter").exists()
 
 
 def test_two_processes_over_gloo_train_like_one_with_the_same_global_batch(tmp_path, moe_cache):
@@ -382,3 +412,149 @@ def test_bf16_autocast_trains_close_to_float32(tmp_path, moe_cache):
     losses = lambda tr: [r["loss"] for r in tr.state.log_history if "loss" in r]  # noqa: E731
     assert losses(bf16) == pytest.approx(losses(fp32), rel=1e-2)
     assert bf16.args.bf16 and all(torch.isfinite(torch.tensor(losses(bf16))))
+
+
+def test_overwrite_replaces_a_geocache_run_but_never_deletes_another_directory(tmp_path, moe_cache):
+    model, root = moe_cache
+    common = dict(model=str(model), cache=str(root / "k64"), max_steps=1, use_cpu=True, lora_r=2, lora_alpha=4, progress=False)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not a run")
+    with pytest.raises(ValueError, match=r"run directory .*mine' is not empty and holds no geocache run"):
+        train(TrainConfig(out=str(mine), overwrite=True, **common))
+    assert (mine / "notes.txt").read_text() == "not a run"
+    run = tmp_path / "run"
+    train(TrainConfig(out=str(run), save_steps=1, **common))
+    (run / "left-over.txt").write_text("from the previous run")
+    train(TrainConfig(out=str(run), overwrite=True, **common))
+    assert not (run / "left-over.txt").exists() and (run / "adapter").is_dir()
+
+
+def test_a_router_loss_needs_router_statistics_in_the_training_and_the_eval_cache(tmp_path, moe_cache, sft_data):
+    model, root = moe_cache
+    no_router = tmp_path / "no-router"
+    precompute(PrecomputeConfig(model=str(model), data=[str(sft_data)], out=str(no_router), k=64, m=4, router="none", progress=False,
+                                data_config=DataConfig(max_length=64)))
+    common = dict(model=str(model), max_steps=1, use_cpu=True, lora_r=2, lora_alpha=4, progress=False)
+    with pytest.raises(CacheError, match=r"the cache .*no-router' holds no router statistics"):
+        train(TrainConfig(cache=str(no_router), out=str(tmp_path / "a"), **common))
+    with pytest.raises(CacheError, match=r"the eval cache .*no-router' holds no router statistics"):
+        train(TrainConfig(cache=str(root / "k64"), eval_cache=str(no_router), eval_steps=1, out=str(tmp_path / "b"), **common))
+    # Without a router loss the statistics are not needed.
+    train(TrainConfig(cache=str(root / "k64"), eval_cache=str(no_router), eval_steps=1, out=str(tmp_path / "c"), geometry={"lambda_router": 0.0},
+                      **common))
+
+
+@pytest.fixture(scope="module")
+def dense_cache(tmp_path_factory, tiny_model_dir, sft_data):
+    model = tiny_model_dir("llama")
+    out = tmp_path_factory.mktemp("dense") / "cache"
+    precompute(PrecomputeConfig(model=str(model), data=[str(sft_data)], out=str(out), k=8, progress=False, data_config=DataConfig(max_length=64)))
+    return model, out
+
+
+def test_a_dense_model_refuses_a_router_loss_it_was_asked_for_and_skips_the_default(tmp_path, dense_cache):
+    model, cache = dense_cache
+    common = dict(model=str(model), cache=str(cache), max_steps=1, use_cpu=True, lora_r=2, lora_alpha=4, progress=False)
+    refusal = r"lambda_router=0.5 asks for a router loss, but model .* is dense"
+    with pytest.raises(ValueError, match=refusal):  # as the CLI and YAML give it
+        train(TrainConfig(out=str(tmp_path / "a"), geometry={"lambda_router": 0.5}, **common))
+    with pytest.raises(ValueError, match=refusal):  # from Python
+        train(TrainConfig(out=str(tmp_path / "b"), geometry=GeometryConfig(lambda_router=0.5), **common))
+    result = CliRunner().invoke(main, ["train", "--model", str(model), "--cache", str(cache), "--out", str(tmp_path / "c"), "--max-steps", "1",
+                                       "--use-cpu", "--no-progress", "--lambda-router", "0.5"])
+    assert result.exit_code == 2 and re.search(refusal, result.output) and "Traceback" not in result.output
+    train(TrainConfig(out=str(tmp_path / "d"), **common))  # the default λ_router: skipped without configuration
+    train(TrainConfig(out=str(tmp_path / "e"), geometry={"lambda_router": 0.0, "lambda_kl": 0.3}, **common))
+
+
+def test_resume_refuses_changed_settings_and_allows_a_longer_run(tmp_path, moe_cache):
+    model, root = moe_cache
+    out = tmp_path / "run"
+    common = dict(model=str(model), cache=str(root / "k64"), out=str(out), max_steps=2, save_steps=2, use_cpu=True, lora_r=2, lora_alpha=4, progress=False)
+    train(TrainConfig(**common))
+    saved = (out / "geocache_run.yaml").read_text()
+    with pytest.raises(ValueError, match=r"--resume would continue run .* with lora_r=4, but it was started with lora_r=2"):
+        train(TrainConfig(**{**common, "lora_r": 4, "resume": True}))
+    with pytest.raises(ValueError, match=r"with cache='.*k512', but it was started with cache='.*k64'"):
+        train(TrainConfig(**{**common, "cache": str(root / "k512"), "resume": True}))
+    with pytest.raises(ValueError, match=r"with geometry.lambda_kl=0.3, but it was started with geometry.lambda_kl=0.1"):
+        train(TrainConfig(**{**common, "geometry": {"lambda_kl": 0.3}, "resume": True}))
+    assert (out / "geocache_run.yaml").read_text() == saved
+    # Longer, logged more often, the cache written with a trailing slash: the same run.
+    resumed = train(TrainConfig(**{**common, "max_steps": 3, "logging_steps": 1, "cache": str(root / "k64") + "/", "resume": True}))
+    assert resumed.state.global_step == 3 and "max_steps: 3" in (out / "geocache_run.yaml").read_text()
+
+
+def test_all_linear_targets_the_default_modules_on_dense_and_moe_models(tiny_model_dir):
+    from peft.tuners.lora import LoraLayer
+
+    for model_type in ("llama", "qwen3_moe"):
+        adapted = []
+        for targets in (None, ["all-linear"], "all-linear"):
+            peft_model = add_dora_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir(model_type)), r=2, alpha=4, target_modules=targets)
+            adapted.append({n for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)})
+        assert adapted[0] and adapted[1] == adapted[0] and adapted[2] == adapted[0], model_type
+    with pytest.raises(ValueError, match=r"mixes 'all-linear' with module names"):
+        add_dora_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")), target_modules=["all-linear", "q_proj"])
+
+
+def test_the_router_loss_weight_is_the_schedulers_and_the_gate_doubles_it(tmp_path, moe_cache):
+    from geocache.gate import double_lambdas
+
+    model, root = moe_cache
+    rows = [open_cache(str(root / "k512"))[i] for i in range(4)]
+    router_only = GeometryConfig(lambda_kl=0.0, lambda_cal=0.0, lambda_entropy=0.0, lambda_router=0.5)
+    tr = _trainer(model, root / "k512", CacheBase(), tmp_path / "a", router_only)
+    loss_half, _ = _loss_and_grads(tr, rows)
+    divergence = tr._flush("train")["router_divergence"]
+    assert divergence > 1e-6
+    tr.geometry_scheduler.lambda_router = 1.0  # the config still says 0.5
+    loss_one, _ = _loss_and_grads(tr, rows)
+    assert (loss_one - loss_half).item() == pytest.approx(0.5 * divergence, rel=1e-3)
+    lambdas = double_lambdas(tr)  # the V2 gate's action
+    assert tr.geometry_scheduler.lambda_router == 2.0 and lambdas["lambda_router"] == 1.0
+    loss_two, _ = _loss_and_grads(tr, rows)
+    assert (loss_two - loss_half).item() == pytest.approx(1.5 * divergence, rel=1e-3)
+
+
+def test_a_run_shorter_than_one_logging_window_still_logs_its_metrics(tmp_path, moe_cache):
+    model, root = moe_cache
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--model", str(model), "--cache", str(root / "k64"), "--out", str(out), "--max-steps", "1",
+                                       "--lora-r", "2", "--use-cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1]
+    assert "train_loss" in last and {"task_loss", "KL_mean", "router_divergence", "tokens_per_s"} <= set(last)
+    shown = re.search(r"last task loss (\S+)$", result.output.strip()).group(1)
+    assert float(shown) == pytest.approx(last["task_loss"], abs=1e-4)
+
+
+def test_tokens_per_s_counts_neither_setup_nor_evaluation(tmp_path, moe_cache, monkeypatch):
+    import types
+
+    import geocache.trainer
+
+    model, root = moe_cache
+    now = [0.0]  # a fake clock: each optimizer step takes 1 s, each eval batch 100 s, the setup 1000 s
+    monkeypatch.setattr(geocache.trainer, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    class Step(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            now[0] += 1.0
+
+    class SlowEval(CacheBase):
+        def __call__(self, model, batch, step):
+            now[0] += 0.0 if model.training else 100.0
+            return super().__call__(model, batch, step)
+
+    data = open_cache(str(root / "k64"))
+    tr = _trainer(model, root / "k64", SlowEval(), tmp_path / "t", eval_dataset=data, max_steps=2, logging_steps=2, eval_strategy="steps", eval_steps=1,
+                  per_device_train_batch_size=2, train_sampling_strategy="sequential")
+    tr.add_callback(Step())
+    now[0] += 1000.0
+    tr.train()
+    tokens = int(collate_cache_rows([data[i] for i in range(4)])["attention_mask"].sum())
+    logged = next(r for r in tr.state.log_history if "loss" in r)
+    assert logged["tokens_per_s"] == pytest.approx(tokens / 2.0)  # the two steps' tokens over their 2 s

@@ -117,7 +117,9 @@ def run_calibration(cfg: CalibrationConfig, log=print) -> dict:
                 run_dir = work / f"run-{dataset}-{method}"
                 t0 = time.perf_counter()
                 trainer = sft(model_dir, caches[f"train-{dataset}"], run_dir, steps=cfg.steps, learning_rate=cfg.learning_rate,
-                              batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, geometry=GeometryConfig(**METHODS[method]))
+                              batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device,
+                              # a dense reference has no router: geocache.train refuses a λ_router asked of it
+                              geometry=GeometryConfig(**{**METHODS[method], **({} if recipe.is_moe else {"lambda_router": 0.0})}))
                 train_s = time.perf_counter() - t0
                 model, _ = load_tuned(model_dir, run_dir / "adapter", device=cfg.device)
                 evals = {e: exact_heldout(model, caches[f"eval-{e}"], calibration=True) for e in EVALS}
