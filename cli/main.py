@@ -196,11 +196,13 @@ def train(config_path, **options):
 @main.command()
 @click.option("--out", default="geocache-demo", show_default=True, help="Directory for the data, caches and runs.")
 @click.option("--steps", default=40, show_default=True, help="Training steps per run.")
-def demo(out, steps):
+@click.option("--pretrain-steps", default=500, show_default=True,
+              help="Pretraining steps of the reference model (built once, then reused; 2500 is the benchmarks' model).")
+def demo(out, steps, pretrain_steps):
     """Run the whole pipeline offline on an embedded default (a small MoE model pretrained locally)."""
     from geocache.demo import run_demo
 
-    run_demo(out, steps=steps, log=click.echo)
+    run_demo(out, steps=steps, pretrain_steps=pretrain_steps, log=click.echo)
 
 
 @main.command()

@@ -153,6 +153,10 @@ def load_examples(data: str | list[str], split: str = "train", streaming: bool =
         kwargs = {"data_files": [str(f) for f in files], "split": split, "streaming": streaming}
         if builder == "csv":  # every column as text: datasets would infer 42 as an integer
             kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in _csv_header(files[0])})
+        if builder == "json" and streaming and all(f.suffix == ".jsonl" for f in files):
+            # Line by line, so that one line that is not JSON is a bad row naming its file and line
+            # (skippable with skip_bad_rows), not a parse error that ends the whole run.
+            return datasets.IterableDataset.from_generator(_jsonl_rows, gen_kwargs={"files": [str(f) for f in files]})
         if builder != "text":
             return datasets.load_dataset(builder, **kwargs)
         rows = datasets.load_dataset(builder, sample_by=text_sample_by, **kwargs)
@@ -164,6 +168,25 @@ def load_examples(data: str | list[str], split: str = "train", streaming: bool =
         except Exception as exc:  # datasets raises many types; the user needs one sentence
             raise FileNotFoundError(f"data {sources[0]!r} is neither a local path nor a loadable hub dataset ({exc})") from None
     raise FileNotFoundError(f"data path(s) {missing} do not exist")
+
+
+# A JSONL line that does not parse to an object arrives as a row holding only this key (and the
+# reason); ``tokenize_example`` turns it into a ``BadRowError`` with the row's number.
+_UNREADABLE = "__geocache_unreadable__"
+
+
+def _jsonl_rows(files: list[str]) -> Iterator[dict]:
+    for name in files:
+        with open(name, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue  # as datasets' JSON reader: blank lines hold no row
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield {_UNREADABLE: f"line {line_no} of {name} is not valid JSON ({exc.msg} at column {exc.colno})"}
+                    continue
+                yield row if isinstance(row, dict) else {_UNREADABLE: f"line {line_no} of {name} holds a {type(row).__name__}, not an object"}
 
 
 def _csv_header(path: Path) -> list[str]:
@@ -253,6 +276,8 @@ def tokenize_example(row: dict, index: int, tokenizer, cfg: DataConfig, prefix: 
     """
     if not isinstance(row, dict):
         raise BadRowError(f"row {index}: expected a mapping, got {type(row).__name__}")
+    if _UNREADABLE in row:
+        raise BadRowError(f"row {index}: {row[_UNREADABLE]}")
     kind = _detect(row, cfg)
     eos = [tokenizer.eos_token_id] if cfg.add_eos and tokenizer.eos_token_id is not None else []
     if kind != "messages" and prefix is None:

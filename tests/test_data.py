@@ -278,3 +278,15 @@ def test_sequences_record_the_rows_read_when_they_were_complete(tok):
     assert [s.rows_read for s in single] == [1, 2, 4]
     packed = list(iter_sequences(rows, tok, DataConfig(max_length=64, packing=True)))
     assert [s.rows_read for s in packed] == [4]
+
+
+def test_a_jsonl_line_that_is_not_json_is_a_bad_row_naming_its_file_and_line(tmp_path, tok):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "good row"}\n\n{"text": broken\n[1, 2]\n{"text": "another"}\n')
+    rows = list(load_examples(str(path)))
+    assert len(rows) == 4 and rows[0] == {"text": "good row"} and rows[3] == {"text": "another"}
+    with pytest.raises(BadRowError, match=rf"row 1: line 3 of {path} is not valid JSON \(Expecting value at column 10\)"):
+        list(iter_sequences(rows, tok, DataConfig()))
+    bad = []
+    seqs = list(iter_sequences(load_examples(str(path)), tok, DataConfig(skip_bad_rows=True), bad))
+    assert len(seqs) == 2 and len(bad) == 2 and "row 2: line 4" in bad[1] and "holds a list, not an object" in bad[1]

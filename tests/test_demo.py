@@ -105,3 +105,26 @@ def test_examples_cut_at_lines_within_the_limit_and_lose_nothing_but_blank_piece
     # Pieces end at line ends unless a single line is longer than the limit.
     for p in pieces[:-1]:
         assert p.endswith("\n") or len(p) == max_chars or "\n" not in p
+
+
+def test_the_demo_builds_the_moe_recipe_cut_to_its_pretrain_steps(monkeypatch, tmp_path):
+    """The first run must take minutes: the default model is the MoE recipe at 500 steps, and the
+    CLI's --pretrain-steps reaches the recipe (2500: the benchmarks' own model, reused)."""
+    import geocache.demo as demo
+    from click.testing import CliRunner
+
+    from geocache_cli.main import main
+
+    asked = []
+
+    def stop(recipe, log=print):
+        asked.append(recipe)
+        raise RuntimeError("stop after choosing the model")
+
+    monkeypatch.setattr(demo, "build_reference_model", stop)
+    with pytest.raises(RuntimeError, match="stop after"):
+        run_demo(tmp_path / "a")
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "b"), "--pretrain-steps", "2500"])
+    assert isinstance(result.exception, RuntimeError)
+    assert asked[0] == recipe_for("moe", steps=demo.DEMO_PRETRAIN_STEPS) and demo.DEMO_PRETRAIN_STEPS == 500
+    assert asked[1] == RECIPES["moe"] and RECIPES["moe"].steps == 2500
