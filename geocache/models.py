@@ -25,19 +25,27 @@ def load_model_and_tokenizer(
     device: Optional[str] = None,
     device_map: Optional[str] = None,
     trust_remote_code: bool = False,
+    weights: bool = True,
 ):
     """``AutoModelForCausalLM`` and ``AutoTokenizer`` from a local path or hub id, in eval mode.
 
     ``device_map`` (e.g. ``"auto"``) spreads a base too large for one device through accelerate;
     otherwise the model goes to ``device`` (default: CUDA when available, else CPU).
+    ``weights=False``: the model's structure only, on the meta device (no weight is read or
+    allocated), for what its config and modules tell: output size, MoE layout.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, **kwargs)
+        if not weights:
+            config = AutoConfig.from_pretrained(model_id, **kwargs)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            return model.eval(), tokenizer
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES[dtype], device_map=device_map, **kwargs)
     except OSError as exc:
         raise FileNotFoundError(f"model {model_id!r} is neither a local model directory nor a reachable hub model ({exc})") from None

@@ -136,6 +136,7 @@ class _Run:
             device=device,
             device_map=cfg.device_map,
             trust_remote_code=cfg.trust_remote_code,
+            weights=not cfg.dry_run,  # an estimate needs the structure (sizes, MoE layout), never the weights
         )
         self.out_size = output_size(self.model)
         if cfg.k > self.out_size:
@@ -176,7 +177,7 @@ class _Run:
                 "id": cfg.model,
                 "revision": cfg.revision,
                 "model_type": self.model.config.model_type,
-                **model_fingerprint(self.model),
+                **({} if cfg.dry_run else model_fingerprint(self.model)),
                 "output_size": self.out_size,
                 "tokenizer_size": len(self.tokenizer),
                 "dtype": cfg.dtype,

@@ -615,3 +615,22 @@ def test_the_progress_bar_counts_rows_with_an_eta_when_nothing_caps_the_sequence
     import re
 
     assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", last), last  # elapsed<remaining: a total to count down to
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe"])
+def test_a_dry_run_reads_no_weights_and_estimates_what_a_run_stores(tmp_path, tiny_model_dir, data_file, model_type, monkeypatch):
+    import transformers
+
+    model = tiny_model_dir(model_type)
+    manifest = run(model, data_file, tmp_path / "c", k=8, m=2)
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **kw: pytest.fail("a dry run loaded the weights"))
+    estimate = run(model, data_file, tmp_path / "unused", k=8, m=2, dry_run=True)
+    assert not (tmp_path / "unused").exists()
+    keys = ("sequences", "tokens", "positions", "skipped_rows", "unlabelled_rows")
+    assert {k: estimate[k] for k in keys} == {k: manifest.counts[k] for k in keys} and estimate["sequences"] > 20
+    assert (estimate["router_bytes"] > 0) == (manifest.moe is not None)
+    with pytest.raises(ValueError, match="k=100000 exceeds the 512 output rows"):
+        run(model, data_file, tmp_path / "unused", k=100000, dry_run=True)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", real)
