@@ -76,10 +76,24 @@ class DataConfig:
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValueError(f"{name}={v!r} must be a positive integer or null")
 
-    def fingerprint_fields(self) -> dict:
+    def fingerprint_fields(self, tokenizer=None) -> dict:
         """The settings that decide which tokens are cached (``skip_bad_rows`` included: it
-        changes which rows survive)."""
-        return asdict(self)
+        changes which rows survive). With the ``tokenizer``, ``add_bos`` is what it does there:
+        False for a tokenizer that puts nothing before a text (Qwen's), whatever was asked."""
+        fields = asdict(self)
+        if tokenizer is not None:
+            fields["add_bos"] = bool(self.add_bos and text_prefix(tokenizer))
+        return fields
+
+
+# The preprocessing fields that shape each example's tokens (not which rows are read): a training
+# and an eval cache must agree on these, while their data, split, caps and bad-row policy differ.
+TOKEN_SHAPING_FIELDS = ("format", "text_field", "prompt_field", "completion_field", "messages_field", "max_length", "packing",
+                        "add_eos", "add_bos", "text_sample_by")
+
+
+def token_shaping(preprocessing: dict) -> dict:
+    return {k: preprocessing.get(k) for k in TOKEN_SHAPING_FIELDS}
 
 
 @dataclass
@@ -117,6 +131,29 @@ def _split_name(split: str) -> str:
     return split.split("[", 1)[0].strip()
 
 
+def _row_slice(split: str) -> Optional[tuple[int, Optional[int]]]:
+    """(start, stop) of a slice by row numbers, 'train[100:200]' or 'train[:1000]'; None for a whole
+    split or a slice in percent (which needs the split's length)."""
+    import re
+
+    m = re.fullmatch(r"\s*[\w.-]+\[(\d*):(\d*)\]\s*", split)
+    if not m:
+        return None
+    start, stop = int(m.group(1) or 0), int(m.group(2)) if m.group(2) else None
+    if stop is not None and stop < start:
+        raise ValueError(f"split={split!r} is an empty slice: its end comes before its start")
+    return start, stop
+
+
+def _take(rows, bounds: Optional[tuple[int, Optional[int]]]):
+    """A row-number slice of a streamed dataset (skip, then take): nothing past it is read."""
+    if bounds is None:
+        return rows
+    start, stop = bounds
+    rows = rows.skip(start) if start else rows
+    return rows.take(stop - start) if stop is not None else rows
+
+
 def load_examples(data: str | list[str], split: str = "train", streaming: bool = True, text_sample_by: str = "line",
                   revision: Optional[str] = None, subset: Optional[str] = None) -> Iterable[dict]:
     """Rows of local JSONL/JSON/Parquet/CSV/text files (or directories of them), or a hub dataset id
@@ -126,13 +163,15 @@ def load_examples(data: str | list[str], split: str = "train", streaming: bool =
     (``'train[:1000]'``, ``'train[10%:20%]'``). Text files give one row per line (``datasets``'
     default; blank lines, which separate rather than hold examples, are skipped), per paragraph or
     per file (``text_sample_by``). CSV columns are read as text (a completion ``42`` is the string
-    ``"42"``, not a wrong type). Streaming by default, so large inputs never load whole; a slice
-    loads non-streaming (``datasets`` slices only then).
+    ``"42"``, not a wrong type). Streaming by default, so large inputs never load whole; a slice by
+    row numbers streams too (rows before it are skipped, none after it read), a slice in percent
+    loads the split non-streaming (its length is needed; on the hub that downloads all of it).
     """
     import datasets
 
-    sliced = "[" in split
-    streaming = streaming and not sliced
+    bounds = _row_slice(split) if streaming else None
+    streaming = streaming and ("[" not in split or bounds is not None)
+    whole = _split_name(split) if bounds is not None else split  # what datasets is asked for
     sources = [data] if isinstance(data, str) else list(data)
     paths = [Path(s) for s in sources]
     if all(p.exists() for p in paths):
@@ -150,23 +189,24 @@ def load_examples(data: str | list[str], split: str = "train", streaming: bool =
             raise ValueError(f"data {', '.join(sources)} holds only empty files: there is nothing to read")
         if _split_name(split) != "train":
             raise ValueError(f"split={split!r}: local data files form one split, 'train' (or a slice of it, e.g. 'train[:1000]')")
-        kwargs = {"data_files": [str(f) for f in files], "split": split, "streaming": streaming}
+        kwargs = {"data_files": [str(f) for f in files], "split": whole, "streaming": streaming}
         if builder == "csv":  # every column as text: datasets would infer 42 as an integer
             kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in _csv_header(files[0])})
         if builder == "json" and streaming and all(f.suffix == ".jsonl" for f in files):
             # Line by line, so that one line that is not JSON is a bad row naming its file and line
             # (skippable with skip_bad_rows), not a parse error that ends the whole run.
-            return datasets.IterableDataset.from_generator(_jsonl_rows, gen_kwargs={"files": [str(f) for f in files]})
+            return _take(datasets.IterableDataset.from_generator(_jsonl_rows, gen_kwargs={"files": [str(f) for f in files]}), bounds)
         if builder != "text":
-            return datasets.load_dataset(builder, **kwargs)
+            return _take(datasets.load_dataset(builder, **kwargs), bounds)
         rows = datasets.load_dataset(builder, sample_by=text_sample_by, **kwargs)
-        return rows.filter(lambda row: bool(row["text"].strip()))
+        return _take(rows.filter(lambda row: bool(row["text"].strip())), bounds)
     missing = [s for s, p in zip(sources, paths) if not p.exists()]
     if len(sources) == 1 and "/" in sources[0] and not sources[0].startswith((".", "/")):
         try:
-            return datasets.load_dataset(sources[0], name=subset, split=split, streaming=streaming, revision=revision)
+            rows = datasets.load_dataset(sources[0], name=subset, split=whole, streaming=streaming, revision=revision)
         except Exception as exc:  # datasets raises many types; the user needs one sentence
             raise FileNotFoundError(f"data {sources[0]!r} is neither a local path nor a loadable hub dataset ({exc})") from None
+        return _take(rows, bounds)
     raise FileNotFoundError(f"data path(s) {missing} do not exist")
 
 
@@ -177,7 +217,7 @@ _UNREADABLE = "__geocache_unreadable__"
 
 def _jsonl_rows(files: list[str]) -> Iterator[dict]:
     for name in files:
-        with open(name, encoding="utf-8") as f:
+        with open(name, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not data
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue  # as datasets' JSON reader: blank lines hold no row
@@ -192,7 +232,7 @@ def _jsonl_rows(files: list[str]) -> Iterator[dict]:
 def _csv_header(path: Path) -> list[str]:
     import csv
 
-    with path.open(newline="", encoding="utf-8") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a byte-order mark
         header = next(csv.reader(f), None)
     if not header:
         raise ValueError(f"CSV file {str(path)!r} has no header row naming its columns")

@@ -54,7 +54,9 @@ def run_demo(out: str | Path, steps: int = 40, recipe: ReferenceRecipe | None = 
     benchmarks' own model is ``pretrain_steps=2500``, reused when it is already built)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = build_reference_model(recipe or recipe_for("moe", steps=pretrain_steps), log=log)
+    recipe = recipe or recipe_for("moe", steps=pretrain_steps)
+    recipe_is_moe = recipe.is_moe
+    model_dir = build_reference_model(recipe, log=log)
     log(f"reference model: {model_dir}")
     train_rows, eval_rows = sft_rows()
     for name, rows in (("train", train_rows), ("eval", eval_rows)):
@@ -75,7 +77,9 @@ def run_demo(out: str | Path, steps: int = 40, recipe: ReferenceRecipe | None = 
     runs = {
         # Same threshold schedule in both runs, so that the penalised fractions compare.
         "plain DoRA SFT": GeometryConfig(lambda_kl=0.0, lambda_cal=0.0, lambda_entropy=0.0, lambda_router=0.0, kl_warmup_steps=steps),
-        "geometry-aware": GeometryConfig(lambda_kl=0.5, lambda_cal=0.5, lambda_entropy=0.3, lambda_router=0.5, kl_warmup_steps=steps),
+        # λ_router only where there is a router (a dense recipe refuses one).
+        "geometry-aware": GeometryConfig(lambda_kl=0.5, lambda_cal=0.5, lambda_entropy=0.3, lambda_router=0.5 if recipe_is_moe else 0.0,
+                                         kl_warmup_steps=steps),
     }
     results = {}
     for label, geometry in runs.items():

@@ -183,7 +183,8 @@ class _Run:
                 "dtype": cfg.dtype,
             },
             tokenizer_sha256=tokenizer_fingerprint(self.tokenizer),
-            data={"source": data_fingerprint(cfg.data, cfg.data_config.data_revision), "preprocessing": cfg.data_config.fingerprint_fields()},
+            data={"source": data_fingerprint(cfg.data, cfg.data_config.data_revision),
+                  "preprocessing": cfg.data_config.fingerprint_fields(self.tokenizer)},
             statistics={
                 "k": cfg.k,
                 "m": cfg.m,

@@ -17,8 +17,10 @@ from typing import Optional
 import yaml
 
 from geocache.base import BASE_MODES, CacheBase, CopyBase, LiveBase, PeriodicBase
+from geocache.cache.manifest import first_difference
 from geocache.cache.reader import CacheError, open_cache
 from geocache.config import GeometryConfig
+from geocache.data import token_shaping
 from geocache.models import load_model_and_tokenizer, moe_layout
 
 RUN_CONFIG = "geocache_run.yaml"
@@ -231,14 +233,19 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
     for c in (cache, eval_cache):
         if c is not None:
             c.check_compatible(model, tokenizer)
-    if eval_cache is not None and eval_cache.manifest.data["preprocessing"] != cache.manifest.data["preprocessing"]:
-        raise CacheError("the eval cache was preprocessed differently from the training cache (max length, packing or masking)")
+    if eval_cache is not None:  # the tokens' shape must agree; the data, its slice and caps may not
+        diff = first_difference(*(token_shaping(c.manifest.data["preprocessing"]) for c in (cache, eval_cache)), "preprocessing")
+        if diff:
+            raise CacheError(f"the eval cache was preprocessed differently from the training cache ({diff}, training != eval)")
     layout = moe_layout(model)
     if layout is None and cfg.layer_weights is not None:
         raise ValueError(f"router layer weights were given, but model {cfg.model!r} is dense (it has no MoE router)")
     if cfg.v2_every and layout is None:
         raise ValueError(f"--v2-every needs a MoE model (V2 is measured on MoE layers), and {cfg.model!r} is dense")
-    if layout is None and "lambda_router" in cfg.geometry_given and cfg.geometry.lambda_router > 0:
+    # Asked for = given and off the default: a run's own geocache_run.yaml (every field, the default
+    # λ_router among them) must still resume a dense run.
+    asked = "lambda_router" in cfg.geometry_given and cfg.geometry.lambda_router not in (0, GeometryConfig().lambda_router)
+    if layout is None and asked:
         raise ValueError(f"lambda_router={cfg.geometry.lambda_router} asks for a router loss, but model {cfg.model!r} is dense "
                          "(it has no MoE router); leave lambda_router unset or 0")
     if cfg.base == "cache" and layout is not None and cfg.geometry.lambda_router > 0:

@@ -206,6 +206,12 @@ class GeometryTrainer(Trainer):
         """Raise ``FloatingPointError`` if a trainable weight is NaN/inf, before ``writing`` is
         written: a poisoned checkpoint or adapter would be used later as if it were good."""
         bad = next((name for name, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()), None)
+        if self.accelerator.num_processes > 1:
+            # Every process decides together (under FSDP each holds a shard, and a process that
+            # stopped alone would leave the others waiting in the checkpoint's collectives).
+            flag = torch.tensor([0.0 if bad is None else 1.0], device=self.accelerator.device)
+            if self.accelerator.reduce(flag, reduction="sum").item() > 0 and bad is None:
+                bad = "on another process"
         if bad is not None:
             raise FloatingPointError(f"the trainable weight {bad} is not finite after step {self.state.global_step}, so {writing} "
                                      f"was not written; training stopped, and {self._last_good_checkpoint()}")

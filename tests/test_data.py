@@ -187,16 +187,32 @@ def test_local_data_reads_the_train_split_or_a_slice_of_it(tmp_path):
 
 
 def test_a_hub_dataset_subset_and_slice_reach_datasets(monkeypatch):
+    """A slice by row numbers streams (skip, take: nothing past it is read, nothing downloaded
+    whole); a slice in percent needs the split's length, so datasets loads it non-streaming."""
     import datasets
 
+    class Stream(list):
+        def skip(self, n):
+            asked["skip"] = n
+            return Stream(self[n:])
+
+        def take(self, n):
+            asked["take"] = n
+            return Stream(self[:n])
+
     asked = {}
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: asked.update(a=a, kw=kw) or [{"text": "x"}])
-    load_examples("allenai/c4", split="validation[:10]", subset="en")
-    # datasets slices only when not streaming; the subset is its configuration name
-    assert asked["a"] == ("allenai/c4",) and asked["kw"]["name"] == "en"
-    assert asked["kw"]["split"] == "validation[:10]" and asked["kw"]["streaming"] is False
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: asked.update(a=a, kw=kw) or Stream({"text": str(i)} for i in range(50)))
+    rows = load_examples("allenai/c4", split="validation[5:15]", subset="en")
+    assert asked["a"] == ("allenai/c4",) and asked["kw"]["name"] == "en"  # the subset is datasets' configuration name
+    assert asked["kw"]["split"] == "validation" and asked["kw"]["streaming"] is True
+    assert (asked["skip"], asked["take"]) == (5, 10) and [r["text"] for r in rows] == [str(i) for i in range(5, 15)]
+    asked.clear()
+    load_examples("allenai/c4", split="validation[:10%]", subset="en")
+    assert asked["kw"]["split"] == "validation[:10%]" and asked["kw"]["streaming"] is False and "take" not in asked
     load_examples("allenai/c4", subset="en")
     assert asked["kw"]["split"] == "train" and asked["kw"]["streaming"] is True
+    with pytest.raises(ValueError, match=r"split='train\[9:3\]' is an empty slice"):
+        load_examples("allenai/c4", split="train[9:3]")
 
 
 def test_csv_columns_are_text_even_when_they_look_numeric(tmp_path, tok):
@@ -278,6 +294,10 @@ def test_sequences_record_the_rows_read_when_they_were_complete(tok):
     assert [s.rows_read for s in single] == [1, 2, 4]
     packed = list(iter_sequences(rows, tok, DataConfig(max_length=64, packing=True)))
     assert [s.rows_read for s in packed] == [4]
+    # a row that does not fit closes the pending sequence before it is read into the next one
+    long = [{"text": "a " * 20}, {"text": "b " * 20}, {"text": "c"}]
+    packed = list(iter_sequences(long, tok, DataConfig(max_length=30, packing=True)))
+    assert [s.rows_read for s in packed] == [1, 3] and [len(s.segments) for s in packed] == [1, 2]
 
 
 def test_a_jsonl_line_that_is_not_json_is_a_bad_row_naming_its_file_and_line(tmp_path, tok):
@@ -290,3 +310,18 @@ def test_a_jsonl_line_that_is_not_json_is_a_bad_row_naming_its_file_and_line(tmp
     bad = []
     seqs = list(iter_sequences(load_examples(str(path)), tok, DataConfig(skip_bad_rows=True), bad))
     assert len(seqs) == 2 and len(bad) == 2 and "row 2: line 4" in bad[1] and "holds a list, not an object" in bad[1]
+
+
+def test_a_byte_order_mark_is_not_data(tmp_path, tok):
+    (tmp_path / "d.csv").write_bytes("\ufeffprompt,completion\nWhy?,Because.\n".encode("utf-8"))
+    assert list(load_examples(str(tmp_path / "d.csv"))) == [{"prompt": "Why?", "completion": "Because."}]
+    (tmp_path / "d.jsonl").write_bytes('\ufeff{"text": "first"}\r\n{"text": "second"}\r\n'.encode("utf-8"))
+    rows = list(load_examples(str(tmp_path / "d.jsonl")))
+    assert rows == [{"text": "first"}, {"text": "second"}]
+    assert len(list(iter_sequences(rows, tok, DataConfig()))) == 2
+
+
+def test_a_row_slice_of_local_jsonl_streams_through_the_line_reader(tmp_path, tok):
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": f"row {i}"}) for i in range(6)) + "\n{not json\n")
+    rows = list(load_examples(str(tmp_path / "d.jsonl"), split="train[2:4]"))
+    assert rows == [{"text": "row 2"}, {"text": "row 3"}]

@@ -634,3 +634,20 @@ def test_a_dry_run_reads_no_weights_and_estimates_what_a_run_stores(tmp_path, ti
     with pytest.raises(ValueError, match="k=100000 exceeds the 512 output rows"):
         run(model, data_file, tmp_path / "unused", k=100000, dry_run=True)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", real)
+
+
+def test_a_cache_written_before_add_bos_existed_still_resumes_and_checks(tmp_path, tiny_model_dir, tokenizer_dir, data_file):
+    """Manifests from before the add_bos field: read as add_bos false (they never added one), which
+    is also what the flag does with a tokenizer that puts nothing before a text."""
+    model = tiny_model_dir("llama")
+    run(model, data_file, tmp_path / "c", k=4)
+    for path in [tmp_path / "c" / "manifest.json", *sorted((tmp_path / "c" / "parts").glob("*.json"))]:
+        raw = json.loads(path.read_text())
+        assert raw["data"]["preprocessing"].pop("add_bos") is False  # this tokenizer adds nothing
+        path.write_text(json.dumps(raw))
+    before = rows_of(tmp_path / "c")
+    run(model, data_file, tmp_path / "c", k=4, resume=True)  # the default add_bos=True: nothing to add here
+    assert_same_rows(rows_of(tmp_path / "c"), before)
+    cache = open_cache(str(tmp_path / "c"))
+    cache.check_compatible(tokenizer=AutoTokenizer.from_pretrained(model), data_config=DataConfig(max_length=48))
+    cache.check_compatible(data_config=DataConfig(max_length=48))

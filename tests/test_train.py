@@ -558,3 +558,30 @@ def test_tokens_per_s_counts_neither_setup_nor_evaluation(tmp_path, moe_cache, m
     tokens = int(collate_cache_rows([data[i] for i in range(4)])["attention_mask"].sum())
     logged = next(r for r in tr.state.log_history if "loss" in r)
     assert logged["tokens_per_s"] == pytest.approx(tokens / 2.0)  # the two steps' tokens over their 2 s
+
+
+def test_a_dense_run_resumes_from_its_own_saved_config(tmp_path, dense_cache):
+    """The saved geocache_run.yaml holds every geometry field, the default λ_router among them:
+    fed back with --config it must resume the run, not be read as asking a dense model for a router loss."""
+    model, cache = dense_cache
+    out = tmp_path / "run"
+    args = ["--model", str(model), "--cache", str(cache), "--use-cpu", "--no-progress", "--lora-r", "2", "--lora-alpha", "4", "--save-steps", "1"]
+    first = CliRunner().invoke(main, ["train", *args, "--out", str(out), "--max-steps", "1"])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(main, ["train", "--config", str(out / "geocache_run.yaml"), "--resume", "--max-steps", "2"])
+    assert again.exit_code == 0, again.output
+    assert "trained 2 steps" in again.output
+
+
+def test_an_eval_cache_of_another_slice_is_accepted_and_other_token_shapes_are_named(tmp_path, tiny_model_dir, sft_data):
+    model = tiny_model_dir("llama")
+    caches = {}
+    for name, split, max_length in (("train", "train[:16]", 64), ("eval", "train[16:]", 64), ("short", "train[16:]", 32)):
+        caches[name] = tmp_path / name
+        precompute(PrecomputeConfig(model=str(model), data=[str(sft_data)], out=str(caches[name]), k=8, progress=False,
+                                    data_config=DataConfig(max_length=max_length, split=split)))
+    common = dict(model=str(model), cache=str(caches["train"]), max_steps=1, eval_steps=1, use_cpu=True, lora_r=2, lora_alpha=4, progress=False)
+    trainer = train(TrainConfig(out=str(tmp_path / "a"), eval_cache=str(caches["eval"]), **common))
+    assert any("eval_task_loss" in r for r in trainer.state.log_history)
+    with pytest.raises(CacheError, match=r"preprocessed differently from the training cache \(preprocessing.max_length: 64 != 32, training != eval\)"):
+        train(TrainConfig(out=str(tmp_path / "b"), eval_cache=str(caches["short"]), **common))

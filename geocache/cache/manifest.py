@@ -59,6 +59,11 @@ class Manifest:
         if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
             got = raw.get("format_version") if isinstance(raw, dict) else None
             raise ValueError(f"{where} has cache format version {got!r}; this geocache reads version {FORMAT_VERSION}")
+        # Preprocessing fields added after format version 1 was first written, at the value that
+        # reproduces what those caches hold (they never added a BOS).
+        pre = raw.get("data", {}).get("preprocessing") if isinstance(raw.get("data"), dict) else None
+        if isinstance(pre, dict):
+            pre.setdefault("add_bos", False)
         try:
             raw["shards"] = [ShardInfo(**s) for s in raw.get("shards", [])]
             return cls(**raw)

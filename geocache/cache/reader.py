@@ -160,7 +160,10 @@ class CacheReader(torch.utils.data.Dataset):
         if tokenizer is not None and tokenizer_fingerprint(tokenizer) != self.manifest.tokenizer_sha256:
             raise CacheError(f"cache {self.url!r} was built with another tokenizer than the one given")
         if data_config is not None:
-            diff = first_difference(self.manifest.data.get("preprocessing"), data_config.fingerprint_fields(), "preprocessing")
+            wanted = data_config.fingerprint_fields(tokenizer)
+            if tokenizer is None and wanted["add_bos"] and not self.manifest.data["preprocessing"].get("add_bos"):
+                wanted["add_bos"] = False  # asked, but whether the tokenizer adds anything is unknown without it
+            diff = first_difference(self.manifest.data.get("preprocessing"), wanted, "preprocessing")
             if diff:
                 raise CacheError(f"cache {self.url!r} was built with different preprocessing ({diff})")
         if expected is not None:
