@@ -302,10 +302,15 @@ def fidelity(arch, out, work_dir, tune_domain, steps, ks, ms, eval_sequences, de
 @click.option("--cache-dir", default=None, help="Reference models' cache directory.")
 @click.option("--kl-estimator", type=click.Choice(["topk_hybrid", "topk_tail", "topk_sampled", "topk_cv", "topk_renorm"]), default=None,
               help="Cached KL estimator of the cache run (default: the library's).")
-def parity(arch, out, work_dir, tune_domain, steps, learning_rate, device, cache_dir, kl_estimator):
+@click.option("--replot", is_flag=True, help="Only rewrite parity.md/.png from parity.json in --out.")
+def parity(arch, out, work_dir, tune_domain, steps, learning_rate, device, cache_dir, kl_estimator, replot):
     """Train with --base cache and --base live from the same start; compare held-out exact KL, dH, gap, loss."""
     _bench_deps()
-    from geocache.bench.parity import ParityConfig, run_parity
+    from geocache.bench.parity import ParityConfig, replot as rewrite, run_parity
+
+    if replot:
+        rewrite(out)
+        return
 
     run_parity(ParityConfig(out=out, work_dir=work_dir, arch=arch, tune_domain=tune_domain, steps=steps, learning_rate=learning_rate,
                             device=device, cache_dir=cache_dir, kl_estimator=kl_estimator), log=click.echo)
@@ -319,10 +324,15 @@ def parity(arch, out, work_dir, tune_domain, steps, learning_rate, device, cache
 @click.option("--learning-rate", type=float, default=1e-3, show_default=True, help="Learning rate.")
 @click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
 @click.option("--cache-dir", default=None, help="Reference models' cache directory.")
-def calibration(arch, out, work_dir, steps, learning_rate, device, cache_dir):
+@click.option("--replot", is_flag=True, help="Only rewrite calibration.md/.png from calibration.json in --out.")
+def calibration(arch, out, work_dir, steps, learning_rate, device, cache_dir, replot):
     """SFT with plain DoRA, constant KL penalties and the geometry-aware loss; held-out calibration and drift."""
     _bench_deps()
-    from geocache.bench.calibration import CalibrationConfig, run_calibration
+    from geocache.bench.calibration import CalibrationConfig, replot as rewrite, run_calibration
+
+    if replot:
+        rewrite(out)
+        return
 
     run_calibration(CalibrationConfig(out=out, work_dir=work_dir, arch=arch, steps=steps, learning_rate=learning_rate, device=device,
                                       cache_dir=cache_dir), log=click.echo)

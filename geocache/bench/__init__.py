@@ -105,6 +105,14 @@ def writable_dir(path) -> Path:
     return out
 
 
+def rewrite_reports(out: str | Path, name: str, markdown, plot) -> None:
+    """Rewrite ``name``.md and .png in ``out`` from its ``name``.json alone (no measurement)."""
+    import json
+
+    out = Path(out)
+    write_reports(out, name, json.loads((out / f"{name}.json").read_text()), markdown, plot)
+
+
 def write_reports(out: Path, name: str, result: dict, markdown, plot) -> None:
     """``name``.json, .md (``markdown(result)``) and .png (``plot(result, path)``) in ``out``."""
     import json

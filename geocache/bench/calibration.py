@@ -155,6 +155,13 @@ def razor(runs: list[dict]) -> dict:
     return {"runs": len(runs), "spearman": float(spearmanr(kl, forget).statistic), "pearson": float(pearsonr(kl, forget).statistic)}
 
 
+def replot(out: str | Path) -> None:
+    """Rewrite calibration.md and calibration.png from calibration.json in ``out``."""
+    from geocache.bench import rewrite_reports
+
+    rewrite_reports(out, "calibration", markdown, plot)
+
+
 def markdown(result: dict) -> str:
     from geocache.bench import provenance_markdown
 

@@ -366,10 +366,9 @@ def run_fidelity(cfg: FidelityConfig, log=print) -> dict:
 
 def replot(out: str | Path) -> None:
     """Rewrite fidelity.md and fidelity.png from fidelity.json in ``out``."""
-    from geocache.bench import write_reports
+    from geocache.bench import rewrite_reports
 
-    out = Path(out)
-    write_reports(out, "fidelity", json.loads((out / "fidelity.json").read_text()), markdown, plot)
+    rewrite_reports(out, "fidelity", markdown, plot)
 
 
 def _fmt(x, spec=".4f") -> str:

@@ -103,6 +103,13 @@ def run_parity(cfg: ParityConfig, log=print) -> dict:
     return result
 
 
+def replot(out: str | Path) -> None:
+    """Rewrite parity.md and parity.png from parity.json in ``out``."""
+    from geocache.bench import rewrite_reports
+
+    rewrite_reports(out, "parity", markdown, plot)
+
+
 def markdown(result: dict) -> str:
     from geocache.bench import provenance_markdown
 
