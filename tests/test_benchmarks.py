@@ -15,7 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-# (script, results directory, name, output-directory flag)
+# (script, results directory, name, output-directory flag[, the report's own name when the script
+# writes it under `name`: a committed variant, e.g. parity run with another estimator])
 REPORTS = [
     ("storage.py", RESULTS, "storage", "--out-dir"),
     ("storage.py", RESULTS / "storage_packed", "storage", "--out-dir"),
@@ -23,14 +24,36 @@ REPORTS = [
     ("loss_memory.py", RESULTS, "loss_memory", "--out-dir"),
     ("precompute.py", RESULTS, "precompute", "--out-dir"),
     ("train_step.py", RESULTS, "train_step", "--out"),
+    ("reference.py", RESULTS, "reference", "--out-dir"),
+    ("fidelity.py", RESULTS, "fidelity", "--out"),
+    ("parity.py", RESULTS, "parity", "--out"),
+    ("parity.py", RESULTS, "parity", "--out", "parity_topk_sampled"),
+    ("parity.py", RESULTS, "parity", "--out", "parity_topk_hybrid"),
+    ("calibration.py", RESULTS, "calibration", "--out"),
 ]
 
 
-@pytest.mark.parametrize("script,results,name,flag", REPORTS, ids=[f"{r[1].name}/{r[2]}" for r in REPORTS])
-def test_committed_report_renders_from_its_json(tmp_path, script, results, name, flag):
-    shutil.copy(results / f"{name}.json", tmp_path / f"{name}.json")
+@pytest.mark.parametrize("script,results,name,flag,committed", [(*r[:4], r[4] if len(r) > 4 else r[2]) for r in REPORTS],
+                         ids=[f"{r[1].name}/{r[4] if len(r) > 4 else r[2]}" for r in REPORTS])
+def test_committed_report_renders_from_its_json(tmp_path, script, results, name, flag, committed):
+    shutil.copy(results / f"{committed}.json", tmp_path / f"{name}.json")
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--replot", flag, str(tmp_path)],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / f"{name}.png").stat().st_size > 0
-    assert (tmp_path / f"{name}.md").read_text() == (results / f"{name}.md").read_text()
+    assert (tmp_path / f"{name}.md").read_text() == (results / f"{committed}.md").read_text()
+
+
+def test_reference_benchmark_smoke_builds_both_architectures_from_scratch(tmp_path):
+    import json
+
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reference.py"), "--tiny", "--steps", "3", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    data = json.loads((tmp_path / "reference.json").read_text())
+    assert [m["arch"] for m in data["models"]] == ["moe", "dense"]
+    assert [m["report"]["recipe"]["model_type"] for m in data["models"]] == ["qwen3_moe", "qwen3"]
+    for m in data["models"]:
+        assert m["build_wall_s"] >= m["report"]["train_seconds"] > 0 and set(m["report"]["domains"]) == {"code", "prose"}
+    md = (tmp_path / "reference.md").read_text()
+    assert "| moe (qwen3_moe) |" in md and "| dense (qwen3) |" in md and (tmp_path / "reference.png").stat().st_size > 0
