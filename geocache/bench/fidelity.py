@@ -18,6 +18,9 @@ Reported per (tuned model, domain, estimator, k, m), against the exact value:
   Σ max(KL − τ, 0) relative error, and the share of positions penalised, exact and cached;
 - ``grad_cos``: cosine between the gradients of Σ KL with respect to the tuned logits, cached vs
   exact, over all positions at once (``grad_cos_p50``: the per-position median; ``grad_cos_p05``);
+- per threshold τ, ``penalty_grad_cos``: the same for the loss's KL term, Σ max(KL − τ, 0): each
+  side's gradient counts only at the positions its own KL puts above τ (a position the cached KL
+  penalises and the exact does not, or the reverse, costs cosine), as the loss trains;
 - ``bytes``: LM-statistics bytes per token stored, per backend. Caches hold ``max(ms)`` samples;
   for a smaller m the tail arrays' stored bytes are scaled by m / max(ms).
 
@@ -247,6 +250,9 @@ def compare(tuned: torch.Tensor, base_logits: torch.Tensor, stats_by_k: dict[int
             row[f"penalty_relerr@{tau}"] = ((pen_c - pen_e).abs() / pen_e).item() if pen_e > 0 else float("nan")
             row[f"penalised_exact@{tau}"] = (ke > tau).double().mean().item()
             row[f"penalised_cached@{tau}"] = (kl > tau).double().mean().item()
+            mc, me = kl > tau, ke > tau
+            norm = (g2[mc].sum() * ge2[me].sum()).sqrt()
+            row[f"penalty_grad_cos@{tau}"] = (dot[mc & me].sum() / norm).item() if norm > 0 else float("nan")
         rows.append(row)
     return rows
 
@@ -444,8 +450,8 @@ def markdown(result: dict) -> str:
             "",
             "| steps | domain | estimator | k | m | exact mean | agg bias | rel err p50 | p95 | Spearman | "
             + " | ".join(f"mask agree @{x} | penalty rel err @{x} | penalised exact / cached @{x}" for x in t)
-            + " | grad cos | per-position p50 / p05 | bytes arrow / zarr |",
-            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|---|" * len(t) + "---:|---|---|",
+            + " | grad cos | per-position p50 / p05 | " + " | ".join(f"penalty grad cos @{x}" for x in t) + " | bytes arrow / zarr |",
+            "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|" + "---:|---:|---|" * len(t) + "---:|---|" + "---:|" * len(t) + "---|",
         ]
         for r in rows:
             if r["direction"] != direction:
@@ -456,6 +462,7 @@ def markdown(result: dict) -> str:
                 cells += [_fmt(r[f"mask_agree@{x}"]), _fmt(r[f"penalty_relerr@{x}"]),
                           f"{r[f'penalised_exact@{x}']:.3f} / {r[f'penalised_cached@{x}']:.3f}"]
             cells += [_fmt(r["grad_cos"], ".5f"), f"{r['grad_cos_p50']:.4f} / {r['grad_cos_p05']:.4f}",
+                      *(_fmt(r.get(f"penalty_grad_cos@{x}"), ".5f") for x in t),
                       " / ".join(f"{r['bytes'][b]:.1f}" for b in cfg["backends"])]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
