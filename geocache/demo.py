@@ -55,7 +55,6 @@ def run_demo(out: str | Path, steps: int = 40, recipe: ReferenceRecipe | None = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recipe = recipe or recipe_for("moe", steps=pretrain_steps)
-    recipe_is_moe = recipe.is_moe
     model_dir = build_reference_model(recipe, log=log)
     log(f"reference model: {model_dir}")
     train_rows, eval_rows = sft_rows()
@@ -78,7 +77,7 @@ def run_demo(out: str | Path, steps: int = 40, recipe: ReferenceRecipe | None = 
         # Same threshold schedule in both runs, so that the penalised fractions compare.
         "plain DoRA SFT": GeometryConfig(lambda_kl=0.0, lambda_cal=0.0, lambda_entropy=0.0, lambda_router=0.0, kl_warmup_steps=steps),
         # λ_router only where there is a router (a dense recipe refuses one).
-        "geometry-aware": GeometryConfig(lambda_kl=0.5, lambda_cal=0.5, lambda_entropy=0.3, lambda_router=0.5 if recipe_is_moe else 0.0,
+        "geometry-aware": GeometryConfig(lambda_kl=0.5, lambda_cal=0.5, lambda_entropy=0.3, lambda_router=0.5 if recipe.is_moe else 0.0,
                                          kl_warmup_steps=steps),
     }
     results = {}

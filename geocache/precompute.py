@@ -466,7 +466,6 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
     total = count_rows(cfg.data, cfg.data_config) if by_rows and cfg.progress else None if by_rows else -(-max(cap - rank, 0) // world)
     bar = tqdm(total=total, unit="row" if by_rows else "seq", desc=f"precompute[{rank}]" if world > 1 else "precompute",
                disable=not cfg.progress, file=sys.stderr)
-    bar.by_rows, bar.sequences = by_rows, done
     if not by_rows:
         bar.update(done)
     tokens, started = 0, time.perf_counter()
@@ -477,10 +476,10 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
                 continue  # committed before an interruption
             batch.append((i, seq))
             if len(batch) == cfg.batch_size:
-                tokens += _flush(run, batch, writer, bar, tokens, started)
+                tokens += _flush(run, batch, writer, bar, by_rows, n + 1, tokens, started)
                 batch = []
         if batch:
-            tokens += _flush(run, batch, writer, bar, tokens, started)
+            tokens += _flush(run, batch, writer, bar, by_rows, n + 1, tokens, started)
     finally:
         bar.close()
         writer.close()
@@ -505,13 +504,14 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
     return merged
 
 
-def _flush(run: _Run, batch, writer: ShardWriter, bar, tokens: int, started: float) -> int:
+def _flush(run: _Run, batch, writer: ShardWriter, bar, by_rows: bool, sequences: int, tokens: int, started: float) -> int:
+    """Write a batch's records; move the bar (in input rows, or in sequences) on, ``sequences``
+    being this rank's so far, those committed before a resume included."""
     for rec in run.records(batch):
         writer.put(rec)
     n_tok = sum(len(seq) for _, seq in batch)
-    bar.sequences += len(batch)
-    bar.update(batch[-1][1].rows_read - bar.n if bar.by_rows else len(batch))
-    postfix = {"seq": bar.sequences} if bar.by_rows else {}
+    bar.update(batch[-1][1].rows_read - bar.n if by_rows else len(batch))
+    postfix = {"seq": sequences} if by_rows else {}
     bar.set_postfix(**postfix, tokens_per_s=f"{(tokens + n_tok) / max(time.perf_counter() - started, 1e-9):,.0f}")
     return n_tok
 
