@@ -23,13 +23,17 @@ def load_model_and_tokenizer(
     revision: Optional[str] = None,
     dtype: str = "float32",
     device: Optional[str] = None,
-    device_map: Optional[str] = None,
+    device_map: Optional[str | dict] = None,
+    max_memory: Optional[dict] = None,
+    offload_folder: Optional[str] = None,
     trust_remote_code: bool = False,
     weights: bool = True,
 ):
     """``AutoModelForCausalLM`` and ``AutoTokenizer`` from a local path or hub id, in eval mode.
 
-    ``device_map`` (e.g. ``"auto"``) spreads a base too large for one device through accelerate;
+    ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or a mapping of module names to
+    devices, ``"cpu"`` or ``"disk"``) spreads a base too large for one device through accelerate,
+    within ``max_memory`` per device, offloading to ``offload_folder`` what fits nowhere;
     otherwise the model goes to ``device`` (default: CUDA when available, else CPU).
     ``weights=False``: the model's structure only, on the meta device (no weight is read or
     allocated), for what its config and modules tell: output size, MoE layout.
@@ -46,7 +50,8 @@ def load_model_and_tokenizer(
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
             return model.eval(), tokenizer
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES[dtype], device_map=device_map, **kwargs)
+        placement = {k: v for k, v in (("max_memory", max_memory), ("offload_folder", offload_folder)) if v is not None}
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES[dtype], device_map=device_map, **placement, **kwargs)
     except OSError as exc:
         raise FileNotFoundError(f"model {model_id!r} is neither a local model directory nor a reachable hub model ({exc})") from None
     if device_map is None:
@@ -61,22 +66,58 @@ def output_size(model) -> int:
     return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
 
 
+def input_device(model) -> torch.device:
+    """Where the model's input ids go: its embedding's device, or, when accelerate offloaded the
+    embedding (a ``device_map`` with ``cpu`` or ``disk``: its weight is on ``meta`` between
+    forwards), the device its hook runs it on."""
+    embed = model.get_input_embeddings()
+    hook = getattr(embed, "_hf_hook", None)
+    if embed.weight.device.type == "meta" and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return embed.weight.device
+
+
+def _owner_offloaded(model, name: str):
+    """The module holding state-dict entry ``name`` if accelerate offloaded its tensors, else None."""
+    from accelerate.utils import has_offloaded_params
+
+    module_name, _, _ = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    return module if has_offloaded_params(module) else None
+
+
 def model_fingerprint(model) -> dict:
     """sha256 of the config, and of the weights sampled: per tensor (sorted by name) its name,
     shape and up to 4,096 evenly strided values rounded to bfloat16, so the same weights loaded
-    in float32 or bfloat16 agree while any retrained or other model differs."""
+    in float32 or bfloat16 agree while any retrained or other model differs. Weights accelerate
+    offloaded (``meta`` here, held by its hooks) are read one module at a time, so a base
+    spread by a ``device_map`` has the fingerprint it has loaded whole."""
+    from accelerate.utils import align_module_device
+
     config = model.config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures", "_attn_implementation_autoset"):
         config.pop(volatile, None)
     h = hashlib.sha256()
-    for name, param in sorted(model.state_dict().items()):
-        if param.device.type == "meta":
-            continue
-        flat = param.detach().reshape(-1)
+
+    def update(name: str, tensor: torch.Tensor) -> None:
+        flat = tensor.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float32).to(torch.bfloat16)
         h.update(name.encode())
-        h.update(str(tuple(param.shape)).encode())
+        h.update(str(tuple(tensor.shape)).encode())
         h.update(sample.view(torch.int16).numpy().tobytes())
+
+    for name, param in sorted(model.state_dict().items()):
+        if param.device.type != "meta":
+            update(name, param)
+            continue
+        owner = _owner_offloaded(model, name)
+        if owner is None:  # a structure without weights (``weights=False``): nothing to hash
+            continue
+        with align_module_device(owner, torch.device("cpu")):
+            update(name, getattr(owner, name.rpartition(".")[2]))
     return {
         "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
         "weights_sha256": h.hexdigest(),

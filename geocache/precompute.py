@@ -20,6 +20,7 @@ differently-split run caches exactly the same rows.
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
 import sys
@@ -36,7 +37,7 @@ from geocache.cache.manifest import FORMAT_VERSION, MANIFEST, PARTS_DIR, SHARDS_
 from geocache.cache.reader import CacheError, _fs
 from geocache.cache.writer import ShardWriter, atomic_write_text, part_path
 from geocache.data import DataConfig, Sequence, count_rows, data_fingerprint, iter_sequences, load_examples, tokenizer_fingerprint
-from geocache.models import load_model_and_tokenizer, model_fingerprint, moe_layout, output_size
+from geocache.models import input_device, load_model_and_tokenizer, model_fingerprint, moe_layout, output_size
 from geocache.moe import recorded_router_logits
 from geocache.signals import compute_base_stats, labelled_positions
 
@@ -66,7 +67,9 @@ class PrecomputeConfig:
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass."})
     dtype: str = field(default="float32", metadata={"help": "Base compute dtype: float32 | bfloat16 | float16."})
     device: Optional[str] = field(default=None, metadata={"help": "Device (default: cuda when available, else cpu)."})
-    device_map: Optional[str] = field(default=None, metadata={"help": "accelerate device_map (e.g. auto) for large bases."})
+    device_map: Optional[str | dict] = field(default=None, metadata={"help": "accelerate device_map for bases larger than one device: auto, balanced, sequential, or a JSON mapping of module names to devices, cpu or disk."})
+    max_memory: Optional[str | dict] = field(default=None, metadata={"help": "With --device-map: memory per device, JSON, e.g. '{\"0\": \"20GiB\", \"cpu\": \"60GiB\"}'."})
+    offload_folder: Optional[str] = field(default=None, metadata={"help": "With --device-map: where weights that fit on no device are offloaded."})
     seed: int = field(default=0, metadata={"help": "Seed of the tail samples."})
     shard_sequences: int = field(default=256, metadata={"help": "Sequences per shard."})
     resume: bool = field(default=False, metadata={"help": "Continue an interrupted run after its last committed shard."})
@@ -91,6 +94,20 @@ class PrecomputeConfig:
             raise ValueError(f"m={self.m} must be >= 0")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: pick one")
+        for name in ("device_map", "max_memory"):  # JSON from the command line, a mapping from YAML or Python
+            value = getattr(self, name)
+            if isinstance(value, str) and value.lstrip().startswith("{"):
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{name}={value!r} is not a valid JSON mapping ({exc.msg})") from None
+                setattr(self, name, value)
+        if isinstance(self.max_memory, str):
+            raise ValueError(f"max_memory={self.max_memory!r} must be a mapping of devices to sizes, e.g. '{{\"0\": \"20GiB\", \"cpu\": \"60GiB\"}}'")
+        if (self.max_memory or self.offload_folder) and self.device_map is None:
+            raise ValueError("max_memory and offload_folder place a base spread by device_map: give --device-map too")
+        if self.device_map is not None and self.device is not None:
+            raise ValueError("--device and --device-map contradict each other: a device_map places the model itself")
 
 
 def _id_dtype(size: int) -> np.dtype:
@@ -135,6 +152,8 @@ class _Run:
             dtype=cfg.dtype,
             device=device,
             device_map=cfg.device_map,
+            max_memory=cfg.max_memory,
+            offload_folder=cfg.offload_folder,
             trust_remote_code=cfg.trust_remote_code,
             weights=not cfg.dry_run,  # an estimate needs the structure (sizes, MoE layout), never the weights
         )
@@ -223,7 +242,7 @@ class _Run:
         for j, (b, s, e) in enumerate(segments):
             ids[j, : e - s] = torch.tensor(batch[b][1].input_ids[s:e])
             mask[j, : e - s] = 1
-        device = model.get_input_embeddings().weight.device
+        device = input_device(model)
         want_router = self.router_mode != "none"
         started = time.perf_counter()
         # Router logits through hooks on the routers: output_router_logits=True would also compute
@@ -321,8 +340,8 @@ def _plain_head(model) -> Optional[torch.nn.Linear]:
     that input. Anything applied after the head (Gemma's soft-capping, Cohere's logit scale, a cast)
     fails the check, and precompute then reads the model's own logits."""
     head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        return None
+    if not isinstance(head, torch.nn.Linear) or any(p.device.type == "meta" for p in head.parameters()):
+        return None  # not a linear layer, or offloaded by a device_map: its weights exist only inside its forward
     seen = {}
 
     def probe(module, args):
@@ -331,7 +350,7 @@ def _plain_head(model) -> Optional[torch.nn.Linear]:
         seen["h"] = h * (10.0 / z.std().clamp_min(1e-6)).to(h.dtype)
         return (seen["h"], *args[1:])
 
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     ids = (torch.arange(8, device=device) % head.weight.shape[0]).unsqueeze(0)
     handle = head.register_forward_pre_hook(probe)
     try:

@@ -651,3 +651,50 @@ def test_a_cache_written_before_add_bos_existed_still_resumes_and_checks(tmp_pat
     cache = open_cache(str(tmp_path / "c"))
     cache.check_compatible(tokenizer=AutoTokenizer.from_pretrained(model), data_config=DataConfig(max_length=48))
     cache.check_compatible(data_config=DataConfig(max_length=48))
+
+
+def _spread_over_cpu_and_disk(model_dir) -> dict:
+    """A device_map that offloads the embedding, the output head and every other layer to disk
+    (accelerate then keeps their weights on ``meta`` between forwards), the rest on the CPU."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    device_map = {f"model.{name}": "cpu" for name, _ in model.model.named_children() if name != "layers"}
+    device_map.update({f"model.layers.{i}": "disk" if i % 2 else "cpu" for i in range(config.num_hidden_layers)})
+    device_map.update({"model.embed_tokens": "disk", "lm_head": "disk"})
+    return device_map
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
+def test_a_base_spread_by_a_device_map_with_disk_offload_caches_what_it_caches_whole(tmp_path, tiny_model_dir, data_file, model_type):
+    """Offloaded weights exist only inside their modules' forwards: the fused head steps aside
+    (the model's own logits are read), the input goes where the embedding runs, and the model's
+    fingerprint reads the offloaded weights, so the cache is the one the whole model gives and
+    passes ``check_compatible`` against it."""
+    model_dir = tiny_model_dir(model_type)
+    whole = run(model_dir, data_file, tmp_path / "whole", k=8, m=4, fused_head=False)
+    device_map = _spread_over_cpu_and_disk(model_dir)
+    spread = run(model_dir, data_file, tmp_path / "spread", k=8, m=4, device_map=json.dumps(device_map), offload_folder=str(tmp_path / "offload"))
+    spread_model = AutoModelForCausalLM.from_pretrained(model_dir, device_map=device_map, offload_folder=str(tmp_path / "offload"))
+    assert spread_model.lm_head.weight.device.type == "meta" and spread_model.model.embed_tokens.weight.device.type == "meta"  # really offloaded
+    assert spread.base_model == whole.base_model
+    assert_same_rows(rows_of(tmp_path / "whole"), rows_of(tmp_path / "spread"))
+    if model_type == "qwen3_moe":
+        assert "router_logits" in open_cache(str(tmp_path / "spread"))[0]
+    open_cache(str(tmp_path / "spread")).check_compatible(AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir))
+
+
+def test_device_map_options_are_checked_in_one_sentence(tmp_path, tiny_model_dir, data_file):
+    dense = tiny_model_dir("llama")
+    with pytest.raises(ValueError, match="give --device-map too"):
+        run(dense, data_file, tmp_path / "a", offload_folder=str(tmp_path / "off"))
+    with pytest.raises(ValueError, match="--device and --device-map contradict each other"):
+        run(dense, data_file, tmp_path / "b", device="cpu", device_map="auto")
+    with pytest.raises(ValueError, match="is not a valid JSON mapping"):
+        run(dense, data_file, tmp_path / "c", device_map='{"lm_head": cpu}')
+    with pytest.raises(ValueError, match="must be a mapping of devices to sizes"):
+        run(dense, data_file, tmp_path / "d", device_map="auto", max_memory="20GiB")
+    assert PrecomputeConfig(model="m", data="d", out="o", device_map='{"": "cpu"}', max_memory='{"cpu": "1GiB"}').max_memory == {"cpu": "1GiB"}
