@@ -69,16 +69,26 @@ class CacheBase:
         return BaseBatch(batch["base"], _router_from_batch(batch))
 
 
+def model_inputs(batch: dict) -> dict:
+    """The model's inputs from a batch of cache rows. Packed rows (``position_ids``) go without
+    the 2-D attention mask, as HF's ``DataCollatorWithFlattening`` batches them: transformers
+    builds the block-diagonal causal mask from the position ids only when ``attention_mask`` is
+    None, and with a 2-D mask each packed example would attend to the ones before it in its row,
+    which precompute never lets happen (the cache's statistics are of each example alone)."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+
+
 def _forward_base(model, batch: dict, want_router: bool) -> BaseBatch:
     """One no-grad, eval-mode (dropout off) forward of ``model`` on the batch."""
     was_training = model.training
     model.eval()
     try:
-        kwargs = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
         # Router logits through hooks: output_router_logits=True would also compute transformers'
         # load-balancing loss, which nothing here reads.
         with torch.no_grad(), recorded_router_logits(model, enabled=want_router) as router_logits:
-            out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False, **kwargs)
+            out = model(**model_inputs(batch), use_cache=False)
     finally:
         model.train(was_training)
     router = select_router_rows(router_logits, batch["labels"]) if router_logits else None

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from geocache.base import BaseBatch, CacheBase
+from geocache.base import BaseBatch, CacheBase, model_inputs
 from geocache.cache.reader import collate_cache_rows
 from geocache.config import GeometryConfig
 from geocache.losses import AdaptiveGeometryScheduler, GeometryAwareLoss, router_divergence_loss
@@ -156,12 +156,11 @@ class GeometryTrainer(Trainer):
         step = self.state.global_step
         labels = inputs["labels"]
         lam_router = self.geometry_scheduler.lambda_router  # the scheduler's λ_router (the V2 gate may double it)
-        kwargs = {"position_ids": inputs["position_ids"]} if "position_ids" in inputs else {}
         unwrapped = self._unwrap(model)
         # Router logits through hooks, not output_router_logits=True (which adds transformers'
         # load-balancing loss to every forward); the call stays on the wrapped model (DDP).
         with recorded_router_logits(unwrapped, enabled=self.layout is not None) as router_logits:
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False, **kwargs)
+            outputs = model(**model_inputs(inputs), use_cache=False)
         base: BaseBatch = self.base_source(unwrapped, inputs, step)
         lm = base.lm.to(outputs.logits.device) if base.lm is not None else None
         thresholds = self.geometry_scheduler.get_thresholds(step)

@@ -83,6 +83,31 @@ def test_one_step_from_the_cache_at_k_vocab_matches_the_live_base(tmp_path, moe_
         torch.testing.assert_close(g_cache[name], g_live[name], rtol=2e-2, atol=2e-4)
 
 
+def test_packed_rows_train_on_each_example_alone_as_the_cache_holds_them(tmp_path, tiny_model_dir, sft_data):
+    """Packed rows: the tuned forward (and a live base's) must not let an example attend to the
+    ones packed before it, or the cache's statistics (each example alone) would not be the base's
+    of what the tuned model sees. At the adapter's initialisation the tuned model is the base: its
+    logsumexp at every labelled position equals the cached one."""
+    from geocache.base import _forward_base
+    from geocache.signals import labelled_positions
+
+    model_dir = tiny_model_dir("qwen3")
+    cache_path = tmp_path / "packed"
+    precompute(PrecomputeConfig(model=str(model_dir), data=[str(sft_data)], out=str(cache_path), k=8, m=2, progress=False,
+                                data_config=DataConfig(max_length=128, packing=True)))
+    cache = open_cache(str(cache_path))
+    batch = collate_cache_rows([cache[i] for i in range(min(4, len(cache)))])
+    assert "position_ids" in batch and (batch["position_ids"][:, 1:] == 0).any()  # examples start mid-row
+    trainer = _trainer(model_dir, cache_path, CacheBase(), tmp_path / "run")
+    rows, _ = labelled_positions(batch["labels"])
+    _, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    tuned_lse = outputs.logits.detach().float().reshape(-1, outputs.logits.shape[-1])[rows].logsumexp(-1)
+    torch.testing.assert_close(tuned_lse, batch["base"].lse, rtol=0, atol=1e-4)
+    with trainer.model.disable_adapter():
+        live = _forward_base(trainer.model, batch, want_router=False).lm
+    torch.testing.assert_close(live.float().reshape(-1, live.shape[-1])[rows].logsumexp(-1), batch["base"].lse, rtol=0, atol=1e-4)
+
+
 def test_at_k_64_the_cached_loss_is_within_the_estimators_error(tmp_path, moe_cache):
     """topk_tail misses exactly the divergence inside the tail: KL − KL_tail = p_T · KL(p|tail ‖ q|tail)."""
     from geocache.signals import labelled_positions

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from geocache.base import model_inputs
 from geocache.signals import shift_and_select
 
 
@@ -56,7 +57,7 @@ def exact_heldout(model, cache_path: str | Path, batch_size: int = 8, calibratio
     n = 0
     for start in range(0, len(cache), batch_size):
         batch = collate_cache_rows([cache[i] for i in range(start, min(start + batch_size, len(cache)))])
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+        inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
         labels = batch["labels"].to(device)
         # Router logits by hooks, as in training (output_router_logits=True adds transformers'
         # load-balancing loss to every forward).

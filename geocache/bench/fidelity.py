@@ -39,6 +39,7 @@ from typing import Optional
 
 import torch
 
+from geocache.base import model_inputs
 from geocache.signals import KL_ESTIMATORS, SAMPLED_ESTIMATORS, BaseStats, cached_kl_terms, log_tail_mass, shift_and_select
 
 TARGETS = {"agg_bias_abs": 0.005, "mask_agree": 0.995, "grad_cos": 0.999, "bytes_per_token": 200.0}
@@ -135,7 +136,7 @@ def _logits(model, cache_path: Path, device) -> tuple[torch.Tensor, torch.Tensor
     tuned, base, stats = [], [], []
     for start in range(0, len(cache), 8):
         batch = collate_cache_rows([cache[i] for i in range(start, min(start + 8, len(cache)))])
-        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+        inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
         tuned.append(shift_and_select(model(**inputs).logits.float(), batch["labels"].to(device))[0].cpu())
         with model.disable_adapter():
             base.append(shift_and_select(model(**inputs).logits.float(), batch["labels"].to(device))[0].cpu())
