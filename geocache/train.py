@@ -92,6 +92,8 @@ class TrainConfig:
             raise ValueError("eval_steps was given but no eval_cache to evaluate on")
         if isinstance(self.v2_data, str):  # one domain written as a plain string (YAML)
             self.v2_data = [self.v2_data]
+        if isinstance(self.target_modules, str):  # one module, or "all-linear", written as a plain string (YAML)
+            self.target_modules = [self.target_modules]
         if self.v2_every < 0:
             raise ValueError(f"v2_every={self.v2_every} must be >= 0")
         if self.v2_every and not self.v2_data:

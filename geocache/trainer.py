@@ -132,6 +132,13 @@ class GeometryTrainer(Trainer):
             tok = kwargs.get("processing_class")
             pad = getattr(tok, "pad_token_id", None) or 0
             kwargs["data_collator"] = partial(collate_cache_rows, pad_token_id=pad)
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if targs is not None and targs.remove_unused_columns:
+            # Trainer would drop every dataset column the model's forward does not name: the base
+            # statistics (lse, top-k, ...) with them. What TRL's trainers do for their own columns.
+            warnings.warn("remove_unused_columns=True would drop the cache's base statistics from every batch: "
+                          "GeometryTrainer sets it to False", stacklevel=2)
+            targs.remove_unused_columns = False
         super().__init__(*args, **kwargs)
         self.geometry_config = geometry_config or GeometryConfig()
         self.geometry_loss = GeometryAwareLoss(self.geometry_config)
@@ -298,7 +305,8 @@ class GeometryTrainer(Trainer):
         output = super().evaluation_loop(*args, **kwargs)
         if self._clock is not None:  # evaluation is not training time: the tokens/s clock skips it
             self._clock += time.perf_counter() - start
-        prefix = kwargs.get("metric_key_prefix", args[3] if len(args) > 3 else "eval")
+        # (dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         for key, value in self._flush("eval").items():
             output.metrics[f"{prefix}_{key}"] = value
         return output

@@ -610,3 +610,37 @@ def test_an_eval_cache_of_another_slice_is_accepted_and_other_token_shapes_are_n
     assert any("eval_task_loss" in r for r in trainer.state.log_history)
     with pytest.raises(CacheError, match=r"preprocessed differently from the training cache \(preprocessing.max_length: 64 != 32, training != eval\)"):
         train(TrainConfig(out=str(tmp_path / "b"), eval_cache=str(caches["short"]), **common))
+
+
+def test_hf_default_arguments_keep_the_caches_columns(tmp_path, moe_cache):
+    """TrainingArguments' default remove_unused_columns=True would drop the base statistics (the
+    model's forward names none of them): the trainer turns it off, saying so, and trains."""
+    model, root = moe_cache
+    torch.manual_seed(0)
+    targs = TrainingArguments(output_dir=str(tmp_path), report_to=[], save_strategy="no", use_cpu=True, max_steps=1, per_device_train_batch_size=2)
+    assert targs.remove_unused_columns
+    with pytest.warns(UserWarning, match="remove_unused_columns=True would drop the cache's base statistics"):
+        trainer = GeometryTrainer(model=add_dora_adapter(AutoModelForCausalLM.from_pretrained(model), r=2, alpha=4), args=targs,
+                                  train_dataset=open_cache(str(root / "k64")))
+    assert trainer.train().global_step == 1
+
+
+def test_target_modules_written_as_one_string_are_one_module(tmp_path, moe_cache):
+    model, root = moe_cache
+    assert TrainConfig(model="m", cache="c", out="o", target_modules="q_proj").target_modules == ["q_proj"]
+    assert TrainConfig(model="m", cache="c", out="o", target_modules="all-linear").target_modules == ["all-linear"]
+    out = tmp_path / "run"
+    (tmp_path / "cfg.yaml").write_text("target_modules: q_proj\nmax_steps: 1\nsave_steps: 1\nlora_r: 2\nlora_alpha: 4\n")
+    cli = ["train", "--config", str(tmp_path / "cfg.yaml"), "--model", str(model), "--cache", str(root / "k64"), "--out", str(out), "--use-cpu", "--no-progress"]
+    result = CliRunner().invoke(main, cli)
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, [*cli, "--resume", "--target-modules", "q_proj", "--max-steps", "2"])  # the CLI gives a list
+    assert result.exit_code == 0, result.output
+
+
+def test_metrics_take_the_prefix_evaluation_loop_is_given_positionally(tmp_path, moe_cache):
+    model, root = moe_cache
+    trainer = _trainer(model, root / "k64", CacheBase(), tmp_path / "e", per_device_eval_batch_size=4)
+    loader = trainer.get_eval_dataloader(open_cache(str(root / "k64")))
+    metrics = trainer.evaluation_loop(loader, "check", None, None, "heldout").metrics
+    assert "heldout_KL_mean" in metrics and not any(k.startswith("None_") for k in metrics)
