@@ -338,8 +338,23 @@ def tokenize_example(row: dict, index: int, tokenizer, cfg: DataConfig, prefix: 
     return _tokenize_chat(row, index, tokenizer, cfg)
 
 
+def _decoded(value):
+    """``value`` parsed if it is a JSON-encoded list or object (``datasets`` streams a ``.json``
+    array of chat rows whose messages mix types, e.g. ``"tool_calls": null``, as one JSON string
+    per message), else unchanged."""
+    if isinstance(value, str) and value.lstrip()[:1] in ("[", "{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
 def _tokenize_chat(row: dict, index: int, tokenizer, cfg: DataConfig) -> tuple[list[int], list[int]]:
     messages = row.get(cfg.messages_field)
+    messages = _decoded(messages)  # streamed JSON without a schema: messages (or each one) may arrive still encoded
+    if isinstance(messages, list):
+        messages = [_decoded(m) for m in messages]
     if not isinstance(messages, list) or not messages:
         raise BadRowError(f"row {index}: field {cfg.messages_field!r} must be a non-empty list of messages")
     for i, m in enumerate(messages):

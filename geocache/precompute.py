@@ -416,10 +416,15 @@ def _estimate(run: _Run, bad_rows: list) -> dict:
 def _prepare_output(fs, root: str, run: _Run) -> Manifest:
     """Check the output location and return this rank's part manifest to continue from."""
     cfg = run.cfg
-    has_cache = fs.exists(posixpath.join(root, MANIFEST)) or fs.exists(posixpath.join(root, PARTS_DIR))
+    parts_dir = posixpath.join(root, PARTS_DIR)
+    has_cache = fs.exists(posixpath.join(root, MANIFEST)) or (fs.exists(parts_dir) and bool(fs.ls(parts_dir, detail=False)))
     if has_cache and not (cfg.resume or cfg.overwrite):
         raise CacheError(f"output {cfg.out!r} already holds a geocache cache; pass --overwrite to replace it or --resume to continue it")
-    if not has_cache and fs.exists(root) and fs.ls(root) and not cfg.resume:
+    # Empty parts/ and shards/ directories are what a run leaves that stopped before committing
+    # anything (a bad row, a missing chat template): an empty output, not a cache to protect.
+    others = [p for p in (fs.ls(root, detail=False) if fs.exists(root) else [])
+              if posixpath.basename(p.rstrip("/")) not in (PARTS_DIR, SHARDS_DIR) or fs.ls(p, detail=False)]
+    if not has_cache and others:
         raise CacheError(f"output {cfg.out!r} exists and is not an empty directory or a geocache cache; choose another path")
     _barrier(run.world)  # every rank has looked before any rank changes the output
     if cfg.overwrite and has_cache and run.rank == 0:
@@ -515,6 +520,11 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
         merged = Manifest.from_json(fs_manifest)
     if timings is not None:
         timings.update(run.timings, write_s=writer.write_s, wall_s=time.perf_counter() - wall)
+    if merged.counts["sequences"] == 0:
+        c = merged.counts
+        raise ValueError(f"no sequence was cached from data {cfg.data}: {c['skipped_rows']} malformed row(s) skipped"
+                         f"{f' (first: {bad_rows[0]})' if bad_rows else ''} and {c['unlabelled_rows']} left without a label; "
+                         f"fix the data and rerun with --overwrite")
     if bad_rows:
         print(f"skipped {len(bad_rows)} malformed row(s); first: {bad_rows[0]}", file=sys.stderr)
     if unlabelled and rank == 0:

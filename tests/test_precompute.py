@@ -698,3 +698,38 @@ def test_device_map_options_are_checked_in_one_sentence(tmp_path, tiny_model_dir
     with pytest.raises(ValueError, match="must be a mapping of devices to sizes"):
         run(dense, data_file, tmp_path / "d", device_map="auto", max_memory="20GiB")
     assert PrecomputeConfig(model="m", data="d", out="o", device_map='{"": "cpu"}', max_memory='{"cpu": "1GiB"}').max_memory == {"cpu": "1GiB"}
+
+
+def test_chat_rows_in_a_json_array_with_null_fields_cache_as_their_jsonl(tmp_path, tiny_model_dir):
+    """datasets streams a .json array whose messages mix types as one JSON string per message."""
+    model = tiny_model_dir("llama")
+    rows = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"hi {i}"},
+                          {"role": "assistant", "content": f"hello number {i}", "tool_calls": None}]} for i in range(3)]
+    (tmp_path / "chat.json").write_text(json.dumps(rows))
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    run(model, tmp_path / "chat.json", tmp_path / "a")
+    run(model, tmp_path / "chat.jsonl", tmp_path / "b")
+    assert_same_rows(rows_of(tmp_path / "a"), rows_of(tmp_path / "b"))
+    assert len(rows_of(tmp_path / "a")) == 3
+
+
+def test_a_run_stopped_before_its_first_shard_does_not_block_the_next(tmp_path, tiny_model_dir, data_file):
+    model = tiny_model_dir("llama")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": ""}\n{"text": "fine"}\n')
+    with pytest.raises(ValueError, match="row 0: field 'text' is empty"):
+        run(model, bad, tmp_path / "out")
+    assert run(model, data_file, tmp_path / "out").counts["sequences"] > 0  # no --overwrite needed: nothing was committed
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="exists and is not an empty directory or a geocache cache"):
+        run(model, data_file, tmp_path / "other", resume=True)  # --resume never writes into a stranger's directory
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_that_caches_no_sequence_fails_naming_why(tmp_path, tiny_model_dir):
+    model = tiny_model_dir("llama")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": ""}\n{"txt": "wrong field"}\n')
+    with pytest.raises(ValueError, match=r"no sequence was cached from data .*: 2 malformed row\(s\) skipped \(first: row 0"):
+        run(model, bad, tmp_path / "out", skip_bad_rows=True)
