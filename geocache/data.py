@@ -338,6 +338,31 @@ def tokenize_example(row: dict, index: int, tokenizer, cfg: DataConfig, prefix: 
     return _tokenize_chat(row, index, tokenizer, cfg)
 
 
+def _assistant_spans_by_content(messages: list[dict], text: str, tokenizer, index: int) -> list[tuple[int, int]]:
+    """Assistant spans of a conversation whose template renders a turn differently once later
+    turns follow (Qwen3 drops the ``<think>`` block of every assistant turn before the last user
+    message, so no prefix of the conversation renders as the start of the whole): each message's
+    content is found in the whole rendering, in order, and an assistant span is its content plus
+    the template's end of turn (what follows the content when a conversation ends on it, e.g.
+    ``<|im_end|>\\n``). The role header and anything the template adds before the content (an
+    empty ``<think>`` block) stay unlabelled, as they are with TRL's assistant masks."""
+    probe = "\u2063geocache-probe\u2063"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}], tokenize=False)
+    close = rendered[rendered.index(probe) + len(probe):] if probe in rendered else ""
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        content = m["content"] if m["content"] in text[cursor:] else m["content"].strip()
+        at = text.find(content, cursor) if content else cursor
+        if at < 0:
+            raise BadRowError(f"row {index}: message {i} ({m['role']}) is not in the chat template's rendering of the conversation, so its labels cannot be placed")
+        end = at + len(content)
+        if m["role"] == "assistant":
+            end += len(close) if close and text.startswith(close, end) else 0
+            spans.append((at, end))
+        cursor = end
+    return spans
+
+
 def _decoded(value):
     """``value`` parsed if it is a JSON-encoded list or object (``datasets`` streams a ``.json``
     array of chat rows whose messages mix types, e.g. ``"tool_calls": null``, as one JSON string
@@ -371,10 +396,11 @@ def _tokenize_chat(row: dict, index: int, tokenizer, cfg: DataConfig) -> tuple[l
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
             start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-            end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
-            if text[:end] != tokenizer.apply_chat_template(messages[: i + 1], tokenize=False):
-                raise ValueError("the chat template does not render conversations prefix by prefix; cannot mask labels")
-            spans.append((start, end))
+            prefix = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+            if not text.startswith(prefix):
+                spans = _assistant_spans_by_content(messages, text, tokenizer, index)
+                break
+            spans.append((start, len(prefix)))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, labels = enc["input_ids"], []
     for tok, (a, b) in zip(ids, enc["offset_mapping"]):

@@ -49,6 +49,39 @@ def test_chat_takes_loss_on_assistant_turns_only(tok):
     assert labelled_text(tok, ids, labels) == "hello there<|im_end|>\nreturn x<|im_end|>\n"
 
 
+# A template that renders an assistant turn differently once a later user turn follows, as
+# Qwen3's does (an empty think block only on the turns after the last user message).
+THINK_AFTER_LAST_USER = (
+    "{%- set ns = namespace(last_user=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{%- if loop.index0 > ns.last_user %}{{ '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{{ m.content + '<|im_end|>\\n' }}"
+    "{%- else %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_chat_templates_that_rewrite_earlier_turns_label_each_assistant_content(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = THINK_AFTER_LAST_USER
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello there"},
+        {"role": "user", "content": "say hello there again"},  # holds the first answer's text: found after it
+        {"role": "assistant", "content": "return x"},
+    ]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert not text.startswith(tok.apply_chat_template(messages[:2], tokenize=False))  # not prefix by prefix
+    ids, labels = tokenize_example({"messages": messages}, 0, tok, DataConfig())
+    assert tok.decode(ids) == text
+    assert labelled_text(tok, ids, labels) == "hello there<|im_end|>\nreturn x<|im_end|>\n"
+    # the labels sit on the assistant turns themselves, not on the user's quote of the first one
+    first = [i for i, lab in enumerate(labels) if lab != IGNORE][0]
+    assert tok.decode(ids[:first]).endswith("<|im_start|>assistant\n")
+
+
 @pytest.mark.parametrize(
     "row,message",
     [
