@@ -92,22 +92,26 @@ def _owner_offloaded(model, name: str):
 def model_fingerprint(model) -> dict:
     """sha256 of the config, and of the weights sampled: per tensor (sorted by name) its name,
     shape and up to 4,096 evenly strided values rounded to bfloat16, so the same weights loaded
-    in float32 or bfloat16 agree while any retrained or other model differs. Weights accelerate
-    offloaded (``meta`` here, held by its hooks) are read one module at a time, so a base
-    spread by a ``device_map`` has the fingerprint it has loaded whole."""
+    in float32 or bfloat16 agree while any retrained or other model differs. A second weights
+    hash rounds the values to float16 first: float16 weights, rounded from float32 once already,
+    round to bfloat16 differently on some values (double rounding), so a float16 load matches a
+    float32 one only there (``same_weights``). Weights accelerate offloaded (``meta`` here, held
+    by its hooks) are read one module at a time, so a base spread by a ``device_map`` has the
+    fingerprint it has loaded whole."""
     from accelerate.utils import align_module_device
 
     config = model.config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures", "_attn_implementation_autoset"):
         config.pop(volatile, None)
-    h = hashlib.sha256()
+    h, h16 = hashlib.sha256(), hashlib.sha256()
 
     def update(name: str, tensor: torch.Tensor) -> None:
         flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float32).to(torch.bfloat16)
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(sample.view(torch.int16).numpy().tobytes())
+        sample = flat[:: max(1, flat.numel() // 4096)][:4096].to("cpu", torch.float32)
+        for digest, values in ((h, sample), (h16, sample.to(torch.float16).to(torch.float32))):
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(values.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
 
     for name, param in sorted(model.state_dict().items()):
         if param.device.type != "meta":
@@ -121,7 +125,18 @@ def model_fingerprint(model) -> dict:
     return {
         "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
         "weights_sha256": h.hexdigest(),
+        "weights_sha256_via_float16": h16.hexdigest(),
     }
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    """Whether two ``model_fingerprint``s (or manifests' ``base_model``) hash the same weights:
+    equal bfloat16-rounded samples, or equal float16-then-bfloat16 ones (a float16 load against
+    a float32 or float16 one). A float16 load against a bfloat16 one differs: each is its own
+    rounding of the checkpoint, and neither determines the other."""
+    if a.get("weights_sha256") == b.get("weights_sha256"):
+        return True
+    return a.get("weights_sha256_via_float16") is not None and a.get("weights_sha256_via_float16") == b.get("weights_sha256_via_float16")
 
 
 def moe_layout(model) -> Optional[dict]:

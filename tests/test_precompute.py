@@ -733,3 +733,24 @@ def test_a_run_that_caches_no_sequence_fails_naming_why(tmp_path, tiny_model_dir
     bad.write_text('{"text": ""}\n{"txt": "wrong field"}\n')
     with pytest.raises(ValueError, match=r"no sequence was cached from data .*: 2 malformed row\(s\) skipped \(first: row 0"):
         run(model, bad, tmp_path / "out", skip_bad_rows=True)
+
+
+def test_a_float16_load_of_the_base_matches_a_float32_cache_and_back(tmp_path, tiny_model_dir, data_file):
+    """float16 weights round to bfloat16 differently from the float32 ones on some values
+    (double rounding): the fingerprint's second hash matches them; float16 against bfloat16
+    stays refused, with the reason."""
+    from geocache.models import model_fingerprint
+
+    model_dir = tiny_model_dir("qwen3_moe")
+    load = {d: AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, d)) for d in ("float32", "float16", "bfloat16")}
+    fps = {d: model_fingerprint(m) for d, m in load.items()}
+    assert fps["float16"]["weights_sha256"] != fps["float32"]["weights_sha256"]  # what refused them before
+    assert fps["bfloat16"]["weights_sha256"] == fps["float32"]["weights_sha256"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    run(model_dir, data_file, tmp_path / "f32", max_sequences=2)
+    run(model_dir, data_file, tmp_path / "f16", max_sequences=2, dtype="float16")
+    for cache, models in (("f32", ("float32", "float16", "bfloat16")), ("f16", ("float16", "float32"))):
+        for d in models:
+            open_cache(str(tmp_path / cache)).check_compatible(load[d], tok)
+    with pytest.raises(CacheError, match="a float16 and a bfloat16 load of one model are two roundings of it"):
+        open_cache(str(tmp_path / "f16")).check_compatible(load["bfloat16"], tok)

@@ -144,16 +144,19 @@ class CacheReader(torch.utils.data.Dataset):
         ``expected``: a whole manifest fingerprint (``Manifest.fingerprint()``) of the run that
         wants to read this cache. Any difference is named."""
         from geocache.data import tokenizer_fingerprint
-        from geocache.models import model_fingerprint, output_size
+        from geocache.models import model_fingerprint, output_size, same_weights
 
         base = self.manifest.base_model
         if model is not None:
             fp = model_fingerprint(model)
-            if fp["config_sha256"] != base["config_sha256"] or fp["weights_sha256"] != base["weights_sha256"]:
+            if fp["config_sha256"] != base["config_sha256"] or not same_weights(fp, base):
                 which = "config" if fp["config_sha256"] != base["config_sha256"] else "weights"
+                dtypes = {str(base.get("dtype")), str(next(model.parameters()).dtype).removeprefix("torch.")}
+                hint = (" (a float16 and a bfloat16 load of one model are two roundings of it: use one of them, or float32, for both)"
+                        if which == "weights" and dtypes == {"float16", "bfloat16"} else "")
                 raise CacheError(
                     f"cache {self.url!r} was built for base model {base['id']!r} (revision {base.get('revision')}), "
-                    f"and this model's {which} differ from it"
+                    f"and this model's {which} differ from it{hint}"
                 )
             if output_size(model) != base["output_size"]:
                 raise CacheError(f"cache {self.url!r} covers {base['output_size']} output rows but the model has {output_size(model)}")
