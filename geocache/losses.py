@@ -205,8 +205,11 @@ class GeometryAwareLoss(nn.Module):
         kl_pen, cal_pen, h_pen, task = sums if denom == max(n, 1) else sums * (denom / max(n, 1))
         # Means of KL, dH, gap, H(q), H(p) and of the three hinge masks (excess > 0 ⇔ above its threshold).
         means = torch.cat((torch.stack((kl, d_h, gap, h_q, h_p)), (excess > 0).to(kl.dtype))).mean(1) if n else kl.new_zeros(8)
-        if base is None:  # the base's metrics, and the masks that read it, are undefined without one
+        if base is None:  # the base's metrics, the masks and penalties that read it, are undefined without one
             means[[0, 1, 4, 5, 7]] = float("nan")
+            # NaN, not the 0 they add to the loss: a log window of periodic steps averages them over
+            # the steps that had a base, as it does KL_mean (zeros would shrink them by the period).
+            kl_pen, h_pen = kl_pen.new_tensor(float("nan")), h_pen.new_tensor(float("nan"))
         kl_m, dh_m, gap_m, hq_m, hp_m, pen_kl, pen_cal, pen_h = means
 
         metrics = {

@@ -111,6 +111,13 @@ class JsonlLogger(TrainerCallback):
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run logs again the steps after its checkpoint: the records of those steps
+        # from the interrupted run go, so that every step appears once (as in log_history).
+        if state.is_world_process_zero and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= state.global_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             with self.path.open("a") as f:

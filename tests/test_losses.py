@@ -732,3 +732,5 @@ def test_without_a_base_only_task_and_calibration_terms_apply():
     # The masks that read the base are undefined too (NaN: a trainer's mean over steps skips them, where 0
     # would dilute it); the calibration mask needs no base.
     assert math.isnan(m1["positions_penalized_KL"]) and math.isnan(m1["positions_penalized_H"]) and m1["positions_penalized_cal"] > 0
+    # and so are the penalties that read it (0 in the loss, NaN in the metrics), not the calibration one
+    assert math.isnan(m1["kl_penalty"]) and math.isnan(m1["entropy_penalty"]) and m1["cal_penalty"] > 0

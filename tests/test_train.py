@@ -644,3 +644,19 @@ def test_metrics_take_the_prefix_evaluation_loop_is_given_positionally(tmp_path,
     loader = trainer.get_eval_dataloader(open_cache(str(root / "k64")))
     metrics = trainer.evaluation_loop(loader, "check", None, None, "heldout").metrics
     assert "heldout_KL_mean" in metrics and not any(k.startswith("None_") for k in metrics)
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path, moe_cache):
+    """Steps logged after the last checkpoint by a run that then stopped are logged again by the
+    resumed run: metrics.jsonl keeps one record per step, as log_history does."""
+    import shutil
+
+    model, root = moe_cache
+    out = tmp_path / "run"
+    common = dict(model=str(model), cache=str(root / "k64"), out=str(out), max_steps=4, save_steps=2, logging_steps=1, use_cpu=True,
+                  lora_r=2, lora_alpha=4, progress=False)
+    train(TrainConfig(**common))
+    shutil.rmtree(out / "checkpoint-4")  # stopped after logging step 4, before its checkpoint
+    train(TrainConfig(**common, resume=True))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
+    assert steps == [1, 2, 3, 4]
