@@ -106,6 +106,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
+        # A run's geocache_run.yaml is a config too; its num_processes is a record, not an option.
+        values = {k: v for k, v in values.items() if k != "num_processes"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown train option(s) {unknown}")
@@ -146,14 +148,20 @@ RESUME_MUST_MATCH = (
 _PATH_FIELDS = ("model", "base_model", "cache", "eval_cache")
 
 
+def _run_record(cfg: TrainConfig) -> dict:
+    """What ``geocache_run.yaml`` holds: the config, and the number of processes (with the
+    per-device batch and accumulation, it makes the global batch a resume must keep)."""
+    return {**asdict(cfg), "num_processes": int(os.environ.get("WORLD_SIZE", "1"))}
+
+
 def _check_resumed_config(cfg: TrainConfig, saved_path: Path) -> None:
     """Refuse to resume a run with settings that differ from the ones it was started with (its
     ``geocache_run.yaml``), naming the first differing one."""
     if not saved_path.exists():
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
-    now = asdict(cfg)
-    pairs = [(name, saved[name], now[name]) for name in RESUME_MUST_MATCH if name != "geometry" and name in saved]
+    now = _run_record(cfg)
+    pairs = [(name, saved[name], now[name]) for name in (*RESUME_MUST_MATCH, "num_processes") if name != "geometry" and name in saved]
     pairs += [(f"geometry.{k}", v, now["geometry"][k]) for k, v in (saved.get("geometry") or {}).items() if k in now["geometry"]]
     for name, before, after in pairs:
         if name in _PATH_FIELDS and before and after:  # `cache/` and `cache` are the same cache
@@ -262,7 +270,7 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
     want_router = layout is not None  # router drift is always measured on MoE; trained on when λ_router > 0
     out.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("RANK", "0")) == 0:
-        (out / RUN_CONFIG).write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        (out / RUN_CONFIG).write_text(yaml.safe_dump(_run_record(cfg), sort_keys=False))
     gate_cb = None
     if cfg.v2_every:  # ahead of the user's callbacks, so that they see what the gate did at a step
         from geocache.gate import V2Gate, V2GateCallback, V2Signal

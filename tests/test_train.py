@@ -660,3 +660,15 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, moe_cache):
     train(TrainConfig(**common, resume=True))
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
     assert steps == [1, 2, 3, 4]
+
+
+def test_resume_refuses_another_number_of_processes(tmp_path, moe_cache, monkeypatch):
+    """The global batch is per-device batch × accumulation × processes: a resume keeps all three."""
+    model, root = moe_cache
+    common = dict(model=str(model), cache=str(root / "k64"), out=str(tmp_path / "run"), max_steps=1, save_steps=1, use_cpu=True,
+                  lora_r=2, lora_alpha=4, progress=False)
+    train(TrainConfig(**common))
+    assert "num_processes: 1" in (tmp_path / "run" / "geocache_run.yaml").read_text()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="with num_processes=2, but it was started with num_processes=1"):
+        train(TrainConfig(**common, resume=True))
