@@ -105,6 +105,14 @@ def add_dora_adapter(
     return get_peft_model(model, config)
 
 
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl record; infinite for a line a killed run left half-written."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
+
+
 class JsonlLogger(TrainerCallback):
     """Appends every log record (train and eval) to a JSONL file, one object per line."""
 
@@ -115,7 +123,7 @@ class JsonlLogger(TrainerCallback):
         # A resumed run logs again the steps after its checkpoint: the records of those steps
         # from the interrupted run go, so that every step appears once (as in log_history).
         if state.is_world_process_zero and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= state.global_step]
+            kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= state.global_step]
             self.path.write_text("".join(line + "\n" for line in kept))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -139,14 +147,13 @@ class GeometryTrainer(Trainer):
             tok = kwargs.get("processing_class")
             pad = getattr(tok, "pad_token_id", None) or 0
             kwargs["data_collator"] = partial(collate_cache_rows, pad_token_id=pad)
-        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if targs is not None and targs.remove_unused_columns:
+        super().__init__(*args, **kwargs)
+        if self.args.remove_unused_columns:  # HF's default, also when no args were given
             # Trainer would drop every dataset column the model's forward does not name: the base
             # statistics (lse, top-k, ...) with them. What TRL's trainers do for their own columns.
             warnings.warn("remove_unused_columns=True would drop the cache's base statistics from every batch: "
                           "GeometryTrainer sets it to False", stacklevel=2)
-            targs.remove_unused_columns = False
-        super().__init__(*args, **kwargs)
+            self.args.remove_unused_columns = False
         self.geometry_config = geometry_config or GeometryConfig()
         self.geometry_loss = GeometryAwareLoss(self.geometry_config)
         self.geometry_scheduler = AdaptiveGeometryScheduler.from_config(self.geometry_config)

@@ -612,7 +612,7 @@ def test_an_eval_cache_of_another_slice_is_accepted_and_other_token_shapes_are_n
         train(TrainConfig(out=str(tmp_path / "b"), eval_cache=str(caches["short"]), **common))
 
 
-def test_hf_default_arguments_keep_the_caches_columns(tmp_path, moe_cache):
+def test_hf_default_arguments_keep_the_caches_columns(tmp_path, moe_cache, monkeypatch):
     """TrainingArguments' default remove_unused_columns=True would drop the base statistics (the
     model's forward names none of them): the trainer turns it off, saying so, and trains."""
     model, root = moe_cache
@@ -623,6 +623,9 @@ def test_hf_default_arguments_keep_the_caches_columns(tmp_path, moe_cache):
         trainer = GeometryTrainer(model=add_dora_adapter(AutoModelForCausalLM.from_pretrained(model), r=2, alpha=4), args=targs,
                                   train_dataset=open_cache(str(root / "k64")))
     assert trainer.train().global_step == 1
+    monkeypatch.chdir(tmp_path)  # HF's default arguments name an output directory under the working one
+    with pytest.warns(UserWarning, match="remove_unused_columns=True"):  # no args at all: HF's defaults, the same
+        GeometryTrainer(model=add_dora_adapter(AutoModelForCausalLM.from_pretrained(model), r=2, alpha=4), train_dataset=open_cache(str(root / "k64")))
 
 
 def test_target_modules_written_as_one_string_are_one_module(tmp_path, moe_cache):
@@ -656,7 +659,9 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, moe_cache):
     common = dict(model=str(model), cache=str(root / "k64"), out=str(out), max_steps=4, save_steps=2, logging_steps=1, use_cpu=True,
                   lora_r=2, lora_alpha=4, progress=False)
     train(TrainConfig(**common))
-    shutil.rmtree(out / "checkpoint-4")  # stopped after logging step 4, before its checkpoint
+    shutil.rmtree(out / "checkpoint-4")  # stopped after logging step 4, before its checkpoint,
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # and killed while writing a record
     train(TrainConfig(**common, resume=True))
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(line)]
     assert steps == [1, 2, 3, 4]
