@@ -84,7 +84,7 @@ class V2Gate:
 
 class V2Signal:
     """The real signal: ``geocache profile``'s measurement of the current model on held-out data,
-    returning the primary domain's mid-band aggregate (and every domain's, for the log)."""
+    returning the first (primary) domain's mid-band aggregate; the other domains are not measured."""
 
     def __init__(self, tokenizer, domains: dict[str, str], max_length: int = 256, max_sequences: int = 32, n_resamples: int = 1000,
                  seed: int = 0):
@@ -100,15 +100,13 @@ class V2Signal:
 
         was_training = model.training
         model.eval()
+        name, path = next(iter(self.domains.items()))  # the gate reads the first domain only: the others are not measured
         try:
-            out = {}
-            for name, path in self.domains.items():
-                m = measure_domain(model, self.tokenizer, path, self.cfg, calibration=False)
-                out[name] = v2_summary(m["blocks"], m["v2"]["base"], self.cfg)["aggregate"]["midband"]
+            m = measure_domain(model, self.tokenizer, path, self.cfg, calibration=False)
+            result = v2_summary(m["blocks"], m["v2"]["base"], self.cfg)["aggregate"]["midband"]
         finally:
             model.train(was_training)
-        primary = next(iter(self.domains))
-        return {**out[primary], "domains": out}
+        return {**result, "domain": name}
 
 
 class V2GateCallback(TrainerCallback):
@@ -126,13 +124,18 @@ class V2GateCallback(TrainerCallback):
 
         return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
-    def _record(self, row: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        log.info("V2 check at step %s: %s", row["step"], row)
+    def _record(self, row: dict, state) -> None:
+        if state.is_world_process_zero:  # every process measures and acts alike (same weights, same data); one writes
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            log.info("V2 check at step %s: %s", row["step"], row)
         if self.trainer is not None:
+            # Trainer.log clears control.should_log: restored, or the step's own training log
+            # (due at this step when it is a logging step) would be skipped.
+            should_log = self.trainer.control.should_log
             self.trainer.log({f"v2_{k}": v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
                              | {"v2_decision": row["decision"]})
+            self.trainer.control.should_log = should_log
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         # The watched conditions come from the base (adapter off), also when resuming a tuned run.
@@ -141,7 +144,7 @@ class V2GateCallback(TrainerCallback):
         watch = self.gate.start(result)
         self.snapshot = (self._adapter_state(model), copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None, state.global_step,
                          self.gate.state.last_score)
-        self._record({"step": state.global_step, "decision": "start", "watch": list(watch), **_numbers(result)})
+        self._record({"step": state.global_step, "decision": "start", "watch": list(watch), **_numbers(result)}, state)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if state.global_step == 0 or state.global_step % self.every:
@@ -173,7 +176,7 @@ class V2GateCallback(TrainerCallback):
                 optimizer.load_state_dict(opt_state)
             self.gate.state.last_score = score  # the next check is compared with the state rolled back to
             row["rolled_back_to_step"] = step
-        self._record(row)
+        self._record(row, state)
         return control
 
 

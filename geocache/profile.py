@@ -221,6 +221,9 @@ def measure_domain(model, tokenizer, path: str, cfg: ProfileConfig, tuned=None, 
                 h = hooks.get(name, hooks.get("base"))
                 if h is not None:
                     h.attended, h.results = attended, {}
+                # The random comparison experts of C2, drawn alike for the base and the tuned run of
+                # a batch: a tuned model equal to its base measures exactly what the base does.
+                gen.manual_seed(cfg.seed * 1_000_003 + n_seq)
                 out = fwd(**inputs, use_cache=False)
                 if calibration:
                     calib[name].add(out.logits.reshape(-1, out.logits.shape[-1]), targets, rows)

@@ -146,6 +146,8 @@ def v2_statistics(margin: np.ndarray, kappa_next: np.ndarray, kappa_rand: np.nda
     c1, c2 = stats(per_seq.sum(0))
     gen = torch.Generator().manual_seed(seed)
     n_seq = len(seq_ids)
+    if n_seq < 2:  # every resample would be that one sequence: intervals of width 0, verdicts of nothing
+        raise ValueError(f"the bootstrap resamples whole sequences and needs at least 2, but the data gave {n_seq}: give more held-out text")
     seq_t = torch.from_numpy(per_seq)
     r1, r2 = np.empty((n_resamples, n_layers)), np.empty((n_resamples, n_layers))
     block = max(1, (1 << 22) // max(n_seq, 1))
@@ -166,16 +168,17 @@ def v2_statistics(margin: np.ndarray, kappa_next: np.ndarray, kappa_rand: np.nda
             "kappa_rand_boundary": float(kappa_rand[b, layer].mean()) if nb else float("nan"),
         })
     aggregates = {}
-    for name, w in (weights or {}).items():
-        w = np.asarray(w, dtype=np.float64)
-        ok = np.isfinite(c1) & np.isfinite(c2)  # layers without a statistic are left out, the rest renormalised
-        w = np.where(ok, w, 0.0)
-        w = w / w.sum() if w.sum() > 0 else w
-        aggregates[name] = {
-            "delta_bi": _verdict(float(np.sum(w * np.where(ok, c1, 0))), np.where(ok, r1, 0) @ w, level,
-                                 sum(s[0] for s in strata_info), sum(s[1] for s in strata_info)).to_dict(),
-            "delta_brand": _verdict(float(np.sum(w * np.where(ok, c2, 0))), np.where(ok, r2, 0) @ w, level, sum(s[0] for s in strata_info)).to_dict(),
-        }
+    n_boundary, n_interior = sum(s[0] for s in strata_info), sum(s[1] for s in strata_info)
+    for name, weights_of_layers in (weights or {}).items():
+        aggregates[name] = {}
+        for key, c, r, counts in (("delta_bi", c1, r1, (n_boundary, n_interior)), ("delta_brand", c2, r2, (n_boundary,))):
+            ok = np.isfinite(c)  # layers without this statistic are left out, the rest renormalised
+            w = np.where(ok, np.asarray(weights_of_layers, dtype=np.float64), 0.0)
+            if w.sum() <= 0:  # no layer has it: no value (NaN, no verdict), not 0
+                aggregates[name][key] = _verdict(float("nan"), np.empty(0), level, *counts).to_dict()
+                continue
+            w = w / w.sum()
+            aggregates[name][key] = _verdict(float(np.sum(w * np.where(ok, c, 0))), np.where(ok, r, 0) @ w, level, *counts).to_dict()
     return {"layers": layers, "aggregate": aggregates}
 
 

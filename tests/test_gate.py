@@ -111,6 +111,8 @@ def test_checkpoints_only_when_v2_passes_and_rollback_restores_adapter_and_optim
         torch.testing.assert_close(a, b)
     logged = [r for r in trainer.state.log_history if "v2_decision" in r]
     assert [r["v2_decision"] for r in logged] == ["start", "save", "rollback", "rollback", "save"]
+    # the checks every 2 steps leave the training log of those (logging) steps in place
+    assert [r["step"] for r in trainer.state.log_history if "loss" in r] == [2, 4, 6, 8]
 
 
 def test_halve_lr_and_double_lambdas_act_on_the_running_training(tmp_path, moe_run):

@@ -102,6 +102,7 @@ def test_an_identity_adapter_shows_no_drift_and_the_same_v2(tmp_path, tiny_model
         assert dr["jaccard_mean"] == 1.0 and dr["flip_rate_boundary"] == 0.0 and dr["tokens"]["boundary"] > 0
     for a, b in zip(d["v2"]["layers"], d["tuned"]["v2"]["layers"]):
         assert a["delta_bi"]["value"] == pytest.approx(b["delta_bi"]["value"], abs=1e-6)
+        assert a["delta_brand"]["value"] == pytest.approx(b["delta_brand"]["value"], abs=1e-6)  # the same random experts too
     # A perturbed adapter moves routing: some top-k sets change, more at low margins than at high ones.
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

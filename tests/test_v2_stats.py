@@ -134,6 +134,25 @@ def test_aggregates_weight_the_layers_and_carry_their_correlation():
     assert three["aggregate"]["w"]["delta_brand"]["value"] == pytest.approx(0.2 * vals[0] + 0.6 * vals[1] + 0.2 * vals[2])
 
 
+def test_one_sequence_is_refused_and_aggregates_without_any_layer_statistic_have_no_value():
+    rng = np.random.default_rng(4)
+    margin, k_next, k_rand, seq = _synthetic(rng, n_seq=20, per_seq=10, seq_effect=0.1)
+    with pytest.raises(ValueError, match="needs at least 2, but the data gave 1"):
+        c1_c2(margin, k_next, k_rand, StrataConfig(), n_resamples=50, sequence=np.zeros(len(margin), dtype=int))
+    # No boundary token in any layer (every margin above -1): no C1 or C2 anywhere, so no aggregate either (not 0).
+    out = v2_statistics(np.stack([margin, margin], 1), np.stack([k_next, k_next], 1), np.stack([k_rand, k_rand], 1),
+                        StrataConfig(boundary_abs=-1.0), sequence=seq, weights={"mean": np.array([0.5, 0.5])}, n_resamples=50)
+    for key in ("delta_bi", "delta_brand"):
+        agg = out["aggregate"]["mean"][key]
+        assert np.isnan(agg["value"]) and not agg["pass"]
+    # A layer with C2 but no C1 (boundary tokens, no interior ones) still counts in the C2 aggregate.
+    only_c2 = v2_statistics(np.stack([margin, margin], 1), np.stack([k_next, k_next], 1), np.stack([k_rand, k_rand], 1),
+                            StrataConfig(boundary_abs=float(np.median(margin)), interior_abs=float(margin.max()) + 1), sequence=seq,
+                            weights={"mean": np.array([0.5, 0.5])}, n_resamples=50)
+    assert np.isnan(only_c2["aggregate"]["mean"]["delta_bi"]["value"])
+    assert only_c2["aggregate"]["mean"]["delta_brand"]["value"] == pytest.approx(only_c2["layers"][0]["delta_brand"]["value"])
+
+
 def test_reservoir_keeps_everything_until_full_then_a_uniform_sample_shared_by_its_columns():
     r = TokenReservoir(capacity=1000, width=2, seed=0)
     idx = np.arange(600, dtype=np.float64)
