@@ -13,7 +13,9 @@ their mid-band Δ's (more negative is better):
   passing check; at first, the start of training).
 
 Every check and decision goes to ``v2_checks.jsonl`` in the run directory and to the trainer's log
-with the numbers behind it. Tests drive every branch through the same ``signal`` interface with an
+with the numbers behind it. Each checkpoint the gate writes holds its state (``v2_gate_state.json``:
+watched conditions, score, the λ's in force), so that ``--resume`` continues the gate as an
+uninterrupted run would. Tests drive every branch through the same ``signal`` interface with an
 injected signal.
 """
 
@@ -33,6 +35,7 @@ from transformers import TrainerCallback
 log = logging.getLogger("geocache.gate")
 ACTIONS = ("halve_lr", "double_lambdas", "rollback")
 LAMBDAS = ("lambda_kl", "lambda_cal", "lambda_entropy", "lambda_router")
+GATE_STATE = "v2_gate_state.json"  # in each checkpoint the gate wrote
 
 
 @dataclass
@@ -138,13 +141,43 @@ class V2GateCallback(TrainerCallback):
             self.trainer.control.should_log = should_log
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        # The watched conditions come from the base (adapter off), also when resuming a tuned run.
+        saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / GATE_STATE
+        if state.global_step and saved.exists():
+            # A resume: the gate continues from the state saved with its checkpoint (the watched
+            # conditions, the score, the λ's it doubled), as an uninterrupted run would; the checks
+            # the interrupted run made after that checkpoint are dropped from the log.
+            self._resume(json.loads(saved.read_text()), state)
+            self.snapshot = (self._adapter_state(model), copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None,
+                             state.global_step, self.gate.state.last_score)
+            return
+        # The watched conditions come from the base (adapter off).
         with (model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()):
             result = self.signal(model)
         watch = self.gate.start(result)
         self.snapshot = (self._adapter_state(model), copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None, state.global_step,
                          self.gate.state.last_score)
         self._record({"step": state.global_step, "decision": "start", "watch": list(watch), **_numbers(result)}, state)
+
+    def _resume(self, saved: dict, state) -> None:
+        gs = self.gate.state
+        gs.watch, gs.last_score, gs.bad_checks, gs.last_pass_step = tuple(saved["watch"]), saved["last_score"], saved["bad_checks"], saved["last_pass_step"]
+        if self.trainer is not None and saved.get("lambdas"):
+            set_lambdas(self.trainer, saved["lambdas"])
+        if state.is_world_process_zero and self.path.exists():
+            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+            self.path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= state.global_step))
+
+    def on_save(self, args, state, control, **kwargs):
+        # Beside the checkpoint: what the gate needs to continue from it on a resume.
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            gs = self.gate.state
+            lambdas = {n: getattr(self.trainer.geometry_config, n) for n in LAMBDAS} if self.trainer is not None else None
+            if lambdas is not None:
+                lambdas["lambda_router"] = self.trainer.geometry_scheduler.lambda_router
+            (folder / GATE_STATE).write_text(json.dumps({"watch": list(gs.watch), "last_score": gs.last_score, "bad_checks": gs.bad_checks,
+                                                         "last_pass_step": gs.last_pass_step, "lambdas": lambdas}))
+        return control
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if state.global_step == 0 or state.global_step % self.every:
@@ -178,6 +211,14 @@ class V2GateCallback(TrainerCallback):
             row["rolled_back_to_step"] = step
         self._record(row, state)
         return control
+
+
+def set_lambdas(trainer, lambdas: dict) -> None:
+    """Set the geometry λ's of a running ``GeometryTrainer`` where the loss reads them (as ``double_lambdas``)."""
+    for cfg in {id(c): c for c in (trainer.geometry_config, trainer.geometry_loss.config)}.values():
+        for name in LAMBDAS:
+            setattr(cfg, name, lambdas[name])
+    trainer.geometry_scheduler.lambda_router = lambdas["lambda_router"]
 
 
 def double_lambdas(trainer) -> dict:

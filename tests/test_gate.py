@@ -147,3 +147,26 @@ def test_a_short_real_v2_gated_run_and_dense_models_are_refused(tmp_path, moe_ru
                           v2_every=2, v2_data=[str(data)]))
     with pytest.raises(ValueError, match="no v2_data"):
         TrainConfig(model="m", cache="c", out="o", v2_every=2)
+
+
+def test_a_resumed_gated_run_continues_as_the_uninterrupted_one(tmp_path, moe_run):
+    """The gate's state (watched conditions, score, doubled λ's) is saved with each checkpoint it
+    writes and restored on --resume; the interrupted run's later checks leave the log."""
+    model, cache, data = moe_run
+    script = [R(-0.02, -0.02), R(-0.03, -0.03), R(0.01, 0.01), R(-0.04, -0.04), R(0.02, 0.02)]
+
+    def cfg(out, steps, **kw):
+        return TrainConfig(model=str(model), cache=str(cache), out=str(out), max_steps=steps, learning_rate=1e-2, lr_scheduler_type="constant",
+                           per_device_train_batch_size=4, logging_steps=2, seed=0, progress=False, use_cpu=True, lora_r=4, lora_alpha=8,
+                           v2_every=2, v2_data=[str(data)], v2_patience=1, v2_action="double_lambdas", geometry=GeometryConfig(lambda_kl=0.1), **kw)
+
+    whole = train(cfg(tmp_path / "a", 8), v2_signal=Scripted(script))
+    train(cfg(tmp_path / "b", 6), v2_signal=Scripted(script[:4]))  # start, 2: save, 4: double, 6: save (checkpoint-6, λ's doubled)
+    with (tmp_path / "b" / "v2_checks.jsonl").open("a") as f:  # a check the interrupted run made after its last checkpoint
+        f.write(json.dumps({"step": 7, "decision": "wait"}) + "\n")
+    resumed = train(cfg(tmp_path / "b", 8, resume=True), v2_signal=Scripted(script[4:]))  # no new start: step 8 only
+    rows = {run: [json.loads(line) for line in (tmp_path / run / "v2_checks.jsonl").read_text().splitlines()] for run in ("a", "b")}
+    assert [r["decision"] for r in rows["b"]] == [r["decision"] for r in rows["a"]] == ["start", "save", "double_lambdas", "save", "double_lambdas"]
+    assert [r["step"] for r in rows["b"]] == [r["step"] for r in rows["a"]]
+    assert resumed.geometry_config.lambda_kl == whole.geometry_config.lambda_kl == pytest.approx(0.4)
+    assert resumed.geometry_loss.config.lambda_kl == pytest.approx(0.4)
