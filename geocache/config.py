@@ -30,7 +30,7 @@ class GeometryConfig:
     lambda_cal: float = field(default=0.2, metadata={"help": "λ_cal, weight of the calibration-gap hinge (note: 0.2-1.0)."})
     lambda_entropy: float = field(default=0.1, metadata={"help": "λ_H, weight of the entropy-drop hinge (note: 0.1-0.3)."})
     lambda_router: float = field(
-        default=0.1, metadata={"help": "λ_router, weight of the router divergence loss on MoE models (ignored for dense)."}
+        default=0.1, metadata={"help": "λ_router, weight of the router divergence loss on MoE models (a dense model accepts only the default or 0, unused)."}
     )
     kl_threshold: float = field(
         default=0.15, metadata={"help": "KL hinge threshold in nats; with a schedule, its starting value (note: 0.08-0.15)."}

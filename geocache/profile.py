@@ -39,7 +39,7 @@ CLASSES = {
 @dataclass
 class ProfileConfig:
     model: str = field(metadata={"help": "Model: local directory or hub id."})
-    data: list[str] = field(metadata={"help": "Data per domain: PATH or NAME=PATH (repeatable)."})
+    data: list[str] = field(metadata={"help": "Data per domain: PATH or NAME=PATH."})
     out: str = field(metadata={"help": "Output directory."})
     adapter: Optional[str] = field(default=None, metadata={"help": "A trained adapter: also report drift against the base."})
     tuned: Optional[str] = field(default=None, metadata={"help": "A tuned full model: also report drift against the base."})

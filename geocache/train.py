@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+import torch
 import yaml
 
 from geocache.base import BASE_MODES, CacheBase, CopyBase, LiveBase, PeriodicBase
@@ -231,7 +232,8 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
         report_to=report_to,
         remove_unused_columns=False,  # batches carry base statistics beside the model inputs
         prediction_loss_only=True,
-        use_cpu=cfg.use_cpu,
+        # Several processes and no GPU: data-parallel over gloo needs use_cpu (without it each process trained alone).
+        use_cpu=cfg.use_cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()),
         dataloader_num_workers=0,
         disable_tqdm=not cfg.progress,
     )

@@ -62,6 +62,7 @@ def test_precompute_inspect_and_verify_from_the_command_line(tmp_path, tiny_mode
     inspect = runner.invoke(main, ["cache", "inspect", str(tmp_path / "c"), "--json"])
     summary = json.loads(inspect.output)
     assert summary["sequences"] == 12 and summary["lm bytes/token"] > 0 and summary["router bytes/token"] > 0
+    assert summary["data"].endswith("(max_length 1024, truncated)") and "d.jsonl" in summary["data"]  # where the sequences came from
     assert runner.invoke(main, ["cache", "verify", str(tmp_path / "c")]).exit_code == 0
     victim = next(p for p in (tmp_path / "c" / "shards").rglob("*") if p.is_file() and p.name != "zarr.json")
     victim.write_bytes(victim.read_bytes()[:-1] + b"\x00")

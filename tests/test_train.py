@@ -372,13 +372,15 @@ def test_non_finite_weights_are_never_saved_as_a_checkpoint(tmp_path, moe_cache)
 def test_two_processes_over_gloo_train_like_one_with_the_same_global_batch(tmp_path, moe_cache):
     model, root = moe_cache
     common = ["--model", str(model), "--cache", str(root / "k512"), "--max-steps", "3", "--logging-steps", "1", "--save-steps", "100",
-              "--train-sampling-strategy", "sequential", "--lora-r", "4", "--learning-rate", "0.01", "--use-cpu",
+              "--train-sampling-strategy", "sequential", "--lora-r", "4", "--learning-rate", "0.01",
               "--kl-threshold", "0", "--final-kl-threshold", "0", "--eval-cache", str(root / "k512"), "--eval-steps", "3"]
-    one = subprocess.run([sys.executable, "-m", "geocache_cli.main", "train", *common, "--out", str(tmp_path / "one"), "--per-device-train-batch-size", "4"],
+    one = subprocess.run([sys.executable, "-m", "geocache_cli.main", "train", *common, "--use-cpu", "--out", str(tmp_path / "one"), "--per-device-train-batch-size", "4"],
                          env=ENV, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29573", "-m", "geocache_cli.main",
-                          "train", *common, "--out", str(tmp_path / "two"), "--per-device-train-batch-size", "2"],
+                          # without a GPU, no --use-cpu: several processes on a CPU-only machine train data-parallel by themselves
+                          "train", *common, *(["--use-cpu"] if torch.cuda.is_available() else []), "--out", str(tmp_path / "two"),
+                          "--per-device-train-batch-size", "2"],
                          env=ENV, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
     # The logged metrics cover both ranks' positions (each rank accumulates its own shard), so they

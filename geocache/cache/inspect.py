@@ -58,6 +58,7 @@ def summarize(url: str) -> dict:
         "backend": m.backend,
         "geocache_version": m.geocache_version,
         "base_model": f"{m.base_model['id']} ({m.base_model['model_type']}, {m.base_model['output_size']} output rows, tokenizer {m.base_model['tokenizer_size']})",
+        "data": _data_line(m.data),
         "k / m": f"{m.statistics['k']} / {m.statistics['m']}",
         "moe": "dense" if not m.moe else f"{len(m.moe['layers'])} layers x {m.moe['num_experts']} experts, top-{m.moe['top_k']}, {m.moe['scoring']}, router {m.moe['router_mode']}",
         "sequences": m.counts["sequences"],
@@ -69,6 +70,14 @@ def summarize(url: str) -> dict:
         "router bytes/token": round(kinds["router"] / tokens, 2),
         "token data bytes/token": round(kinds["other"] / tokens, 2),
     }
+
+
+def _data_line(data: dict) -> str:
+    """Where the cached sequences come from and how they were cut, in one line."""
+    source, prep = data.get("source", {}), data.get("preprocessing", {})
+    where = source.get("hub_id") or source.get("id") or ", ".join(map(str, source.get("files", []))) or "?"
+    cut = f"max_length {prep.get('max_length')}, {'packed' if prep.get('packing') else 'truncated'}"
+    return f"{where} ({cut})"
 
 
 def verify(url: str) -> Optional[str]:

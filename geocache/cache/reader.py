@@ -156,7 +156,7 @@ class CacheReader(torch.utils.data.Dataset):
                         if which == "weights" and dtypes == {"float16", "bfloat16"} else "")
                 raise CacheError(
                     f"cache {self.url!r} was built for base model {base['id']!r} (revision {base.get('revision')}), "
-                    f"and this model's {which} differ from it{hint}"
+                    f"and this model's {which} {'differs' if which == 'config' else 'differ'} from it{hint}"
                 )
             if output_size(model) != base["output_size"]:
                 raise CacheError(f"cache {self.url!r} covers {base['output_size']} output rows but the model has {output_size(model)}")
