@@ -144,9 +144,18 @@ RESUME_MUST_MATCH = (
     "model", "revision", "base_model", "cache", "eval_cache", "base", "periodic_inner", "periodic_every", "dtype",
     "lora_r", "lora_alpha", "lora_dropout", "target_modules", "layer_weights", "seed", "train_sampling_strategy",
     "learning_rate", "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "geometry",
+    "geometry", "v2_every", "v2_data", "v2_patience", "v2_action",
 )
 _PATH_FIELDS = ("model", "base_model", "cache", "eval_cache")
+
+
+def _check_v2_data(cfg: TrainConfig) -> None:
+    from geocache.profile import ProfileConfig
+
+    for name, path in ProfileConfig(model="", data=list(cfg.v2_data), out="").domains().items():
+        hub_like = "/" in path and not path.startswith((".", "/"))
+        if not Path(path).exists() and not hub_like:
+            raise FileNotFoundError(f"v2_data of domain {name!r}, {path!r}, does not exist")
 
 
 def _run_record(cfg: TrainConfig) -> dict:
@@ -196,6 +205,8 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
 
     from geocache.trainer import GeometryTrainer, JsonlLogger, add_dora_adapter
 
+    if cfg.v2_every:  # before the run directory is touched: a typo must not leave a run to --overwrite
+        _check_v2_data(cfg)
     # Under torchrun only rank 0 checks and prepares the run directory (the others would find
     # rank 0's files and refuse); a refusal there stops every rank.
     if int(os.environ.get("RANK", "0")) == 0:

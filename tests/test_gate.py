@@ -170,3 +170,15 @@ def test_a_resumed_gated_run_continues_as_the_uninterrupted_one(tmp_path, moe_ru
     assert [r["step"] for r in rows["b"]] == [r["step"] for r in rows["a"]]
     assert resumed.geometry_config.lambda_kl == whole.geometry_config.lambda_kl == pytest.approx(0.4)
     assert resumed.geometry_loss.config.lambda_kl == pytest.approx(0.4)
+
+
+def test_a_missing_v2_data_file_is_refused_before_the_run_starts_and_resume_keeps_the_gate_settings(tmp_path, moe_run):
+    model, cache, data = moe_run
+    common = dict(model=str(model), cache=str(cache), max_steps=2, per_device_train_batch_size=4, progress=False, use_cpu=True, lora_r=2,
+                  lora_alpha=4, v2_every=2, v2_patience=1, v2_action="halve_lr")
+    with pytest.raises(FileNotFoundError, match=r"v2_data of domain 'nope', '.*nope.jsonl', does not exist"):
+        train(TrainConfig(out=str(tmp_path / "a"), v2_data=[str(tmp_path / "nope.jsonl")], **common))
+    assert not (tmp_path / "a").exists()  # nothing written: the corrected command needs no --overwrite
+    train(TrainConfig(out=str(tmp_path / "b"), v2_data=[str(data)], **common), v2_signal=Scripted([R(-0.02, -0.02), R(-0.03, -0.03)]))
+    with pytest.raises(ValueError, match="with v2_action='rollback', but it was started with v2_action='halve_lr'"):
+        train(TrainConfig(out=str(tmp_path / "b"), v2_data=[str(data)], resume=True, **{**common, "v2_action": "rollback", "max_steps": 4}))
