@@ -75,7 +75,7 @@ def summarize(url: str) -> dict:
 def _data_line(data: dict) -> str:
     """Where the cached sequences come from and how they were cut, in one line."""
     source, prep = data.get("source", {}), data.get("preprocessing", {})
-    where = source.get("hub_id") or source.get("id") or ", ".join(map(str, source.get("files", []))) or "?"
+    where = source.get("id") or ", ".join(map(str, source.get("files", []))) or "?"
     cut = f"max_length {prep.get('max_length')}, {'packed' if prep.get('packing') else 'truncated'}"
     return f"{where} ({cut})"
 
