@@ -163,9 +163,10 @@ class V2GateCallback(TrainerCallback):
         gs.watch, gs.last_score, gs.bad_checks, gs.last_pass_step = tuple(saved["watch"]), saved["last_score"], saved["bad_checks"], saved["last_pass_step"]
         if self.trainer is not None and saved.get("lambdas"):
             set_lambdas(self.trainer, saved["lambdas"])
-        if state.is_world_process_zero and self.path.exists():
-            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-            self.path.write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= state.global_step))
+        if state.is_world_process_zero:
+            from geocache.trainer import drop_records_after
+
+            drop_records_after(self.path, state.global_step)
 
     def on_save(self, args, state, control, **kwargs):
         # Beside the checkpoint: what the gate needs to continue from it on a resume.

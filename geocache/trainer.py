@@ -106,11 +106,19 @@ def add_dora_adapter(
 
 
 def _logged_step(line: str) -> float:
-    """The step of a metrics.jsonl record; infinite for a line a killed run left half-written."""
+    """The step of a JSONL log record; infinite for a line a killed run left half-written."""
     try:
         return json.loads(line).get("step", 0)
     except (json.JSONDecodeError, AttributeError):
         return math.inf
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """Keep only the records of steps up to ``step`` in a JSONL log (``metrics.jsonl``,
+    ``v2_checks.jsonl``): a resumed run logs the steps after its checkpoint again."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= step]
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 class JsonlLogger(TrainerCallback):
@@ -122,9 +130,8 @@ class JsonlLogger(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         # A resumed run logs again the steps after its checkpoint: the records of those steps
         # from the interrupted run go, so that every step appears once (as in log_history).
-        if state.is_world_process_zero and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= state.global_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if state.is_world_process_zero:
+            drop_records_after(self.path, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
