@@ -415,27 +415,31 @@ def _tokenize_chat(row: dict, index: int, tokenizer, cfg: DataConfig) -> tuple[l
 
 
 def iter_sequences(rows: Iterable[dict], tokenizer, cfg: DataConfig, bad_rows: Optional[list] = None,
-                   unlabelled_rows: Optional[list] = None) -> Iterator[Sequence]:
+                   unlabelled_rows: Optional[list] = None, truncated_rows: Optional[list] = None) -> Iterator[Sequence]:
     """Cached sequences from example rows, in order, truncated or packed, capped by the config.
 
     ``bad_rows`` collects the messages of skipped rows when ``cfg.skip_bad_rows``;
     ``unlabelled_rows`` the numbers of rows left with nothing to learn (no label after the first
-    token once truncated to ``max_length``: a prompt longer than it), which are never cached.
+    token once truncated to ``max_length``: a prompt longer than it), which are never cached;
+    ``truncated_rows`` the numbers of the cached rows that were longer than ``max_length`` and lost
+    their end (with or without packing: an example is never split across rows).
     """
     prefix = text_prefix(tokenizer) if cfg.add_bos else []
     n_seq = n_tok = 0
-    pending: list[tuple[list[int], list[int]]] = []
+    pending: list[tuple[list[int], list[int], bool, int]] = []  # (ids, labels, truncated, row index)
     pending_len = 0
 
     def emit(examples, rows_read):
         ids, labels, pos, segs = [], [], [], []
-        for e_ids, e_labels in examples:
+        for e_ids, e_labels, cut, row in examples:
             segs.append((len(ids), len(ids) + len(e_ids)))
             # The first token of an example is never predicted from the example before it.
             first = IGNORE_INDEX if ids else e_labels[0]
             ids += e_ids
             labels += [first] + e_labels[1:]
             pos += list(range(len(e_ids)))
+            if cut and truncated_rows is not None:
+                truncated_rows.append(row)
         return Sequence(ids, labels, pos, segs, rows_read)
 
     def capped() -> bool:
@@ -451,20 +455,20 @@ def iter_sequences(rows: Iterable[dict], tokenizer, cfg: DataConfig, bad_rows: O
             if bad_rows is not None:
                 bad_rows.append(str(exc))
             continue
-        ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
-        if all(label == IGNORE_INDEX for label in labels[1:]):
+        example = (ids[: cfg.max_length], labels[: cfg.max_length], len(ids) > cfg.max_length, index)
+        if all(label == IGNORE_INDEX for label in example[1][1:]):
             if unlabelled_rows is not None:
                 unlabelled_rows.append(index)
             continue  # nothing to learn after truncation
         if not cfg.packing:
-            seq = emit([(ids, labels)], index + 1)
-        elif pending_len + len(ids) <= cfg.max_length:
-            pending.append((ids, labels))
-            pending_len += len(ids)
+            seq = emit([example], index + 1)
+        elif pending_len + len(example[0]) <= cfg.max_length:
+            pending.append(example)
+            pending_len += len(example[0])
             continue
         else:
             seq = emit(pending, index)
-            pending, pending_len = [(ids, labels)], len(ids)
+            pending, pending_len = [example], len(example[0])
         yield seq
         n_seq, n_tok = n_seq + 1, n_tok + len(seq)
         if capped():

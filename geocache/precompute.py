@@ -221,12 +221,13 @@ class _Run:
 
     # ------------------------------------------------------------------------------------------
 
-    def sequences(self, bad_rows: list, unlabelled_rows: Optional[list] = None) -> Iterator[tuple[int, Sequence]]:
+    def sequences(self, bad_rows: list, unlabelled_rows: Optional[list] = None,
+                  truncated_rows: Optional[list] = None) -> Iterator[tuple[int, Sequence]]:
         source, dc = self.template.data["source"], self.cfg.data_config
         # A hub dataset at the commit recorded in the manifest (its revision resolved once, here).
         rows = load_examples(self.cfg.data, split=dc.split, text_sample_by=dc.text_sample_by,
                              revision=source.get("commit") or dc.data_revision, subset=dc.subset)
-        for i, seq in enumerate(iter_sequences(rows, self.tokenizer, self.cfg.data_config, bad_rows, unlabelled_rows)):
+        for i, seq in enumerate(iter_sequences(rows, self.tokenizer, self.cfg.data_config, bad_rows, unlabelled_rows, truncated_rows)):
             if i % self.world == self.rank:
                 yield i, seq
 
@@ -389,7 +390,8 @@ def _estimate(run: _Run, bad_rows: list) -> dict:
     """Sequences, tokens, labelled positions and bytes a run would store, without the model forward."""
     n_seq = n_tok = n_pos = 0
     unlabelled: list[int] = []
-    for _, seq in run.sequences(bad_rows, unlabelled):
+    truncated: list[int] = []
+    for _, seq in run.sequences(bad_rows, unlabelled, truncated):
         n_seq, n_tok = n_seq + 1, n_tok + len(seq)
         n_pos += labelled_positions(torch.tensor(seq.labels).unsqueeze(0))[0].numel()
     cfg, idb = run.cfg, run.id_dtype.itemsize
@@ -410,6 +412,7 @@ def _estimate(run: _Run, bad_rows: list) -> dict:
         "bytes_per_token_router_uncompressed": (n_pos * router_per_pos) / max(n_tok, 1),
         "skipped_rows": len(bad_rows),
         "unlabelled_rows": len(unlabelled),
+        "truncated_rows": len(truncated),
     }
 
 
@@ -458,7 +461,7 @@ def _merge(fs, root: str, run: _Run) -> Manifest:
     merged = replace(run.template, shards=[s for p in parts for s in p.shards], complete=all(p.complete for p in parts))
     merged.recount()
     # Every rank reads (and counts) every row, then keeps its own sequences.
-    for key in ("skipped_rows", "unlabelled_rows"):
+    for key in ("skipped_rows", "unlabelled_rows", "truncated_rows"):
         merged.counts[key] = max(p.counts.get(key, 0) for p in parts)
     atomic_write_text(fs, posixpath.join(root, MANIFEST), merged.to_json())
     return merged
@@ -475,6 +478,7 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
     run = _Run(cfg, rank, world)
     bad_rows: list[str] = []
     unlabelled: list[int] = []  # rows with no label left after truncation: never cached, counted
+    truncated: list[int] = []  # cached rows that lost their end to max_length: counted
     if cfg.dry_run:
         return _estimate(run, bad_rows)
     fs, root = _fs(cfg.out)
@@ -495,7 +499,7 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
     tokens, started = 0, time.perf_counter()
     batch: list[tuple[int, Sequence]] = []
     try:
-        for n, (i, seq) in enumerate(run.sequences(bad_rows, unlabelled)):
+        for n, (i, seq) in enumerate(run.sequences(bad_rows, unlabelled, truncated)):
             if n < done:
                 continue  # committed before an interruption
             batch.append((i, seq))
@@ -511,6 +515,7 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
     part.complete = True
     part.counts["skipped_rows"] = len(bad_rows)
     part.counts["unlabelled_rows"] = len(unlabelled)
+    part.counts["truncated_rows"] = len(truncated)
     atomic_write_text(fs, part_path(root, rank), part.to_json())
     _barrier(world)
     merged = _merge(fs, root, run) if rank == 0 else None
@@ -525,11 +530,14 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
         raise ValueError(f"no sequence was cached from data {cfg.data}: {c['skipped_rows']} malformed row(s) skipped"
                          f"{f' (first: {bad_rows[0]})' if bad_rows else ''} and {c['unlabelled_rows']} left without a label; "
                          f"fix the data and rerun with --overwrite")
-    if bad_rows:
+    if bad_rows and rank == 0:  # every rank reads (and counts) every row
         print(f"skipped {len(bad_rows)} malformed row(s); first: {bad_rows[0]}", file=sys.stderr)
     if unlabelled and rank == 0:
         print(f"left out {len(unlabelled)} row(s) with no label within max_length={cfg.data_config.max_length} "
               f"(a prompt that long leaves nothing to learn); first: row {unlabelled[0]}", file=sys.stderr)
+    if truncated and rank == 0:
+        print(f"truncated {len(truncated)} row(s) longer than max_length={cfg.data_config.max_length} tokens "
+              f"(their ends are not cached); first: row {truncated[0]}", file=sys.stderr)
     return merged
 
 

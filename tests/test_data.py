@@ -301,6 +301,21 @@ def test_rows_left_with_nothing_to_learn_are_counted(tok):
     assert len(seqs) == 1 and unlabelled == [0, 2]
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_rows_cut_by_max_length_are_counted_once_cached(tok, packing):
+    rows = [{"text": "a b c d e f g h i j k l m n o p q r s t"}, {"text": "short"}, {"text": "u v w x y z " * 6}, {"text": "ok"}]
+    lengths = [len(tokenize_example(r, i, tok, DataConfig(max_length=10_000), [])[0]) for i, r in enumerate(rows)]
+    truncated = []
+    seqs = list(iter_sequences(rows, tok, DataConfig(max_length=8, packing=packing), truncated_rows=truncated))
+    assert lengths[0] > 8 and lengths[2] > 8 and lengths[1] <= 8 and lengths[3] <= 8
+    assert truncated == [0, 2]
+    assert sum(e - s for seq in seqs for s, e in seq.segments) == sum(min(n, 8) for n in lengths)
+    # A cap that stops before the second long row: only what was cached is counted.
+    capped = []
+    list(iter_sequences(rows, tok, DataConfig(max_length=8, max_sequences=1), truncated_rows=capped))
+    assert capped == [0]
+
+
 def test_count_rows_gives_what_load_examples_reads(tmp_path):
     from geocache.data import count_rows
 

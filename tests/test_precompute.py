@@ -584,6 +584,21 @@ def test_rows_left_without_labels_are_counted_in_the_manifest_and_the_estimate(t
     assert "left out 3 row(s) with no label within max_length=48" in capsys.readouterr().err
 
 
+def test_rows_longer_than_max_length_are_counted_in_the_manifest_the_estimate_and_inspect(tmp_path, tiny_model_dir, capsys):
+    from geocache.cache.inspect import summarize
+
+    data = tmp_path / "long.jsonl"
+    rows = [{"text": "word " * 80}, {"text": "a short text row"}, {"text": "other " * 60}, {"text": "short again"}]
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    model = tiny_model_dir("llama")
+    estimate = run(model, data, tmp_path / "unused", k=4, dry_run=True)
+    assert estimate["sequences"] == 4 and estimate["truncated_rows"] == 2
+    manifest = run(model, data, tmp_path / "c", k=4, packing=True)
+    assert manifest.counts["truncated_rows"] == 2
+    assert "truncated 2 row(s) longer than max_length=48 tokens (their ends are not cached); first: row 0" in capsys.readouterr().err
+    assert summarize(str(tmp_path / "c"))["input rows truncated"] == 2
+
+
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
 def test_router_topk_mode_caches_the_top_router_logits_of_a_direct_forward(tmp_path, tiny_model_dir, data_file, model_type):
     model_dir = tiny_model_dir(model_type)
@@ -628,7 +643,7 @@ def test_a_dry_run_reads_no_weights_and_estimates_what_a_run_stores(tmp_path, ti
                         lambda *a, **kw: pytest.fail("a dry run loaded the weights"))
     estimate = run(model, data_file, tmp_path / "unused", k=8, m=2, dry_run=True)
     assert not (tmp_path / "unused").exists()
-    keys = ("sequences", "tokens", "positions", "skipped_rows", "unlabelled_rows")
+    keys = ("sequences", "tokens", "positions", "skipped_rows", "unlabelled_rows", "truncated_rows")
     assert {k: estimate[k] for k in keys} == {k: manifest.counts[k] for k in keys} and estimate["sequences"] > 20
     assert (estimate["router_bytes"] > 0) == (manifest.moe is not None)
     with pytest.raises(ValueError, match="k=100000 exceeds the 512 output rows"):

@@ -64,6 +64,8 @@ def summarize(url: str) -> dict:
         "sequences": m.counts["sequences"],
         "tokens": m.counts["tokens"],
         "labelled positions": m.counts["positions"],
+        "input rows left out": f"{m.counts.get('skipped_rows', 0)} malformed, {m.counts.get('unlabelled_rows', 0)} with no label within max_length",
+        "input rows truncated": m.counts.get("truncated_rows", "not recorded"),
         "shards": len(m.shards),
         "bytes": sum(s.bytes for s in m.shards),
         "lm bytes/token": round(kinds["lm"] / tokens, 2),
