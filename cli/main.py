@@ -191,8 +191,21 @@ def train(config_path, **options):
     if isinstance(merged.get("layer_weights"), list):
         merged["layer_weights"] = [float(w) for w in merged["layer_weights"]]
     trainer = run(TrainConfig.from_dict({**merged, "geometry": geometry}))
-    last = next((r for r in reversed(trainer.state.log_history) if "task_loss" in r), {})  # a window's log or the final summary
-    click.echo(f"trained {trainer.state.global_step} steps; adapter saved in {merged['out']}/adapter; last task loss {last.get('task_loss', float('nan')):.4f}")
+    click.echo(train_summary(trainer.state, merged["out"]))
+
+
+def train_summary(state, out: str) -> str:
+    """The line ``geocache train`` ends with: steps, where the adapter is, the last task loss, and
+    whether the V2 gate's last check rolled the adapter back (the saved adapter is then that of an
+    earlier step, not the last one trained)."""
+    history = state.log_history
+    last = next((r for r in reversed(history) if "task_loss" in r), {})  # a window's log or the final summary
+    line = f"trained {state.global_step} steps; adapter saved in {out}/adapter; last task loss {last.get('task_loss', float('nan')):.4f}"
+    check = next((r for r in reversed(history) if "v2_decision" in r), None)
+    if check is not None and check["v2_decision"] == "rollback":
+        line += (f"; the V2 gate's last check (step {check['v2_step']}) rolled the adapter back to step "
+                 f"{check['v2_rolled_back_to_step']}, which is the one saved")
+    return line
 
 
 @main.command()

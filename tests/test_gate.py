@@ -115,6 +115,21 @@ def test_checkpoints_only_when_v2_passes_and_rollback_restores_adapter_and_optim
     assert [r["step"] for r in trainer.state.log_history if "loss" in r] == [2, 4, 6, 8]
 
 
+def test_a_rollback_at_the_last_check_saves_the_rolled_back_adapter_and_says_so(tmp_path, moe_run):
+    from geocache_cli.main import train_summary
+
+    script = [R(-0.02, -0.02), R(-0.03, -0.03), R(0.01, 0.02)]  # start → step 2 pass (save) → step 4, the last, fails: rollback
+    trainer, _, checks, _ = _run(moe_run, tmp_path / "run", "rollback", script, steps=4)
+    assert [c["decision"] for c in checks] == ["start", "save", "rollback"]
+    final = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    saved = load_file(tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors")
+    assert set(final) == set(saved) and all(torch.equal(final[k], saved[k]) for k in saved)
+    line = train_summary(trainer.state, str(tmp_path / "run"))
+    assert line.startswith("trained 4 steps;") and "the V2 gate's last check (step 4) rolled the adapter back to step 2" in line
+    trainer.state.log_history = [r for r in trainer.state.log_history if r.get("v2_decision") != "rollback"]
+    assert "rolled" not in train_summary(trainer.state, str(tmp_path / "run"))
+
+
 def test_halve_lr_and_double_lambdas_act_on_the_running_training(tmp_path, moe_run):
     script = [R(-0.02, -0.02), R(0.01, 0.01), R(-0.03, -0.03), R(0.02, 0.02), R(-0.05, -0.05)]
     _, rec, checks, _ = _run(moe_run, tmp_path / "a", "halve_lr", script)
