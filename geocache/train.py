@@ -229,7 +229,9 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         bf16=cfg.bf16,
         fp16=cfg.fp16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        # transformers renamed it (the old name warns on every run where the new one exists)
+        **{"activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient_checkpointing":
+           cfg.gradient_checkpointing},
         seed=cfg.seed,
         data_seed=cfg.seed,
         train_sampling_strategy=cfg.train_sampling_strategy,

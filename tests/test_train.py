@@ -417,11 +417,14 @@ def test_copy_base_with_the_same_weights_equals_the_live_base(tmp_path, moe_cach
         torch.testing.assert_close(g_copy[name], g_live[name])
 
 
+@pytest.mark.filterwarnings("error:`gradient_checkpointing` is deprecated:FutureWarning")  # transformers' new name is used where it exists
 def test_gradient_checkpointing_trains_the_adapter_identically(tmp_path, moe_cache):
     model, root = moe_cache
     common = dict(model=str(model), cache=str(root / "k64"), max_steps=3, use_cpu=True, learning_rate=1e-2, lora_r=4, progress=False, logging_steps=1)
     plain = train(TrainConfig(out=str(tmp_path / "a"), **common))
     ckpt = train(TrainConfig(out=str(tmp_path / "b"), gradient_checkpointing=True, **common))
+    inner = lambda tr: tr.model.get_base_model()  # noqa: E731
+    assert inner(ckpt).is_activation_checkpointing and not inner(plain).is_activation_checkpointing  # it was on, and only there
     losses = lambda tr: [r["loss"] for r in tr.state.log_history if "loss" in r]  # noqa: E731
     assert losses(ckpt) == pytest.approx(losses(plain), rel=1e-5)
     a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
