@@ -154,6 +154,11 @@ class V2GateCallback(TrainerCallback):
         with (model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()):
             result = self.signal(model)
         watch = self.gate.start(result)
+        if state.is_world_process_zero and not any(result[k]["pass"] for k in ("delta_bi", "delta_brand")):
+            log.warning("the base passes neither V2 condition (C1 Δ_bi %.4f, C2 Δ_brand %.4f): the gate saves a checkpoint only when "
+                        "both pass, which SFT may never reach, so this run may write none to resume from (the final adapter is "
+                        "saved either way); the design note's advice for such a base is continued pretraining with both V2 "
+                        "losses, or another base", result["delta_bi"]["value"], result["delta_brand"]["value"])
         self.snapshot = (self._adapter_state(model), copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None, state.global_step,
                          self.gate.state.last_score)
         self._record({"step": state.global_step, "decision": "start", "watch": list(watch), **_numbers(result)}, state)

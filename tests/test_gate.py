@@ -130,6 +130,19 @@ def test_a_rollback_at_the_last_check_saves_the_rolled_back_adapter_and_says_so(
     assert "rolled" not in train_summary(trainer.state, str(tmp_path / "run"))
 
 
+def test_a_base_that_passes_neither_condition_is_warned_about(tmp_path, moe_run, caplog):
+    with caplog.at_level("WARNING", logger="geocache.gate"):
+        _, _, checks, _ = _run(moe_run, tmp_path / "weak", "rollback", [R(0.01, 0.02), R(0.005, 0.01)], steps=2)
+    assert [c["decision"] for c in checks] == ["start", "continue"]
+    assert not list((tmp_path / "weak").glob("checkpoint-*"))
+    warned = [r.getMessage() for r in caplog.records if r.name == "geocache.gate" and r.levelname == "WARNING"]
+    assert len(warned) == 1 and "passes neither V2 condition (C1 Δ_bi 0.0100, C2 Δ_brand 0.0200)" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="geocache.gate"):
+        _run(moe_run, tmp_path / "fine", "rollback", [R(-0.01, 0.02), R(-0.02, 0.01)], steps=2)
+    assert not [r for r in caplog.records if r.name == "geocache.gate" and r.levelname == "WARNING"]
+
+
 def test_halve_lr_and_double_lambdas_act_on_the_running_training(tmp_path, moe_run):
     script = [R(-0.02, -0.02), R(0.01, 0.01), R(-0.03, -0.03), R(0.02, 0.02), R(-0.05, -0.05)]
     _, rec, checks, _ = _run(moe_run, tmp_path / "a", "halve_lr", script)
