@@ -347,7 +347,7 @@ class BaseKLTerms(NamedTuple):
     p_s: Optional[torch.Tensor]  # [n, k]
     p_t: Optional[torch.Tensor]  # [n] p_T = 1 − Σ_S p, the base mass outside the top-k
     p_t_log_p_t: Optional[torch.Tensor]  # [n] p_T log p_T (0 at p_T = 0)
-    log_p_t: Optional[torch.Tensor]  # [n] log p_T, floored at the smallest normal float
+    log_p_t: Optional[torch.Tensor]  # [n] log(p_T + its rounding bound): the reverse KL's tail cell
     w_x: Optional[torch.Tensor]  # [n, m] 1/count on the valid tail samples, 0 on missing ones
     lp_x_mean: Optional[torch.Tensor]  # [n] Σ w_x log p(x): the samples' mean log p
     lp_x: Optional[torch.Tensor] = None  # [n, m] log p(x) of the samples, 0 on missing ones (topk_cv)
@@ -371,8 +371,17 @@ def base_kl_terms(base: BaseStats, dtype: torch.dtype, estimator: Optional[str] 
     p_s = lp_s.exp()
     p_t = p_s.sum(-1).neg_().add_(1.0).clamp_min_(0.0)
     p_t_log_p_t = log_p_t = w_x = lp_x_mean = lp_x = None
+    # p_T = 1 − Σ_S p from log-probs rounded to their stored dtype (float16 in a cache): each off by
+    # up to |log p|·u (u its unit roundoff), so p_T by up to Σ_S p |log p| u, plus the sum's own
+    # rounding. (Depends on the cache alone.)
+    unit = torch.finfo(base.topk_logprobs.dtype).eps / 2
+    bound = torch.linalg.vecdot(p_s, lp_s.abs().clamp_max(1e4)).mul_(unit).add_(lp_s.shape[-1] * torch.finfo(dtype).eps)
     if tail:
-        p_t_log_p_t, log_p_t = torch.xlogy(p_t, p_t), p_t.clamp_min(torch.finfo(dtype).tiny).log_()
+        # The reverse KL's tail term q_T log(q_T/p_T) falls as p_T grows, so it reads the largest p_T
+        # the rounded cache allows: the coarse KL stays a lower bound. With the rounded p_T itself, a
+        # peaked base (true p_T ~1e-4, below float16's reach at k = 64) gave p_T ≤ 0 on a fifth of
+        # the rows, floored at the float minimum (log p_T ≈ −87): several times the exact KL.
+        p_t_log_p_t, log_p_t = torch.xlogy(p_t, p_t), (p_t + bound).log_()
     if sampled:
         lp_x = base.sample_logprobs.to(dtype)
         valid = lp_x > -math.inf  # −inf marks a missing sample (NaN too; log p is never +inf)
@@ -382,13 +391,9 @@ def base_kl_terms(base: BaseStats, dtype: torch.dtype, estimator: Optional[str] 
         lp_x_mean = torch.linalg.vecdot(w_x, lp_x)
     cv_ok = None
     if every or (direction == "forward" and estimator in ("topk_cv", "topk_hybrid")):
-        # p_T = 1 − Σ_S p from log-probs rounded to their stored dtype (float16 in a cache): each
-        # off by up to |log p|·u (u its unit roundoff), so p_T by up to Σ_S p |log p| u, plus the
-        # sum's own rounding. topk_cv divides by p_T inside a logarithm; where p_T is not 30x that
-        # bound (a peaked base, whose true tail can be far below float16's reach) the row takes
-        # topk_sampled's value, which only multiplies by p_T. (Depends on the cache alone.)
-        unit = torch.finfo(base.topk_logprobs.dtype).eps / 2
-        bound = torch.linalg.vecdot(p_s, lp_s.abs().clamp_max(1e4)).mul_(unit).add_(lp_s.shape[-1] * torch.finfo(dtype).eps)
+        # topk_cv divides by p_T inside a logarithm; where p_T is not 30x its rounding bound (a
+        # peaked base, whose true tail can be far below float16's reach) the row takes
+        # topk_sampled's value, which only multiplies by p_T.
         cv_ok = p_t > 30 * bound
     else:
         lp_x = None

@@ -238,6 +238,33 @@ def test_topk_tail_is_a_lower_bound_and_reverse_coarse_too(shape, data):
     assert (cached_kl(q_logits, base, "topk_tail") >= -1e-12).all()
 
 
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lift", [12.0, 6.0, 0.0])
+def test_reverse_coarse_kl_stays_a_lower_bound_when_the_cache_rounds_a_tiny_tail(stored, lift):
+    """The cache stores top-k log-probs in 16 bits; 1 − Σ_S p then cannot resolve a tail of ~1e-4
+    (a peaked base) and came out ≤ 0 on a fifth of the rows, whose log p_T was floored at the float
+    minimum: the coarse reverse KL, a lower bound by SPEC, read several times the exact one."""
+    g = torch.Generator().manual_seed(int(lift) + (stored == torch.float16))
+    n, vocab, k = 2000, 1000, 64
+    p_logits = torch.randn(n, vocab, generator=g)
+    p_logits[:, :k] += lift  # lift 12: the top-64 holds ~99.99% of the mass
+    exact_stats = compute_base_stats(p_logits, k=k, m=0)
+    rounded = BaseStats(exact_stats.lse, exact_stats.entropy, exact_stats.topk_ids, exact_stats.topk_logprobs.to(stored))
+    tail = torch.ones(n, vocab, dtype=torch.bool).scatter_(1, exact_stats.topk_ids, False)
+    for boost in (0.0, 4.0):  # the tuned model as the base, and with every token outside the top-k raised e^4
+        q_logits = torch.where(tail, p_logits + boost, p_logits)
+        exact = kl_reverse(p_logits.double(), q_logits.double())
+        cached = cached_kl(q_logits, rounded, direction="reverse").double()
+        # The head term reads rounded log-probs: off by up to Σ_S q |log p| u (u the unit roundoff).
+        lq_s = q_logits.double().log_softmax(-1).gather(1, exact_stats.topk_ids)
+        head_rounding = (lq_s.exp() * exact_stats.topk_logprobs.double().abs()).sum(-1) * torch.finfo(stored).eps / 2
+        assert (cached <= exact + head_rounding + 1e-6).all(), (cached - exact - head_rounding).max()
+        # ... and not a vacuous bound where the tail is within the stored precision's reach (the
+        # boost leaves q's shape inside the tail alone: the coarse partition loses nothing)
+        if lift == 0.0 and boost:
+            torch.testing.assert_close(cached.sum() / exact.sum(), torch.tensor(1.0, dtype=torch.float64), rtol=0.05, atol=0)  # bf16: 8 bits
+
+
 @settings(max_examples=60, deadline=None)
 @given(rows_and_vocab, st.sampled_from(["topk_tail", "topk_sampled", "topk_cv", "topk_hybrid", "topk_renorm"]), st.sampled_from(["forward", "reverse"]))
 def test_every_estimator_is_exact_when_k_is_the_vocabulary(shape, estimator, direction):
