@@ -77,15 +77,22 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.to(math_dtype(logits.dtype)), dim=-1)
 
 
+def finite_log(lp: torch.Tensor) -> torch.Tensor:
+    """Log-probs with −inf (a masked token, probability 0) raised to the float minimum, so that
+    p·log p and p·(log p − log q) are 0 there, not 0·∞ = NaN (autograd-safe, unlike ``where``)."""
+    return lp.clamp_min(torch.finfo(lp.dtype).min)
+
+
 def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """H = -Σ p log p in nats. logits ``[..., V]`` → ``[...]``."""
-    lp = log_probs(logits)
+    """H = -Σ p log p in nats. logits ``[..., V]`` (−inf allowed) → ``[...]``."""
+    lp = finite_log(log_probs(logits))
     return -(lp.exp() * lp).sum(-1)
 
 
 def kl_forward(base_logits: torch.Tensor, tuned_logits: torch.Tensor) -> torch.Tensor:
-    """KL(p‖q) = Σ p log(p/q), the note's code (``F.kl_div(log q, p)``). ``[..., V]`` → ``[...]``."""
-    lp, lq = log_probs(base_logits), log_probs(tuned_logits)
+    """KL(p‖q) = Σ p log(p/q), the note's code (``F.kl_div(log q, p)``). ``[..., V]`` → ``[...]``
+    (−inf allowed: tokens with p = 0 add 0)."""
+    lp, lq = finite_log(log_probs(base_logits)), finite_log(log_probs(tuned_logits))
     return (lp.exp() * (lp - lq)).sum(-1)
 
 
@@ -546,6 +553,7 @@ def cached_kl(tuned_logits: torch.Tensor, base: BaseStats, estimator: str = "top
     """
     lq = log_probs(tuned_logits)
     kl, _ = cached_kl_terms(
-        lq.gather(-1, base.topk_ids), lq.gather(-1, base.sample_ids), log_tail_mass(lq, base.topk_ids), base, estimator, direction
+        finite_log(lq.gather(-1, base.topk_ids)), finite_log(lq.gather(-1, base.sample_ids)), log_tail_mass(lq, base.topk_ids), base,
+        estimator, direction,
     )
     return kl

@@ -197,11 +197,26 @@ def test_a_masked_vocabulary_smaller_than_k_gives_finite_cached_kl():
     assert torch.isneginf(base.topk_logprobs).any()
     tuned = logits.clone()
     tuned[:, [1, 4, 9]] += 0.3 * torch.randn(4, 3, generator=torch.Generator().manual_seed(6))
-    tuned = tuned.clamp_min(-1e4)  # the tuned model gives the masked tokens a little mass
-    for estimator in ("topk_tail", "topk_sampled", "topk_cv", "topk_hybrid", "topk_renorm"):
-        for direction in ("forward", "reverse"):
-            kl = cached_kl(tuned, base, estimator, direction)
-            assert torch.isfinite(kl).all() and (kl > -1e-5).all(), (estimator, direction)
+    # The exact values on the 3 tokens that can occur (the others have probability 0 on both sides).
+    sub_p, sub_q = logits[:, [1, 4, 9]].double(), tuned[:, [1, 4, 9]].double()
+    exact = {"forward": kl_forward(sub_p, sub_q), "reverse": kl_reverse(sub_p, sub_q)}
+    for masked in (tuned, tuned.clamp_min(-1e4)):  # −inf itself, and a large finite stand-in
+        for estimator in ("topk_tail", "topk_sampled", "topk_cv", "topk_hybrid", "topk_renorm"):
+            for direction in ("forward", "reverse"):
+                kl = cached_kl(masked, base, estimator, direction)
+                assert torch.isfinite(kl).all(), (estimator, direction)
+                # k = 5 covers all the mass: every estimator is exact
+                torch.testing.assert_close(kl.double(), exact[direction], rtol=1e-5, atol=1e-6, msg=f"{estimator} {direction}")
+        # the exact signals from full logits too: masked tokens add 0, not NaN
+        torch.testing.assert_close(entropy(masked).double(), entropy(sub_q), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(kl_forward(logits, masked).double(), exact["forward"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(kl_reverse(logits, masked).double(), exact["reverse"], rtol=1e-5, atol=1e-6)
+        labels = torch.tensor([[-100, 1, 4, 9]])
+        sig = geometry_signals(masked[None], logits[None], labels)
+        assert all(torch.isfinite(v).all() for v in sig.values()), {k: v for k, v in sig.items()}
+    z = tuned.clone().requires_grad_(True)  # and the gradient is finite (0 on the masked tokens)
+    kl_forward(logits, z).sum().backward()
+    assert torch.isfinite(z.grad).all() and (z.grad[:, [0, 2, 3]] == 0).all()
 
 
 @pytest.mark.parametrize("k", [0, 41])

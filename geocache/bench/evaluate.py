@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from geocache.base import model_inputs
-from geocache.signals import shift_and_select
+from geocache.signals import finite_log, shift_and_select
 
 
 def load_tuned(model_dir: str | Path, adapter: str | Path, device: Optional[str] = None):
@@ -68,7 +68,7 @@ def exact_heldout(model, cache_path: str | Path, batch_size: int = 8, calibratio
             base_out = model(**inputs)
         p, _ = shift_and_select(base_out.logits.float(), labels)
         # Each log-softmax once; the same definitions as geocache.signals (tests check against them).
-        lq, lp = torch.log_softmax(q, -1), torch.log_softmax(p, -1)
+        lq, lp = finite_log(torch.log_softmax(q, -1)), finite_log(torch.log_softmax(p, -1))  # masked tokens add 0, not NaN
         pq, pp = lq.exp(), lp.exp()
         h_q, h_p = -(pq * lq).sum(-1), -(pp * lp).sum(-1)
         nll_q, nll_p = -lq.gather(-1, targets[:, None]).squeeze(-1), -lp.gather(-1, targets[:, None]).squeeze(-1)
