@@ -27,7 +27,7 @@ from geocache.config import GeometryConfig
 from geocache.losses import AdaptiveGeometryScheduler, GeometryAwareLoss, router_divergence_loss
 from geocache.models import moe_layout
 from geocache.moe import recorded_router_logits
-from geocache.signals import labelled_positions
+from geocache.signals import IGNORE_INDEX, BaseStats, labelled_positions
 
 # Modules never adapted: the output head, MoE routers and the shared-expert gate (a scalar gate).
 _NEVER_ADAPT = ("lm_head", "mlp.gate", "mlp.router", "shared_expert_gate")
@@ -139,6 +139,25 @@ class JsonlLogger(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}, default=float) + "\n")
 
 
+def first_rows(batch: dict, n: int) -> dict:
+    """The first ``n`` rows of a collated batch: the ``[B, T]`` token arrays cut at n, and the
+    statistics over labelled positions (``base``, router arrays ``[P, ...]``) cut at the positions
+    those rows hold (they come first: ``labelled_positions`` order is row-major)."""
+    rows = batch["labels"].shape[0]
+    positions = int((batch["labels"][:n, 1:] != IGNORE_INDEX).sum())
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, BaseStats):
+            out[key] = value.select(slice(0, positions))
+        elif key in ("router_logits", "router_topk_ids", "router_topk_logits"):
+            out[key] = value[:positions]
+        elif isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
+            out[key] = value[:n]
+        else:
+            out[key] = value
+    return out
+
+
 class GeometryTrainer(Trainer):
     """``Trainer`` with the geometry-aware loss.
 
@@ -182,6 +201,9 @@ class GeometryTrainer(Trainer):
     # --------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         step = self.state.global_step
+        count = True
+        if not model.training and self.accelerator.num_processes > 1:
+            inputs, count = self._without_repeated_rows(inputs)
         labels = inputs["labels"]
         lam_router = self.geometry_scheduler.lambda_router  # the scheduler's λ_router (the V2 gate may double it)
         unwrapped = self._unwrap(model)
@@ -213,12 +235,34 @@ class GeometryTrainer(Trainer):
         if not math.isfinite(loss.item()):
             where = f"at step {step + 1} (after {step} completed steps)" if model.training else f"in evaluation after {step} completed steps"
             raise FloatingPointError(f"the loss is {loss.item()} {where}; training stopped, and {self._last_good_checkpoint()}")
-        self._accumulate("train" if model.training else "eval", metrics, n_local)
+        if not model.training:
+            # Eval loss per labelled position, weighted like every metric: independent of the eval
+            # batch size and of the number of processes (Trainer's own is a mean of batch means).
+            metrics["loss"] = loss.detach() * (denom / max(n_local, 1) / self.accelerator.num_processes
+                                               if denom is not None and self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
+                                               else denom / max(n_local, 1) if denom is not None else 1.0)
+        if count:
+            self._accumulate("train" if model.training else "eval", metrics, n_local)
         if model.training:
             if self._clock is None:
                 self._clock = time.perf_counter()
             self._tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else inputs["input_ids"].numel()
         return (loss, outputs) if return_outputs else loss
+
+    def _without_repeated_rows(self, inputs: dict) -> tuple[dict, bool]:
+        """The eval batch without the rows accelerate repeats to even out the last batch across
+        processes (``even_batches``), and whether anything is left to count. Its
+        ``gather_for_metrics`` knows which rows those are; the metrics leave them out as it does."""
+        n = inputs["input_ids"].shape[0]
+        if not getattr(self.accelerator, "even_batches", True):
+            return inputs, True  # uneven batches: nothing repeated
+        rank = self.accelerator.process_index
+        kept = self.accelerator.gather_for_metrics(torch.arange(n, device=self.accelerator.device) + rank * n)
+        keep = int(((kept >= rank * n) & (kept < rank * n + n)).sum())  # a prefix of this process's rows
+        if keep == n:
+            return inputs, True
+        # Every process still runs a forward (on one row if none is left), in step with the others.
+        return first_rows(inputs, max(keep, 1)), keep > 0
 
     def _last_good_checkpoint(self) -> str:
         """Where the run can restart from, in words. Every checkpoint on disk is good: ``_save_checkpoint``

@@ -188,6 +188,32 @@ def test_periodic_evaluation_queries_the_base_on_every_batch(tmp_path, moe_cache
         assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), key
 
 
+def test_eval_loss_and_metrics_are_per_position_means_whatever_the_eval_batch_size(tmp_path, moe_cache):
+    """Trainer's own eval_loss is a mean of batch means, so it moved with the eval batch size; the
+    geometry trainer reports the loss per labelled position, as every other eval metric."""
+    from geocache.signals import labelled_positions
+
+    model, root = moe_cache
+    eval_set = open_cache(str(root / "k512"))
+    results = {}
+    for bs in (4, 3):  # batches that cut the rows differently (and a short last batch)
+        tr = _trainer(model, root / "k512", CacheBase(), tmp_path / f"b{bs}", per_device_eval_batch_size=bs)
+        results[bs] = tr.evaluate(eval_set)
+    for key in ("eval_loss", "eval_task_loss", "eval_KL_mean", "eval_dH_mean", "eval_cal_gap_mean", "eval_router_jaccard"):
+        assert results[3][key] == pytest.approx(results[4][key], rel=1e-5, abs=1e-7), key
+    # The reference: every penalty weighed in, per position, summed over the whole set by hand.
+    tr = _trainer(model, root / "k512", CacheBase(), tmp_path / "ref")
+    total = positions = 0
+    with torch.no_grad():
+        for i in range(len(eval_set)):
+            batch = collate_cache_rows([eval_set[i]])
+            n = labelled_positions(batch["labels"])[0].numel()
+            tr.model.eval()
+            total += tr.compute_loss(tr.model, batch).item() * n
+            positions += n
+    assert results[4]["eval_loss"] == pytest.approx(total / positions, rel=1e-5)
+
+
 def test_logged_metrics_do_not_depend_on_gradient_accumulation(tmp_path, moe_cache):
     """One step of 4 sequences, as one batch or as 4 accumulated micro-batches: the same loss and the
     same per-position metrics (num_items_in_batch counts all 4 micro-batches' positions)."""
@@ -369,11 +395,15 @@ def test_non_finite_weights_are_never_saved_as_a_checkpoint(tmp_path, moe_cache)
     assert not list((tmp_path / "b").glob("checkpoint-*")) and not (tmp_path / "b" / "adapter").exists()
 
 
-def test_two_processes_over_gloo_train_like_one_with_the_same_global_batch(tmp_path, moe_cache):
+def test_two_processes_over_gloo_train_like_one_with_the_same_global_batch(tmp_path, moe_cache, sft_data):
     model, root = moe_cache
+    # 5 eval rows for a global eval batch of 4: accelerate repeats 3 rows to even out the last batch
+    # across the 2 processes; the eval metrics leave them out, as gather_for_metrics does.
+    precompute(PrecomputeConfig(model=str(model), data=[str(sft_data)], out=str(tmp_path / "eval5"), k=512, m=4, progress=False,
+                                data_config=DataConfig(max_length=64, max_sequences=5)))
     common = ["--model", str(model), "--cache", str(root / "k512"), "--max-steps", "3", "--logging-steps", "1", "--save-steps", "100",
               "--train-sampling-strategy", "sequential", "--lora-r", "4", "--learning-rate", "0.01",
-              "--kl-threshold", "0", "--final-kl-threshold", "0", "--eval-cache", str(root / "k512"), "--eval-steps", "3"]
+              "--kl-threshold", "0", "--final-kl-threshold", "0", "--eval-cache", str(tmp_path / "eval5"), "--eval-steps", "3"]
     one = subprocess.run([sys.executable, "-m", "geocache_cli.main", "train", *common, "--use-cpu", "--out", str(tmp_path / "one"), "--per-device-train-batch-size", "4"],
                          env=ENV, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
