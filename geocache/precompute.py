@@ -498,16 +498,20 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
         bar.update(done)
     tokens, started = 0, time.perf_counter()
     batch: list[tuple[int, Sequence]] = []
+    # A resume restarts at the batch the interruption cut (shards need not hold whole batches) and
+    # recomputes it whole: each batch is padded to its longest row and the forward's rounding
+    # depends on that width, so a batch of other rows would not give the uninterrupted arrays.
+    start = done - done % cfg.batch_size
     try:
         for n, (i, seq) in enumerate(run.sequences(bad_rows, unlabelled, truncated)):
-            if n < done:
+            if n < start:
                 continue  # committed before an interruption
             batch.append((i, seq))
             if len(batch) == cfg.batch_size:
-                tokens += _flush(run, batch, writer, bar, by_rows, n + 1, tokens, started)
+                tokens += _flush(run, batch, writer, bar, by_rows, n + 1, tokens, started, drop=max(done - (n + 1 - len(batch)), 0))
                 batch = []
         if batch:
-            tokens += _flush(run, batch, writer, bar, by_rows, n + 1, tokens, started)
+            tokens += _flush(run, batch, writer, bar, by_rows, n + 1, tokens, started, drop=max(done - (n + 1 - len(batch)), 0))
     finally:
         bar.close()
         writer.close()
@@ -541,13 +545,14 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
     return merged
 
 
-def _flush(run: _Run, batch, writer: ShardWriter, bar, by_rows: bool, sequences: int, tokens: int, started: float) -> int:
-    """Write a batch's records; move the bar (in input rows, or in sequences) on, ``sequences``
-    being this rank's so far, those committed before a resume included."""
-    for rec in run.records(batch):
+def _flush(run: _Run, batch, writer: ShardWriter, bar, by_rows: bool, sequences: int, tokens: int, started: float, drop: int = 0) -> int:
+    """Write a batch's records, but its first ``drop`` (committed before a resume); move the bar (in
+    input rows, or in sequences) on, ``sequences`` being this rank's so far, those committed before
+    a resume included."""
+    for rec in run.records(batch)[drop:]:
         writer.put(rec)
-    n_tok = sum(len(seq) for _, seq in batch)
-    bar.update(batch[-1][1].rows_read - bar.n if by_rows else len(batch))
+    n_tok = sum(len(seq) for _, seq in batch[drop:])
+    bar.update(batch[-1][1].rows_read - bar.n if by_rows else len(batch) - drop)
     postfix = {"seq": sequences} if by_rows else {}
     bar.set_postfix(**postfix, tokens_per_s=f"{(tokens + n_tok) / max(time.perf_counter() - started, 1e-9):,.0f}")
     return n_tok

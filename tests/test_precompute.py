@@ -434,6 +434,39 @@ def test_a_full_disk_fails_clearly_and_keeps_only_whole_shards(tmp_path, tiny_mo
     assert_same_rows(rows_of(tmp_path / "c"), rows_of(tmp_path / "ref"))
 
 
+def test_a_resume_between_batches_recomputes_the_cut_batch_for_exactly_the_same_arrays(tmp_path, tiny_model_dir, monkeypatch):
+    """Shards of 5 sequences, batches of 4, rows of mixed lengths: an interruption after shard 1
+    falls inside batch 2 (sequences 4-7). Each batch is padded to its longest row, and the forward's
+    rounding depends on that width; so the resumed run recomputes that whole batch and keeps its
+    rows from sequence 5 on, instead of starting a batch of other rows (and width) at 5."""
+    import inspect
+    import textwrap
+
+    from geocache.cache import backends
+
+    data = tmp_path / "mixed.jsonl"
+    chunks = [c for c in inspect.getsource(textwrap).split("\n") if c.strip()][:40]
+    data.write_text("\n".join(json.dumps({"text": c}) for c in chunks))  # lines of 2 to ~40 tokens
+    model = tiny_model_dir("qwen3_moe")
+    kw = dict(k=8, m=2, shard_sequences=5, batch_size=4, backend="arrow")
+    run(model, data, tmp_path / "ref", **kw)
+    real_write, calls = backends.ArrowBackend.write, []
+
+    def failing_write(self, fs, path, arrays):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "simulated interruption")
+        return real_write(self, fs, path, arrays)
+
+    monkeypatch.setattr(backends.ArrowBackend, "write", failing_write)
+    with pytest.raises(Exception):
+        run(model, data, tmp_path / "c", **kw)
+    monkeypatch.setattr(backends.ArrowBackend, "write", real_write)
+    assert len(list((tmp_path / "c" / "shards").iterdir())) == 1  # only shard 0 (sequences 0-4) committed
+    run(model, data, tmp_path / "c", resume=True, **kw)
+    assert_same_rows(rows_of(tmp_path / "c"), rows_of(tmp_path / "ref"))
+
+
 def _cli(*args):
     return [sys.executable, "-m", "geocache_cli.main", "precompute", *args, "--no-progress"]
 
