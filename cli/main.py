@@ -32,6 +32,13 @@ class GeocacheGroup(click.Group):
             _end_process_group()
 
 
+def _main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch, or a single process."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _end_process_group() -> None:
     """Under torchrun a command leaves a process group behind (precompute's, or accelerate's for
     train); exiting with it alive let gloo's threads be torn down at interpreter exit, which
@@ -125,6 +132,8 @@ def precompute(config_path, no_progress, format_, **options):
             raise ValueError(f"--{required} is required (on the command line or in --config)")
     merged.setdefault("out", "")
     result = run(config_from_options(merged))
+    if not _main_process():
+        return  # under torchrun, one summary (every rank has the whole run's)
     if isinstance(result, dict):
         click.echo(json.dumps(result, indent=2))
     else:
@@ -191,7 +200,8 @@ def train(config_path, **options):
     if isinstance(merged.get("layer_weights"), list):
         merged["layer_weights"] = [float(w) for w in merged["layer_weights"]]
     trainer = run(TrainConfig.from_dict({**merged, "geometry": geometry}))
-    click.echo(train_summary(trainer.state, merged["out"]))
+    if _main_process():
+        click.echo(train_summary(trainer.state, merged["out"]))
 
 
 def train_summary(state, out: str) -> str:

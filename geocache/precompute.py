@@ -222,13 +222,14 @@ class _Run:
     # ------------------------------------------------------------------------------------------
 
     def sequences(self, bad_rows: list, unlabelled_rows: Optional[list] = None,
-                  truncated_rows: Optional[list] = None) -> Iterator[tuple[int, Sequence]]:
+                  truncated_rows: Optional[list] = None, every_rank: bool = False) -> Iterator[tuple[int, Sequence]]:
+        """This rank's sequences (every rank's with ``every_rank``), with their global index."""
         source, dc = self.template.data["source"], self.cfg.data_config
         # A hub dataset at the commit recorded in the manifest (its revision resolved once, here).
         rows = load_examples(self.cfg.data, split=dc.split, text_sample_by=dc.text_sample_by,
                              revision=source.get("commit") or dc.data_revision, subset=dc.subset)
         for i, seq in enumerate(iter_sequences(rows, self.tokenizer, self.cfg.data_config, bad_rows, unlabelled_rows, truncated_rows)):
-            if i % self.world == self.rank:
+            if every_rank or i % self.world == self.rank:
                 yield i, seq
 
     @torch.no_grad()
@@ -391,7 +392,7 @@ def _estimate(run: _Run, bad_rows: list) -> dict:
     n_seq = n_tok = n_pos = 0
     unlabelled: list[int] = []
     truncated: list[int] = []
-    for _, seq in run.sequences(bad_rows, unlabelled, truncated):
+    for _, seq in run.sequences(bad_rows, unlabelled, truncated, every_rank=True):  # the whole run's, on every rank
         n_seq, n_tok = n_seq + 1, n_tok + len(seq)
         n_pos += labelled_positions(torch.tensor(seq.labels).unsqueeze(0))[0].numel()
     cfg, idb = run.cfg, run.id_dtype.itemsize

@@ -509,6 +509,13 @@ def test_two_processes_over_gloo_cache_the_same_rows_as_one(tmp_path, tiny_model
     two = open_cache(str(tmp_path / "two"))
     assert two.manifest.world_size == 2 and {s.rank for s in two.manifest.shards} == {0, 1}
     assert_same_rows(rows_of(tmp_path / "two"), rows_of(tmp_path / "one"))
+    assert done.stdout.count("cached ") == 1, done.stdout  # one summary, from rank 0
+    # A dry run under torchrun estimates the whole run once (not each rank's share, once per rank).
+    dry = subprocess.run(torchrun + _cli(*args, "--dry-run")[3:], env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    estimate = json.loads(dry.stdout)
+    counts = open_cache(str(tmp_path / "one")).manifest.counts
+    assert (estimate["sequences"], estimate["tokens"], estimate["positions"]) == (counts["sequences"], counts["tokens"], counts["positions"])
 
 
 def test_an_fsspec_url_works_as_output(tiny_model_dir, data_file):
