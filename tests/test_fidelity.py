@@ -94,6 +94,12 @@ def test_choose_defaults_takes_the_cheapest_configuration_meeting_every_target_i
     assert TARGETS["bytes_per_token"] == 200.0
 
 
+@pytest.mark.parametrize("name", ["eval_sequences", "max_length", "tune_sequences", "batch_size"])
+def test_fidelity_refuses_a_non_positive_size_before_any_work(name):
+    with pytest.raises(ValueError, match=rf"--{name.replace('_', '-')}=0 must be >= 1"):
+        FidelityConfig(**{name: 0})
+
+
 def test_bench_fidelity_smoke_on_a_tiny_reference_model(tmp_path, tiny_reference):
     recipe, ref_dir, model_dir = tiny_reference
     vocab = json.loads((model_dir / "reference.json").read_text())["vocab_size"]

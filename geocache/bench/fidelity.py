@@ -80,6 +80,9 @@ class FidelityConfig:
             raise ValueError(f"ks={self.ks} must be top-k values >= 1")
         if not self.steps or min(self.steps) < 1:
             raise ValueError(f"steps={self.steps} must be positive step counts")
+        for name in ("eval_sequences", "max_length", "tune_sequences", "batch_size", "lora_r", "chunk_positions"):
+            if getattr(self, name) < 1:  # checked here, not after minutes of tuning
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
         if "arrow" not in self.backends:
             raise ValueError(f"backends={list(self.backends)} must include arrow (the default backend, whose bytes choose the defaults)")
 
