@@ -51,8 +51,8 @@ class GeometryConfig:
     )
     # topk_cv by measurement: topk_sampled's unbiased gradient, whose 200 cached steps match live
     # training within 0.2% (parity.md; topk_hybrid's biased one drifts 2.2-2.3% further), and a value
-    # with 3x less per-position error, so the penalty masks agree with the exact KL's on 94.8% of
-    # positions instead of 85.9% at k=32, m=16 (benchmarks/results/fidelity.md).
+    # with 3x less per-position error, so the penalty masks agree with the exact KL's on 95.3% of
+    # positions instead of 87.3% at k=32, m=16, worst case (benchmarks/results/fidelity.md).
     kl_estimator: str = field(
         default="topk_cv",
         metadata={

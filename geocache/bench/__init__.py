@@ -47,7 +47,8 @@ def provenance_markdown(prov: dict) -> str:
     m, v = prov["machine"], prov["versions"]
     return (
         f"**Command:** `{prov['command']}` (cwd `{prov['cwd']}`), {prov['date_utc']}\n\n"
-        f"**Machine:** {m['cpu']}, {m['cpu_count']} cores, torch threads {m['torch_threads']}, {m['platform']}\n\n"
+        + (f"**Note:** {prov['note']}\n\n" if prov.get("note") else "")
+        + f"**Machine:** {m['cpu']}, {m['cpu_count']} cores, torch threads {m['torch_threads']}, {m['platform']}\n\n"
         f"**Versions:** " + ", ".join(f"{k} {val}" for k, val in v.items())
     )
 
