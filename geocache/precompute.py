@@ -438,12 +438,18 @@ def _prepare_output(fs, root: str, run: _Run) -> Manifest:
     fs.makedirs(posixpath.join(root, PARTS_DIR), exist_ok=True)
     part = replace(run.template)
     ppath = part_path(root, run.rank)
-    if cfg.resume and fs.exists(ppath):
-        previous = Manifest.from_json(fs.cat_file(ppath).decode(), where=ppath)
-        diff = first_difference(previous.fingerprint(), run.template.fingerprint())
-        if diff:
-            raise CacheError(f"cannot resume cache {cfg.out!r}: it was built with different settings ({diff})")
-        part = previous
+    if cfg.resume:
+        # Every rank's part is checked, not only this rank's: a run killed before rank 0 wrote its
+        # part still names its settings (the number of processes among them) in the others'.
+        for other in sorted(fs.ls(posixpath.join(root, PARTS_DIR), detail=False)):
+            if not other.endswith(".json"):
+                continue
+            previous = Manifest.from_json(fs.cat_file(other).decode(), where=other)
+            diff = first_difference(previous.fingerprint(), run.template.fingerprint())
+            if diff:
+                raise CacheError(f"cannot resume cache {cfg.out!r}: it was built with different settings ({diff})")
+            if posixpath.basename(other) == posixpath.basename(ppath):
+                part = previous
     # Remove this rank's shards that its part does not list: debris of an interrupted commit.
     listed = {posixpath.basename(s.name) for s in part.shards}
     prefix = f"rank{run.rank:03d}-"

@@ -467,6 +467,21 @@ def test_a_resume_between_batches_recomputes_the_cut_batch_for_exactly_the_same_
     assert_same_rows(rows_of(tmp_path / "c"), rows_of(tmp_path / "ref"))
 
 
+def test_a_resume_checks_every_ranks_part_not_only_its_own(tmp_path, tiny_model_dir, data_file):
+    """A 2-process run killed before rank 0 wrote its part leaves only rank 1's: a 1-process resume
+    must still see that the cache was split over 2 processes (it found no rank-0 part, so checked nothing)."""
+    model = tiny_model_dir("llama")
+    run(model, data_file, tmp_path / "c", k=4, shard_sequences=8)
+    parts = tmp_path / "c" / "parts"
+    record = json.loads((parts / "rank-000.json").read_text())
+    record.update(world_size=2, complete=False)
+    (parts / "rank-001.json").write_text(json.dumps(record))
+    (parts / "rank-000.json").unlink()
+    (tmp_path / "c" / "manifest.json").unlink()
+    with pytest.raises(CacheError, match=r"cannot resume cache .*: it was built with different settings \(world_size: 2 != 1\)"):
+        run(model, data_file, tmp_path / "c", k=4, shard_sequences=8, resume=True)
+
+
 def _cli(*args):
     return [sys.executable, "-m", "geocache_cli.main", "precompute", *args, "--no-progress"]
 
