@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from geocache.moe import choice_scores
 from geocache.config import GeometryConfig
 from geocache.signals import (
     SAMPLED_ESTIMATORS,
@@ -633,6 +634,7 @@ def router_divergence_loss(
     mask: Optional[torch.Tensor] = None,
     rows: Optional[torch.Tensor] = None,
     scoring: str = "softmax",
+    choice: Optional[dict] = None,
 ) -> tuple[torch.Tensor, dict]:
     """Differentiable router drift, weighted over MoE layers, with top-k Jaccard as a metric.
 
@@ -644,7 +646,9 @@ def router_divergence_loss(
     ``len(rows)`` tokens stand for (the labelled positions of a forward, ``labelled_positions``):
     the selection happens inside, its gradient written back with one copy (summed where rows
     repeat). The note's Jaccard has no gradient, so it is reported (``router_jaccard``, mean over
-    tokens and layers) but not trained on. All layers are computed at once, stacked.
+    tokens and layers) but not trained on. All layers are computed at once, stacked. ``choice``
+    (``geocache.moe.routing_choice``) gives the sets S as the routers choose them where that is not
+    the top-k of the logits (DeepSeek-V3: biased sigmoid scores within the best expert groups).
     """
     n_layers = len(tuned_router_logits)
     if n_layers == 0 or len(base_router_logits) != n_layers:
@@ -676,12 +680,16 @@ def router_divergence_loss(
         raise ValueError(f"top_k={top_k} exceeds the {n_experts} experts")
     if base.is_floating_point():
         target = router_log_probs(base.transpose(1, 2).contiguous(), scoring, dim=1)  # [L, E, P]
-        base_sets = _top_k_members(target, top_k)
+        base_sets = _top_k_members(target if choice is None else choice_scores(base.transpose(1, 2), choice, dim=1), top_k)
     else:
         ids = base[..., :top_k].long().transpose(1, 2)  # [L, k, P]
         target = base_sets = torch.zeros(base.shape[0], n_experts, base.shape[1], dtype=torch.bool, device=base.device).scatter_(1, ids, True)
     per_layer_div, log_rt = _RouterDivergence.apply(tuned, rows, target.to(tuned.device), scoring)
-    tuned_sets = _top_k_members(log_rt, top_k)
+    if choice is None:
+        tuned_sets = _top_k_members(log_rt, top_k)
+    else:
+        chosen = (tuned if rows is None else tuned.index_select(1, rows)).detach()
+        tuned_sets = _top_k_members(choice_scores(chosen.transpose(1, 2), choice, dim=1), top_k)
     if n_tokens:
         # The tuned sets hold exactly top_k experts, the base's too unless given as ids (which may
         # repeat): |union| = |base set| + top_k − |intersection|.

@@ -10,6 +10,7 @@ forward for every fixture architecture (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, De
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -34,6 +35,40 @@ def moe_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
 
 def router_of(block: nn.Module) -> nn.Module:
     return block.router if hasattr(block, "router") else block.gate
+
+
+def routing_choice(model: nn.Module) -> dict | None:
+    """How the routers choose their experts, where that is not the top-k of the router logits:
+    DeepSeek-V3 ranks sigmoid(logits) + a per-expert correction bias, within the ``topk_group``
+    best of ``n_group`` expert groups (a group scored by its two best experts). Returns
+    ``{"bias": [L, E] float32, "n_group", "topk_group"}`` over the MoE layers, or None (softmax or
+    plain top-k routers: the top-k of the logits is the routed set)."""
+    routers = [router_of(block) for _, block in moe_blocks(model)]
+    if not routers or not all(hasattr(r, "e_score_correction_bias") for r in routers):
+        return None
+    return {
+        "bias": torch.stack([r.e_score_correction_bias.detach().float() for r in routers]),
+        "n_group": int(getattr(routers[0], "num_group", 1) or 1),
+        "topk_group": int(getattr(routers[0], "topk_group", 1) or 1),
+    }
+
+
+def choice_scores(logits: torch.Tensor, choice: dict | None, dim: int = -1) -> torch.Tensor:
+    """Router logits ``[L, ..., E, ...]`` (experts along ``dim``, MoE layers first) as the scores
+    the routers rank experts by, with experts outside the chosen groups at −inf: their top-k is
+    the routed set. Without a ``choice`` (``routing_choice``) the logits themselves."""
+    if choice is None:
+        return logits
+    x = logits.float().movedim(dim, -1)  # [L, ..., E]
+    bias = choice["bias"].to(x.device)
+    scores = x.sigmoid() + bias.view(bias.shape[0], *([1] * (x.dim() - 2)), bias.shape[1])
+    g, keep = choice["n_group"], choice["topk_group"]
+    if g > 1 and keep < g:
+        grouped = scores.unflatten(-1, (g, scores.shape[-1] // g))  # [L, ..., G, E/G]
+        group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)  # [L, ..., G]
+        kept = torch.zeros_like(group_score, dtype=torch.bool).scatter_(-1, group_score.topk(keep, dim=-1).indices, True)
+        scores = grouped.masked_fill(~kept.unsqueeze(-1), -math.inf).flatten(-2)
+    return scores.movedim(-1, dim)
 
 
 @contextmanager

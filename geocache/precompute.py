@@ -38,7 +38,7 @@ from geocache.cache.reader import CacheError, _fs
 from geocache.cache.writer import ShardWriter, atomic_write_text, part_path
 from geocache.data import DataConfig, Sequence, count_rows, data_fingerprint, iter_sequences, load_examples, tokenizer_fingerprint
 from geocache.models import input_device, load_model_and_tokenizer, model_fingerprint, moe_layout, output_size
-from geocache.moe import recorded_router_logits
+from geocache.moe import choice_scores, recorded_router_logits, routing_choice
 from geocache.signals import compute_base_stats, labelled_positions
 
 ROUTER_MODES = ("auto", "full", "topk", "none")
@@ -161,6 +161,9 @@ class _Run:
         if cfg.k > self.out_size:
             raise ValueError(f"k={cfg.k} exceeds the {self.out_size} output rows of model {cfg.model!r}")
         self.layout = moe_layout(self.model)
+        # DeepSeek-V3 routes by biased sigmoid scores within expert groups: its top-(k+1) ids are
+        # ranked by those, so the first k are the experts it routes to (their raw logits stored).
+        self.choice = routing_choice(self.model) if self.layout is not None and not cfg.dry_run else None
         if self.layout is None and (cfg.router in ("full", "topk") or cfg.router_k is not None):
             raise ValueError(f"router statistics were asked for (router={cfg.router}), but model {cfg.model!r} is dense")
         self.router_mode = self._router_mode()
@@ -297,9 +300,9 @@ class _Run:
                 if self.router_mode == "full":
                     rec["router_logits"] = r.cpu().numpy().astype(np.float16)
                 else:
-                    top = r.topk(self.template.moe["router_k"], dim=-1)
-                    rec["router_topk_ids"] = top.indices.cpu().numpy().astype(_id_dtype(self.layout["num_experts"]))
-                    rec["router_topk_logits"] = top.values.cpu().numpy().astype(np.float16)
+                    ids = choice_scores(r.transpose(0, 1), self.choice).topk(self.template.moe["router_k"], dim=-1).indices.transpose(0, 1)
+                    rec["router_topk_ids"] = ids.cpu().numpy().astype(_id_dtype(self.layout["num_experts"]))
+                    rec["router_topk_logits"] = r.gather(-1, ids).cpu().numpy().astype(np.float16)
             records.append(rec)
         self.timings["statistics_s"] += time.perf_counter() - started
         return records

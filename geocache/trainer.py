@@ -26,7 +26,7 @@ from geocache.cache.reader import collate_cache_rows
 from geocache.config import GeometryConfig
 from geocache.losses import AdaptiveGeometryScheduler, GeometryAwareLoss, router_divergence_loss
 from geocache.models import moe_layout
-from geocache.moe import recorded_router_logits
+from geocache.moe import recorded_router_logits, routing_choice
 from geocache.signals import IGNORE_INDEX, BaseStats, labelled_positions
 
 # Modules never adapted: the output head, MoE routers and the shared-expert gate (a scalar gate).
@@ -185,6 +185,9 @@ class GeometryTrainer(Trainer):
         self.geometry_scheduler = AdaptiveGeometryScheduler.from_config(self.geometry_config)
         self.base_source = base or CacheBase()
         self.layout = moe_layout(self.accelerator.unwrap_model(self.model))
+        # How the routers choose experts where it is not the top-k of the logits (DeepSeek-V3); its
+        # bias buffers are not trained, so the base and the tuned model share them.
+        self.routing_choice = routing_choice(self.accelerator.unwrap_model(self.model)) if self.layout is not None else None
         self.layer_weights = layer_weights
         if self.layout is None and layer_weights is not None:
             raise ValueError("router layer weights were given, but the model is dense (it has no MoE router)")
@@ -223,7 +226,7 @@ class GeometryTrainer(Trainer):
             tuned_router = torch.stack([r.to(router_logits[0].device) for r in router_logits])  # [L, B*T, E]; the loss takes the labelled rows
             r_loss, r_metrics = router_divergence_loss(
                 tuned_router, base.router.to(tuned_router.device), self.layer_weights, self.layout["top_k"],
-                rows=rows.to(tuned_router.device), scoring=self.layout["scoring"],
+                rows=rows.to(tuned_router.device), scoring=self.layout["scoring"], choice=self.routing_choice,
             )
             # a mean over this micro-batch's positions, re-weighted like the token terms
             scale = n_local / denom if denom else 1.0

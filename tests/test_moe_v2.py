@@ -37,6 +37,42 @@ def test_router_logits_recorded_by_hooks_are_the_models_own_with_their_gradient(
 
 
 @pytest.mark.parametrize("model_type", MOE_MODEL_TYPES)
+def test_router_jaccard_compares_the_experts_the_routers_actually_choose(model_type):
+    """S = the routed expert set: for DeepSeek-V3 (random correction bias, 4 groups, 2 kept) the
+    top-k of sigmoid + bias within the best groups, not of the raw logits; for the others the
+    top-k of the logits. Reference: each router's own indices, Jaccard by brute force."""
+    from geocache.losses import router_divergence_loss
+    from geocache.moe import routing_choice
+
+    model = _model(model_type)
+    g = torch.Generator().manual_seed(1)
+    blocks = moe_blocks(model)
+    if model_type == "deepseek_v3":
+        for _, block in blocks:
+            router_of(block).e_score_correction_bias.copy_(torch.randn(router_of(block).e_score_correction_bias.shape, generator=g))
+    choice = routing_choice(model)
+    assert (choice is not None) == (model_type == "deepseek_v3")
+    hidden = model.config.hidden_size
+    x_base = torch.randn(300, hidden, generator=g)
+    x_tuned = x_base + 0.5 * torch.randn(300, hidden, generator=g)
+    logits, routed = {}, {}
+    with torch.no_grad():
+        for name, x in (("base", x_base), ("tuned", x_tuned)):
+            outs = [router_of(block)(x) for _, block in blocks]
+            logits[name] = torch.stack([o[0] for o in outs]).float()  # [L, N, E]
+            routed[name] = [o[-1] for o in outs]
+    k = model.config.num_experts_per_tok
+    want = sum(len(set(b.tolist()) & set(t.tolist())) / len(set(b.tolist()) | set(t.tolist()))
+               for lb, lt in zip(routed["base"], routed["tuned"]) for b, t in zip(lb, lt)) / (300 * len(blocks))
+    scoring = "sigmoid" if model_type == "deepseek_v3" else "softmax"
+    _, metrics = router_divergence_loss(logits["tuned"], logits["base"], top_k=k, scoring=scoring, choice=choice)
+    assert metrics["router_jaccard"].item() == pytest.approx(want, abs=1e-6)
+    if model_type == "deepseek_v3":  # the raw logits' top-k is another set: the test tells them apart
+        _, raw = router_divergence_loss(logits["tuned"], logits["base"], top_k=k, scoring=scoring)
+        assert abs(raw["router_jaccard"].item() - want) > 0.01
+
+
+@pytest.mark.parametrize("model_type", MOE_MODEL_TYPES)
 @pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
 def test_single_expert_outputs_with_the_real_routing_weights_rebuild_the_block(model_type, impl):
     model = _model(model_type)

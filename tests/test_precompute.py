@@ -655,23 +655,41 @@ def test_rows_longer_than_max_length_are_counted_in_the_manifest_the_estimate_an
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
-def test_router_topk_mode_caches_the_top_router_logits_of_a_direct_forward(tmp_path, tiny_model_dir, data_file, model_type):
-    model_dir = tiny_model_dir(model_type)
-    manifest = run(model_dir, data_file, tmp_path / "c", k=4, router="topk", router_k=3)
+def test_router_topk_mode_caches_the_routed_experts_of_a_direct_forward(tmp_path, tiny_model_dir, data_file, model_type):
+    """The first top_k cached ids are the experts the model routes each position to (DeepSeek-V3:
+    by sigmoid scores plus a correction bias, within its best expert groups; a random bias here,
+    so that the raw logits' top-k would be another set), with their raw router logits."""
+    from geocache.moe import moe_blocks, router_of
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(model_type)).eval()
+    if model_type == "deepseek_v3":
+        g = torch.Generator().manual_seed(0)
+        for _, block in moe_blocks(model):
+            router_of(block).e_score_correction_bias.copy_(torch.randn(router_of(block).e_score_correction_bias.shape, generator=g))
+    model.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(tiny_model_dir(model_type)).save_pretrained(tmp_path / "model")
+    manifest = run(tmp_path / "model", data_file, tmp_path / "c", k=4, router="topk", router_k=3)
     assert manifest.moe["router_mode"] == "topk" and manifest.moe["router_k"] == 3
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    top_k = manifest.moe["top_k"]
     cache = open_cache(str(tmp_path / "c"))
+    differs_from_raw_topk = 0
     for i in (0, 5, len(cache) - 1):
         row = cache[i]
         assert "router_logits" not in row
+        routed = []
+        handles = [router_of(b).register_forward_hook(lambda m, a, out: routed.append((out[0], out[-1]))) for _, b in moe_blocks(model)]
         with torch.no_grad():
-            out = model(row["input_ids"].unsqueeze(0), output_router_logits=True)
+            model(row["input_ids"].unsqueeze(0))
+        for h in handles:
+            h.remove()
         rows, _ = labelled_positions(row["labels"].unsqueeze(0))
-        router = torch.stack(out.router_logits)[:, rows].transpose(0, 1)  # [P, L, E]
-        want = router.topk(3, dim=-1)
-        torch.testing.assert_close(row["router_topk_logits"].float(), want.values, rtol=2e-3, atol=2e-3)
-        # the ids, best first, pick those logits out of the full router (ties aside)
-        torch.testing.assert_close(router.gather(-1, row["router_topk_ids"]), want.values, rtol=0, atol=1e-5)
+        logits = torch.stack([lg for lg, _ in routed])[:, rows].transpose(0, 1)  # [P, L, E]
+        selected = torch.stack([ids for _, ids in routed])[:, rows].transpose(0, 1)  # [P, L, top_k], the router's own choice
+        ids = row["router_topk_ids"]
+        assert torch.equal(ids[..., :top_k].sort(-1).values, selected.sort(-1).values)
+        torch.testing.assert_close(row["router_topk_logits"].float(), logits.gather(-1, ids), rtol=2e-3, atol=2e-3)
+        differs_from_raw_topk += int((logits.topk(top_k, -1).indices.sort(-1).values != selected.sort(-1).values).any())
+    assert differs_from_raw_topk == (3 if model_type == "deepseek_v3" else 0)  # the test can tell the two apart
 
 
 def test_the_progress_bar_counts_rows_with_an_eta_when_nothing_caps_the_sequences(tmp_path, tiny_model_dir, data_file, capsys):

@@ -42,11 +42,12 @@ def exact_heldout(model, cache_path: str | Path, batch_size: int = 8, calibratio
     from geocache.base import select_router_rows
     from geocache.losses import router_jaccard
     from geocache.models import moe_layout
-    from geocache.moe import recorded_router_logits
+    from geocache.moe import choice_scores, recorded_router_logits, routing_choice
 
     cache = open_cache(str(cache_path))
     device = next(model.parameters()).device
     layout = moe_layout(model) if calibration else None
+    choice = routing_choice(model) if layout is not None else None
     ece = base_ece = None
     if calibration:
         from torchmetrics.classification import MulticlassCalibrationError
@@ -90,7 +91,9 @@ def exact_heldout(model, cache_path: str | Path, batch_size: int = 8, calibratio
             base_ece.update(pp, targets)
             if layout is not None:
                 k = layout["top_k"]
-                tuned_r, base_r = select_router_rows(tuned_router, labels), select_router_rows(base_router, labels)
+                # [L, P, E], ranked as the routers choose (DeepSeek-V3: biased scores within groups)
+                tuned_r = choice_scores(select_router_rows(tuned_router, labels), choice)
+                base_r = choice_scores(select_router_rows(base_router, labels), choice)
                 values["router_jaccard"] = torch.stack(
                     [router_jaccard(b.topk(k, -1).indices, t.topk(k, -1).indices) for t, b in zip(tuned_r, base_r)]
                 ).mean(0)
