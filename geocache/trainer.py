@@ -235,9 +235,17 @@ class GeometryTrainer(Trainer):
             metrics.update(r_metrics)
         if denom is not None and self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
             loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does for token-summed losses
-        if not math.isfinite(loss.item()):
+        value = loss.item()
+        elsewhere = False
+        if self.accelerator.num_processes > 1:
+            # Every process decides together: one that stopped alone left the others in the
+            # gradient all-reduce (a broken-connection traceback on gloo, a wait on NCCL).
+            flag = torch.tensor([0.0 if math.isfinite(value) else 1.0], device=self.accelerator.device)
+            elsewhere = self.accelerator.reduce(flag, reduction="sum").item() > 0 and math.isfinite(value)
+        if not math.isfinite(value) or elsewhere:
             where = f"at step {step + 1} (after {step} completed steps)" if model.training else f"in evaluation after {step} completed steps"
-            raise FloatingPointError(f"the loss is {loss.item()} {where}; training stopped, and {self._last_good_checkpoint()}")
+            what = "not finite on another process" if elsewhere else value
+            raise FloatingPointError(f"the loss is {what} {where}; training stopped, and {self._last_good_checkpoint()}")
         if not model.training:
             # Eval loss per labelled position, weighted like every metric: independent of the eval
             # batch size and of the number of processes (Trainer's own is a mean of batch means).

@@ -433,6 +433,36 @@ def test_two_processes_over_gloo_train_like_one_with_the_same_global_batch(tmp_p
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
 
 
+def test_a_nan_loss_on_one_process_stops_every_process_with_one_sentence(tmp_path, moe_cache):
+    model, root = moe_cache
+    script = tmp_path / "nan_on_rank1.py"
+    script.write_text(f"""
+import os, sys
+import torch
+from geocache.losses import GeometryAwareLoss
+from geocache.train import TrainConfig, train
+
+real = GeometryAwareLoss.forward
+calls = []
+def poisoned(self, *args, **kwargs):  # rank 1's third loss is NaN, rank 0's never
+    loss, metrics = real(self, *args, **kwargs)
+    calls.append(1)
+    return (loss * float("nan"), metrics) if os.environ["RANK"] == "1" and len(calls) == 3 else (loss, metrics)
+GeometryAwareLoss.forward = poisoned
+try:
+    train(TrainConfig(model={str(model)!r}, cache={str(root / "k64")!r}, out={str(tmp_path / "run")!r}, max_steps=5, lora_r=2,
+                      per_device_train_batch_size=2, progress=False, save_steps=100))
+except FloatingPointError as exc:
+    print(f"rank {{os.environ['RANK']}}: {{exc}}", file=sys.stderr)
+    sys.exit(2)
+""")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29577", str(script)],
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "rank 1: the loss is nan at step 3 (after 2 completed steps)" in done.stderr, done.stderr[-3000:]
+    assert "rank 0: the loss is not finite on another process at step 3 (after 2 completed steps)" in done.stderr, done.stderr[-3000:]
+
+
 def test_copy_base_with_the_same_weights_equals_the_live_base(tmp_path, moe_cache):
     from geocache.base import CopyBase
 
