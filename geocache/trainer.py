@@ -233,7 +233,8 @@ class GeometryTrainer(Trainer):
             if lam_router > 0:  # measured either way; trained on only when weighted
                 loss = loss + lam_router * scale * r_loss
             metrics.update(r_metrics)
-        if denom is not None and self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs:
+        scaled = denom is not None and self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
+        if scaled:
             loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does for token-summed losses
         value = loss.item()
         elsewhere = False
@@ -249,9 +250,11 @@ class GeometryTrainer(Trainer):
         if not model.training:
             # Eval loss per labelled position, weighted like every metric: independent of the eval
             # batch size and of the number of processes (Trainer's own is a mean of batch means).
-            metrics["loss"] = loss.detach() * (denom / max(n_local, 1) / self.accelerator.num_processes
-                                               if denom is not None and self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
-                                               else denom / max(n_local, 1) if denom is not None else 1.0)
+            # With a denominator the loss is Σ/denom (× processes): back to this batch's mean.
+            mean = loss.detach()
+            if denom is not None:
+                mean = mean * (denom / max(n_local, 1) / (self.accelerator.num_processes if scaled else 1))
+            metrics["loss"] = mean
         if count:
             self._accumulate("train" if model.training else "eval", metrics, n_local)
         if model.training:
