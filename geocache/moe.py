@@ -43,11 +43,17 @@ def routing_choice(model: nn.Module) -> dict | None:
     best of ``n_group`` expert groups (a group scored by its two best experts). Returns
     ``{"bias": [L, E] float32, "n_group", "topk_group"}`` over the MoE layers, or None (softmax or
     plain top-k routers: the top-k of the logits is the routed set)."""
+    from accelerate.utils import align_module_device
+
     routers = [router_of(block) for _, block in moe_blocks(model)]
     if not routers or not all(hasattr(r, "e_score_correction_bias") for r in routers):
         return None
+    biases = []
+    for r in routers:  # an offloaded router (a device_map) holds its buffer only inside its forward
+        with align_module_device(r, torch.device("cpu")):
+            biases.append(r.e_score_correction_bias.detach().float().cpu())
     return {
-        "bias": torch.stack([r.e_score_correction_bias.detach().float() for r in routers]),
+        "bias": torch.stack(biases),
         "n_group": int(getattr(routers[0], "num_group", 1) or 1),
         "topk_group": int(getattr(routers[0], "topk_group", 1) or 1),
     }

@@ -756,16 +756,18 @@ def _spread_over_cpu_and_disk(model_dir) -> dict:
     return device_map
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_moe", "deepseek_v3"])
 def test_a_base_spread_by_a_device_map_with_disk_offload_caches_what_it_caches_whole(tmp_path, tiny_model_dir, data_file, model_type):
     """Offloaded weights exist only inside their modules' forwards: the fused head steps aside
     (the model's own logits are read), the input goes where the embedding runs, and the model's
     fingerprint reads the offloaded weights, so the cache is the one the whole model gives and
     passes ``check_compatible`` against it."""
     model_dir = tiny_model_dir(model_type)
-    whole = run(model_dir, data_file, tmp_path / "whole", k=8, m=4, fused_head=False)
+    router = {"router": "topk"} if model_type == "deepseek_v3" else {}  # ranked by its routers' correction biases, offloaded too
+    whole = run(model_dir, data_file, tmp_path / "whole", k=8, m=4, fused_head=False, **router)
     device_map = _spread_over_cpu_and_disk(model_dir)
-    spread = run(model_dir, data_file, tmp_path / "spread", k=8, m=4, device_map=json.dumps(device_map), offload_folder=str(tmp_path / "offload"))
+    spread = run(model_dir, data_file, tmp_path / "spread", k=8, m=4, device_map=json.dumps(device_map), offload_folder=str(tmp_path / "offload"),
+                 **router)
     spread_model = AutoModelForCausalLM.from_pretrained(model_dir, device_map=device_map, offload_folder=str(tmp_path / "offload"))
     assert spread_model.lm_head.weight.device.type == "meta" and spread_model.model.embed_tokens.weight.device.type == "meta"  # really offloaded
     assert spread.base_model == whole.base_model
