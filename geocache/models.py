@@ -89,6 +89,22 @@ def _owner_offloaded(model, name: str):
     return module if has_offloaded_params(module) else None
 
 
+def _base_weights(model) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The transformers model under a PEFT wrapper (or the model itself), and its state-dict names
+    of base weights mapped to the names they have without the adapter: adapter weights (keyed by
+    adapter name, ``lora_A.default.weight``) left out, wrapped layers' ``base_layer.`` and
+    ``original_module.`` dropped. So a model with an adapter has its base's fingerprint."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    adapters = tuple(getattr(model, "peft_config", {}) or {})
+    names = {}
+    for name in inner.state_dict():
+        parts = name.split(".")
+        if any(a in parts for a in adapters):
+            continue
+        names[name] = name.replace(".base_layer.", ".").replace(".original_module.", ".")
+    return inner, names
+
+
 def model_fingerprint(model) -> dict:
     """sha256 of the config, and of the weights sampled: per tensor (sorted by name) its name,
     shape and up to 4,096 evenly strided values rounded to bfloat16, so the same weights loaded
@@ -97,7 +113,7 @@ def model_fingerprint(model) -> dict:
     round to bfloat16 differently on some values (double rounding), so a float16 load matches a
     float32 one only there (``same_weights``). Weights accelerate offloaded (``meta`` here, held
     by its hooks) are read one module at a time, so a base spread by a ``device_map`` has the
-    fingerprint it has loaded whole."""
+    fingerprint it has loaded whole. A PEFT model has its base's fingerprint (adapters left out)."""
     from accelerate.utils import align_module_device
 
     config = model.config.to_dict()
@@ -113,15 +129,18 @@ def model_fingerprint(model) -> dict:
             digest.update(str(tuple(tensor.shape)).encode())
             digest.update(values.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
 
-    for name, param in sorted(model.state_dict().items()):
-        if param.device.type != "meta":
-            update(name, param)
+    inner, names = _base_weights(model)
+    for name, param in sorted(inner.state_dict().items()):
+        if name not in names:  # an adapter's own weight
             continue
-        owner = _owner_offloaded(model, name)
+        if param.device.type != "meta":
+            update(names[name], param)
+            continue
+        owner = _owner_offloaded(inner, name)
         if owner is None:  # a structure without weights (``weights=False``): nothing to hash
             continue
         with align_module_device(owner, torch.device("cpu")):
-            update(name, getattr(owner, name.rpartition(".")[2]))
+            update(names[name], getattr(owner, name.rpartition(".")[2]))
     return {
         "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
         "weights_sha256": h.hexdigest(),

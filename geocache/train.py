@@ -255,9 +255,8 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
     model, tokenizer = load_model_and_tokenizer(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=args.device)
     cache = open_cache(cfg.cache)
     eval_cache = open_cache(cfg.eval_cache) if cfg.eval_cache else None
-    for c in (cache, eval_cache):
-        if c is not None:
-            c.check_compatible(model, tokenizer)
+    # (Both are checked against the base, the model or --base-model's, by GeometryTrainer below,
+    # before the run directory is written.)
     if eval_cache is not None:  # the tokens' shape must agree; the data, its slice and caps may not
         diff = first_difference(*(token_shaping(c.manifest.data["preprocessing"]) for c in (cache, eval_cache)), "preprocessing")
         if diff:
@@ -283,9 +282,6 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
     set_seed(cfg.seed)  # the adapter's random init must not depend on what ran before in this process
     model = add_dora_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.adapt_experts)
     want_router = layout is not None  # router drift is always measured on MoE; trained on when λ_router > 0
-    out.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:
-        (out / RUN_CONFIG).write_text(yaml.safe_dump(_run_record(cfg), sort_keys=False))
     gate_cb = None
     if cfg.v2_every:  # ahead of the user's callbacks, so that they see what the gate did at a step
         from geocache.gate import V2Gate, V2GateCallback, V2Signal
@@ -305,6 +301,9 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
         layer_weights=cfg.layer_weights,
         callbacks=[JsonlLogger(out / "metrics.jsonl"), *([gate_cb] if gate_cb else []), *(callbacks or [])],
     )
+    out.mkdir(parents=True, exist_ok=True)  # the run is accepted (the caches fit the base): its record first
+    if int(os.environ.get("RANK", "0")) == 0:
+        (out / RUN_CONFIG).write_text(yaml.safe_dump(_run_record(cfg), sort_keys=False))
     if gate_cb is not None:
         gate_cb.trainer = trainer
     if not cfg.progress:

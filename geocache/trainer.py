@@ -8,6 +8,7 @@ checkpointing; everything geometry-specific is a component this class calls: a b
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -173,6 +174,10 @@ class GeometryTrainer(Trainer):
             tok = kwargs.get("processing_class")
             pad = getattr(tok, "pad_token_id", None) or 0
             kwargs["data_collator"] = partial(collate_cache_rows, pad_token_id=pad)
+        # Before Trainer's own setup, which changes the model's config (use_cache off) and so its fingerprint.
+        bound = inspect.signature(Trainer.__init__).bind_partial(self, *args, **kwargs).arguments
+        self._check_caches(bound.get("model"), base or CacheBase(), bound.get("train_dataset"), bound.get("eval_dataset"),
+                           bound.get("processing_class"))
         super().__init__(*args, **kwargs)
         if self.args.remove_unused_columns:  # HF's default, also when no args were given
             # Trainer would drop every dataset column the model's forward does not name: the base
@@ -195,6 +200,31 @@ class GeometryTrainer(Trainer):
         # tokens/s window: the clock starts at the first training forward (not at setup) and stands
         # still during evaluation.
         self._tokens, self._clock = 0, None
+
+    @staticmethod
+    def _check_caches(model, base, train_dataset, eval_dataset, processing_class) -> None:
+        """Refuse, in one sentence, a training or eval cache built for another base model, tokenizer
+        or output size (``CacheReader.check_compatible``). The base is the model itself (its
+        adapter disabled: ``cache``, ``live``), or the separate frozen model of a ``copy`` base,
+        whose statistics the cache then holds in the tuned model's tokens."""
+        from geocache.cache.reader import CacheError, CacheReader
+        from geocache.models import output_size
+
+        evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+        caches = [d for d in (train_dataset, *evals) if isinstance(d, CacheReader)]
+        if not caches or model is None:
+            return
+        tokenizer = processing_class if hasattr(processing_class, "get_vocab") else None
+        source = getattr(base, "inner", base)  # periodic: what it queries
+        copied = getattr(source, "base_model", None)
+        for cache in caches:
+            if copied is None:
+                cache.check_compatible(model, tokenizer)
+                continue
+            cache.check_compatible(copied, tokenizer)
+            if output_size(model) != cache.manifest.base_model["output_size"]:
+                raise CacheError(f"cache {cache.url!r} covers {cache.manifest.base_model['output_size']} output rows but the model "
+                                 f"being tuned has {output_size(model)}")
 
     def train(self, *args, **kwargs):
         self._tokens, self._clock = 0, None

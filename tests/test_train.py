@@ -320,6 +320,45 @@ def test_bad_inputs_are_refused_in_one_sentence(tmp_path, moe_cache, tiny_model_
         TrainConfig(model="m", cache="c", out="o", eval_steps=3)
 
 
+def test_the_python_api_checks_its_caches_against_the_base_like_the_cli(tmp_path, moe_cache, tokenizer_dir):
+    """GeometryTrainer, given a cache, refuses one built for another model (the CLI did, the API
+    trained on it); a model already wrapped in an adapter has its base's fingerprint."""
+    from peft import LoraConfig, get_peft_model
+
+    model, root = moe_cache
+    other = build_tiny_model(tmp_path / "other", "qwen3_moe", tokenizer_dir=tokenizer_dir, seed=3)
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True, remove_unused_columns=False)
+    cache = open_cache(str(root / "k64"))
+    with pytest.raises(CacheError, match=r"was built for base model .*, and this model's weights differ from it"):
+        GeometryTrainer(model=add_dora_adapter(AutoModelForCausalLM.from_pretrained(other), r=2), args=args, train_dataset=cache)
+    with pytest.raises(CacheError, match="weights differ"):  # the eval cache too
+        GeometryTrainer(model=add_dora_adapter(AutoModelForCausalLM.from_pretrained(other), r=2), args=args,
+                        train_dataset=open_cache(str(root / "k64")), eval_dataset={"held": cache})
+    for wrapped in (add_dora_adapter(AutoModelForCausalLM.from_pretrained(model), r=2),
+                    get_peft_model(AutoModelForCausalLM.from_pretrained(model), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))):
+        cache.check_compatible(wrapped)  # the adapter is left out of the fingerprint
+        GeometryTrainer(model=wrapped, args=args, train_dataset=cache, eval_dataset=cache)
+
+
+def test_a_copy_base_is_checked_against_the_cache_not_the_starting_model(tmp_path, moe_cache, tokenizer_dir, sft_data):
+    """--base copy is for starting weights that differ from the base: the cache is the base's
+    (--base-model), so it is checked against that one; the model being tuned must share its tokens."""
+    model, root = moe_cache
+    start = build_tiny_model(tmp_path / "start", "qwen3_moe", tokenizer_dir=tokenizer_dir, seed=3)  # another start, same tokenizer
+    common = dict(cache=str(root / "k64"), max_steps=2, use_cpu=True, lora_r=2, lora_alpha=4, progress=False)
+    trained = train(TrainConfig(model=str(start), base="copy", base_model=str(model), out=str(tmp_path / "a"), **common))
+    assert trained.state.global_step == 2
+    with pytest.raises(CacheError, match="weights differ"):  # the cache is not the start's either way
+        train(TrainConfig(model=str(model), base="copy", base_model=str(start), out=str(tmp_path / "b"), **common))
+    assert not (tmp_path / "b").exists()  # refused before the run directory was written
+    from geocache.testing import build_tokenizer
+
+    build_tokenizer(tmp_path / "tok400", vocab_size=400)
+    small = build_tiny_model(tmp_path / "small", "qwen3_moe", tokenizer_dir=tmp_path / "tok400")
+    with pytest.raises(CacheError, match="config differs"):  # a base of another vocabulary: one sentence, not an IndexError
+        train(TrainConfig(model=str(model), base="periodic", periodic_inner="copy", base_model=str(small), out=str(tmp_path / "c"), **common))
+
+
 def test_the_cli_reports_a_nan_stop_in_one_sentence(monkeypatch, tmp_path):
     import geocache.train
 
