@@ -62,12 +62,17 @@ def main() -> None:
 
 
 def _load_yaml(path: str | None) -> dict:
+    from geocache.config import read_yaml
+
     if not path:
         return {}
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file {path!r} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = read_yaml(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {path!r} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path!r} must hold a mapping of options")
     return data

@@ -8,6 +8,7 @@ Loadable from a YAML mapping (``GeometryConfig.from_yaml``); unknown keys are er
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -101,7 +102,7 @@ class GeometryConfig:
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ValueError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
@@ -117,6 +118,20 @@ class GeometryConfig:
     def help(cls) -> dict[str, str]:
         """Field name → help text, for CLIs and docs."""
         return {f.name: f.metadata.get("help", "") for f in fields(cls) if f.default is not MISSING}
+
+
+class YamlLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, with numbers in exponent form and no dot (``1e-4``) read as
+    floats, as YAML 1.2 reads them: PyYAML (YAML 1.1) reads them as strings, so a config's
+    ``learning_rate: 1e-4`` reached the optimizer as text."""
+
+
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def read_yaml(text: str) -> Any:
+    """Parse a config file's text (data only, as ``yaml.safe_load``; see ``YamlLoader``)."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _check_nonnegative(name: str, value: Any) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
@@ -357,6 +358,23 @@ def test_a_copy_base_is_checked_against_the_cache_not_the_starting_model(tmp_pat
     small = build_tiny_model(tmp_path / "small", "qwen3_moe", tokenizer_dir=tmp_path / "tok400")
     with pytest.raises(CacheError, match="config differs"):  # a base of another vocabulary: one sentence, not an IndexError
         train(TrainConfig(model=str(model), base="periodic", periodic_inner="copy", base_model=str(small), out=str(tmp_path / "c"), **common))
+
+
+def test_yaml_numbers_in_exponent_form_or_quoted_are_numbers_and_text_is_refused(tmp_path, moe_cache):
+    """PyYAML reads ``1e-4`` (no dot) as a string: it reached the optimizer as text (a traceback) and
+    the refused run's record was left behind, so the corrected command needed --overwrite."""
+    model, root = moe_cache
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {model}\ncache: {root / 'k64'}\nlearning_rate: 1e-4\nmax_steps: '2'\nlora_r: 2\nuse_cpu: true\n"
+                   "geometry:\n  lambda_kl: 5e-2\n")
+    result = CliRunner().invoke(main, ["train", "--config", str(cfg), "--out", str(tmp_path / "a"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((tmp_path / "a" / "geocache_run.yaml").read_text())
+    assert saved["learning_rate"] == 1e-4 and saved["max_steps"] == 2 and saved["geometry"]["lambda_kl"] == 0.05
+    cfg.write_text(cfg.read_text().replace("max_steps: '2'", "max_steps: two"))
+    result = CliRunner().invoke(main, ["train", "--config", str(cfg), "--out", str(tmp_path / "b"), "--no-progress"])
+    assert result.exit_code == 2 and result.output.strip() == "error: max_steps='two' must be an integer", result.output
+    assert not (tmp_path / "b").exists()
 
 
 def test_the_cli_reports_a_nan_stop_in_one_sentence(monkeypatch, tmp_path):
