@@ -389,22 +389,36 @@ def _tokenize_chat(row: dict, index: int, tokenizer, cfg: DataConfig) -> tuple[l
         raise BadRowError(f"row {index}: no non-empty assistant turn to learn from")
     if tokenizer.chat_template is None:
         raise ValueError("the tokenizer has no chat template, so chat `messages` rows cannot be rendered")
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    from jinja2.exceptions import TemplateError, TemplateSyntaxError
+
+    def render(msgs, generation_prompt=False):
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        except TemplateSyntaxError as exc:
+            raise ValueError(f"the tokenizer's chat template does not compile: {exc}") from None
+        except TemplateError as exc:  # the template's own raise_exception: a conversation it refuses
+            raise BadRowError(f"row {index}: the chat template refuses this conversation ({exc})") from None
+
+    text = render(messages)
     # Assistant spans in characters: from the end of the prompt that asks for that turn (the
     # template's generation prompt, i.e. the role header) to the end of the turn as rendered.
     spans = []
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
-            start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-            prefix = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-            if not text.startswith(prefix):
+            asking = render(messages[:i], generation_prompt=True)
+            prefix = render(messages[: i + 1])
+            # A template that rewrites earlier turns, or has no generation prompt (the role header
+            # would be labelled): the spans are found by content instead.
+            if not text.startswith(prefix) or (i and asking == render(messages[:i])):
                 spans = _assistant_spans_by_content(messages, text, tokenizer, index)
                 break
-            spans.append((start, len(prefix)))
+            spans.append((len(asking), len(prefix)))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, labels = enc["input_ids"], []
     for tok, (a, b) in zip(ids, enc["offset_mapping"]):
-        inside = any(s <= a and b <= e for s, e in spans) and b > a
+        # A token ending inside a span: also the one that carries its first characters across the
+        # span's start (BPE's " sure" after a header's ":"), as TRL's char-to-token assistant masks.
+        inside = any(s < b <= e for s, e in spans) and b > a
         labels.append(tok if inside else IGNORE_INDEX)
     return ids, labels
 

@@ -82,6 +82,34 @@ def test_chat_templates_that_rewrite_earlier_turns_label_each_assistant_content(
     assert tok.decode(ids[:first]).endswith("<|im_start|>assistant\n")
 
 
+def test_a_template_without_a_generation_prompt_leaves_the_role_header_unlabelled(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"  # no add_generation_prompt branch
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                {"role": "user", "content": "more"}, {"role": "assistant", "content": "sure"}]
+    ids, labels = tokenize_example({"messages": messages}, 0, tok, DataConfig())
+    assert tok.decode(ids) == "user: hi\nassistant: yo\nuser: more\nassistant: sure\n"
+    labelled = labelled_text(tok, ids, labels)  # was 'assistant: yo\nassistant: sure\n'
+    assert "assistant" not in labelled and ":" not in labelled and labelled.replace(" ", "") == "yo\nsure\n", labelled
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_bad_row_named_and_skippable(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                         "{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}")
+    bad = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "assistant", "content": "c"}]}
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    with pytest.raises(BadRowError, match=r"row 4: the chat template refuses this conversation \(Conversation roles must alternate"):
+        tokenize_example(bad, 4, tok, DataConfig())
+    skipped = []
+    seqs = list(iter_sequences([good, bad, good], tok, DataConfig(skip_bad_rows=True), bad_rows=skipped))
+    assert len(seqs) == 2 and len(skipped) == 1 and skipped[0].startswith("row 1:")
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }"  # broken: the template, not the row
+    with pytest.raises(ValueError, match="the tokenizer's chat template does not compile"):
+        tokenize_example(good, 0, tok, DataConfig())
+
+
 @pytest.mark.parametrize(
     "row,message",
     [
