@@ -386,6 +386,47 @@ def test_check_compatible_refuses_another_model_or_tokenizer(tmp_path, tiny_mode
         cache.check_compatible(expected=expected)
 
 
+def test_an_edited_manifest_count_is_caught_by_the_reader_and_verify(tmp_path, tiny_model_dir, data_file):
+    """The manifest is not checksummed itself: a shard's row count lowered by one made the reader
+    drop a row silently (raised: a bare IndexError), and an edited total passed verify."""
+    out = tmp_path / "c"
+    run(tiny_model_dir("llama"), data_file, out, k=4, shard_sequences=10)
+    original = (out / "manifest.json").read_text()
+    for delta in (-1, 1):
+        record = json.loads(original)
+        record["shards"][1]["sequences"] += delta
+        record["counts"]["sequences"] += delta  # consistently: the shard itself must be checked
+        (out / "manifest.json").write_text(json.dumps(record))
+        cache = open_cache(str(out))
+        with pytest.raises(CacheError, match=r"shard shards/rank000-000001\.arrow of cache .* holds 10 sequences, .* but the manifest lists "
+                                             rf"{10 + delta}, .*: the cache is corrupt"):
+            collate_cache_rows(cache.__getitems__(list(range(len(cache)))))  # a DataLoader's batched fetch
+        assert "shard shards/rank000-000001.arrow fails the schema check: counts differ" in verify(str(out))
+    record = json.loads(original)
+    record["counts"]["sequences"] = 999
+    (out / "manifest.json").write_text(json.dumps(record))
+    assert verify(str(out)) == f"the manifest's total of sequences (999) is not the sum over its shards ({json.loads(original)['counts']['sequences']})"
+
+
+@pytest.mark.parametrize("backend", ["zarr", "arrow"])
+def test_inspect_names_the_shard_it_cannot_read(tmp_path, tiny_model_dir, data_file, backend):
+    import shutil
+
+    from geocache.cache.inspect import summarize
+
+    out = tmp_path / "c"
+    run(tiny_model_dir("llama"), data_file, out, k=4, backend=backend, shard_sequences=10)
+    shard = next((out / "shards").glob("rank000-000001*"))
+    if backend == "zarr":
+        shutil.rmtree(shard)
+        message = r"shard shards/rank000-000001\.zarr of cache .* is missing"
+    else:
+        shard.write_bytes(shard.read_bytes()[:100])
+        message = r"shard shards/rank000-000001\.arrow of cache .* cannot be read"
+    with pytest.raises(CacheError, match=message):
+        summarize(str(out))
+
+
 def test_a_flipped_byte_is_caught_by_verify_and_by_the_reader(tmp_path, tiny_model_dir, data_file):
     for backend in ("zarr", "arrow"):
         out = tmp_path / backend

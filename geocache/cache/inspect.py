@@ -33,10 +33,19 @@ def _shard_bytes_by_array(fs, path: str) -> dict[str, int]:
 
 def bytes_by_array(url: str) -> dict[str, int]:
     """Stored bytes per array name over all shards of a cache (group metadata under ``zarr.json``)."""
+    from geocache.cache.reader import CacheError
+
     fs, root = _fs(url)
     out: dict[str, int] = {}
     for s in read_manifest(fs, root).shards:
-        for k, v in _shard_bytes_by_array(fs, posixpath.join(root, s.name)).items():
+        path = posixpath.join(root, s.name)
+        if not fs.exists(path):
+            raise CacheError(f"shard {s.name} of cache {url!r} is missing (geocache cache verify checks every shard)")
+        try:
+            sizes = _shard_bytes_by_array(fs, path)
+        except Exception as exc:  # a damaged shard: named, not a decoder's message alone
+            raise CacheError(f"shard {s.name} of cache {url!r} cannot be read ({exc}; geocache cache verify checks every shard)") from None
+        for k, v in sizes.items():
             out[k] = out.get(k, 0) + v
     return out
 
@@ -88,6 +97,10 @@ def verify(url: str) -> Optional[str]:
     m = read_manifest(fs, root)
     backend = get_backend(m.backend)
     k, mm = m.statistics["k"], m.statistics["m"]
+    for key in ("sequences", "tokens", "positions"):
+        total = sum(getattr(s, key) for s in m.shards)
+        if m.counts.get(key) != total:
+            return f"the manifest's total of {key} ({m.counts.get(key)}) is not the sum over its shards ({total})"
     for s in m.shards:
         path = posixpath.join(root, s.name)
         if not fs.exists(path):

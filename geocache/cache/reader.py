@@ -111,6 +111,12 @@ class CacheReader(torch.utils.data.Dataset):
                 view = self.backend.open(self.fs, path, chunks=self._chunks)
             except Exception as exc:  # any decoder error on a shard means corruption to the user
                 raise CacheError(f"shard {info.name} of cache {self.url!r} cannot be read ({exc})") from None
+            # The manifest is not checksummed itself: its row count for the shard is checked against
+            # the shard (an edited count silently dropped rows, or failed later without a name).
+            if len(view) != info.sequences or view.token_offsets[-1] != info.tokens or view.position_offsets[-1] != info.positions:
+                raise CacheError(f"shard {info.name} of cache {self.url!r} holds {len(view)} sequences, {view.token_offsets[-1]} tokens and "
+                                 f"{view.position_offsets[-1]} positions, but the manifest lists {info.sequences}, {info.tokens} and "
+                                 f"{info.positions}: the cache is corrupt")
             self._views[i] = view
         return view
 
