@@ -257,7 +257,7 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
         train_sampling_strategy=cfg.train_sampling_strategy,
         eval_strategy="steps" if cfg.eval_steps else "no",
         eval_steps=cfg.eval_steps,
-        eval_on_start=cfg.eval_on_start,
+        eval_on_start=cfg.eval_on_start and resume_from is None,  # a resume evaluated its start already
         save_strategy="no" if cfg.v2_every else "steps",  # with the V2 gate, checkpoints only when V2 passes
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,

@@ -179,6 +179,11 @@ class GeometryTrainer(Trainer):
         self._check_caches(bound.get("model"), base or CacheBase(), bound.get("train_dataset"), bound.get("eval_dataset"),
                            bound.get("processing_class"))
         super().__init__(*args, **kwargs)
+        if self.args.label_smoothing_factor:
+            # The loss replaces Trainer's, so its label smoother would be silently skipped; and the
+            # calibration terms measure the model against the real next token, not a smoothed one.
+            raise ValueError(f"label_smoothing_factor={self.args.label_smoothing_factor}: the geometry-aware loss does not smooth labels "
+                             "(its calibration-gap penalty is measured against the real next token); set it to 0")
         if self.args.remove_unused_columns:  # HF's default, also when no args were given
             # Trainer would drop every dataset column the model's forward does not name: the base
             # statistics (lse, top-k, ...) with them. What TRL's trainers do for their own columns.

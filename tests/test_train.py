@@ -789,6 +789,25 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, moe_cache):
     assert steps == [1, 2, 3, 4]
 
 
+def test_eval_on_start_evaluates_the_start_of_a_run_not_of_its_resume(tmp_path, moe_cache):
+    model, root = moe_cache
+    out = tmp_path / "run"
+    common = dict(model=str(model), cache=str(root / "k64"), eval_cache=str(root / "k64"), out=str(out), save_steps=2, eval_steps=2,
+                  eval_on_start=True, use_cpu=True, lora_r=2, lora_alpha=4, progress=False)
+    train(TrainConfig(**common, max_steps=2))
+    train(TrainConfig(**common, max_steps=4, resume=True))
+    evals = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in json.loads(line)]
+    assert evals == [0, 2, 4]  # the resume did not evaluate checkpoint-2 again
+
+
+def test_label_smoothing_is_refused_in_one_sentence(tmp_path, moe_cache):
+    model, root = moe_cache
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, label_smoothing_factor=0.1)
+    with pytest.raises(ValueError, match=r"label_smoothing_factor=0.1: the geometry-aware loss does not smooth labels"):
+        GeometryTrainer(model=add_dora_adapter(AutoModelForCausalLM.from_pretrained(model), r=2), args=args,
+                        train_dataset=open_cache(str(root / "k64")))
+
+
 def test_resume_refuses_another_number_of_processes(tmp_path, moe_cache, monkeypatch):
     """The global batch is per-device batch × accumulation × processes: a resume keeps all three."""
     model, root = moe_cache
