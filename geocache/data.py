@@ -145,6 +145,35 @@ def _row_slice(split: str) -> Optional[tuple[int, Optional[int]]]:
     return start, stop
 
 
+def slice_bounds(data: str | list[str], split: str) -> Optional[tuple[int, Optional[int]]]:
+    """Absolute (start, stop) rows of a split expression: a slice by row numbers as written; a
+    slice in percent of local JSONL or Parquet files resolved as ``datasets`` resolves it
+    (``ReadInstruction``, its rounding) from their exact row count; None otherwise (a whole split,
+    or a percent slice of data whose rows cannot be counted cheaply and exactly)."""
+    bounds = _row_slice(split)
+    if bounds is not None or "%" not in split:
+        return bounds
+    paths = [Path(s) for s in ([data] if isinstance(data, str) else data)]
+    if not all(p.exists() for p in paths):
+        return None
+    files = [f for f in _local_files(paths) if f.stat().st_size > 0]
+    if not files or not (all(f.suffix == ".jsonl" for f in files) or all(f.suffix == ".parquet" for f in files)):
+        return None
+    if files[0].suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    else:  # rows are the non-blank lines, as the line-by-line reader gives them
+        total = 0
+        for f in files:
+            with f.open("rb") as fh:
+                total += sum(1 for line in fh if line.strip())
+    import datasets
+
+    (absolute,) = datasets.ReadInstruction.from_spec(split).to_absolute({_split_name(split): total})
+    return absolute.from_, absolute.to
+
+
 def _take(rows, bounds: Optional[tuple[int, Optional[int]]]):
     """A row-number slice of a streamed dataset (skip, then take): nothing past it is read."""
     if bounds is None:
@@ -169,7 +198,7 @@ def load_examples(data: str | list[str], split: str = "train", streaming: bool =
     """
     import datasets
 
-    bounds = _row_slice(split) if streaming else None
+    bounds = slice_bounds(data, split) if streaming else None
     streaming = streaming and ("[" not in split or bounds is not None)
     whole = _split_name(split) if bounds is not None else split  # what datasets is asked for
     sources = [data] if isinstance(data, str) else list(data)
@@ -429,14 +458,16 @@ def _tokenize_chat(row: dict, index: int, tokenizer, cfg: DataConfig) -> tuple[l
 
 
 def iter_sequences(rows: Iterable[dict], tokenizer, cfg: DataConfig, bad_rows: Optional[list] = None,
-                   unlabelled_rows: Optional[list] = None, truncated_rows: Optional[list] = None) -> Iterator[Sequence]:
+                   unlabelled_rows: Optional[list] = None, truncated_rows: Optional[list] = None,
+                   first_row: int = 0) -> Iterator[Sequence]:
     """Cached sequences from example rows, in order, truncated or packed, capped by the config.
 
     ``bad_rows`` collects the messages of skipped rows when ``cfg.skip_bad_rows``;
     ``unlabelled_rows`` the numbers of rows left with nothing to learn (no label after the first
     token once truncated to ``max_length``: a prompt longer than it), which are never cached;
     ``truncated_rows`` the numbers of the cached rows that were longer than ``max_length`` and lost
-    their end (with or without packing: an example is never split across rows).
+    their end (with or without packing: an example is never split across rows). Rows are numbered
+    from ``first_row`` (where a slice of the data starts), 0-based, in messages and lists.
     """
     prefix = text_prefix(tokenizer) if cfg.add_bos else []
     n_seq = n_tok = 0
@@ -462,17 +493,17 @@ def iter_sequences(rows: Iterable[dict], tokenizer, cfg: DataConfig, bad_rows: O
     index = -1
     for index, row in enumerate(rows):
         try:
-            ids, labels = tokenize_example(row, index, tokenizer, cfg, prefix)
+            ids, labels = tokenize_example(row, first_row + index, tokenizer, cfg, prefix)
         except BadRowError as exc:
             if not cfg.skip_bad_rows:
                 raise
             if bad_rows is not None:
                 bad_rows.append(str(exc))
             continue
-        example = (ids[: cfg.max_length], labels[: cfg.max_length], len(ids) > cfg.max_length, index)
+        example = (ids[: cfg.max_length], labels[: cfg.max_length], len(ids) > cfg.max_length, first_row + index)
         if all(label == IGNORE_INDEX for label in example[1][1:]):
             if unlabelled_rows is not None:
-                unlabelled_rows.append(index)
+                unlabelled_rows.append(first_row + index)
             continue  # nothing to learn after truncation
         if not cfg.packing:
             seq = emit([example], index + 1)

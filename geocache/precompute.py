@@ -36,7 +36,7 @@ from geocache.cache.backends import BACKENDS, get_backend
 from geocache.cache.manifest import FORMAT_VERSION, MANIFEST, PARTS_DIR, SHARDS_DIR, Manifest, first_difference
 from geocache.cache.reader import CacheError, _fs
 from geocache.cache.writer import ShardWriter, atomic_write_text, part_path
-from geocache.data import DataConfig, Sequence, count_rows, data_fingerprint, iter_sequences, load_examples, tokenizer_fingerprint
+from geocache.data import DataConfig, Sequence, count_rows, data_fingerprint, iter_sequences, load_examples, slice_bounds, tokenizer_fingerprint
 from geocache.models import input_device, load_model_and_tokenizer, model_fingerprint, moe_layout, output_size
 from geocache.moe import choice_scores, recorded_router_logits, routing_choice
 from geocache.signals import compute_base_stats, labelled_positions
@@ -231,7 +231,9 @@ class _Run:
         # A hub dataset at the commit recorded in the manifest (its revision resolved once, here).
         rows = load_examples(self.cfg.data, split=dc.split, text_sample_by=dc.text_sample_by,
                              revision=source.get("commit") or dc.data_revision, subset=dc.subset)
-        for i, seq in enumerate(iter_sequences(rows, self.tokenizer, self.cfg.data_config, bad_rows, unlabelled_rows, truncated_rows)):
+        first_row = (slice_bounds(self.cfg.data, dc.split) or (0,))[0]  # row numbers in messages count from the data's start
+        for i, seq in enumerate(iter_sequences(rows, self.tokenizer, self.cfg.data_config, bad_rows, unlabelled_rows, truncated_rows,
+                                               first_row=first_row)):
             if every_rank or i % self.world == self.rank:
                 yield i, seq
 

@@ -344,6 +344,28 @@ def test_rows_cut_by_max_length_are_counted_once_cached(tok, packing):
     assert capped == [0]
 
 
+def test_a_percent_slice_of_jsonl_reads_line_by_line_and_rows_keep_their_numbers(tmp_path, tok):
+    """A percent slice of JSONL went through datasets' whole-file JSON parser: one broken line ended
+    the run (not skippable); and row numbers in messages counted from the slice's start."""
+    import datasets
+
+    lines = [json.dumps({"text": f"row {i}"}) for i in range(20)]
+    lines[12] = '{"text": "broken'
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines))
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("\n".join(json.dumps({"text": f"row {i}"}) for i in range(20)))
+    for split in ("train[10%:70%]", "train[:33%]", "train[55%:]"):  # the rows datasets itself gives for the slice
+        want = [r["text"] for r in datasets.load_dataset("json", data_files=str(clean), split=split)]
+        assert [r["text"] for r in load_examples(str(clean), split=split)] == want, split
+    skipped = []
+    rows = load_examples(str(path), split="train[50%:80%]")  # rows 10-15
+    seqs = list(iter_sequences(rows, tok, DataConfig(skip_bad_rows=True), bad_rows=skipped, first_row=10))
+    assert len(seqs) == 5 and len(skipped) == 1 and skipped[0].startswith("row 12: line 13 of"), skipped
+    with pytest.raises(BadRowError, match=r"^row 12: "):
+        list(iter_sequences(load_examples(str(path), split="train[10:16]"), tok, DataConfig(), first_row=10))
+
+
 def test_count_rows_gives_what_load_examples_reads(tmp_path):
     from geocache.data import count_rows
 

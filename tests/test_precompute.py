@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from geocache import GeometryAwareLoss
 from geocache.cache import CacheError, CacheWriteError, collate_cache_rows, open_cache
 from geocache.cache.inspect import verify
-from geocache.data import DataConfig
+from geocache.data import BadRowError, DataConfig
 from geocache.precompute import PrecomputeConfig, precompute
 from geocache.signals import labelled_positions
 from geocache.testing import MODEL_TYPES, build_tiny_model
@@ -384,6 +384,14 @@ def test_check_compatible_refuses_another_model_or_tokenizer(tmp_path, tiny_mode
     expected["data"]["preprocessing"]["max_length"] = 2048
     with pytest.raises(CacheError, match=r"different settings \(data.preprocessing.max_length: 48 != 2048\)"):
         cache.check_compatible(expected=expected)
+
+
+@pytest.mark.parametrize("split", ["train[2:4]", "train[40%:80%]"])
+def test_a_bad_row_in_a_slice_is_named_by_its_row_in_the_data(tmp_path, tiny_model_dir, split):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": 3} if i == 2 else {"text": f"row {i}"}) for i in range(5)))
+    with pytest.raises(BadRowError, match=r"^row 2: field 'text' must be a string"):  # was 'row 0'
+        run(tiny_model_dir("llama"), data, tmp_path / "c", k=4, split=split)
 
 
 def test_an_edited_manifest_count_is_caught_by_the_reader_and_verify(tmp_path, tiny_model_dir, data_file):
