@@ -352,7 +352,9 @@ def tokenize_example(row: dict, index: int, tokenizer, cfg: DataConfig, prefix: 
     if kind != "messages" and prefix is None:
         prefix = text_prefix(tokenizer) if cfg.add_bos else []
     if kind == "text":
-        text = _field(row, cfg.text_field, index)
+        # A .txt file's byte-order mark (Windows editors) is not text: datasets' text reader keeps it
+        # on the first row (the JSONL and CSV readers here drop it).
+        text = _field(row, cfg.text_field, index).removeprefix("\ufeff")
         if not text.strip():
             raise BadRowError(f"row {index}: field {cfg.text_field!r} is empty")
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos

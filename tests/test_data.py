@@ -366,6 +366,14 @@ def test_a_percent_slice_of_jsonl_reads_line_by_line_and_rows_keep_their_numbers
         list(iter_sequences(load_examples(str(path), split="train[10:16]"), tok, DataConfig(), first_row=10))
 
 
+def test_a_byte_order_mark_of_a_text_file_is_not_cached(tmp_path, tok):
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffhello world\nsecond line\n".encode("utf-8"))
+    rows = list(load_examples(str(path)))
+    ids, _ = tokenize_example(rows[0], 0, tok, DataConfig(add_bos=False, add_eos=False))
+    assert tok.decode(ids) == "hello world"
+
+
 def test_count_rows_gives_what_load_examples_reads(tmp_path):
     from geocache.data import count_rows
 
