@@ -112,7 +112,9 @@ class TrainConfig:
         values = {k: v for k, v in values.items() if k != "num_processes"}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown train option(s) {unknown}")
+            geometry = sorted(set(unknown) & {f.name for f in fields(GeometryConfig)})
+            hint = f" ({', '.join(geometry)}: geometry options, which a config file holds under `geometry:`)" if geometry else ""
+            raise ValueError(f"unknown train option(s) {unknown}{hint}")
         return cls(**values)
 
 

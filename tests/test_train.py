@@ -800,6 +800,14 @@ def test_eval_on_start_evaluates_the_start_of_a_run_not_of_its_resume(tmp_path, 
     assert evals == [0, 2, 4]  # the resume did not evaluate checkpoint-2 again
 
 
+def test_unknown_train_options_are_named_and_geometry_keys_are_pointed_under_geometry():
+    with pytest.raises(ValueError, match=r"^unknown train option\(s\) \['lamda'\]$"):
+        TrainConfig.from_dict({"model": "m", "cache": "c", "out": "o", "lamda": 1})
+    with pytest.raises(ValueError, match=r"unknown train option\(s\) \['lambda_kl'\] \(lambda_kl: geometry options, which a config file "
+                                         r"holds under `geometry:`\)"):
+        TrainConfig.from_dict({"model": "m", "cache": "c", "out": "o", "lambda_kl": 0.2})
+
+
 def test_label_smoothing_is_refused_in_one_sentence(tmp_path, moe_cache):
     model, root = moe_cache
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, label_smoothing_factor=0.1)
