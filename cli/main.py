@@ -217,7 +217,7 @@ def train_summary(state, out: str) -> str:
     last = next((r for r in reversed(history) if "task_loss" in r), {})  # a window's log or the final summary
     line = f"trained {state.global_step} steps; adapter saved in {out}/adapter; last task loss {last.get('task_loss', float('nan')):.4f}"
     check = next((r for r in reversed(history) if "v2_decision" in r), None)
-    if check is not None and check["v2_decision"] == "rollback":
+    if check is not None and check["v2_decision"] == "rollback" and check.get("v2_step") == state.global_step:  # steps after it moved on
         line += (f"; the V2 gate's last check (step {check['v2_step']}) rolled the adapter back to step "
                  f"{check['v2_rolled_back_to_step']}, which is the one saved")
     return line

@@ -8,7 +8,6 @@ Loadable from a YAML mapping (``GeometryConfig.from_yaml``); unknown keys are er
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -67,6 +66,7 @@ class GeometryConfig:
     )
 
     def __post_init__(self) -> None:
+        numbers_as_numbers(self)
         for name in ("lambda_kl", "lambda_cal", "lambda_entropy", "lambda_router"):
             _check_nonnegative(name, getattr(self, name))
         for name in ("kl_threshold", "dh_threshold", "cal_threshold"):
@@ -120,18 +120,33 @@ class GeometryConfig:
         return {f.name: f.metadata.get("help", "") for f in fields(cls) if f.default is not MISSING}
 
 
-class YamlLoader(yaml.SafeLoader):
-    """``yaml.safe_load``'s loader, with numbers in exponent form and no dot (``1e-4``) read as
-    floats, as YAML 1.2 reads them: PyYAML (YAML 1.1) reads them as strings, so a config's
-    ``learning_rate: 1e-4`` reached the optimizer as text."""
-
-
-YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
-
-
 def read_yaml(text: str) -> Any:
-    """Parse a config file's text (data only, as ``yaml.safe_load``; see ``YamlLoader``)."""
-    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    """Parse a config file's text (data only: ``yaml.safe_load``). PyYAML reads ``1e-4`` (no dot)
+    as text; the configs turn text in a numeric option into its number (``numbers_as_numbers``),
+    and a revision such as ``12e4567`` stays the text it is."""
+    return yaml.safe_load(text)
+
+
+def numbers_as_numbers(cfg) -> None:
+    """A dataclass config's numeric options given as text (``1e-4`` from YAML, a quoted ``'3'``)
+    become numbers, and an integer option given a whole float (``2.0``) an int; anything else in
+    a numeric option is refused in one sentence, before any work."""
+    import typing
+
+    for name, hint in typing.get_type_hints(type(cfg)).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        kind, value = args[0], getattr(cfg, name, None)
+        if kind not in (int, float) or value is None or isinstance(value, bool) or (isinstance(value, int) and kind in (int, float)):
+            continue
+        number = value if isinstance(value, float) else None
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is None or (kind is int and not number.is_integer()):
+            raise ValueError(f"{name}={value!r} must be {'an integer' if kind is int else 'a number'}")
+        setattr(cfg, name, int(number) if kind is int else number)
 
 
 def _check_nonnegative(name: str, value: Any) -> None:

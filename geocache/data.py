@@ -171,6 +171,8 @@ def slice_bounds(data: str | list[str], split: str) -> Optional[tuple[int, Optio
     import datasets
 
     (absolute,) = datasets.ReadInstruction.from_spec(split).to_absolute({_split_name(split): total})
+    if absolute.to <= absolute.from_:  # as datasets refuses it
+        raise ValueError(f"split={split!r} selects none of the {total} rows of the data: an empty slice")
     return absolute.from_, absolute.to
 
 

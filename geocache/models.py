@@ -95,11 +95,13 @@ def _base_weights(model) -> tuple[torch.nn.Module, dict[str, str]]:
     adapter name, ``lora_A.default.weight``) left out, wrapped layers' ``base_layer.`` and
     ``original_module.`` dropped. So a model with an adapter has its base's fingerprint."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    adapters = tuple(getattr(model, "peft_config", {}) or {})
+    # Where PEFT keeps adapter weights: each tuner layer's (and modules_to_save wrapper's) own
+    # containers, named by its ``adapter_layer_names`` (lora_A, lora_B, lora_magnitude_vector, ...).
+    containers = tuple(f"{m_name}.{layer}." if m_name else f"{layer}." for m_name, module in inner.named_modules()
+                       for layer in getattr(module, "adapter_layer_names", ()))
     names = {}
     for name in inner.state_dict():
-        parts = name.split(".")
-        if any(a in parts for a in adapters):
+        if name.startswith(containers):
             continue
         names[name] = name.replace(".base_layer.", ".").replace(".original_module.", ".")
     return inner, names

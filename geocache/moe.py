@@ -39,10 +39,13 @@ def router_of(block: nn.Module) -> nn.Module:
 
 def routing_choice(model: nn.Module) -> dict | None:
     """How the routers choose their experts, where that is not the top-k of the router logits:
-    DeepSeek-V3 ranks sigmoid(logits) + a per-expert correction bias, within the ``topk_group``
-    best of ``n_group`` expert groups (a group scored by its two best experts). Returns
-    ``{"bias": [L, E] float32, "n_group", "topk_group"}`` over the MoE layers, or None (softmax or
-    plain top-k routers: the top-k of the logits is the routed set)."""
+    routers with a per-expert correction bias rank their scores (sigmoid for DeepSeek-V3, softmax
+    for LongCat-Flash, as ``moe_layout`` reads the config) plus the bias, DeepSeek-V3 within the
+    ``topk_group`` best of ``n_group`` expert groups (a group scored by its two best experts).
+    Returns ``{"bias": [L, E] float32, "scoring", "n_group", "topk_group"}`` over the MoE layers,
+    or None (routers without a bias: the top-k of the logits is the routed set)."""
+    from geocache.models import moe_layout
+
     from accelerate.utils import align_module_device
 
     routers = [router_of(block) for _, block in moe_blocks(model)]
@@ -52,8 +55,10 @@ def routing_choice(model: nn.Module) -> dict | None:
     for r in routers:  # an offloaded router (a device_map) holds its buffer only inside its forward
         with align_module_device(r, torch.device("cpu")):
             biases.append(r.e_score_correction_bias.detach().float().cpu())
+    layout = moe_layout(model.get_base_model() if hasattr(model, "get_base_model") else model)
     return {
         "bias": torch.stack(biases),
+        "scoring": layout["scoring"] if layout else "sigmoid",
         "n_group": int(getattr(routers[0], "num_group", 1) or 1),
         "topk_group": int(getattr(routers[0], "topk_group", 1) or 1),
     }
@@ -67,7 +72,8 @@ def choice_scores(logits: torch.Tensor, choice: dict | None, dim: int = -1) -> t
         return logits
     x = logits.float().movedim(dim, -1)  # [L, ..., E]
     bias = choice["bias"].to(x.device)
-    scores = x.sigmoid() + bias.view(bias.shape[0], *([1] * (x.dim() - 2)), bias.shape[1])
+    probs = x.softmax(-1) if choice.get("scoring") == "softmax" else x.sigmoid()
+    scores = probs + bias.view(bias.shape[0], *([1] * (x.dim() - 2)), bias.shape[1])
     g, keep = choice["n_group"], choice["topk_group"]
     if g > 1 and keep < g:
         grouped = scores.unflatten(-1, (g, scores.shape[-1] // g))  # [L, ..., G, E/G]

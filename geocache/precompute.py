@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -447,8 +448,8 @@ def _prepare_output(fs, root: str, run: _Run) -> Manifest:
         # Every rank's part is checked, not only this rank's: a run killed before rank 0 wrote its
         # part still names its settings (the number of processes among them) in the others'.
         for other in sorted(fs.ls(posixpath.join(root, PARTS_DIR), detail=False)):
-            if not other.endswith(".json"):
-                continue
+            if not re.fullmatch(r"rank-\d{3}\.json", posixpath.basename(other)):
+                continue  # a .tmp- part a kill left half-written is not a part
             previous = Manifest.from_json(fs.cat_file(other).decode(), where=other)
             diff = first_difference(previous.fingerprint(), run.template.fingerprint())
             if diff:

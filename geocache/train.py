@@ -20,7 +20,7 @@ import yaml
 from geocache.base import BASE_MODES, CacheBase, CopyBase, LiveBase, PeriodicBase
 from geocache.cache.manifest import first_difference
 from geocache.cache.reader import CacheError, open_cache
-from geocache.config import GeometryConfig
+from geocache.config import GeometryConfig, numbers_as_numbers
 from geocache.data import token_shaping
 from geocache.models import load_model_and_tokenizer, moe_layout
 
@@ -75,7 +75,7 @@ class TrainConfig:
     geometry: GeometryConfig = field(default_factory=GeometryConfig, metadata={"help": "λ's and thresholds."})
 
     def __post_init__(self) -> None:
-        _numbers_as_numbers(self)
+        numbers_as_numbers(self)
         # Which geometry options the user gave (YAML/CLI keys; of a GeometryConfig object, the fields
         # off their defaults): a dense model refuses an asked-for router loss but skips the default one.
         if isinstance(self.geometry, dict):
@@ -182,25 +182,6 @@ def _check_resumed_config(cfg: TrainConfig, saved_path: Path) -> None:
         if before != after:
             raise ValueError(f"--resume would continue run {cfg.out!r} with {name}={after!r}, but it was started with {name}={before!r}; "
                              f"resume with the run's own settings (see {saved_path}) or start a new run")
-
-
-def _numbers_as_numbers(cfg) -> None:
-    """Numeric options given as text (a quoted YAML value, ``max_steps: '3'``) become numbers;
-    anything else in a numeric option is refused in one sentence, before any work."""
-    import typing
-
-    for name, hint in typing.get_type_hints(type(cfg)).items():
-        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        kind, value = args[0], getattr(cfg, name, None)
-        if kind not in (int, float) or value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-            continue
-        try:
-            number = float(value) if isinstance(value, str) else None
-        except ValueError:
-            number = None
-        if number is None or (kind is int and not number.is_integer()):
-            raise ValueError(f"{name}={value!r} must be {'an integer' if kind is int else 'a number'}")
-        setattr(cfg, name, int(number) if kind is int else number)
 
 
 def _base_source(cfg: TrainConfig, want_router: bool, device):

@@ -358,6 +358,8 @@ def test_a_percent_slice_of_jsonl_reads_line_by_line_and_rows_keep_their_numbers
     for split in ("train[10%:70%]", "train[:33%]", "train[55%:]"):  # the rows datasets itself gives for the slice
         want = [r["text"] for r in datasets.load_dataset("json", data_files=str(clean), split=split)]
         assert [r["text"] for r in load_examples(str(clean), split=split)] == want, split
+    with pytest.raises(ValueError, match=r"split='train\[98%:\]' selects none of the 20 rows of the data"):
+        load_examples(str(clean), split="train[98%:]")
     skipped = []
     rows = load_examples(str(path), split="train[50%:80%]")  # rows 10-15
     seqs = list(iter_sequences(rows, tok, DataConfig(skip_bad_rows=True), bad_rows=skipped, first_row=10))

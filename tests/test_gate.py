@@ -128,6 +128,10 @@ def test_a_rollback_at_the_last_check_saves_the_rolled_back_adapter_and_says_so(
     assert line.startswith("trained 4 steps;") and "the V2 gate's last check (step 4) rolled the adapter back to step 2" in line
     trainer.state.log_history = [r for r in trainer.state.log_history if r.get("v2_decision") != "rollback"]
     assert "rolled" not in train_summary(trainer.state, str(tmp_path / "run"))
+    # A rollback followed by more steps (checks every 2, 5 steps): the saved adapter is step 5's, not said otherwise.
+    trainer, _, checks, _ = _run(moe_run, tmp_path / "later", "rollback", [R(-0.02, -0.02), R(-0.03, -0.03), R(0.01, 0.02)], steps=5)
+    assert [c["decision"] for c in checks] == ["start", "save", "rollback"]
+    assert "rolled" not in train_summary(trainer.state, str(tmp_path / "later"))
 
 
 def test_a_base_that_passes_neither_condition_is_warned_about(tmp_path, moe_run, caplog):

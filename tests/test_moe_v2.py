@@ -72,6 +72,19 @@ def test_router_jaccard_compares_the_experts_the_routers_actually_choose(model_t
         assert abs(raw["router_jaccard"].item() - want) > 0.01
 
 
+def test_choice_scores_rank_softmax_routers_with_a_bias_by_softmax_plus_bias():
+    """LongCat-Flash-style routing: softmax probabilities plus a correction bias, no groups."""
+    from geocache.moe import choice_scores
+
+    g = torch.Generator().manual_seed(0)
+    logits, bias = torch.randn(2, 50, 8, generator=g), 0.1 * torch.randn(2, 8, generator=g)
+    got = choice_scores(logits, {"bias": bias, "scoring": "softmax", "n_group": 1, "topk_group": 1}).topk(2, -1).indices.sort(-1).values
+    want = torch.stack([(logits[l].softmax(-1) + bias[l]).topk(2, -1).indices.sort(-1).values for l in range(2)])
+    assert torch.equal(got, want)
+    sig = choice_scores(logits, {"bias": bias, "scoring": "sigmoid", "n_group": 1, "topk_group": 1}).topk(2, -1).indices.sort(-1).values
+    assert not torch.equal(sig, want)  # the scoring matters here
+
+
 @pytest.mark.parametrize("model_type", MOE_MODEL_TYPES)
 @pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
 def test_single_expert_outputs_with_the_real_routing_weights_rebuild_the_block(model_type, impl):

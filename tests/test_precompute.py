@@ -529,6 +529,10 @@ def test_a_resume_checks_every_ranks_part_not_only_its_own(tmp_path, tiny_model_
     (tmp_path / "c" / "manifest.json").unlink()
     with pytest.raises(CacheError, match=r"cannot resume cache .*: it was built with different settings \(world_size: 2 != 1\)"):
         run(model, data_file, tmp_path / "c", k=4, shard_sequences=8, resume=True)
+    # A part's temporary file, half-written by a kill, is not a part: the resume goes on.
+    run(model, data_file, tmp_path / "d", k=4, shard_sequences=8)
+    (tmp_path / "d" / "parts" / ".tmp-rank-000.json").write_text('{"format_version": ')
+    run(model, data_file, tmp_path / "d", k=4, shard_sequences=8, resume=True)
 
 
 def _cli(*args):

@@ -341,6 +341,19 @@ def test_the_python_api_checks_its_caches_against_the_base_like_the_cli(tmp_path
         GeometryTrainer(model=wrapped, args=args, train_dataset=cache, eval_dataset=cache)
 
 
+@pytest.mark.parametrize("adapter_name", ["default", "mlp", "0", "weight"])
+def test_the_fingerprint_leaves_out_adapters_whatever_their_name(moe_cache, adapter_name):
+    from peft import LoraConfig, get_peft_model
+
+    from geocache.models import model_fingerprint
+
+    model, _ = moe_cache
+    want = model_fingerprint(AutoModelForCausalLM.from_pretrained(model))
+    wrapped = get_peft_model(AutoModelForCausalLM.from_pretrained(model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], use_dora=True,
+                                                                                      modules_to_save=["lm_head"]), adapter_name=adapter_name)
+    assert model_fingerprint(wrapped) == want
+
+
 def test_a_copy_base_is_checked_against_the_cache_not_the_starting_model(tmp_path, moe_cache, tokenizer_dir, sft_data):
     """--base copy is for starting weights that differ from the base: the cache is the base's
     (--base-model), so it is checked against that one; the model being tuned must share its tokens."""
@@ -371,10 +384,16 @@ def test_yaml_numbers_in_exponent_form_or_quoted_are_numbers_and_text_is_refused
     assert result.exit_code == 0, result.output
     saved = yaml.safe_load((tmp_path / "a" / "geocache_run.yaml").read_text())
     assert saved["learning_rate"] == 1e-4 and saved["max_steps"] == 2 and saved["geometry"]["lambda_kl"] == 0.05
-    cfg.write_text(cfg.read_text().replace("max_steps: '2'", "max_steps: two"))
-    result = CliRunner().invoke(main, ["train", "--config", str(cfg), "--out", str(tmp_path / "b"), "--no-progress"])
-    assert result.exit_code == 2 and result.output.strip() == "error: max_steps='two' must be an integer", result.output
-    assert not (tmp_path / "b").exists()
+    for bad, message in (("max_steps: 2.5", "max_steps=2.5 must be an integer"), ("max_steps: two", "max_steps='two' must be an integer")):
+        cfg.write_text(re.sub(r"max_steps: .*", bad, cfg.read_text()))
+        result = CliRunner().invoke(main, ["train", "--config", str(cfg), "--out", str(tmp_path / "b"), "--no-progress"])
+        assert result.exit_code == 2 and result.output.strip() == f"error: {message}", result.output
+        assert not (tmp_path / "b").exists()
+    assert TrainConfig(model="m", cache="c", out="o", max_steps=2.0, revision="12e4567").max_steps == 2  # a whole float is an int
+    from geocache.config import read_yaml
+
+    # a git revision that looks like a number in exponent form stays the text it is
+    assert read_yaml("revision: 12e4567\nlearning_rate: 1e-4\n") == {"revision": "12e4567", "learning_rate": "1e-4"}
 
 
 def test_the_cli_reports_a_nan_stop_in_one_sentence(monkeypatch, tmp_path):
