@@ -438,6 +438,9 @@ def _tokenize_chat(row: dict, index: int, tokenizer, cfg: DataConfig) -> tuple[l
     spans = []
     for i, m in enumerate(messages):
         if m["role"] == "assistant":
+            if i == 0:  # nothing before it to render (transformers refuses an empty conversation)
+                spans = _assistant_spans_by_content(messages, text, tokenizer, index)
+                break
             asking = render(messages[:i], generation_prompt=True)
             prefix = render(messages[: i + 1])
             # A template that rewrites earlier turns, or has no generation prompt (the role header

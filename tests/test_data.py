@@ -93,6 +93,12 @@ def test_a_template_without_a_generation_prompt_leaves_the_role_header_unlabelle
     assert "assistant" not in labelled and ":" not in labelled and labelled.replace(" ", "") == "yo\nsure\n", labelled
 
 
+def test_a_conversation_that_opens_with_an_assistant_turn_is_labelled_by_content(tok):
+    messages = [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "bye"}]
+    ids, labels = tokenize_example({"messages": messages}, 0, tok, DataConfig())  # raised transformers' "empty conversation"
+    assert labelled_text(tok, ids, labels).replace(" ", "") == "hello<|im_end|>\nbye<|im_end|>\n"
+
+
 def test_a_conversation_the_chat_template_refuses_is_a_bad_row_named_and_skippable(tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
