@@ -132,9 +132,9 @@ def model_fingerprint(model) -> dict:
             digest.update(values.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
 
     inner, names = _base_weights(model)
-    for name, param in sorted(inner.state_dict().items()):
-        if name not in names:  # an adapter's own weight
-            continue
+    state = inner.state_dict()
+    for name in sorted(names, key=names.get):  # in the order of the names without the adapter
+        param = state[name]
         if param.device.type != "meta":
             update(names[name], param)
             continue
