@@ -384,6 +384,9 @@ def _assistant_spans_by_content(messages: list[dict], text: str, tokenizer, inde
     close = rendered[rendered.index(probe) + len(probe):] if probe in rendered else ""
     spans, cursor = [], 0
     for i, m in enumerate(messages):
+        if _calls_tools(m):  # the rendered calls are the template's own text: nothing to search for
+            raise BadRowError(f"row {index}: message {i} (assistant) calls tools, and this chat template renders the conversation so "
+                              "that its turns cannot be read off its prefixes, so the calls' labels cannot be placed")
         content = m["content"] if m["content"] in text[cursor:] else m["content"].strip()
         at = text.find(content, cursor) if content else cursor
         if at < 0:
@@ -408,6 +411,12 @@ def _decoded(value):
     return value
 
 
+def _calls_tools(message: dict) -> bool:
+    """An assistant turn in the OpenAI/transformers tool-call form: ``tool_calls`` a non-empty list
+    (its ``content`` may be null); the template renders the calls, and they are labelled with it."""
+    return message.get("role") == "assistant" and isinstance(message.get("tool_calls"), list) and len(message["tool_calls"]) > 0
+
+
 def _tokenize_chat(row: dict, index: int, tokenizer, cfg: DataConfig) -> tuple[list[int], list[int]]:
     messages = row.get(cfg.messages_field)
     messages = _decoded(messages)  # streamed JSON without a schema: messages (or each one) may arrive still encoded
@@ -415,20 +424,29 @@ def _tokenize_chat(row: dict, index: int, tokenizer, cfg: DataConfig) -> tuple[l
         messages = [_decoded(m) for m in messages]
     if not isinstance(messages, list) or not messages:
         raise BadRowError(f"row {index}: field {cfg.messages_field!r} must be a non-empty list of messages")
+    # tool calls may arrive JSON-encoded too (a copy: the caller's row stays as it was)
+    messages = [{**m, "tool_calls": _decoded(m["tool_calls"])} if isinstance(m, dict) and m.get("tool_calls") is not None else m
+                for m in messages]
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise BadRowError(f"row {index}: message {i} must have string 'role' and 'content'")
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (isinstance(m.get("content"), str) or _calls_tools(m)):
+            raise BadRowError(f"row {index}: message {i} must have string 'role' and 'content' (or, for an assistant turn, a list of 'tool_calls')")
+    if not any(m["role"] == "assistant" and ((m.get("content") or "").strip() or _calls_tools(m)) for m in messages):
         raise BadRowError(f"row {index}: no non-empty assistant turn to learn from")
     if tokenizer.chat_template is None:
         raise ValueError("the tokenizer has no chat template, so chat `messages` rows cannot be rendered")
-    from jinja2.exceptions import TemplateError, TemplateSyntaxError
+    # Tool definitions beside the messages, as TRL's conversational datasets carry them ("tools").
+    tools = _decoded(row.get("tools"))
+    if tools is not None and not isinstance(tools, list):
+        raise BadRowError(f"row {index}: field 'tools' must be a list of tool definitions, got {type(tools).__name__}")
+    from jinja2.exceptions import TemplateError, TemplateSyntaxError, UndefinedError
 
     def render(msgs, generation_prompt=False):
         try:
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+            return tokenizer.apply_chat_template(msgs, tools=tools or None, tokenize=False, add_generation_prompt=generation_prompt)
         except TemplateSyntaxError as exc:
             raise ValueError(f"the tokenizer's chat template does not compile: {exc}") from None
+        except (UndefinedError, TypeError) as exc:  # e.g. a template that reads a tool-call turn's absent content
+            raise BadRowError(f"row {index}: the chat template cannot render this conversation ({exc})") from None
         except TemplateError as exc:  # the template's own raise_exception: a conversation it refuses
             raise BadRowError(f"row {index}: the chat template refuses this conversation ({exc})") from None
 

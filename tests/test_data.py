@@ -116,6 +116,60 @@ def test_a_conversation_the_chat_template_refuses_is_a_bad_row_named_and_skippab
         tokenize_example(good, 0, tok, DataConfig())
 
 
+# A template of our own in the transformers tool-use form: ``tools`` in a system preamble, an
+# assistant turn's ``tool_calls`` rendered after its (possibly null) content, ``tool`` results as turns.
+TOOL_TEMPLATE = (
+    "{%- if tools %}{{ '<|im_start|>system\nTools: ' }}{{ tools | map(attribute='function') | map(attribute='name') | join(', ') }}"
+    "{{ '<|im_end|>\n' }}{%- endif %}"
+    "{%- for m in messages %}{{ '<|im_start|>' + m.role + '\n' }}{%- if m.content %}{{ m.content }}{%- endif %}"
+    "{%- for c in m.tool_calls or [] %}{{ '<tool_call>' + c.function.name + ' ' + (c.function.arguments | tojson) + '</tool_call>' }}{%- endfor %}"
+    "{{ '<|im_end|>\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}"
+)
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def test_tool_calling_conversations_label_the_calls_and_answers_not_the_tool_results(tokenizer_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = TOOL_TEMPLATE
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "name": "get_weather", "content": "sunny, 21C"},
+        {"role": "assistant", "content": "It is sunny."},
+    ]
+    row = {"messages": messages, "tools": [WEATHER]}
+    ids, labels = tokenize_example(row, 0, tok, DataConfig())  # was "message 1 must have string 'role' and 'content'"
+    text = tok.apply_chat_template(messages, tools=[WEATHER], tokenize=False)
+    assert text.startswith("<|im_start|>system\nTools: get_weather<|im_end|>\n")  # the tools reached the template
+    assert tok.decode(ids) == text
+    labelled = labelled_text(tok, ids, labels)
+    assert labelled.replace(" ", "") == '<tool_call>get_weather{"city":"Paris"}</tool_call><|im_end|>\nItissunny.<|im_end|>\n', labelled
+    assert "sunny, 21C" not in labelled and "Tools" not in labelled
+    assert row["messages"][1]["content"] is None  # the caller's row is left as it was
+    # the same row from a JSON array file, where datasets streams mixed-type messages as JSON strings
+    (tmp_path / "tools.json").write_text(json.dumps([row, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]))
+    [(ids2, labels2), _] = [(s.input_ids, s.labels) for s in iter_sequences(load_examples(str(tmp_path / "tools.json")), tok, DataConfig())]
+    assert (ids2, labels2) == (ids, labels)
+
+
+def test_tool_calls_the_template_cannot_place_or_render_are_bad_rows(tokenizer_dir, tok):
+    call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}
+    # the default ChatML test template concatenates the null content
+    with pytest.raises(BadRowError, match=r"row 3: the chat template cannot render this conversation"):
+        tokenize_example({"messages": [{"role": "user", "content": "a"}, call]}, 3, tok, DataConfig())
+    # labels placed by content (a conversation opening with an assistant turn): the rendered calls have none to find
+    tool_tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tool_tok.chat_template = TOOL_TEMPLATE
+    with pytest.raises(BadRowError, match=r"row 3: message 0 \(assistant\) calls tools"):
+        tokenize_example({"messages": [call, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, 3, tool_tok, DataConfig())
+    with pytest.raises(BadRowError, match=r"row 3: field 'tools' must be a list"):
+        tokenize_example({"messages": [{"role": "user", "content": "a"}, call], "tools": 5}, 3, tool_tok, DataConfig())
+    with pytest.raises(BadRowError, match=r"row 3: message 1 must have string 'role' and 'content' \(or, for an assistant turn"):
+        tokenize_example({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": []}]}, 3, tool_tok, DataConfig())
+
+
 @pytest.mark.parametrize(
     "row,message",
     [
