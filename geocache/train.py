@@ -120,7 +120,9 @@ class TrainConfig:
 
 def _check_run_dir(cfg: TrainConfig) -> Optional[str]:
     """Refuse a directory holding another run unless resuming or overwriting; return the checkpoint to resume.
-    ``--overwrite`` replaces only a geocache run: any other non-empty directory is refused, never deleted."""
+    ``--overwrite`` replaces only a geocache run: any other non-empty directory is refused, never deleted.
+    The old run is deleted by ``train`` once the new one is accepted (``_replace_run``), not here:
+    a refusal on the way (a cache that does not fit, an option that does not apply) keeps it."""
     out = Path(cfg.out)
     holds_run = (out / RUN_CONFIG).exists() or any(out.glob("checkpoint-*"))
     if holds_run and not (cfg.resume or cfg.overwrite):
@@ -128,8 +130,6 @@ def _check_run_dir(cfg: TrainConfig) -> Optional[str]:
     if not holds_run and out.exists() and any(out.iterdir()):
         raise ValueError(f"run directory {cfg.out!r} is not empty and holds no geocache run (no {RUN_CONFIG}, no checkpoint-*); "
                          "choose another (--overwrite replaces only a geocache run)")
-    if cfg.overwrite and holds_run:
-        shutil.rmtree(out)
     if cfg.resume:
         from transformers.trainer_utils import get_last_checkpoint
 
@@ -139,6 +139,12 @@ def _check_run_dir(cfg: TrainConfig) -> Optional[str]:
         _check_resumed_config(cfg, out / RUN_CONFIG)
         return last
     return None
+
+
+def _replace_run(out: Path) -> None:
+    """Delete the geocache run in ``out`` (``--overwrite``; ``_check_run_dir`` refused anything else)."""
+    if (out / RUN_CONFIG).exists() or any(out.glob("checkpoint-*")):
+        shutil.rmtree(out)
 
 
 # Settings that change what a run computes: a resumed run must keep them. The others (max_steps
@@ -253,6 +259,8 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
         dataloader_num_workers=0,
         disable_tqdm=not cfg.progress,
     )
+    if cfg.fp16 and args.device.type == "cpu":  # accelerate runs float32 there and says nothing
+        raise ValueError("--fp16 has no effect on a CPU run (accelerate runs it in float32): use --bf16 for autocast on CPU")
     # Every model on the device the Trainer gives this process (the local rank's GPU under
     # torchrun, the CPU with --use-cpu), not on the first GPU it finds.
     model, tokenizer = load_model_and_tokenizer(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=args.device)
@@ -304,7 +312,9 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
         layer_weights=cfg.layer_weights,
         callbacks=[JsonlLogger(out / "metrics.jsonl"), *([gate_cb] if gate_cb else []), *(callbacks or [])],
     )
-    out.mkdir(parents=True, exist_ok=True)  # the run is accepted (the caches fit the base): its record first
+    if int(os.environ.get("RANK", "0")) == 0 and cfg.overwrite:  # the run is accepted (the caches fit the base)
+        _replace_run(out)
+    out.mkdir(parents=True, exist_ok=True)  # its record first
     if int(os.environ.get("RANK", "0")) == 0:
         (out / RUN_CONFIG).write_text(yaml.safe_dump(_run_record(cfg), sort_keys=False))
     if gate_cb is not None:

@@ -140,6 +140,14 @@ class JsonlLogger(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}, default=float) + "\n")
 
 
+def _checkpointing(model) -> bool:
+    """Whether activation checkpointing is on (transformers 5 renamed the property; the old name warns)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name) or hasattr(model, name):
+            return bool(getattr(model, name))
+    return False
+
+
 def first_rows(batch: dict, n: int) -> dict:
     """The first ``n`` rows of a collated batch: the ``[B, T]`` token arrays cut at n, and the
     statistics over labelled positions (``base``, router arrays ``[P, ...]``) cut at the positions
@@ -259,6 +267,13 @@ class GeometryTrainer(Trainer):
 
         if self.layout is not None and base.router is not None:
             tuned_router = torch.stack([r.to(router_logits[0].device) for r in router_logits])  # [L, B*T, E]; the loss takes the labelled rows
+            if (lam_router > 0 and model.training and outputs.logits.requires_grad and not tuned_router.requires_grad
+                    and _checkpointing(unwrapped)):
+                # The hooks record the router logits inside the checkpointed forward, which the
+                # reentrant variant runs without autograd: the router term would be a constant.
+                raise ValueError("the router loss gets no gradient under reentrant activation checkpointing (its router logits are "
+                                 "recorded inside a forward run without autograd): pass activation_checkpointing_kwargs="
+                                 "{'use_reentrant': False}, transformers' default, or set lambda_router to 0")
             r_loss, r_metrics = router_divergence_loss(
                 tuned_router, base.router.to(tuned_router.device), self.layer_weights, self.layout["top_k"],
                 rows=rows.to(tuned_router.device), scoring=self.layout["scoring"], choice=self.routing_choice,

@@ -580,7 +580,7 @@ def test_bf16_autocast_trains_close_to_float32(tmp_path, moe_cache):
     assert bf16.args.bf16 and all(torch.isfinite(torch.tensor(losses(bf16))))
 
 
-def test_overwrite_replaces_a_geocache_run_but_never_deletes_another_directory(tmp_path, moe_cache):
+def test_overwrite_replaces_a_geocache_run_but_never_deletes_another_directory(tmp_path, moe_cache, tiny_model_dir):
     model, root = moe_cache
     common = dict(model=str(model), cache=str(root / "k64"), max_steps=1, use_cpu=True, lora_r=2, lora_alpha=4, progress=False)
     mine = tmp_path / "mine"
@@ -592,8 +592,37 @@ def test_overwrite_replaces_a_geocache_run_but_never_deletes_another_directory(t
     run = tmp_path / "run"
     train(TrainConfig(out=str(run), save_steps=1, **common))
     (run / "left-over.txt").write_text("from the previous run")
+    # a replacement refused on the way (here another model's cache) keeps the old run: it was deleted first
+    adapter = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(CacheError, match="was built for base model"):
+        train(TrainConfig(**{**common, "model": str(tiny_model_dir("qwen3"))}, out=str(run), overwrite=True))
+    assert (run / "left-over.txt").exists() and (run / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
     train(TrainConfig(out=str(run), overwrite=True, **common))
     assert not (run / "left-over.txt").exists() and (run / "adapter").is_dir()
+
+
+def test_fp16_on_a_cpu_run_is_refused_before_the_run_directory_is_touched(tmp_path, moe_cache):
+    model, root = moe_cache
+    with pytest.raises(ValueError, match=r"--fp16 has no effect on a CPU run .*use --bf16"):  # accelerate trained float32 silently
+        train(TrainConfig(model=str(model), cache=str(root / "k64"), out=str(tmp_path / "r"), max_steps=1, use_cpu=True, fp16=True, progress=False))
+    assert not (tmp_path / "r").exists()
+
+
+def test_reentrant_checkpointing_with_a_router_loss_is_refused(tmp_path, moe_cache):
+    """Reentrant checkpointing runs the forward without autograd: the router logits the hooks record
+    had no graph, and the router term was a constant in the loss (the gradient of λ_router = 0)."""
+    model, root = moe_cache
+    rows = [open_cache(str(root / "k64"))[i] for i in range(2)]
+    trainer = _trainer(model, root / "k64", CacheBase(), tmp_path / "a", activation_checkpointing=True,
+                       activation_checkpointing_kwargs={"use_reentrant": True})
+    trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})  # what Trainer.train does
+    with pytest.raises(ValueError, match=r"the router loss gets no gradient under reentrant activation checkpointing"):
+        _loss_and_grads(trainer, rows)
+    # without a router loss nothing needs the graph: it trains
+    off = _trainer(model, root / "k64", CacheBase(), tmp_path / "b", geometry=GeometryConfig(**{**ALL_ON.to_dict(), "lambda_router": 0.0}))
+    off.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    loss, grads = _loss_and_grads(off, rows)
+    assert torch.isfinite(loss) and grads
 
 
 def test_a_router_loss_needs_router_statistics_in_the_training_and_the_eval_cache(tmp_path, moe_cache, sft_data):
