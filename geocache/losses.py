@@ -29,6 +29,7 @@ from geocache.signals import (
     base_kl_terms,
     cached_kl_terms,
     default_chunk_rows,
+    float32_math,
     labelled_positions,
     math_dtype,
 )
@@ -143,6 +144,7 @@ class GeometryAwareLoss(nn.Module):
         base = (config or GeometryConfig()).to_dict()
         self.config = GeometryConfig.from_dict({**base, **overrides})
 
+    @float32_math
     def forward(
         self,
         tuned_logits: torch.Tensor,
@@ -625,6 +627,7 @@ class _RouterDivergence(torch.autograd.Function):
         return (full.index_add_(1, rows, g) if ctx.repeats else full.index_copy_(1, rows, g)), None, None, None
 
 
+@float32_math
 def router_divergence_loss(
     tuned_router_logits: Sequence[torch.Tensor] | torch.Tensor,
     base_router_logits: Sequence[torch.Tensor] | torch.Tensor,

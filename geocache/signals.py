@@ -11,6 +11,7 @@ Only positions whose label after the causal shift is not ``-100`` count anywhere
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from typing import NamedTuple, Optional
@@ -22,6 +23,22 @@ KL_DIRECTIONS = ("forward", "reverse")
 KL_ESTIMATORS = ("topk_tail", "topk_sampled", "topk_cv", "topk_hybrid", "topk_renorm")
 # Estimators that read the tail samples (m > 0).
 SAMPLED_ESTIMATORS = ("topk_sampled", "topk_cv", "topk_hybrid")
+
+
+def float32_math(fn):
+    """Run ``fn`` with autocast off on the device of its first tensor argument. SPEC's softmax math
+    is float32; inside a user's ``torch.autocast`` block some of it (``vecdot``, on autocast's
+    low-precision list) ran in bfloat16, which moved cached KL by ~0.02 nats a position."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = next((a if isinstance(a, torch.Tensor) else a.lse for a in (*args, *kwargs.values()) if isinstance(a, (torch.Tensor, BaseStats))), None)
+        if t is None or not torch.is_autocast_enabled(t.device.type):
+            return fn(*args, **kwargs)
+        with torch.autocast(t.device.type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -111,6 +128,7 @@ def calibration_gap(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return nll(logits, targets) - entropy(logits)
 
 
+@float32_math
 def geometry_signals(tuned_logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """Every exact per-position signal at the labelled positions.
 
@@ -223,6 +241,7 @@ def _block_members(blocks: torch.Tensor, block: int, vocab: int) -> tuple[torch.
     return ids.clamp_max(vocab - 1), valid
 
 
+@float32_math
 def compute_base_stats(
     logits: torch.Tensor,
     k: int,
@@ -364,6 +383,7 @@ class BaseKLTerms(NamedTuple):
         return BaseKLTerms(*(None if t is None else t[index] for t in self))
 
 
+@float32_math
 def base_kl_terms(base: BaseStats, dtype: torch.dtype, estimator: Optional[str] = None, direction: str = "forward") -> BaseKLTerms:
     """``BaseKLTerms`` of ``base`` in ``dtype`` (see ``cached_kl_terms``): all of them, or (with
     ``estimator``) those that estimator and direction read, the others None."""
@@ -407,6 +427,7 @@ def base_kl_terms(base: BaseStats, dtype: torch.dtype, estimator: Optional[str] 
     return BaseKLTerms(lp_s, p_s, p_t, p_t_log_p_t, log_p_t, w_x, lp_x_mean, lp_x, cv_ok)
 
 
+@float32_math
 def cached_kl_terms(
     lq_s: torch.Tensor,
     lq_x: torch.Tensor,
@@ -546,6 +567,7 @@ def log_tail_mass(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return logp.scatter(-1, ids, -math.inf).logsumexp(-1)
 
 
+@float32_math
 def cached_kl(tuned_logits: torch.Tensor, base: BaseStats, estimator: str = "topk_tail", direction: str = "forward") -> torch.Tensor:
     """KL between the base (from its cached statistics) and tuned logits ``[N, V]`` → ``[N]``.
 
