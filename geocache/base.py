@@ -80,6 +80,35 @@ def model_inputs(batch: dict) -> dict:
     return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
 
 
+def check_packed_attention(model, what: str = "the model") -> None:
+    """Refuse, in one sentence, a model whose forward lets packed examples attend to each other.
+
+    Packed rows go with ``position_ids`` and no mask (``model_inputs``); most transformers models
+    build the block-diagonal mask from them, but not every one (GPT-OSS builds its masks without
+    the position ids). Probed with one forward of two rows that share a second example after
+    different first ones: kept apart, the second example's logits are the same in both rows."""
+    vocab = model.get_input_embeddings().num_embeddings
+    device = model.get_input_embeddings().weight.device
+    n = 6
+    second = torch.arange(3, 3 + 2 * n, 2) % vocab
+    rows = torch.stack([torch.cat([torch.arange(1, 1 + n) % vocab, second]), torch.cat([torch.arange(n + 40, 40, -1) % vocab, second])])
+    position_ids = torch.arange(n).repeat(2).expand(2, -1)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=rows.to(device), position_ids=position_ids.to(device), use_cache=False).logits[:, n:].float()
+    finally:
+        model.train(was_training)
+    scale = 1.0 + logits.abs().max().item()
+    tol = (1e-4 if logits.dtype == torch.float32 and model.get_input_embeddings().weight.dtype == torch.float32 else 2e-2) * scale
+    if (logits[0] - logits[1]).abs().max().item() > tol:
+        kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+        raise ValueError(f"{what} ({kind}) lets attention cross the examples of a packed row (its forward does not build the "
+                         "block-diagonal mask from position_ids), so it cannot train on a packed cache exactly: precompute the "
+                         "cache without --packing")
+
+
 def _forward_base(model, batch: dict, want_router: bool) -> BaseBatch:
     """One no-grad, eval-mode (dropout off) forward of ``model`` on the batch."""
     was_training = model.training

@@ -230,6 +230,12 @@ class GeometryTrainer(Trainer):
         tokenizer = processing_class if hasattr(processing_class, "get_vocab") else None
         source = getattr(base, "inner", base)  # periodic: what it queries
         copied = getattr(source, "base_model", None)
+        if any(c.manifest.data.get("preprocessing", {}).get("packing") for c in caches):
+            from geocache.base import check_packed_attention
+
+            check_packed_attention(model)
+            if copied is not None:
+                check_packed_attention(copied, "the copy base")
         for cache in caches:
             if copied is None:
                 cache.check_compatible(model, tokenizer)

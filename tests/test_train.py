@@ -109,6 +109,34 @@ def test_packed_rows_train_on_each_example_alone_as_the_cache_holds_them(tmp_pat
     torch.testing.assert_close(live.float().reshape(-1, live.shape[-1])[rows].logsumexp(-1), batch["base"].lse, rtol=0, atol=1e-4)
 
 
+def test_a_model_that_lets_packed_examples_attend_to_each_other_is_refused_a_packed_cache(tmp_path, tiny_model_dir, sft_data):
+    """GPT-OSS builds its attention masks without the position ids: a packed second example's logits
+    moved by ~0.25 with the example before it, and training from a packed cache was silently not
+    what the cache holds (precompute runs each example alone)."""
+    from geocache.base import check_packed_attention
+
+    for kind in ("llama", "qwen3", *MOE_MODEL_TYPES):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(kind))
+        if kind == "gpt_oss":
+            with pytest.raises(ValueError, match=r"the model \(gpt_oss\) lets attention cross the examples of a packed row"):
+                check_packed_attention(model)
+        else:
+            check_packed_attention(model)  # the block-diagonal mask from position_ids
+    # the probe's premise, independently: the second example alone vs after another, by hand
+    gpt = AutoModelForCausalLM.from_pretrained(tiny_model_dir("gpt_oss")).eval()
+    second = torch.tensor([[5, 9, 2, 7]])
+    with torch.no_grad():
+        alone = gpt(input_ids=second).logits[0]
+        packed = gpt(input_ids=torch.cat([torch.tensor([[11, 3, 8]]), second], 1), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3]])).logits[0, 3:]
+    assert (alone - packed).abs().max() > 1e-3
+    model_dir = tiny_model_dir("gpt_oss")
+    cache_path = tmp_path / "packed"
+    precompute(PrecomputeConfig(model=str(model_dir), data=[str(sft_data)], out=str(cache_path), k=8, m=2, progress=False,
+                                data_config=DataConfig(max_length=128, packing=True)))
+    with pytest.raises(ValueError, match=r"cannot train on a packed cache exactly: precompute the cache without --packing"):
+        _trainer(model_dir, cache_path, CacheBase(), tmp_path / "run")
+
+
 def test_at_k_64_the_cached_loss_is_within_the_estimators_error(tmp_path, moe_cache):
     """topk_tail misses exactly the divergence inside the tail: KL − KL_tail = p_T · KL(p|tail ‖ q|tail)."""
     from geocache.signals import labelled_positions

@@ -45,6 +45,10 @@ def exact_heldout(model, cache_path: str | Path, batch_size: int = 8, calibratio
     from geocache.moe import choice_scores, recorded_router_logits, routing_choice
 
     cache = open_cache(str(cache_path))
+    if cache.manifest.data.get("preprocessing", {}).get("packing"):
+        from geocache.base import check_packed_attention
+
+        check_packed_attention(model)
     device = next(model.parameters()).device
     layout = moe_layout(model) if calibration else None
     choice = routing_choice(model) if layout is not None else None
