@@ -34,11 +34,13 @@ class BaseBatch:
     lm: ``BaseStats`` over the labelled positions, full base logits ``[B, T, V]``, or None (no base).
     router: the MoE layers over the labelled positions, stacked ``[L, P, ...]``: base router
     logits ``[L, P, E]`` (float) or base expert ids ``[L, P, r]`` (int, best first); None for
-    dense models or no base.
+    dense models or no base. router_logprobs: with ids, the base's log r at each ``[L, P, r]``
+    (a top-k router cache), for the router loss's KL over those experts and the rest.
     """
 
     lm: Union[BaseStats, torch.Tensor, None]
     router: Optional[torch.Tensor] = None
+    router_logprobs: Optional[torch.Tensor] = None
 
 
 def _router_from_batch(batch: dict) -> Optional[torch.Tensor]:
@@ -66,7 +68,8 @@ class CacheBase:
     def __call__(self, model, batch: dict, step: int) -> BaseBatch:
         if "base" not in batch:
             raise ValueError("base mode 'cache' needs batches from a geocache cache (collate_cache_rows), which carry base statistics")
-        return BaseBatch(batch["base"], _router_from_batch(batch))
+        logprobs = batch.get("router_topk_logprobs")
+        return BaseBatch(batch["base"], _router_from_batch(batch), logprobs.transpose(0, 1) if logprobs is not None else None)
 
 
 def model_inputs(batch: dict) -> dict:

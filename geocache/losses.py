@@ -590,7 +590,7 @@ class _RouterDivergence(torch.autograd.Function):
     log-softmax; the selection's backward an index_add) costs more than the forward."""
 
     @staticmethod
-    def forward(ctx, tuned, rows, target, scoring):
+    def forward(ctx, tuned, rows, target, scoring, coarse=False):
         sel = tuned if rows is None else tuned.index_select(1, rows)
         # Rows in increasing order (labelled positions are) are distinct: their gradient is copied
         # back; others may repeat, and theirs is summed.
@@ -604,6 +604,20 @@ class _RouterDivergence(torch.autograd.Function):
             kept = (rt * target).sum(1, keepdim=True)
             div = kept.squeeze(1).neg().add_(1.0)
             grad = rt.mul_(kept - target.to(kept.dtype))
+        elif coarse:
+            # KL over the partition S ∪ {rest}: the base's log-probs on S (−inf off it), its rest
+            # mass 1 − Σ_S p; the tuned rest R = Σ_{e∉S} r. Gradient r − p̃, p̃ = p on S and
+            # p_rest · r / R off it (the base's coarse distribution spread as the tuned one).
+            in_s = torch.isfinite(target)
+            pb = target.exp()
+            p_rest = pb.sum(1, keepdim=True).neg_().add_(1.0).clamp_min_(0.0)
+            if bool(in_s.all()):  # S holds every expert: no rest
+                p_rest.zero_()
+            log_rest = log_rt.masked_fill(in_s, -math.inf).logsumexp(1, keepdim=True)
+            rest_term = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-30).log() - log_rest), 0.0)
+            div = torch.where(in_s, pb * (target - log_rt), 0.0).sum(1) + rest_term.squeeze(1)
+            spread = torch.where(log_rest > -math.inf, p_rest / log_rest.exp(), 0.0)
+            grad = torch.where(in_s, rt - pb, rt * (1.0 - spread))
         else:
             rb = target.exp()
             div = (rb * (target - log_rt)).sum(1)
@@ -622,9 +636,9 @@ class _RouterDivergence(torch.autograd.Function):
         grad, rows = ctx.saved_tensors
         g = grad.mul(grad_layer.div(ctx.n).view(-1, 1, 1)).transpose(1, 2).to(ctx.dtype)  # [L, P, E]
         if rows is None:
-            return g, None, None, None
+            return g, None, None, None, None
         full = g.new_zeros(ctx.shape)
-        return (full.index_add_(1, rows, g) if ctx.repeats else full.index_copy_(1, rows, g)), None, None, None
+        return (full.index_add_(1, rows, g) if ctx.repeats else full.index_copy_(1, rows, g)), None, None, None, None
 
 
 @float32_math
@@ -638,13 +652,19 @@ def router_divergence_loss(
     rows: Optional[torch.Tensor] = None,
     scoring: str = "softmax",
     choice: Optional[dict] = None,
+    base_logprobs: Optional[Sequence[torch.Tensor] | torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict]:
     """Differentiable router drift, weighted over MoE layers, with top-k Jaccard as a metric.
 
     tuned_router_logits: one ``[N, E]`` float tensor per MoE layer (as transformers returns them),
     or them stacked ``[L, N, E]``. base_router_logits: per layer (or stacked) either full base
     logits ``[N, E]`` float → KL(r_base‖r_tuned), or base expert ids ``[N, ≥top_k]`` int (top
-    first) → escaped mass 1 − Σ_{e∈S_base} r_tuned(e). mask ``[N]`` bool selects the tokens that
+    first) → escaped mass 1 − Σ_{e∈S_base} r_tuned(e) over the first ``top_k`` ids (SPEC's
+    divergence when only the sets are known; not 0 at the base). With base ids, ``base_logprobs``
+    (the base's log r at every given id, ``[N, r]`` per layer or stacked, what a top-k router cache
+    holds) gives instead KL over the coarse partition S ∪ {rest}, S = all the given ids: 0 at the
+    base and a lower bound of the full KL(r_base‖r_tuned), as ``topk_tail`` is for the LM.
+    mask ``[N]`` bool selects the tokens that
     count. ``rows`` (integer) instead selects the tuned logits' tokens that the base's
     ``len(rows)`` tokens stand for (the labelled positions of a forward, ``labelled_positions``):
     the selection happens inside, its gradient written back with one copy (summed where rows
@@ -669,10 +689,16 @@ def router_divergence_loss(
         return torch.stack(list(layers))
 
     tuned, base = stacked(tuned_router_logits), stacked(base_router_logits)
+    if base_logprobs is not None:
+        base_logprobs = stacked(base_logprobs)
+        if base.is_floating_point() or base_logprobs.shape != base.shape:
+            raise ValueError(f"base_logprobs go with base expert ids of the same shape; got {tuple(base_logprobs.shape)} beside "
+                             f"{'float logits' if base.is_floating_point() else 'ids'} {tuple(base.shape)}")
     if mask is not None:
         if mask.dtype != torch.bool:
             raise ValueError(f"the router loss's mask must be a bool tensor, not {mask.dtype}; give integer indices as rows=")
         rows, base = mask.nonzero().squeeze(1), base[:, mask]
+        base_logprobs = base_logprobs[:, mask] if base_logprobs is not None else None
     if rows is not None:
         rows = rows.to(device=tuned.device, dtype=torch.long)
     n_tokens = tuned.shape[1] if rows is None else rows.numel()
@@ -687,7 +713,10 @@ def router_divergence_loss(
     else:
         ids = base[..., :top_k].long().transpose(1, 2)  # [L, k, P]
         target = base_sets = torch.zeros(base.shape[0], n_experts, base.shape[1], dtype=torch.bool, device=base.device).scatter_(1, ids, True)
-    per_layer_div, log_rt = _RouterDivergence.apply(tuned, rows, target.to(tuned.device), scoring)
+        if base_logprobs is not None:  # [L, E, P]: log r_base on every given id, −inf off them
+            target = torch.full(base_sets.shape, -math.inf, dtype=math_dtype(base_logprobs.dtype), device=base.device).scatter_(
+                1, base.long().transpose(1, 2), base_logprobs.transpose(1, 2).to(math_dtype(base_logprobs.dtype)))
+    per_layer_div, log_rt = _RouterDivergence.apply(tuned, rows, target.to(tuned.device), scoring, base_logprobs is not None)
     if choice is None:
         tuned_sets = _top_k_members(log_rt, top_k)
     else:

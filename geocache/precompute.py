@@ -38,6 +38,7 @@ from geocache.cache.manifest import FORMAT_VERSION, MANIFEST, PARTS_DIR, SHARDS_
 from geocache.cache.reader import CacheError, _fs
 from geocache.cache.writer import ShardWriter, atomic_write_text, part_path
 from geocache.data import DataConfig, Sequence, count_rows, data_fingerprint, iter_sequences, load_examples, slice_bounds, tokenizer_fingerprint
+from geocache.losses import router_log_probs
 from geocache.models import input_device, load_model_and_tokenizer, model_fingerprint, moe_layout, output_size
 from geocache.moe import choice_scores, recorded_router_logits, routing_choice
 from geocache.signals import compute_base_stats, labelled_positions
@@ -305,7 +306,9 @@ class _Run:
                 else:
                     ids = choice_scores(r.transpose(0, 1), self.choice).topk(self.template.moe["router_k"], dim=-1).indices.transpose(0, 1)
                     rec["router_topk_ids"] = ids.cpu().numpy().astype(_id_dtype(self.layout["num_experts"]))
-                    rec["router_topk_logits"] = r.gather(-1, ids).cpu().numpy().astype(np.float16)
+                    # log r in the router's scoring space at those experts: with them the router loss is
+                    # the KL over S ∪ {rest} (0 at the base), not the escaped mass (not 0 there)
+                    rec["router_topk_logprobs"] = router_log_probs(r, self.layout["scoring"]).gather(-1, ids).cpu().numpy().astype(np.float16)
             records.append(rec)
         self.timings["statistics_s"] += time.perf_counter() - started
         return records

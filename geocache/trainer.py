@@ -158,7 +158,7 @@ def first_rows(batch: dict, n: int) -> dict:
     for key, value in batch.items():
         if isinstance(value, BaseStats):
             out[key] = value.select(slice(0, positions))
-        elif key in ("router_logits", "router_topk_ids", "router_topk_logits"):
+        elif key in ("router_logits", "router_topk_ids", "router_topk_logprobs", "router_topk_logits"):
             out[key] = value[:positions]
         elif isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
             out[key] = value[:n]
@@ -213,6 +213,7 @@ class GeometryTrainer(Trainer):
         # tokens/s window: the clock starts at the first training forward (not at setup) and stands
         # still during evaluation.
         self._tokens, self._clock = 0, None
+        self._warned_escaped = False
 
     @staticmethod
     def _check_caches(model, base, train_dataset, eval_dataset, processing_class) -> None:
@@ -280,9 +281,15 @@ class GeometryTrainer(Trainer):
                 raise ValueError("the router loss gets no gradient under reentrant activation checkpointing (its router logits are "
                                  "recorded inside a forward run without autograd): pass activation_checkpointing_kwargs="
                                  "{'use_reentrant': False}, transformers' default, or set lambda_router to 0")
+            if base.router_logprobs is None and not base.router.is_floating_point() and not self._warned_escaped:
+                self._warned_escaped = True
+                warnings.warn("this top-k router cache holds no router log-probs (it was built before geocache wrote them): the "
+                               "router loss is the escaped mass 1 − Σ_{S_base} r_tuned, which is not 0 at the base; rebuild the "
+                               "cache for the KL over the cached experts and the rest", stacklevel=2)
             r_loss, r_metrics = router_divergence_loss(
                 tuned_router, base.router.to(tuned_router.device), self.layer_weights, self.layout["top_k"],
                 rows=rows.to(tuned_router.device), scoring=self.layout["scoring"], choice=self.routing_choice,
+                base_logprobs=base.router_logprobs.to(tuned_router.device) if base.router_logprobs is not None else None,
             )
             # a mean over this micro-batch's positions, re-weighted like the token terms
             scale = n_local / denom if denom else 1.0

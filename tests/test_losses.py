@@ -557,6 +557,61 @@ def test_escaped_mass_from_base_topk_ids_and_mask():
     assert m["router_jaccard"].item() == pytest.approx((1.0 + 0.0) / 2)
 
 
+def _coarse_router_kl_reference(tuned, base, r, scoring):
+    """KL(r_base‖r_tuned) over the partition {each of the base's r best experts} ∪ {the rest}, by a
+    loop over tokens with plain autograd-able float64 (independent of the closed form)."""
+    def probs(z):
+        return torch.softmax(z, -1) if scoring == "softmax" else torch.sigmoid(z) / torch.sigmoid(z).sum(-1, keepdim=True)
+
+    total = []
+    for zt, zb in zip(tuned, base):
+        pt, pb = probs(zt), probs(zb)
+        kls = []
+        for i in range(zt.shape[0]):
+            s = pb[i].argsort(descending=True)[:r]
+            rest = torch.ones(zt.shape[1], dtype=torch.bool)
+            rest[s] = False
+            a = torch.cat([pb[i][s], pb[i][rest].sum().unsqueeze(0)])
+            b = torch.cat([pt[i][s], pt[i][rest].sum().unsqueeze(0)])
+            kls.append(torch.where(a > 0, a * (a / b).log(), 0.0).sum())
+        total.append(torch.stack(kls).mean())
+    return torch.stack(total)
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_router_kl_from_cached_topk_logprobs_is_the_coarse_kl_zero_at_the_base_and_a_lower_bound(scoring):
+    """A top-k router cache (ids and the base's log r at them): the loss is KL over S ∪ {rest}. The
+    escaped mass used before was ~0.7 with tuned = base, and pulled routing onto S from step 0."""
+    from geocache.losses import router_log_probs
+
+    g = torch.Generator().manual_seed(3)
+    L, N, E, r = 2, 9, 8, 3
+    base = torch.randn(L, N, E, generator=g, dtype=torch.float64) * 2
+    tuned = (base + 0.5 * torch.randn(L, N, E, generator=g, dtype=torch.float64)).requires_grad_()
+    ids = router_log_probs(base, scoring).argsort(-1, descending=True)[..., :r]
+    logprobs = router_log_probs(base, scoring).gather(-1, ids)
+    w = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    loss, m = router_divergence_loss(tuned, ids, w, top_k=2, scoring=scoring, base_logprobs=logprobs)
+    want = (w * _coarse_router_kl_reference(tuned, base, r, scoring)).sum()
+    torch.testing.assert_close(loss, want)
+    (g_loss,) = torch.autograd.grad(loss, tuned)
+    (g_want,) = torch.autograd.grad(want, tuned)
+    torch.testing.assert_close(g_loss, g_want)
+    full, _ = router_divergence_loss(tuned, base, w, top_k=2, scoring=scoring)
+    assert 0 < loss.item() < full.item()  # a lower bound of the full KL
+    at_base, _ = router_divergence_loss(base, ids, w, top_k=2, scoring=scoring, base_logprobs=logprobs)
+    assert abs(at_base.item()) < 1e-12
+    escaped, _ = router_divergence_loss(base, ids, w, top_k=2, scoring=scoring)
+    assert escaped.item() > 0.05  # what the ids alone give at the base
+    # float16 log-probs as the cache stores them: ~0 at the base, not the escaped mass
+    at_base16, _ = router_divergence_loss(base.float(), ids, w, top_k=2, scoring=scoring, base_logprobs=logprobs.half())
+    assert 0 <= at_base16.item() < 1e-5
+    sub = torch.tensor([0, 2, 3])  # rows selected inside, as the trainer does
+    assert torch.autograd.gradcheck(
+        lambda z: router_divergence_loss(z, ids[:, sub], w, top_k=2, rows=sub, scoring=scoring, base_logprobs=logprobs[:, sub])[0],
+        (tuned.detach().clone().requires_grad_(),))
+
+
 def test_sigmoid_scoring_normalises_sigmoid_scores():
     tuned, base = [torch.randn(5, 8, dtype=torch.float64)], [torch.randn(5, 8, dtype=torch.float64)]
     loss, _ = router_divergence_loss(tuned, base, None, top_k=2, scoring="sigmoid")

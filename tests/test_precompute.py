@@ -711,7 +711,7 @@ def test_rows_longer_than_max_length_are_counted_in_the_manifest_the_estimate_an
 def test_router_topk_mode_caches_the_routed_experts_of_a_direct_forward(tmp_path, tiny_model_dir, data_file, model_type):
     """The first top_k cached ids are the experts the model routes each position to (DeepSeek-V3:
     by sigmoid scores plus a correction bias, within its best expert groups; a random bias here,
-    so that the raw logits' top-k would be another set), with their raw router logits."""
+    so that the raw logits' top-k would be another set), with the base's log-probs at them."""
     from geocache.moe import moe_blocks, router_of
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(model_type)).eval()
@@ -740,7 +740,9 @@ def test_router_topk_mode_caches_the_routed_experts_of_a_direct_forward(tmp_path
         selected = torch.stack([ids for _, ids in routed])[:, rows].transpose(0, 1)  # [P, L, top_k], the router's own choice
         ids = row["router_topk_ids"]
         assert torch.equal(ids[..., :top_k].sort(-1).values, selected.sort(-1).values)
-        torch.testing.assert_close(row["router_topk_logits"].float(), logits.gather(-1, ids), rtol=2e-3, atol=2e-3)
+        # log r in the router's own scoring, by hand: softmax, or sigmoid scores normalised (DeepSeek-V3)
+        log_r = logits.log_softmax(-1) if model_type != "deepseek_v3" else (logits.sigmoid() / logits.sigmoid().sum(-1, keepdim=True)).log()
+        torch.testing.assert_close(row["router_topk_logprobs"].float(), log_r.gather(-1, ids), rtol=2e-3, atol=2e-3)
         differs_from_raw_topk += int((logits.topk(top_k, -1).indices.sort(-1).values != selected.sort(-1).values).any())
     assert differs_from_raw_topk == (3 if model_type == "deepseek_v3" else 0)  # the test can tell the two apart
 

@@ -137,6 +137,35 @@ def test_a_model_that_lets_packed_examples_attend_to_each_other_is_refused_a_pac
         _trainer(model_dir, cache_path, CacheBase(), tmp_path / "run")
 
 
+def test_a_topk_router_cache_gives_no_router_drift_at_the_adapters_init(tmp_path, moe_cache, sft_data):
+    """A top-(k+1) router cache (what --router auto keeps for large MoE models): the router loss at
+    the adapter's initialisation (tuned = base) was the escaped mass, ~0.72 a layer, with a gradient
+    pulling the routers onto the base's top-k from the first step; now ~0, like a full cache."""
+    model, root = moe_cache
+    path = tmp_path / "topk"
+    precompute(PrecomputeConfig(model=str(model), data=[str(sft_data)], out=str(path), k=64, m=4, router="topk", progress=False,
+                                data_config=DataConfig(max_length=64)))
+    rows = [open_cache(str(path))[i] for i in range(4)]
+    trainer = _trainer(model, path, CacheBase(), tmp_path / "a")
+    batch = collate_cache_rows(rows)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch)
+    metrics = trainer._flush("train")
+    assert abs(metrics["router_divergence"]) < 1e-4 and metrics["router_jaccard"] == 1.0, metrics
+    # after the adapter moves, it measures drift as the full cache does, from below
+    l_topk, _ = _loss_and_grads(trainer, rows)
+    topk = trainer._flush("train")["router_divergence"]
+    full_trainer = _trainer(model, root / "k64", CacheBase(), tmp_path / "b")
+    _loss_and_grads(full_trainer, [open_cache(str(root / "k64"))[i] for i in range(4)])
+    full = full_trainer._flush("train")["router_divergence"]
+    assert 0.3 * full < topk <= full * (1 + 1e-3), (topk, full)
+    # a top-k cache from before the log-probs were written: the escaped mass, with a warning that says so
+    old = {k: v for k, v in batch.items() if k != "router_topk_logprobs"}
+    with pytest.warns(UserWarning, match="the router loss is the escaped mass .* not 0 at the base"):
+        trainer.compute_loss(trainer.model, old)
+    assert trainer._flush("train")["router_divergence"] > 0.3
+
+
 def test_at_k_64_the_cached_loss_is_within_the_estimators_error(tmp_path, moe_cache):
     """topk_tail misses exactly the divergence inside the tail: KL − KL_tail = p_T · KL(p|tail ‖ q|tail)."""
     from geocache.signals import labelled_positions

@@ -5,7 +5,7 @@ A shard's arrays, in memory and on disk, are sequence-major and flat (``docs/cac
 - per sequence ``[S]``: ``sequence_index``; offsets ``token_offsets``/``position_offsets`` ``[S+1]``
 - per token ``[T]``: ``input_ids``, ``labels``, (``position_ids`` when packed)
 - per labelled position ``[P, ...]``: ``lse``, ``entropy``, ``topk_ids``, ``topk_logprobs``,
-  (``tail_ids``, ``tail_logprobs``), (``router_logits`` or ``router_topk_ids``/``router_topk_logits``)
+  (``tail_ids``, ``tail_logprobs``), (``router_logits`` or ``router_topk_ids``/``router_topk_logprobs``)
 
 Zarr v3: a group per shard, one array per name, chunked along the first axis, zstd-compressed with
 a crc32c checksum per chunk, inside one sharding-codec file per array. Arrow IPC: one file per
@@ -29,7 +29,8 @@ POSITION_KEYS = (
     "tail_logprobs",
     "router_logits",
     "router_topk_ids",
-    "router_topk_logits",
+    "router_topk_logprobs",
+    "router_topk_logits",  # caches written before router_topk_logprobs
 )
 BACKENDS = ("zarr", "arrow")
 

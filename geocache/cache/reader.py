@@ -51,7 +51,7 @@ def read_manifest(fs, root: str) -> Manifest:
 class CacheReader(torch.utils.data.Dataset):
     """Rows of a cache: dicts of tensors with ``input_ids``, ``labels``, ``lse``, ``entropy``,
     ``topk_ids``, ``topk_logprobs`` (+ ``tail_ids``/``tail_logprobs`` when m > 0, ``router_logits``
-    or ``router_topk_ids``/``router_topk_logits`` for MoE, ``position_ids`` when packed).
+    or ``router_topk_ids``/``router_topk_logprobs`` for MoE, ``position_ids`` when packed).
 
     Token arrays are ``[T]`` and per-position arrays ``[P, ...]`` where P is the number of
     labelled positions of the row (``labelled_positions`` order). Ids come back as int64;
@@ -253,7 +253,7 @@ def collate_cache_rows(rows: list[dict], pad_token_id: int = 0, shared: Optional
     )
     batch = {k: out[k] for k in ("input_ids", "labels", "attention_mask", "position_ids") if k in out}
     batch["base"] = base
-    for k in ("router_logits", "router_topk_ids", "router_topk_logits"):
+    for k in ("router_logits", "router_topk_ids", "router_topk_logprobs", "router_topk_logits"):
         if k in out:
             batch[k] = out[k]
     return batch
