@@ -181,9 +181,15 @@ class _Run:
             return "none"
         if cfg.router_k is not None and not layout["top_k"] <= cfg.router_k <= layout["num_experts"]:
             raise ValueError(f"router_k={cfg.router_k} must be between the model's top_k={layout['top_k']} and its {layout['num_experts']} experts")
+        mode = cfg.router
         if cfg.router == "auto":
-            return "full" if len(layout["layers"]) * layout["num_experts"] <= _FULL_ROUTER_LIMIT else "topk"
-        return cfg.router
+            mode = "full" if len(layout["layers"]) * layout["num_experts"] <= _FULL_ROUTER_LIMIT else "topk"
+        if cfg.router_k is not None and mode != "topk":  # it was silently ignored
+            why = "" if cfg.router == "full" else (f" (--router auto keeps full router logits for this model's {len(layout['layers'])} MoE "
+                                                   f"layers × {layout['num_experts']} experts)")
+            raise ValueError(f"router_k={cfg.router_k} applies only to top-k router statistics, and this run caches full ones{why}: "
+                             "pass --router topk, or leave out --router-k")
+        return mode
 
     def _template(self) -> Manifest:
         cfg = self.cfg

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 from geocache.base import BaseBatch, CacheBase, model_inputs
 from geocache.cache.reader import collate_cache_rows
 from geocache.config import GeometryConfig
-from geocache.losses import AdaptiveGeometryScheduler, GeometryAwareLoss, router_divergence_loss
+from geocache.losses import AdaptiveGeometryScheduler, GeometryAwareLoss, resolve_layer_weights, router_divergence_loss
 from geocache.models import moe_layout
 from geocache.moe import recorded_router_logits, routing_choice
 from geocache.signals import IGNORE_INDEX, BaseStats, labelled_positions
@@ -103,7 +103,14 @@ def add_dora_adapter(
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, target_parameters=[], use_dora=True, task_type="CAUSAL_LM"
     )
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except (ValueError, TypeError) as exc:  # peft's own words may run over many lines (a module's repr)
+        words = " ".join(str(exc).split()) or type(exc).__name__
+        first = words if len(words) <= 240 else words[:240] + "…"
+        kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+        raise ValueError(f"peft cannot put DoRA on target_modules={targets} of this {kind} model ({first}); the default targets "
+                         "(attention, dense MLPs and shared experts, without fused MoE experts) avoid that") from None
 
 
 def _logged_step(line: str) -> float:
@@ -186,6 +193,10 @@ class GeometryTrainer(Trainer):
         bound = inspect.signature(Trainer.__init__).bind_partial(self, *args, **kwargs).arguments
         self._check_caches(bound.get("model"), base or CacheBase(), bound.get("train_dataset"), bound.get("eval_dataset"),
                            bound.get("processing_class"))
+        if layer_weights is not None and bound.get("model") is not None:  # here, not inside the first step
+            layout = moe_layout(bound["model"])
+            if layout is not None:
+                resolve_layer_weights(layer_weights, len(layout["layers"]))
         super().__init__(*args, **kwargs)
         if self.args.label_smoothing_factor:
             # The loss replaces Trainer's, so its label smoother would be silently skipped; and the
@@ -396,7 +407,9 @@ class GeometryTrainer(Trainer):
                 sums[key] += value * weight
                 sums[f"__w_{key}"] += weight
             elif isinstance(value, torch.Tensor) and value.dim() == 1:  # per-layer router metrics
-                for i, v in enumerate(value.tolist()):
+                # keyed by decoder layer, as the manifest's moe.layers and geocache profile number them
+                layers = self.layout["layers"] if self.layout is not None and len(self.layout["layers"]) == len(value) else range(len(value))
+                for i, v in zip(layers, value.tolist()):
                     sums[f"{key}/{i}"] += v * weight
                     sums[f"__w_{key}/{i}"] += weight
 

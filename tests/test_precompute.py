@@ -335,6 +335,12 @@ def test_bad_inputs_are_one_clear_sentence(tmp_path, tiny_model_dir, tokenizer_d
         run(dense, data_file, tmp_path / "a", k=513)
     with pytest.raises(ValueError, match=r"router statistics were asked for \(router=full\), but model .* is dense"):
         run(dense, data_file, tmp_path / "b", router="full")
+    moe = tiny_model_dir("qwen3_moe")  # a router_k that applies to nothing was silently ignored
+    with pytest.raises(ValueError, match=r"router_k=3 applies only to top-k router statistics, and this run caches full ones: pass --router topk"):
+        run(moe, data_file, tmp_path / "b", router="full", router_k=3)
+    with pytest.raises(ValueError, match=r"caches full ones \(--router auto keeps full router logits for this model's 3 MoE layers × 8 experts\)"):
+        run(moe, data_file, tmp_path / "b", router_k=3)
+    assert not (tmp_path / "b").exists()
     nan_dir = build_tiny_model(tmp_path / "nan", "llama", tokenizer_dir=tokenizer_dir)
     model = AutoModelForCausalLM.from_pretrained(nan_dir)
     with torch.no_grad():

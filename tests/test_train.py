@@ -166,6 +166,18 @@ def test_a_topk_router_cache_gives_no_router_drift_at_the_adapters_init(tmp_path
     assert trainer._flush("train")["router_divergence"] > 0.3
 
 
+def test_per_layer_router_metrics_are_keyed_by_decoder_layer_as_the_manifest_and_profile_number_them(tmp_path, tiny_model_dir, sft_data):
+    model = tiny_model_dir("deepseek_v3")  # its first decoder layer is dense: MoE layers 1 and 2
+    path = tmp_path / "c"
+    manifest = precompute(PrecomputeConfig(model=str(model), data=[str(sft_data)], out=str(path), k=8, m=2, progress=False,
+                                           data_config=DataConfig(max_length=64)))
+    assert manifest.moe["layers"] == [1, 2]
+    trainer = _trainer(model, path, CacheBase(), tmp_path / "run")
+    trainer.compute_loss(trainer.model, collate_cache_rows([open_cache(str(path))[i] for i in range(2)]))
+    keys = {k for k in trainer._flush("train") if "_per_layer/" in k}
+    assert keys == {f"router_{m}_per_layer/{i}" for m in ("jaccard", "divergence") for i in (1, 2)}  # were /0 and /1
+
+
 def test_at_k_64_the_cached_loss_is_within_the_estimators_error(tmp_path, moe_cache):
     """topk_tail misses exactly the divergence inside the tail: KL − KL_tail = p_T · KL(p|tail ‖ q|tail)."""
     from geocache.signals import labelled_positions
@@ -371,6 +383,13 @@ def test_bad_inputs_are_refused_in_one_sentence(tmp_path, moe_cache, tiny_model_
     precompute(PrecomputeConfig(model=str(dense), data=[str(sft_data)], out=str(dense_cache), k=8, progress=False))
     with pytest.raises(ValueError, match="is dense"):
         train(TrainConfig(model=str(dense), out=str(tmp_path / "c"), layer_weights=[1.0, 1.0], **{**base, "cache": str(dense_cache)}))
+    # a wrong number of layer weights: refused at setup, not inside the first step after the run's record was written
+    with pytest.raises(ValueError, match="layer_weights has 2 entries but the model has 3 MoE layers"):
+        train(TrainConfig(model=str(model), out=str(tmp_path / "e"), layer_weights=[1.0, 1.0], **base))
+    assert not (tmp_path / "e").exists()
+    # explicit targets that peft turns into fused-expert parameters: one sentence, not peft's
+    with pytest.raises(ValueError, match=r"^peft cannot put DoRA on target_modules=\['gate_up_proj'\] of this qwen3_moe model \([^\n]*\); the default"):
+        train(TrainConfig(model=str(model), out=str(tmp_path / "e"), target_modules=["gate_up_proj"], **base))
     train(TrainConfig(model=str(model), out=str(tmp_path / "d"), **base))
     with pytest.raises(ValueError, match="holds another run; pass --resume"):
         train(TrainConfig(model=str(model), out=str(tmp_path / "d"), **base))
