@@ -28,6 +28,9 @@ class GeocacheGroup(click.Group):
             where = f" ({exc.filename})" if exc.filename else ""
             click.echo(f"error: {exc.strerror or exc}{where}", err=True)
             ctx.exit(2)
+        except KeyboardInterrupt:  # what was committed (cache shards, checkpoints) stays
+            click.echo("interrupted: what was committed is kept; rerun the command with --resume to continue", err=True)
+            ctx.exit(130)
         finally:
             _end_process_group()
 
@@ -192,7 +195,10 @@ def train(config_path, **options):
     from geocache.train import TrainConfig, train as run
 
     merged = _load_yaml(config_path)
-    geometry = dict(merged.pop("geometry", None) or {})
+    geometry = merged.pop("geometry", None) or {}
+    if not isinstance(geometry, dict):
+        raise ValueError(f"geometry={geometry!r} in {config_path} must be a mapping of geometry options (lambda_kl: ..., kl_threshold: ...)")
+    geometry = dict(geometry)
     geo_fields = {f.name for f in dataclasses.fields(GeometryConfig)}
     for key, value in options.items():
         if value is None or value == ():
@@ -224,7 +230,7 @@ def train_summary(state, out: str) -> str:
 
 
 @main.command()
-@click.option("--out", default="geocache-demo", show_default=True, help="Directory for the data, caches and runs.")
+@click.option("--out", default="geocache-demo", show_default=True, help="Directory for the data, caches and runs (new, or an earlier demo's).")
 @click.option("--steps", default=40, show_default=True, help="Training steps per run.")
 @click.option("--pretrain-steps", default=500, show_default=True,
               help="Pretraining steps of the reference model (built once, then reused; 2500 is the benchmarks' model).")

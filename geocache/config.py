@@ -8,6 +8,7 @@ Loadable from a YAML mapping (``GeometryConfig.from_yaml``); unknown keys are er
 from __future__ import annotations
 
 import math
+import types
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -128,25 +129,69 @@ def read_yaml(text: str) -> Any:
 
 
 def numbers_as_numbers(cfg) -> None:
-    """A dataclass config's numeric options given as text (``1e-4`` from YAML, a quoted ``'3'``)
-    become numbers, and an integer option given a whole float (``2.0``) an int; anything else in
-    a numeric option is refused in one sentence, before any work."""
+    """Check a dataclass config's options against their declared types, in one sentence each,
+    before any work (YAML hands over whatever it parsed; a quoted ``"false"`` in a bool option was
+    true, and turned on ``trust_remote_code`` or ``overwrite``). Numbers given as text (``1e-4``
+    from YAML, a quoted ``'3'``) become numbers and an integer option's whole float (``2.0``) an int;
+    bool options take true/false (the text ``"true"``/``"false"`` too); text options refuse numbers,
+    lists and mappings (quote a revision such as ``0123`` in YAML); list options take a list (one
+    text item alone becomes a one-item list)."""
     import typing
 
     for name, hint in typing.get_type_hints(type(cfg)).items():
-        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        kind, value = args[0], getattr(cfg, name, None)
-        if kind not in (int, float) or value is None or isinstance(value, bool) or (isinstance(value, int) and kind in (int, float)):
+        value = getattr(cfg, name, None)
+        if value is None:
             continue
-        number = value if isinstance(value, float) else None
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None or (kind is int and not number.is_integer()):
-            raise ValueError(f"{name}={value!r} must be {'an integer' if kind is int else 'a number'}")
-        setattr(cfg, name, int(number) if kind is int else number)
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        args = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+        kind = typing.get_origin(args[0]) or args[0]
+        if len(args) > 1:  # a union such as str | dict: each kind checks itself where used
+            continue
+        if kind is bool:
+            if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+                setattr(cfg, name, value.strip().lower() == "true")
+            elif not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be true or false")
+        elif kind in (int, float):
+            setattr(cfg, name, _number(name, value, kind))
+        elif kind is str:
+            if isinstance(value, (bool, int, float, list, tuple, dict)):
+                raise ValueError(f"{name}={value!r} must be text (in YAML, quote it)")
+        elif kind is list:
+            item = (typing.get_args(args[0]) or (object,))[0]
+            if isinstance(value, str) and item is str:
+                value = [value]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{name}={value!r} must be a list")
+            if item is str and any(isinstance(v, (bool, int, float, list, tuple, dict)) for v in value):
+                raise ValueError(f"{name}={list(value)!r} must be a list of text")
+            if item in (int, float):
+                value = [_number(name, v, item) for v in value]
+            setattr(cfg, name, list(value))
+        elif _is_dataclass_type(kind) and not isinstance(value, (dict, kind)):
+            raise ValueError(f"{name}={value!r} must be a mapping of {kind.__name__} options")
+
+
+def _is_dataclass_type(kind) -> bool:
+    from dataclasses import is_dataclass
+
+    return isinstance(kind, type) and is_dataclass(kind)
+
+
+def _number(name: str, value, kind):
+    if isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be {'an integer' if kind is int else 'a number'}")
+    if isinstance(value, int):
+        return value
+    number = value if isinstance(value, float) else None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None or (kind is int and not number.is_integer()):
+        raise ValueError(f"{name}={value!r} must be {'an integer' if kind is int else 'a number'}")
+    return int(number) if kind is int else number
 
 
 def _check_nonnegative(name: str, value: Any) -> None:

@@ -46,6 +46,7 @@ def sft_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
 # that a first run on a 2-core CPU takes minutes (about 3 of pretraining), not a quarter of an
 # hour. Its distributions are broader than the full model's but far from flat (README, "Run it").
 DEMO_PRETRAIN_STEPS = 500
+DEMO_MARKER = ".geocache-demo"
 
 
 def run_demo(out: str | Path, steps: int = 40, recipe: ReferenceRecipe | None = None, log=print,
@@ -53,7 +54,15 @@ def run_demo(out: str | Path, steps: int = 40, recipe: ReferenceRecipe | None = 
     """The pipeline on ``recipe`` (default: the MoE reference recipe with ``pretrain_steps``; the
     benchmarks' own model is ``pretrain_steps=2500``, reused when it is already built)."""
     out = Path(out)
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    # The demo writes data, caches and runs into ``out``, replacing its own earlier ones: any other
+    # non-empty directory is refused (a user's own train.jsonl there was overwritten).
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not ((out / DEMO_MARKER).exists() or (out / "demo.json").exists()))):
+        raise ValueError(f"--out {str(out)!r} is {'a file' if not out.is_dir() else 'a non-empty directory the demo did not write'}: "
+                         "choose a new directory (or an earlier demo's)")
     out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by geocache demo; the demo replaces what it wrote here\n")
     recipe = recipe or recipe_for("moe", steps=pretrain_steps)
     model_dir = build_reference_model(recipe, log=log)
     log(f"reference model: {model_dir}")

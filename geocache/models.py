@@ -42,6 +42,8 @@ def load_model_and_tokenizer(
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} must be one of {', '.join(DTYPES)}")
+    if device is not None and weights:
+        check_device(device)
     kwargs = dict(revision=revision, trust_remote_code=trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_id, **kwargs)
@@ -58,6 +60,21 @@ def load_model_and_tokenizer(
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.eval()
     return model, tokenizer
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a ``torch.device``, refused in one sentence when torch does not know it or this
+    machine does not have it (``cuda:0`` on a CPU-only build was an AssertionError from deep inside)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"device={str(device)!r} is not a device torch knows ({exc})") from None
+    if d.type != "meta":
+        try:
+            torch.empty(0, device=d)
+        except Exception as exc:  # AssertionError ("not compiled with CUDA"), RuntimeError (no such index), ...
+            raise ValueError(f"device={str(device)!r} is not available on this machine ({' '.join(str(exc).split()) or type(exc).__name__})") from None
+    return d
 
 
 def output_size(model) -> int:

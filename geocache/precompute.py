@@ -37,6 +37,7 @@ from geocache.cache.backends import BACKENDS, get_backend
 from geocache.cache.manifest import FORMAT_VERSION, MANIFEST, PARTS_DIR, SHARDS_DIR, Manifest, first_difference
 from geocache.cache.reader import CacheError, _fs
 from geocache.cache.writer import ShardWriter, atomic_write_text, part_path
+from geocache.config import numbers_as_numbers
 from geocache.data import DataConfig, Sequence, count_rows, data_fingerprint, iter_sequences, load_examples, slice_bounds, tokenizer_fingerprint
 from geocache.losses import router_log_probs
 from geocache.models import input_device, load_model_and_tokenizer, model_fingerprint, moe_layout, output_size
@@ -83,6 +84,7 @@ class PrecomputeConfig:
     data_config: DataConfig = field(default_factory=DataConfig, metadata={"help": "How examples become sequences."})
 
     def __post_init__(self) -> None:
+        numbers_as_numbers(self)
         if isinstance(self.data, str):
             self.data = [self.data]
         if self.backend not in BACKENDS:
@@ -482,6 +484,8 @@ def _merge(fs, root: str, run: _Run) -> Manifest:
         parts.append(Manifest.from_json(fs.cat_file(p).decode(), where=p))
     merged = replace(run.template, shards=[s for p in parts for s in p.shards], complete=all(p.complete for p in parts))
     merged.recount()
+    if merged.counts["sequences"] == 0:  # refused below: never a complete (empty) cache that verify passes
+        merged.complete = False
     # Every rank reads (and counts) every row, then keeps its own sequences.
     for key in ("skipped_rows", "unlabelled_rows", "truncated_rows"):
         merged.counts[key] = max(p.counts.get(key, 0) for p in parts)

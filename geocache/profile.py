@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from geocache.config import numbers_as_numbers
 from geocache.v2 import StrataConfig, TokenReservoir, v2_statistics
 
 PROFILE_VERSION = 1
@@ -58,6 +59,7 @@ class ProfileConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
 
     def __post_init__(self) -> None:
+        numbers_as_numbers(self)
         if isinstance(self.data, str):
             self.data = [self.data]
         if not self.data:

@@ -8,6 +8,8 @@ for another model/tokenizer/preprocessing → add the DoRA adapter → pick the 
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields
@@ -104,6 +106,27 @@ class TrainConfig:
 
         if self.v2_action not in ACTIONS:
             raise ValueError(f"v2_action={self.v2_action!r} must be one of {', '.join(ACTIONS)}")
+        # Numbers transformers would take and fail on later (or silently: a zero-step run saved an
+        # untrained adapter), checked before the run directory is touched.
+        if not math.isfinite(self.learning_rate) or self.learning_rate < 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be a finite number >= 0")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "save_steps", "logging_steps", "periodic_every",
+                     "lora_r", "v2_max_sequences"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("eval_steps", "save_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1 (or left unset)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps={self.max_steps} must be > 0 (or -1: train num_train_epochs)")
+        if self.max_steps == -1 and not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
+            raise ValueError(f"num_train_epochs={self.num_train_epochs} must be > 0 (or give max_steps)")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        if self.train_sampling_strategy not in ("random", "sequential", "group_by_length"):
+            raise ValueError(f"train_sampling_strategy={self.train_sampling_strategy!r} must be random, sequential or group_by_length")
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -125,6 +148,8 @@ def _check_run_dir(cfg: TrainConfig) -> Optional[str]:
     a refusal on the way (a cache that does not fit, an option that does not apply) keeps it."""
     out = Path(cfg.out)
     holds_run = (out / RUN_CONFIG).exists() or any(out.glob("checkpoint-*"))
+    if holds_run and not cfg.resume and _failed_start(out):  # replaced once the new run is accepted, as with --overwrite
+        return None
     if holds_run and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"run directory {cfg.out!r} holds another run; pass --resume to continue it or --overwrite to replace it")
     if not holds_run and out.exists() and any(out.iterdir()):
@@ -135,16 +160,36 @@ def _check_run_dir(cfg: TrainConfig) -> Optional[str]:
 
         last = get_last_checkpoint(str(out)) if out.exists() else None
         if last is None:
-            raise ValueError(f"--resume was given but run directory {cfg.out!r} has no checkpoint")
+            raise ValueError(f"--resume was given but run directory {cfg.out!r} has no checkpoint" +
+                             (" (the run stopped before its first; start it again without --resume)" if _failed_start(out) else ""))
         _check_resumed_config(cfg, out / RUN_CONFIG)
+        done = _trained_steps(last)
+        if done is not None and cfg.max_steps > 0 and done >= cfg.max_steps:  # transformers would train one step more
+            raise ValueError(f"--resume: run {cfg.out!r} already trained {done} steps, and max_steps={cfg.max_steps}; "
+                             "raise --max-steps to train on")
         return last
     return None
 
 
 def _replace_run(out: Path) -> None:
-    """Delete the geocache run in ``out`` (``--overwrite``; ``_check_run_dir`` refused anything else)."""
+    """Delete the geocache run in ``out`` (``--overwrite``, or a failed start; ``_check_run_dir``
+    refused anything else)."""
     if (out / RUN_CONFIG).exists() or any(out.glob("checkpoint-*")):
         shutil.rmtree(out)
+
+
+def _failed_start(out: Path) -> bool:
+    """A run directory whose run stopped before it saved anything (refused inside its first step,
+    interrupted, a NaN at step 1): a record, maybe logs, no checkpoint and no adapter."""
+    return (out / RUN_CONFIG).exists() and not any(out.glob("checkpoint-*")) and not (out / "adapter").exists()
+
+
+def _trained_steps(checkpoint: str) -> Optional[int]:
+    state = Path(checkpoint) / "trainer_state.json"
+    try:
+        return int(json.loads(state.read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # Settings that change what a run computes: a resumed run must keep them. The others (max_steps
@@ -167,10 +212,20 @@ def _check_v2_data(cfg: TrainConfig) -> None:
             raise FileNotFoundError(f"v2_data of domain {name!r}, {path!r}, does not exist")
 
 
+# What a run was told to do to its directory or its terminal, not what it computes: left out of
+# geocache_run.yaml, so that the file reloads as --config without deleting or resuming anything.
+_NOT_RECORDED = ("resume", "overwrite", "progress")
+
+
 def _run_record(cfg: TrainConfig) -> dict:
-    """What ``geocache_run.yaml`` holds: the config, and the number of processes (with the
-    per-device batch and accumulation, it makes the global batch a resume must keep)."""
-    return {**asdict(cfg), "num_processes": int(os.environ.get("WORLD_SIZE", "1"))}
+    """What ``geocache_run.yaml`` holds: the config (local paths made absolute, so that it reloads
+    from anywhere), and the number of processes (with the per-device batch and accumulation, it
+    makes the global batch a resume must keep)."""
+    record = {k: v for k, v in asdict(cfg).items() if k not in _NOT_RECORDED}
+    for name in _PATH_FIELDS:
+        if record.get(name) and Path(record[name]).exists():
+            record[name] = os.path.abspath(record[name])
+    return {**record, "num_processes": int(os.environ.get("WORLD_SIZE", "1"))}
 
 
 def _check_resumed_config(cfg: TrainConfig, saved_path: Path) -> None:
@@ -183,8 +238,8 @@ def _check_resumed_config(cfg: TrainConfig, saved_path: Path) -> None:
     pairs = [(name, saved[name], now[name]) for name in (*RESUME_MUST_MATCH, "num_processes") if name != "geometry" and name in saved]
     pairs += [(f"geometry.{k}", v, now["geometry"][k]) for k, v in (saved.get("geometry") or {}).items() if k in now["geometry"]]
     for name, before, after in pairs:
-        if name in _PATH_FIELDS and before and after:  # `cache/` and `cache` are the same cache
-            before, after = os.path.normpath(before), os.path.normpath(after)
+        if name in _PATH_FIELDS and before and after:  # `cache/`, `cache` and its absolute path are the same cache
+            before, after = os.path.abspath(before), os.path.abspath(after)
         if before != after:
             raise ValueError(f"--resume would continue run {cfg.out!r} with {name}={after!r}, but it was started with {name}={before!r}; "
                              f"resume with the run's own settings (see {saved_path}) or start a new run")
@@ -285,7 +340,8 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
                          "(it has no MoE router); leave lambda_router unset or 0")
     if cfg.base == "cache" and layout is not None and cfg.geometry.lambda_router > 0:
         for name, c in (("cache", cache), ("eval cache", eval_cache)):
-            if c is not None and c.manifest.moe.get("router_mode") == "none":
+            # (a dense model's cache, moe null, is another model's: GeometryTrainer refuses it below)
+            if c is not None and c.manifest.moe is not None and c.manifest.moe.get("router_mode") == "none":
                 raise CacheError(f"the {name} {c.url!r} holds no router statistics (precompute --router none), so base mode 'cache' "
                                  f"cannot train or evaluate the router loss with lambda_router={cfg.geometry.lambda_router}; "
                                  "rebuild it with --router auto, or set lambda_router 0")
@@ -312,8 +368,8 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
         layer_weights=cfg.layer_weights,
         callbacks=[JsonlLogger(out / "metrics.jsonl"), *([gate_cb] if gate_cb else []), *(callbacks or [])],
     )
-    if int(os.environ.get("RANK", "0")) == 0 and cfg.overwrite:  # the run is accepted (the caches fit the base)
-        _replace_run(out)
+    if int(os.environ.get("RANK", "0")) == 0 and (cfg.overwrite or (not cfg.resume and out.exists() and _failed_start(out))):
+        _replace_run(out)  # the run is accepted (the caches fit the base)
     out.mkdir(parents=True, exist_ok=True)  # its record first
     if int(os.environ.get("RANK", "0")) == 0:
         (out / RUN_CONFIG).write_text(yaml.safe_dump(_run_record(cfg), sort_keys=False))

@@ -137,3 +137,93 @@ def test_a_full_disk_and_an_unreadable_manifest_are_one_sentence_each(tmp_path, 
     (out / "manifest.json").write_text(json.dumps(manifest))
     result = CliRunner().invoke(main, ["cache", "verify", str(out)])
     assert result.exit_code != 0 and "does not have the cache manifest's fields" in result.output and "Traceback" not in result.output
+
+
+def test_yaml_options_are_checked_against_their_types_before_any_work(tmp_path, tiny_model_dir):
+    """A quoted "false" in a bool option was true: it turned on trust_remote_code (the model's own
+    Python ran) and overwrite (an existing cache was replaced). Wrong types were tracebacks."""
+    from geocache.precompute import PrecomputeConfig
+    from geocache.train import TrainConfig
+
+    model = tiny_model_dir("llama")
+    data = _write_rows(tmp_path / "d.jsonl")
+    runner = CliRunner()
+    base = f"model: {model}\ndata: [{data}]\nmax_length: 16\nk: 4\n"
+    done = runner.invoke(main, ["precompute", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "c"), "--top-k", "4",
+                                "--max-length", "16", "--no-progress"])
+    assert done.exit_code == 0, done.output
+    manifest = (tmp_path / "c" / "manifest.json").read_text()
+    for extra, message in (("overwrite: 'no'", "overwrite='no' must be true or false"),
+                           ("trust_remote_code: yes please", "trust_remote_code='yes please' must be true or false"),
+                           ("k: [8]", "k=[8] must be an integer"),
+                           ("split: 5", "split=5 must be text"),
+                           ("data: 5", "data=5 must be a list"),
+                           ("seed: 1.5", "seed=1.5 must be an integer")):
+        cfg = tmp_path / "p.yaml"
+        cfg.write_text(base + extra + "\n")
+        result = runner.invoke(main, ["precompute", "--config", str(cfg), "--out", str(tmp_path / "c"), "--no-progress"])
+        assert result.exit_code == 2 and result.output.startswith(f"error: {message}") and "\n" not in result.output.strip(), (extra, result.output)
+        assert (tmp_path / "c" / "manifest.json").read_text() == manifest  # nothing replaced
+    # the text "false" / "true" is read as the bool it names; a quoted number as the number
+    cfg = PrecomputeConfig(model="m", data="d", out="o", overwrite="false", dry_run="True", k="8")
+    assert cfg.overwrite is False and cfg.dry_run is True and cfg.k == 8 and cfg.data == ["d"]
+    with pytest.raises(ValueError, match=r"^model=\['llama'\] must be text"):
+        TrainConfig(model=["llama"], cache="c", out="o")
+    with pytest.raises(ValueError, match=r"^geometry=5 must be a mapping of GeometryConfig options"):
+        TrainConfig(model="m", cache="c", out="o", geometry=5)
+    (tmp_path / "g.yaml").write_text("geometry: 5\n")
+    result = runner.invoke(main, ["train", "--config", str(tmp_path / "g.yaml"), "--model", "m", "--cache", "c", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "must be a mapping of geometry options" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--learning-rate", "-1", "learning_rate=-1.0 must be a finite number >= 0"),
+    ("--per-device-train-batch-size", "0", "per_device_train_batch_size=0 must be >= 1"),
+    ("--gradient-accumulation-steps", "0", "gradient_accumulation_steps=0 must be >= 1"),
+    ("--max-steps", "0", "max_steps=0 must be > 0"),
+    ("--num-train-epochs", "0", "num_train_epochs=0.0 must be > 0"),
+    ("--train-sampling-strategy", "banana", "train_sampling_strategy='banana' must be random"),
+])
+def test_train_numbers_are_checked_before_the_run_directory_is_touched(tmp_path, option, value, message):
+    result = CliRunner().invoke(main, ["train", "--model", "m", "--cache", "c", "--out", str(tmp_path / "r"), option, value])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {message}"), result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_devices_and_missing_filesystem_packages_are_one_sentence(tmp_path, tiny_model_dir, monkeypatch):
+    import fsspec
+
+    model = tiny_model_dir("llama")
+    data = _write_rows(tmp_path / "d.jsonl")
+    runner = CliRunner()
+    for device, message in (("banana", "device='banana' is not a device torch knows"),
+                            *((("cuda:0", "device='cuda:0' is not available on this machine"),) if not torch.cuda.is_available() else ())):
+        result = runner.invoke(main, ["precompute", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "c"), "--device", device])
+        assert result.exit_code == 2 and result.output.startswith(f"error: {message}") and "Traceback" not in result.output, result.output
+
+    def missing(*args, **kwargs):
+        raise ImportError("Install s3fs to access S3")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", missing)
+    result = runner.invoke(main, ["cache", "inspect", "s3://bucket/cache"])
+    assert result.exit_code == 2 and "'s3://bucket/cache' needs a filesystem package that is not installed: Install s3fs" in result.output
+
+
+def test_an_interrupted_command_says_what_is_kept_and_exits_130(tmp_path, tiny_model_dir, monkeypatch):
+    import geocache.precompute
+
+    def interrupted(cfg, timings=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(geocache.precompute, "precompute", interrupted)
+    result = CliRunner().invoke(main, ["precompute", "--model", "m", "--data", "d", "--out", str(tmp_path / "c")])
+    assert result.exit_code == 130 and "interrupted: what was committed is kept; rerun the command with --resume" in result.output
+
+
+def test_an_empty_precompute_leaves_no_complete_cache(tmp_path, tiny_model_dir):
+    data = _write_rows(tmp_path / "d.jsonl")
+    result = CliRunner().invoke(main, ["precompute", "--model", str(tiny_model_dir("llama")), "--data", str(data), "--out", str(tmp_path / "c"),
+                                       "--split", "train[:0]", "--no-progress"])
+    assert result.exit_code == 2, result.output
+    verify = CliRunner().invoke(main, ["cache", "verify", str(tmp_path / "c")])
+    assert verify.exit_code != 0, verify.output  # it said "ok" to an empty cache marked complete

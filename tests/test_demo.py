@@ -128,3 +128,16 @@ def test_the_demo_builds_the_moe_recipe_cut_to_its_pretrain_steps(monkeypatch, t
     assert isinstance(result.exception, RuntimeError)
     assert asked[0] == recipe_for("moe", steps=demo.DEMO_PRETRAIN_STEPS) and demo.DEMO_PRETRAIN_STEPS == 500
     assert asked[1] == RECIPES["moe"] and RECIPES["moe"].steps == 2500
+
+
+def test_the_demo_refuses_a_directory_it_did_not_write(tmp_path):
+    """--out DIR: the demo replaced a user's own train.jsonl there without a word."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.jsonl").write_text("my data\n")
+    with pytest.raises(ValueError, match="is a non-empty directory the demo did not write"):
+        run_demo(mine)
+    assert (mine / "train.jsonl").read_text() == "my data\n"
+    with pytest.raises(ValueError, match="steps=0 must be >= 1"):
+        run_demo(tmp_path / "new", steps=0)
+    assert not (tmp_path / "new").exists()

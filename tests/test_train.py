@@ -364,7 +364,7 @@ def test_train_cli_writes_adapter_logs_and_resolved_config(tmp_path, moe_cache):
     eval_rec = next(r for r in records if "eval_loss" in r)
     assert {"eval_KL_mean", "eval_dH_mean", "eval_cal_gap_mean", "eval_router_jaccard"} <= set(eval_rec)
     resolved = (out / "geocache_run.yaml").read_text()
-    assert "lambda_kl: 0.3" in resolved and "max_steps: 4" in resolved and "progress: false" in resolved
+    assert "lambda_kl: 0.3" in resolved and "max_steps: 4" in resolved and "progress" not in resolved  # a terminal setting, not recorded
     base = AutoModelForCausalLM.from_pretrained(model)
     tuned = PeftModel.from_pretrained(base, out / "adapter")
     assert any("lora_magnitude_vector" in n for n, _ in tuned.named_parameters())  # DoRA, loaded back
@@ -950,3 +950,45 @@ def test_resume_refuses_another_number_of_processes(tmp_path, moe_cache, monkeyp
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="with num_processes=2, but it was started with num_processes=1"):
         train(TrainConfig(**common, resume=True))
+
+
+def test_the_saved_run_config_reloads_without_side_effects_and_a_failed_start_can_be_rerun(tmp_path, moe_cache, monkeypatch):
+    """geocache_run.yaml held overwrite/resume: reloaded as --config it deleted the run or failed;
+    a run refused inside its first step left a record that only --overwrite could replace; a
+    resume of a finished run trained one step past max_steps (transformers does)."""
+    model, root = moe_cache
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    common = ["--model", str(model), "--cache", str(root / "k64"), "--max-steps", "2", "--save-steps", "2", "--lora-r", "2",
+              "--use-cpu", "--no-progress"]
+    first = CliRunner().invoke(main, ["train", "--out", "run", "--overwrite", *common])
+    assert first.exit_code == 0, first.output
+    record = yaml.safe_load((run / "geocache_run.yaml").read_text())
+    assert not {"overwrite", "resume", "progress"} & set(record) and os.path.isabs(record["cache"])
+    adapter = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    again = CliRunner().invoke(main, ["train", "--config", str(run / "geocache_run.yaml"), "--out", "run"])
+    assert again.exit_code == 2 and "holds another run; pass --resume" in again.output  # not silently wiped
+    resumed = CliRunner().invoke(main, ["train", "--config", str(run / "geocache_run.yaml"), "--out", "run", "--resume"])
+    assert resumed.exit_code == 2 and "already trained 2 steps, and max_steps=2; raise --max-steps" in resumed.output, resumed.output
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == adapter and not (run / "checkpoint-3").exists()
+    # a run stopped inside its first step (here: a NaN loss) leaves a record and no checkpoint: a plain rerun starts it again
+    import geocache.trainer as gt
+
+    real = gt.GeometryAwareLoss.forward
+    monkeypatch.setattr(gt.GeometryAwareLoss, "forward", lambda self, *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(real(self, *a, **k)))
+    failed = CliRunner().invoke(main, ["train", "--out", "fresh", *common])
+    assert failed.exit_code == 2 and (tmp_path / "fresh" / "geocache_run.yaml").exists() and not list((tmp_path / "fresh").glob("checkpoint-*"))
+    monkeypatch.setattr(gt.GeometryAwareLoss, "forward", real)
+    no_ckpt = CliRunner().invoke(main, ["train", "--out", "fresh", "--resume", *common])
+    assert no_ckpt.exit_code == 2 and "stopped before its first; start it again without --resume" in no_ckpt.output
+    rerun = CliRunner().invoke(main, ["train", "--out", "fresh", *common])
+    assert rerun.exit_code == 0, rerun.output  # was "holds another run; pass --resume ... or --overwrite"
+    assert (tmp_path / "fresh" / "adapter").is_dir()
+
+
+def test_a_moe_model_given_a_dense_models_cache_is_one_sentence(tmp_path, moe_cache, tiny_model_dir, sft_data):
+    model, _ = moe_cache
+    dense_cache = tmp_path / "dense"
+    precompute(PrecomputeConfig(model=str(tiny_model_dir("llama")), data=[str(sft_data)], out=str(dense_cache), k=8, progress=False))
+    with pytest.raises(CacheError, match="was built for base model"):  # was AttributeError: 'NoneType' object has no attribute 'get'
+        train(TrainConfig(model=str(model), cache=str(dense_cache), out=str(tmp_path / "r"), max_steps=1, use_cpu=True, progress=False))

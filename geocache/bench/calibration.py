@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from geocache.config import numbers_as_numbers
+
 # name → GeometryConfig overrides (the schedule: KL threshold fixed unless a method sets both)
 METHODS = {
     "plain": dict(lambda_kl=0.0, lambda_cal=0.0, lambda_entropy=0.0, lambda_router=0.0),
@@ -61,6 +63,7 @@ class CalibrationConfig:
     recipe: Optional[object] = field(default=None, metadata={"help": "A ReferenceRecipe (overrides arch; for tests)."})
 
     def __post_init__(self) -> None:
+        numbers_as_numbers(self)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")

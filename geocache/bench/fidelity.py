@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 
 from geocache.base import model_inputs
+from geocache.config import numbers_as_numbers
 from geocache.signals import KL_ESTIMATORS, SAMPLED_ESTIMATORS, BaseStats, cached_kl_terms, log_tail_mass, shift_and_select
 
 TARGETS = {"agg_bias_abs": 0.005, "mask_agree": 0.995, "grad_cos": 0.999, "bytes_per_token": 200.0}
@@ -72,6 +73,7 @@ class FidelityConfig:
     recipe: Optional[object] = field(default=None, metadata={"help": "A ReferenceRecipe (overrides arch; for tests)."})
 
     def __post_init__(self) -> None:
+        numbers_as_numbers(self)
         if self.recipe is None and self.arch not in ("moe", "dense"):
             raise ValueError(f"arch={self.arch!r} must be 'moe' or 'dense'")
         if not self.ms or min(self.ms) < 0:

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from geocache.config import numbers_as_numbers
+
 MODES = ("cache", "live")
 METRICS = ("task_loss", "kl_forward", "dH", "cal_gap")
 TARGET_REL = 0.02
@@ -40,6 +42,7 @@ class ParityConfig:
     recipe: Optional[object] = field(default=None, metadata={"help": "A ReferenceRecipe (overrides arch; for tests)."})
 
     def __post_init__(self) -> None:
+        numbers_as_numbers(self)
         for name in ("steps", "batch_size", "max_length", "tune_sequences", "eval_sequences", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")

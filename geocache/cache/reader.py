@@ -38,7 +38,10 @@ class CacheError(ValueError):
 def _fs(url: str, storage_options: Optional[dict] = None):
     import fsspec
 
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    try:
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except ImportError as exc:  # fsspec's own words name the package ("Install s3fs to access S3")
+        raise CacheError(f"{url!r} needs a filesystem package that is not installed: {exc}") from None
 
 
 def read_manifest(fs, root: str) -> Manifest:
