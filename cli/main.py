@@ -165,6 +165,11 @@ def _dataclass_options(cls, skip=()):
             base = next((a for a in args if a is not type(None)), hint) if args else hint
             opt = "--" + f.name.replace("_", "-")
             help_text = f.metadata.get("help", "")
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            if default not in (None, "", [], ()) and "default" not in help_text:  # what an option left out means
+                shown = ("on" if default else "off") if isinstance(default, bool) else default
+                help_text = f"{help_text} [default: {shown}]"
             if base is bool:  # --x/--no-x: either overrides the YAML and the default; neither leaves them
                 func = click.option(f"{opt}/--no-{opt[2:]}", f.name, default=None, help=help_text)(func)
             elif typing.get_origin(base) is list:

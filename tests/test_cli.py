@@ -227,3 +227,13 @@ def test_an_empty_precompute_leaves_no_complete_cache(tmp_path, tiny_model_dir):
     assert result.exit_code == 2, result.output
     verify = CliRunner().invoke(main, ["cache", "verify", str(tmp_path / "c")])
     assert verify.exit_code != 0, verify.output  # it said "ok" to an empty cache marked complete
+
+
+@pytest.mark.parametrize("bench", ["fidelity", "parity", "calibration"])
+def test_bench_replot_of_a_result_of_another_shape_is_one_sentence(tmp_path, bench):
+    (tmp_path / f"{bench}.json").write_text('{"something": "else"}')
+    result = CliRunner().invoke(main, ["bench", bench, "--replot", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and f"{bench}.json is not a {bench} benchmark's result" in result.output, result.output
+    assert not (tmp_path / f"{bench}.md").exists()
+    missing = CliRunner().invoke(main, ["bench", bench, "--replot", "--out", str(tmp_path / "none")])
+    assert missing.exit_code == 2 and "does not exist: --replot rewrites" in missing.output

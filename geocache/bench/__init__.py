@@ -110,8 +110,16 @@ def rewrite_reports(out: str | Path, name: str, markdown, plot) -> None:
     """Rewrite ``name``.md and .png in ``out`` from its ``name``.json alone (no measurement)."""
     import json
 
-    out = Path(out)
-    write_reports(out, name, json.loads((out / f"{name}.json").read_text()), markdown, plot)
+    path = Path(out) / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: --replot rewrites the reports of an earlier run in --out")
+    try:
+        result = json.loads(path.read_text())
+        text = markdown(result)  # before anything is written: a result of another shape changes nothing
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:
+        raise ValueError(f"{path} is not a {name} benchmark's result ({type(exc).__name__}: {exc})") from None
+    (Path(out) / f"{name}.md").write_text(text)
+    plot(result, Path(out) / f"{name}.png")
 
 
 def write_reports(out: Path, name: str, result: dict, markdown, plot) -> None:
