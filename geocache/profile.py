@@ -359,7 +359,12 @@ def run_profile(cfg: ProfileConfig, log=print) -> dict:
     if cfg.adapter:  # one PEFT model: the base is the adapter switched off
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, cfg.adapter).eval()
+        try:
+            model = PeftModel.from_pretrained(model, cfg.adapter).eval()
+        except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # another base's adapter: peft's words, on one line
+            words = " ".join(str(exc).split())
+            raise ValueError(f"adapter {cfg.adapter!r} does not load onto model {cfg.model!r} (was it trained on another base?): "
+                             f"{words[:240]}{'…' if len(words) > 240 else ''}") from None
         base, tuned = _AdapterOff(model), model
     elif cfg.tuned:
         tuned, _ = load_model_and_tokenizer(cfg.tuned, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)

@@ -195,6 +195,15 @@ def build_reference_model(recipe: Optional[ReferenceRecipe] = None, cache_dir: O
     out = reference_dir(recipe, cache_dir)
     if (out / "reference.json").exists():
         return out
+    # Where the model will go must take it before minutes of pretraining, not after.
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"the reference models' cache directory {str(out.parent)!r} cannot be written "
+                         f"({exc.strerror or exc}): choose another with --cache-dir or GEOCACHE_HOME") from None
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
     splits = _split_documents(recipe)

@@ -237,3 +237,20 @@ def test_bench_replot_of_a_result_of_another_shape_is_one_sentence(tmp_path, ben
     assert not (tmp_path / f"{bench}.md").exists()
     missing = CliRunner().invoke(main, ["bench", bench, "--replot", "--out", str(tmp_path / "none")])
     assert missing.exit_code == 2 and "does not exist: --replot rewrites" in missing.output
+
+
+def test_benchmark_and_reference_options_are_refused_before_minutes_of_pretraining(tmp_path):
+    from geocache.bench.calibration import CalibrationConfig
+    from geocache.bench.parity import ParityConfig
+    from geocache.reference import ReferenceRecipe, build_reference_model
+
+    for cls in (ParityConfig, CalibrationConfig):
+        with pytest.raises(ValueError, match=r"learning_rate=nan must be a finite number > 0"):
+            cls(learning_rate=float("nan"))
+        with pytest.raises(ValueError, match=r"learning_rate=-1.0 must be a finite number > 0"):
+            cls(learning_rate=-1.0)
+        with pytest.raises(ValueError, match=r"device='banana' is not a device torch knows"):
+            cls(device="banana")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"cache directory .* cannot be written"):  # was found after the pretraining
+        build_reference_model(ReferenceRecipe(steps=1), cache_dir=tmp_path / "file")

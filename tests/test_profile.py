@@ -216,3 +216,12 @@ def test_more_bad_input_is_one_sentence(tmp_path, tiny_model_dir, texts):
     assert TrainConfig(model="m", cache="c", out="o", v2_every=2, v2_data="held.jsonl").v2_data == ["held.jsonl"]
     with pytest.raises(ValueError, match="split_fractions"):
         ReferenceRecipe(split_fractions=(0.5, 0.5, 0.5))
+
+
+def test_an_adapter_of_another_base_is_one_sentence(tmp_path, tiny_model_dir, texts):
+    from geocache.trainer import add_dora_adapter
+
+    add_dora_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")), r=2, alpha=4).save_pretrained(tmp_path / "adapter")
+    result = CliRunner().invoke(main, ["profile", "--model", str(tiny_model_dir("qwen3_moe")), "--data", str(texts / "code.jsonl"),
+                                       "--out", str(tmp_path / "p"), "--adapter", str(tmp_path / "adapter")])
+    assert result.exit_code == 2 and "does not load onto model" in result.output and "\n" not in result.output.strip(), result.output

@@ -22,12 +22,14 @@ beside the in-domain forward KL (Shenfeld et al. 2025 report that the latter pre
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from geocache.config import numbers_as_numbers
+from geocache.models import check_device
 
 # name → GeometryConfig overrides (the schedule: KL threshold fixed unless a method sets both)
 METHODS = {
@@ -64,6 +66,10 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         numbers_as_numbers(self)
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be a finite number > 0")
+        if self.device is not None:
+            check_device(self.device)
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")

@@ -41,6 +41,7 @@ import torch
 
 from geocache.base import model_inputs
 from geocache.config import numbers_as_numbers
+from geocache.models import check_device
 from geocache.signals import KL_ESTIMATORS, SAMPLED_ESTIMATORS, BaseStats, cached_kl_terms, log_tail_mass, shift_and_select
 
 TARGETS = {"agg_bias_abs": 0.005, "mask_agree": 0.995, "grad_cos": 0.999, "bytes_per_token": 200.0}
@@ -74,6 +75,8 @@ class FidelityConfig:
 
     def __post_init__(self) -> None:
         numbers_as_numbers(self)
+        if self.device is not None:
+            check_device(self.device)
         if self.recipe is None and self.arch not in ("moe", "dense"):
             raise ValueError(f"arch={self.arch!r} must be 'moe' or 'dense'")
         if not self.ms or min(self.ms) < 0:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from geocache.config import numbers_as_numbers
+from geocache.models import check_device
 
 MODES = ("cache", "live")
 METRICS = ("task_loss", "kl_forward", "dH", "cal_gap")
@@ -43,6 +44,10 @@ class ParityConfig:
 
     def __post_init__(self) -> None:
         numbers_as_numbers(self)
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be a finite number > 0")
+        if self.device is not None:
+            check_device(self.device)
         for name in ("steps", "batch_size", "max_length", "tune_sequences", "eval_sequences", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
