@@ -75,7 +75,7 @@ def _load_yaml(path: str | None) -> dict:
     try:
         data = read_yaml(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"config file {path!r} is not valid YAML: {exc}") from None
+        raise ValueError(f"config file {path!r} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path!r} must hold a mapping of options")
     return data
@@ -281,17 +281,24 @@ def _profile_options(func):
 
 
 @main.command()
+@click.option("--config", "config_path", type=click.Path(), help="YAML file of options; CLI options override it.")
 @_profile_options
-def profile(**options):
+def profile(config_path, **options):
     """V2 redundancy per MoE layer (C1/C2 with bootstrap intervals), calibration per domain, the base's
     classification and strategy, and a recommended train config (--adapter/--tuned: drift vs the base)."""
+    import dataclasses
+
     from geocache.profile import ProfileConfig, run_profile
 
-    options["data"] = list(options["data"] or ())
+    merged = _load_yaml(config_path)
+    unknown = sorted(set(merged) - {f.name for f in dataclasses.fields(ProfileConfig)})
+    if unknown:
+        raise ValueError(f"unknown profile option(s) {unknown} in {config_path}")
+    merged.update({k: list(v) if isinstance(v, tuple) else v for k, v in options.items() if v is not None and v != ()})
     for required in ("model", "data", "out"):
-        if not options.get(required):
+        if not merged.get(required):
             raise ValueError(f"--{required} is required")
-    run_profile(ProfileConfig(**{k: v for k, v in options.items() if v is not None}), log=click.echo)
+    run_profile(ProfileConfig(**merged), log=click.echo)
 
 
 @main.group()

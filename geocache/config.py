@@ -105,7 +105,7 @@ class GeometryConfig:
         try:
             data = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ValueError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(exc).split())}") from None
         if not isinstance(data, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping, not {type(data).__name__}")
         if section and isinstance(data.get(section), dict):

@@ -57,6 +57,7 @@ class ProfileConfig:
     device: Optional[str] = field(default=None, metadata={"help": "Device (default: cuda when available)."})
     seed: int = field(default=0, metadata={"help": "Seed of the random expert picks and the bootstrap."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
+    progress: bool = field(default=True, metadata={"help": "Show a progress bar per domain (sequences, tokens/s, ETA)."})
 
     def __post_init__(self) -> None:
         numbers_as_numbers(self)
@@ -185,7 +186,8 @@ def _layer_matrix(results: dict[int, dict], layers: list[int], key: str) -> np.n
 
 
 @torch.no_grad()
-def measure_domain(model, tokenizer, path: str, cfg: ProfileConfig, tuned=None, calibration: bool = True) -> dict:
+def measure_domain(model, tokenizer, path: str, cfg: ProfileConfig, tuned=None, calibration: bool = True, progress: bool = False,
+                   name: str = "") -> dict:
     """One pass over a domain's data: V2 of every MoE layer (a token reservoir shared by the layers)
     and the calibration profile of ``model`` (a model, or ``_AdapterOff`` of a PEFT model). With
     ``tuned`` (a second model, or the same PEFT model, adapter on), the same for the tuned model and,
@@ -212,6 +214,11 @@ def measure_domain(model, tokenizer, path: str, cfg: ProfileConfig, tuned=None, 
     drift = TokenReservoir(cfg.reservoir_tokens, max(2 * len(layers), 1), cfg.seed) if tuned is not None else None
     calib = {name: _Calibration(cfg.seed, cfg.reservoir_tokens) for name, _ in runs} if calibration else {}
     tokens = n_seq = 0
+    from tqdm.auto import tqdm
+
+    # total: the cap (a domain with fewer rows ends early); ETA from it, tokens/s beside
+    bar = tqdm(total=cfg.max_sequences, unit="seq", desc=f"profile {name}".strip(), disable=not progress, dynamic_ncols=True)
+    started = time.perf_counter()
     try:
         for batch in _batches(tokenizer, path, cfg):
             inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
@@ -238,7 +245,10 @@ def measure_domain(model, tokenizer, path: str, cfg: ProfileConfig, tuned=None, 
                 drift.add(np.concatenate([_layer_matrix(per_run["base"], layers, "margin"), torch.stack(jac, 1).numpy()], 1), seq)
             tokens += int(attended.sum())
             n_seq += batch["input_ids"].shape[0]
+            bar.update(batch["input_ids"].shape[0])
+            bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f}", refresh=False)
     finally:
+        bar.close()
         for h in hooks.values():
             h.remove()
     if tokens == 0:
@@ -373,7 +383,7 @@ def run_profile(cfg: ProfileConfig, log=print) -> dict:
                "moe_layers": layers, "config": asdict(cfg), "domains": {}}
     for name, path in cfg.domains().items():
         t0 = time.perf_counter()
-        m = measure_domain(base, tokenizer, path, cfg, tuned=tuned)
+        m = measure_domain(base, tokenizer, path, cfg, tuned=tuned, progress=cfg.progress, name=name)
         d = {"tokens": m["tokens"], "sequences": m["sequences"], "calibration": m["calibration"]["base"]}
         if layers:
             d["v2"] = v2_summary(layers, m["v2"]["base"], cfg)

@@ -225,3 +225,20 @@ def test_an_adapter_of_another_base_is_one_sentence(tmp_path, tiny_model_dir, te
     result = CliRunner().invoke(main, ["profile", "--model", str(tiny_model_dir("qwen3_moe")), "--data", str(texts / "code.jsonl"),
                                        "--out", str(tmp_path / "p"), "--adapter", str(tmp_path / "adapter")])
     assert result.exit_code == 2 and "does not load onto model" in result.output and "\n" not in result.output.strip(), result.output
+
+
+def test_profile_takes_a_yaml_config_with_cli_overrides_and_shows_progress(tmp_path, tiny_model_dir, texts):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"model: {tiny_model_dir('qwen3_moe')}\ndata: [code={texts / 'code.jsonl'}]\nmax_length: 32\nmax_sequences: 4\n"
+                   "n_resamples: 50\n")
+    result = CliRunner().invoke(main, ["profile", "--config", str(cfg), "--out", str(tmp_path / "p"), "--max-sequences", "3"])
+    assert result.exit_code == 0, result.output
+    p = json.loads((tmp_path / "p" / "profile.json").read_text())
+    assert p["config"]["max_length"] == 32 and p["config"]["max_sequences"] == 3 and p["domains"]["code"]["sequences"] == 3
+    assert "profile code" in result.output and "tok_s" in result.output  # the bar (stderr, mixed into the runner's output)
+    (tmp_path / "bad.yaml").write_text("modle: x\n")
+    bad = CliRunner().invoke(main, ["profile", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "q")])
+    assert bad.exit_code == 2 and "unknown profile option(s) ['modle']" in bad.output
+    (tmp_path / "broken.yaml").write_text("model: [x\n")
+    broken = CliRunner().invoke(main, ["profile", "--config", str(tmp_path / "broken.yaml")])
+    assert broken.exit_code == 2 and "is not valid YAML" in broken.output and "\n" not in broken.output.strip()
