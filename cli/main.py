@@ -291,9 +291,12 @@ def profile(config_path, **options):
     from geocache.profile import ProfileConfig, run_profile
 
     merged = _load_yaml(config_path)
-    unknown = sorted(set(merged) - {f.name for f in dataclasses.fields(ProfileConfig)})
+    from geocache.config import unknown_options
+
+    known = {f.name for f in dataclasses.fields(ProfileConfig)}
+    unknown = sorted(set(merged) - known)
     if unknown:
-        raise ValueError(f"unknown profile option(s) {unknown} in {config_path}")
+        raise ValueError(f"{unknown_options('profile', unknown, known)} in {config_path}")
     merged.update({k: list(v) if isinstance(v, tuple) else v for k, v in options.items() if v is not None and v != ()})
     for required in ("model", "data", "out"):
         if not merged.get(required):

@@ -93,7 +93,7 @@ class GeometryConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown geometry config key(s) {unknown}; valid keys are {sorted(known)}")
+            raise ValueError(f"{unknown_options('geometry', unknown, known)}; valid keys are {sorted(known)}")
         return cls(**values)
 
     @classmethod
@@ -126,6 +126,22 @@ def read_yaml(text: str) -> Any:
     as text; the configs turn text in a numeric option into its number (``numbers_as_numbers``),
     and a revision such as ``12e4567`` stays the text it is."""
     return yaml.safe_load(text)
+
+
+def unknown_options(kind: str, unknown: list[str], known) -> str:
+    """The sentence for options a config does not have, with the nearest known name of each
+    (``top_k`` → ``k``, ``lr`` → ``learning_rate`` where the spelling is close)."""
+    import difflib
+
+    aliases = {"top_k": "k", "tail_samples": "m", "lr": "learning_rate", "batch_size": "per_device_train_batch_size",
+               "epochs": "num_train_epochs", "steps": "max_steps"}
+    hints = []
+    for name in unknown:
+        near = aliases.get(name) if aliases.get(name) in known else None
+        near = near or next(iter(difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)), None)
+        if near:
+            hints.append(f"{name} → {near}?")
+    return f"unknown {kind} option(s) {unknown}" + (f" (did you mean: {', '.join(hints)})" if hints else "")
 
 
 def numbers_as_numbers(cfg) -> None:

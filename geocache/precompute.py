@@ -37,7 +37,7 @@ from geocache.cache.backends import BACKENDS, get_backend
 from geocache.cache.manifest import FORMAT_VERSION, MANIFEST, PARTS_DIR, SHARDS_DIR, Manifest, first_difference
 from geocache.cache.reader import CacheError, _fs
 from geocache.cache.writer import ShardWriter, atomic_write_text, part_path
-from geocache.config import numbers_as_numbers
+from geocache.config import numbers_as_numbers, unknown_options
 from geocache.data import DataConfig, Sequence, count_rows, data_fingerprint, iter_sequences, load_examples, slice_bounds, tokenizer_fingerprint
 from geocache.losses import router_log_probs
 from geocache.models import input_device, load_model_and_tokenizer, model_fingerprint, moe_layout, output_size
@@ -590,7 +590,7 @@ def config_from_options(options: dict) -> PrecomputeConfig:
     run_fields = set(PrecomputeConfig.__dataclass_fields__) - {"data_config"}
     unknown = sorted(set(options) - data_fields - run_fields)
     if unknown:
-        raise ValueError(f"unknown precompute option(s) {unknown}")
+        raise ValueError(unknown_options("precompute", unknown, data_fields | run_fields))
     data_cfg = DataConfig(**{k: v for k, v in options.items() if k in data_fields})
     return PrecomputeConfig(**{k: v for k, v in options.items() if k in run_fields}, data_config=data_cfg)
 

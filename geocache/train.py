@@ -22,7 +22,7 @@ import yaml
 from geocache.base import BASE_MODES, CacheBase, CopyBase, LiveBase, PeriodicBase
 from geocache.cache.manifest import first_difference
 from geocache.cache.reader import CacheError, open_cache
-from geocache.config import GeometryConfig, numbers_as_numbers
+from geocache.config import GeometryConfig, numbers_as_numbers, unknown_options
 from geocache.data import token_shaping
 from geocache.models import load_model_and_tokenizer, moe_layout
 
@@ -137,7 +137,7 @@ class TrainConfig:
         if unknown:
             geometry = sorted(set(unknown) & {f.name for f in fields(GeometryConfig)})
             hint = f" ({', '.join(geometry)}: geometry options, which a config file holds under `geometry:`)" if geometry else ""
-            raise ValueError(f"unknown train option(s) {unknown}{hint}")
+            raise ValueError(f"{unknown_options('train', unknown, known)}{hint}")
         return cls(**values)
 
 

@@ -930,6 +930,12 @@ def test_unknown_train_options_are_named_and_geometry_keys_are_pointed_under_geo
     with pytest.raises(ValueError, match=r"unknown train option\(s\) \['lambda_kl'\] \(lambda_kl: geometry options, which a config file "
                                          r"holds under `geometry:`\)"):
         TrainConfig.from_dict({"model": "m", "cache": "c", "out": "o", "lambda_kl": 0.2})
+    with pytest.raises(ValueError, match=r"^unknown train option\(s\) \['lr', 'seeed'\] \(did you mean: lr → learning_rate\?, seeed → seed\?\)$"):
+        TrainConfig.from_dict({"model": "m", "cache": "c", "out": "o", "lr": 1e-4, "seeed": 1})
+    from geocache.precompute import config_from_options
+
+    with pytest.raises(ValueError, match=r"^unknown precompute option\(s\) \['top_k'\] \(did you mean: top_k → k\?\)$"):
+        config_from_options({"model": "m", "data": "d", "out": "o", "top_k": 8})
 
 
 def test_label_smoothing_is_refused_in_one_sentence(tmp_path, moe_cache):
