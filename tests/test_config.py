@@ -33,7 +33,7 @@ def test_loads_from_yaml_section_or_top_level(tmp_path):
 @pytest.mark.parametrize(
     "text,message",
     [
-        ("lambda_kll: 0.3\n", r"unknown geometry config key\(s\) \['lambda_kll'\]"),
+        ("lambda_kll: 0.3\n", r"unknown geometry option\(s\) \['lambda_kll'\] \(did you mean: lambda_kll → lambda_kl\?\)"),
         ("lambda_kl: -0.3\n", "lambda_kl=-0.3 must be a finite number >= 0"),
         ("lambda_kl: .nan\n", "lambda_kl=nan must be a finite number >= 0"),
         ("kl_direction: sideways\n", "kl_direction='sideways' must be one of forward, reverse"),
