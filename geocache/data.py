@@ -250,8 +250,13 @@ _UNREADABLE = "__geocache_unreadable__"
 
 def _jsonl_rows(files: list[str]) -> Iterator[dict]:
     for name in files:
-        with open(name, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not data
-            for line_no, line in enumerate(f, 1):
+        with open(name, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                try:  # -sig: a byte-order mark (Windows editors) is not data
+                    line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    yield {_UNREADABLE: f"line {line_no} of {name} is not UTF-8 text ({exc.reason} at byte {exc.start})"}
+                    continue
                 if not line.strip():
                     continue  # as datasets' JSON reader: blank lines hold no row
                 try:

@@ -242,10 +242,13 @@ class _Run:
         rows = load_examples(self.cfg.data, split=dc.split, text_sample_by=dc.text_sample_by,
                              revision=source.get("commit") or dc.data_revision, subset=dc.subset)
         first_row = (slice_bounds(self.cfg.data, dc.split) or (0,))[0]  # row numbers in messages count from the data's start
-        for i, seq in enumerate(iter_sequences(rows, self.tokenizer, self.cfg.data_config, bad_rows, unlabelled_rows, truncated_rows,
-                                               first_row=first_row)):
-            if every_rank or i % self.world == self.rank:
-                yield i, seq
+        try:
+            for i, seq in enumerate(iter_sequences(rows, self.tokenizer, self.cfg.data_config, bad_rows, unlabelled_rows, truncated_rows,
+                                                   first_row=first_row)):
+                if every_rank or i % self.world == self.rank:
+                    yield i, seq
+        except UnicodeDecodeError as exc:  # raised from inside datasets' readers, naming no file
+            raise ValueError(f"data {', '.join(self.cfg.data)} is not UTF-8 text ({exc}); convert it, e.g. with iconv") from None
 
     @torch.no_grad()
     def records(self, batch: list[tuple[int, Sequence]]) -> list[dict]:

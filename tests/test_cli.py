@@ -254,3 +254,19 @@ def test_benchmark_and_reference_options_are_refused_before_minutes_of_pretraini
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"cache directory .* cannot be written"):  # was found after the pretraining
         build_reference_model(ReferenceRecipe(steps=1), cache_dir=tmp_path / "file")
+
+
+def test_data_that_is_not_utf8_names_its_file(tmp_path, tiny_model_dir):
+    model = tiny_model_dir("llama")
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n{"text": "fine"}\n')
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 au lait\n")
+    runner = CliRunner()
+    result = runner.invoke(main, ["precompute", "--model", str(model), "--data", str(tmp_path / "latin1.jsonl"), "--out", str(tmp_path / "a"),
+                                  "--no-progress"])
+    assert result.exit_code == 2 and "row 0: line 1 of" in result.output and "latin1.jsonl is not UTF-8 text" in result.output
+    skipped = runner.invoke(main, ["precompute", "--model", str(model), "--data", str(tmp_path / "latin1.jsonl"), "--out", str(tmp_path / "b"),
+                                   "--skip-bad-rows", "--no-progress"])
+    assert skipped.exit_code == 0 and "skipped 1 malformed row(s)" in skipped.output  # a bad line is a bad row, skippable
+    result = runner.invoke(main, ["precompute", "--model", str(model), "--data", str(tmp_path / "latin1.txt"), "--out", str(tmp_path / "c"),
+                                  "--no-progress"])
+    assert result.exit_code == 2 and "latin1.txt is not UTF-8 text" in result.output and "Traceback" not in result.output
