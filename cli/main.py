@@ -234,7 +234,30 @@ def train_summary(state, out: str) -> str:
     return line
 
 
+def _yaml_defaults(ctx, param, value):
+    """``--config FILE`` for commands whose options are plain click options: the YAML's keys (the
+    options' names, ``steps`` or ``pretrain_steps``) become their defaults, so that the command
+    line still overrides them (click's ``default_map``)."""
+    if not value:
+        return value
+    data = _load_yaml(value)
+    names = {p.name for p in ctx.command.params if p.name != param.name}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        from geocache.config import unknown_options
+
+        raise click.UsageError(f"{unknown_options(ctx.command.name, unknown, names)} in {value}", ctx)
+    ctx.default_map = {**(ctx.default_map or {}), **data}
+    return value
+
+
+def _config_option(func):
+    return click.option("--config", "config_path", type=click.Path(), is_eager=True, expose_value=False, callback=_yaml_defaults,
+                        help="YAML file of this command's options (its keys: the options' names); CLI options override it.")(func)
+
+
 @main.command()
+@_config_option
 @click.option("--out", default="geocache-demo", show_default=True, help="Directory for the data, caches and runs (new, or an earlier demo's).")
 @click.option("--steps", default=40, show_default=True, help="Training steps per run.")
 @click.option("--pretrain-steps", default=500, show_default=True,
@@ -247,6 +270,7 @@ def demo(out, steps, pretrain_steps):
 
 
 @main.command()
+@_config_option
 @click.option("--arch", type=click.Choice(["moe", "dense"]), default="moe", show_default=True, help="Which reference model.")
 @click.option("--steps", type=int, default=None, help="Override the recipe's pretraining steps (changes the cache key).")
 @click.option("--seed", type=int, default=None, help="Override the recipe's seed (changes the cache key).")
@@ -318,6 +342,7 @@ def _bench_deps() -> None:
 
 
 @bench.command()
+@_config_option
 @click.option("--arch", type=click.Choice(["moe", "dense"]), default="moe", show_default=True, help="Reference model.")
 @click.option("--out", default="benchmarks/results", show_default=True, help="Where fidelity.json/.md/.png go.")
 @click.option("--work-dir", default=None, help="Keep caches and adapters here (default: a temporary directory, removed).")
@@ -343,6 +368,7 @@ def fidelity(arch, out, work_dir, tune_domain, steps, ks, ms, eval_sequences, de
 
 
 @bench.command()
+@_config_option
 @click.option("--arch", type=click.Choice(["moe", "dense"]), default="moe", show_default=True, help="Reference model.")
 @click.option("--out", default="benchmarks/results", show_default=True, help="Where parity.json/.md/.png go.")
 @click.option("--work-dir", default=None, help="Keep caches and runs here (default: a temporary directory, removed).")
@@ -368,6 +394,7 @@ def parity(arch, out, work_dir, tune_domain, steps, learning_rate, device, cache
 
 
 @bench.command()
+@_config_option
 @click.option("--arch", type=click.Choice(["moe", "dense"]), default="moe", show_default=True, help="Reference model.")
 @click.option("--out", default="benchmarks/results", show_default=True, help="Where calibration.json/.md/.png go.")
 @click.option("--work-dir", default=None, help="Keep caches and runs here (default: a temporary directory, removed).")

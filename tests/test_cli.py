@@ -270,3 +270,21 @@ def test_data_that_is_not_utf8_names_its_file(tmp_path, tiny_model_dir):
     result = runner.invoke(main, ["precompute", "--model", str(model), "--data", str(tmp_path / "latin1.txt"), "--out", str(tmp_path / "c"),
                                   "--no-progress"])
     assert result.exit_code == 2 and "latin1.txt is not UTF-8 text" in result.output and "Traceback" not in result.output
+
+
+def test_demo_reference_and_bench_take_a_yaml_config_with_cli_overrides(tmp_path, monkeypatch):
+    import geocache.demo
+
+    seen = []
+    monkeypatch.setattr(geocache.demo, "run_demo", lambda out, steps, pretrain_steps, **kw: seen.append((out, steps, pretrain_steps)) or {})
+    cfg = tmp_path / "demo.yaml"
+    cfg.write_text(f"out: {tmp_path / 'd'}\nsteps: 7\npretrain_steps: 9\n")
+    result = CliRunner().invoke(main, ["demo", "--config", str(cfg), "--steps", "5"])
+    assert result.exit_code == 0, result.output
+    assert seen == [(str(tmp_path / "d"), 5, 9)]  # steps from the command line, the rest from the file
+    cfg.write_text("step: 7\n")
+    bad = CliRunner().invoke(main, ["demo", "--config", str(cfg)])
+    assert bad.exit_code == 2 and "unknown demo option(s) ['step'] (did you mean: step → steps?)" in bad.output
+    for command in (["reference"], ["bench", "fidelity"], ["bench", "parity"], ["bench", "calibration"]):
+        result = CliRunner().invoke(main, [*command, "--config", str(tmp_path / "none.yaml")])
+        assert result.exit_code == 2 and "does not exist" in result.output, (command, result.output)
