@@ -151,8 +151,11 @@ class CopyBase:
     mode = "copy"
 
     def __init__(self, base_model, want_router: bool = False, offload: bool = False, device: Optional[torch.device] = None):
+        from geocache.models import no_hub_kernels_offline
+
         base_model.requires_grad_(False)
         base_model.eval()
+        no_hub_kernels_offline(base_model)
         if offload:
             from accelerate import cpu_offload
 

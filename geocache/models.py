@@ -59,7 +59,20 @@ def load_model_and_tokenizer(
     if device_map is None:
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.eval()
+    no_hub_kernels_offline(model)
     return model, tokenizer
+
+
+def no_hub_kernels_offline(model) -> None:
+    """Turn transformers' hub kernels off for ``model`` when the hub is offline. transformers 5.25
+    loads models with ``use_kernels=True`` and re-kernelizes on ``model.train()``, which on CUDA
+    fetches kernels (``kernels-community/rotary``) from the hub: offline, every training run ended
+    there at its first step (seen on an H200). Online, the user's choice stays."""
+    from huggingface_hub import constants
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(constants, "HF_HUB_OFFLINE", False) and getattr(inner, "use_kernels", False):
+        inner.use_kernels = False  # transformers' own switch (Trainer uses it for DataParallel): torch's layers
 
 
 def check_device(device) -> torch.device:

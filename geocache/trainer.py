@@ -193,6 +193,10 @@ class GeometryTrainer(Trainer):
         bound = inspect.signature(Trainer.__init__).bind_partial(self, *args, **kwargs).arguments
         self._check_caches(bound.get("model"), base or CacheBase(), bound.get("train_dataset"), bound.get("eval_dataset"),
                            bound.get("processing_class"))
+        if bound.get("model") is not None:
+            from geocache.models import no_hub_kernels_offline
+
+            no_hub_kernels_offline(bound["model"])  # a model the user loaded: offline, model.train() must not fetch kernels
         if layer_weights is not None and bound.get("model") is not None:  # here, not inside the first step
             layout = moe_layout(bound["model"])
             if layout is not None:

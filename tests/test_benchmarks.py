@@ -5,6 +5,8 @@ renders again from the JSON alone. A report edited by hand, or a renderer broken
 results' schema, fails here without rerunning any measurement.
 """
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -57,3 +59,15 @@ def test_reference_benchmark_smoke_builds_both_architectures_from_scratch(tmp_pa
         assert m["build_wall_s"] >= m["report"]["train_seconds"] > 0 and set(m["report"]["domains"]) == {"code", "prose"}
     md = (tmp_path / "reference.md").read_text()
     assert "| moe (qwen3_moe) |" in md and "| dense (qwen3) |" in md and (tmp_path / "reference.png").stat().st_size > 0
+
+
+def test_the_cuda_check_runs_off_the_gpu_as_a_dry_run(tmp_path):
+    """benchmarks/cuda_check.py is run on a lent GPU machine; here its CPU dry run (one section,
+    small shapes) must run through and write its JSON with no section in error."""
+    env = {**os.environ, "CHECK_DEVICE": "cpu", "CHECK_QUICK": "1", "CHECK_ONLY": "loss_cuda_vs_cpu", "OUT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cuda_check.py")], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    checked = result["loss_cuda_vs_cpu"]
+    assert "error" not in checked and set(checked) == {"topk_cv", "topk_tail", "topk_hybrid"}
+    assert all(v["loss_cpu"] == v["loss_gpu"] and v["inside_autocast_minus_outside"] == 0.0 for v in checked.values())

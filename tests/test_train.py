@@ -998,3 +998,18 @@ def test_a_moe_model_given_a_dense_models_cache_is_one_sentence(tmp_path, moe_ca
     precompute(PrecomputeConfig(model=str(tiny_model_dir("llama")), data=[str(sft_data)], out=str(dense_cache), k=8, progress=False))
     with pytest.raises(CacheError, match="was built for base model"):  # was AttributeError: 'NoneType' object has no attribute 'get'
         train(TrainConfig(model=str(model), cache=str(dense_cache), out=str(tmp_path / "r"), max_steps=1, use_cpu=True, progress=False))
+
+
+def test_hub_kernels_are_off_when_the_hub_is_offline(tmp_path, moe_cache):
+    """transformers 5.25 loads models with use_kernels=True and re-kernelizes on model.train(): on
+    CUDA that fetches kernels from the hub, and offline every training run ended at its first step
+    (seen on an H200). Models geocache loads, a user's model given to GeometryTrainer and a copy
+    base are kept to torch's own layers when the hub is offline."""
+    from geocache.base import CopyBase
+    from geocache.models import load_model_and_tokenizer
+
+    model, root = moe_cache
+    assert AutoModelForCausalLM.from_pretrained(model).use_kernels  # transformers' default: the premise
+    assert not load_model_and_tokenizer(str(model))[0].use_kernels
+    trainer = _trainer(model, root / "k64", CopyBase(AutoModelForCausalLM.from_pretrained(model)), tmp_path / "a")
+    assert not trainer.model.get_base_model().use_kernels and not trainer.base_source.base_model.use_kernels

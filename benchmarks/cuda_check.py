@@ -1,0 +1,273 @@
+"""CUDA / bf16 checks and GPU step timings for geocache, run on a lent GPU machine (never in CI).
+
+Sections (CHECK_ONLY=a,b to run some): precompute on CUDA (float32, bfloat16) against a direct forward and
+against a CPU build; the loss on CUDA against CPU (float32, bf16/fp16 logits, inside autocast); short
+training runs on CUDA (bf16, fp16, live, copy offloaded, activation checkpointing, the packed probe); plain vs
+cache vs live step time and peak CUDA memory, interleaved, at a small and a mid shape. Results:
+benchmarks/results/cuda_check.json and .md. CHECK_DEVICE=cpu CHECK_QUICK=1 is a dry run of the script.
+"""
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+OUT = Path(os.environ.get("OUT", "/tmp/out"))
+DEV = os.environ.get("CHECK_DEVICE", "cuda")  # cpu: a dry run of this script off the GPU machine
+QUICK = bool(os.environ.get("CHECK_QUICK"))
+RES = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(0) if DEV == "cuda" else DEV}
+ROOT = Path(tempfile.mkdtemp())
+dev = torch.device(DEV)
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def save():
+    (OUT / "gpu_check.json").write_text(json.dumps(RES, indent=1, default=str))
+
+
+ONLY = [x for x in os.environ.get("CHECK_ONLY", "").split(",") if x]
+
+
+def section(name):
+    def deco(fn):
+        if ONLY and name not in ONLY:
+            return fn
+        t = time.perf_counter()
+        try:
+            RES[name] = fn()
+        except Exception as exc:
+            RES[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[:6000]}
+        RES.setdefault("seconds", {})[name] = round(time.perf_counter() - t, 1)
+        print(name, json.dumps(RES[name], default=str)[:1500], flush=True)
+        save()
+        return fn
+    return deco
+
+
+import transformers, peft  # noqa: E402
+
+RES["transformers"], RES["peft"] = transformers.__version__, peft.__version__
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from geocache.data import DataConfig  # noqa: E402
+from geocache.precompute import PrecomputeConfig, precompute  # noqa: E402
+from geocache.testing import build_tiny_model, build_tokenizer  # noqa: E402
+
+tok_dir = ROOT / "tok"
+build_tokenizer(tok_dir)
+models = {k: build_tiny_model(ROOT / k, k, tokenizer_dir=tok_dir) for k in ("qwen3_moe", "qwen3", "deepseek_v3")}
+text = Path(torch.__file__).read_text()[:200_000]
+rows = [{"text": text[i: i + 600]} for i in range(0, 60 * 600, 600)]
+data = ROOT / "data.jsonl"
+data.write_text("\n".join(json.dumps(r) for r in rows))
+
+
+@section("precompute_cuda")
+def _():
+    from geocache.cache import open_cache
+    from geocache.signals import labelled_positions
+
+    out = {}
+    for kind in ("qwen3_moe", "deepseek_v3"):
+        for dtype in ("float32", "bfloat16"):
+            c = ROOT / f"c-{kind}-{dtype}"
+            precompute(PrecomputeConfig(model=str(models[kind]), data=[str(data)], out=str(c), k=16, m=4, device=DEV, dtype=dtype,
+                                        progress=False, data_config=DataConfig(max_length=128), router="topk" if kind == "deepseek_v3" else "auto"))
+            cache = open_cache(str(c))
+            model = AutoModelForCausalLM.from_pretrained(models[kind], dtype=getattr(torch, dtype)).to(dev).eval()
+            worst = 0.0
+            for i in range(0, len(cache), 7):
+                row = cache[i]
+                with torch.no_grad():
+                    logits = model(row["input_ids"][None].to(dev)).logits[0].float()
+                rows_, _ = labelled_positions(row["labels"][None])
+                worst = max(worst, (logits[rows_.to(dev)].logsumexp(-1).cpu() - row["lse"]).abs().max().item())
+            out[f"{kind}/{dtype}"] = {"rows": len(cache), "max_lse_diff_vs_direct_forward": worst}
+    # a CPU build of the same cache: the arrays agree to float rounding
+    c_cpu = ROOT / "c-cpu"
+    precompute(PrecomputeConfig(model=str(models["qwen3_moe"]), data=[str(data)], out=str(c_cpu), k=16, m=4, device="cpu", progress=False,
+                                data_config=DataConfig(max_length=128)))
+    a, b = open_cache(str(c_cpu)), open_cache(str(ROOT / "c-qwen3_moe-float32"))
+    out["cpu_vs_cuda_float32"] = {
+        "lse": max((a[i]["lse"] - b[i]["lse"]).abs().max().item() for i in range(len(a))),
+        "topk_ids_equal_frac": sum(int(torch.equal(a[i]["topk_ids"], b[i]["topk_ids"])) for i in range(len(a))) / len(a),
+    }
+    return out
+
+
+@section("loss_cuda_vs_cpu")
+def _():
+    from geocache import BaseStats, GeometryAwareLoss
+
+    g = torch.Generator().manual_seed(0)
+    V, B, T = (4096, 2, 64) if QUICK else (32768, 4, 256)
+    base = torch.randn(B, T, V, generator=g) * 3
+    tuned = base + 0.3 * torch.randn(B, T, V, generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    out = {}
+    for est in ("topk_cv", "topk_tail", "topk_hybrid"):
+        stats = BaseStats.from_logits(base, labels, k=32, m=16, generator=torch.Generator().manual_seed(1))
+        fn = GeometryAwareLoss(kl_estimator=est, kl_threshold=0.0, final_kl_threshold=0.0)
+        x = tuned.clone().requires_grad_()
+        l_cpu, m_cpu = fn(x, stats, labels)
+        (g_cpu,) = torch.autograd.grad(l_cpu, x)
+        xc = tuned.to(dev).requires_grad_()
+        l_gpu, m_gpu = fn(xc, stats.to(dev), labels.to(dev))
+        (g_gpu,) = torch.autograd.grad(l_gpu, xc)
+        r = {"loss_cpu": l_cpu.item(), "loss_gpu": l_gpu.item(), "grad_max_abs_diff": (g_gpu.cpu() - g_cpu).abs().max().item(),
+             "grad_max": g_cpu.abs().max().item(), "KL_mean": [m_cpu["KL_mean"].item(), m_gpu["KL_mean"].item()]}
+        for dt in (torch.bfloat16, torch.float16):  # half-precision logits (what autocast gives), fp16 with a GradScaler-like scale
+            xh = tuned.to(dev, dt).requires_grad_()
+            lh, _ = fn(xh, stats.to(dev), labels.to(dev))
+            (gh,) = torch.autograd.grad(lh * 1024.0, xh)
+            r[str(dt)] = {"loss": lh.item(), "grad_rel_err": ((gh.float() / 1024.0).cpu() - g_cpu).norm().item() / g_cpu.norm().item(),
+                          "finite": bool(torch.isfinite(gh).all())}
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            la, _ = fn(xc, stats.to(dev), labels.to(dev))
+        r["inside_autocast_minus_outside"] = la.item() - l_gpu.item()
+        out[est] = r
+    return out
+
+
+def _train(kind, cache, out, **kw):
+    from geocache.train import TrainConfig, train
+
+    tr = train(TrainConfig(model=str(models[kind]), cache=str(cache), out=str(out), max_steps=8, logging_steps=1, learning_rate=1e-2,
+                           lora_r=4, progress=False, save_steps=100, **kw))
+    return [r["loss"] for r in tr.state.log_history if "loss" in r], tr
+
+
+@section("train_cuda")
+def _():
+    c = ROOT / "c-qwen3_moe-float32"
+    out = {}
+    fp32, tr = _train("qwen3_moe", c, ROOT / "r32")
+    out["device"] = str(tr.args.device)
+    out["fp32"] = fp32
+    for name, kw in (("bf16", dict(bf16=True)), *((("fp16", dict(fp16=True)),) if DEV == "cuda" else ()), ("live_fp32", dict(base="live")),
+                     ("copy_offload", dict(base="copy", offload_base=True)), ("grad_ckpt", dict(gradient_checkpointing=True))):
+        losses, tr = _train("qwen3_moe", c, ROOT / f"r-{name}", **kw)
+        out[name] = {"losses": losses, "max_rel_vs_fp32": max(abs(a - b) / abs(b) for a, b in zip(losses, fp32)),
+                     "finite": all(math.isfinite(x) for x in losses)}
+    # a packed cache on CUDA (sdpa): the probe passes and the tuned lse at init equals the cached one
+    from geocache.base import check_packed_attention
+
+    m = AutoModelForCausalLM.from_pretrained(models["qwen3_moe"]).to(dev)
+    check_packed_attention(m)
+    mb = AutoModelForCausalLM.from_pretrained(models["qwen3_moe"], dtype=torch.bfloat16).to(dev)
+    check_packed_attention(mb)
+    out["packed_probe"] = {"attn": m.config._attn_implementation, "float32_and_bf16_pass": True}
+    return out
+
+
+@section("step_timing_gpu")
+def _():
+    """plain DoRA SFT vs cache vs live, interleaved, on the GPU: step time and peak memory."""
+    from transformers import Trainer, TrainingArguments
+
+    from geocache.base import CacheBase, LiveBase
+    from geocache.cache import collate_cache_rows, open_cache
+    from geocache.config import GeometryConfig
+    from geocache.testing import tiny_config
+    from geocache.trainer import GeometryTrainer, add_dora_adapter
+
+    shapes = {
+        "small": dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=4, head_dim=64, vocab_size=32768, seq=256, batch=4),
+        "mid": dict(hidden_size=1024, intermediate_size=3072, moe_intermediate_size=768, num_hidden_layers=8, num_attention_heads=16,
+                    num_key_value_heads=8, head_dim=64, vocab_size=151936, num_experts=16, seq=1024, batch=8),
+    }
+    res = {}
+    for shape, kw in shapes.items():
+        if QUICK and shape != "small":
+            continue
+        seq, batch = kw.pop("seq"), kw.pop("batch")
+        tokd = ROOT / f"tok-{shape}"
+        tok = build_tokenizer(tokd, vocab_size=4096)
+        torch.manual_seed(0)
+        cfg = tiny_config("qwen3_moe", eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_position_embeddings=seq,
+                          **{"num_experts": 8, "num_experts_per_tok": 2, **kw})
+        md = ROOT / f"m-{shape}"
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(md)
+        tok.save_pretrained(md)
+        d = ROOT / f"d-{shape}.jsonl"
+        big = Path(torch.__file__).parent.joinpath("nn", "modules", "module.py").read_text() * 4
+        d.write_text("\n".join(json.dumps({"text": big[i: i + 6 * seq]}) for i in range(0, 6 * seq * 64, 6 * seq)))
+        c = ROOT / f"cache-{shape}"
+        t0 = time.perf_counter()
+        precompute(PrecomputeConfig(model=str(md), data=[str(d)], out=str(c), k=64, m=8, device=DEV, progress=False,
+                                    data_config=DataConfig(max_length=seq)))
+        res[f"{shape}_precompute_s"] = time.perf_counter() - t0
+        cache = open_cache(str(c))
+        batches = [{k: (v.to(dev) if hasattr(v, "to") else v) for k, v in collate_cache_rows([cache[(i * batch + j) % len(cache)] for j in range(batch)]).items()}
+                   for i in range(6)]
+        steps = {}
+        for variant in ("plain", "cache", "live"):
+            torch.manual_seed(0)
+            model = add_dora_adapter(AutoModelForCausalLM.from_pretrained(md).to(dev), r=16, alpha=32)
+            from geocache.models import no_hub_kernels_offline
+
+            no_hub_kernels_offline(model)  # the same torch layers for every variant (plain Trainer has no guard)
+            args = TrainingArguments(output_dir=str(ROOT / "t"), report_to=[], remove_unused_columns=False, per_device_train_batch_size=batch)
+            if variant == "plain":
+                trainer = Trainer(model=model, args=args, train_dataset=cache, data_collator=collate_cache_rows)
+            else:
+                geometry = GeometryConfig(kl_threshold=0.0, final_kl_threshold=0.0, dh_threshold=0.0, cal_threshold=0.0)
+                trainer = GeometryTrainer(model=model, args=args, train_dataset=cache, geometry_config=geometry,
+                                          base=CacheBase() if variant == "cache" else LiveBase(want_router=True))
+            opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+            trainer.current_gradient_accumulation_steps = 1
+            model.train()
+
+            def step(i, variant=variant, trainer=trainer, model=model, opt=opt):
+                b = batches[i % len(batches)]
+                inputs = {k: v for k, v in b.items() if variant != "plain" or k in ("input_ids", "attention_mask", "labels")}
+                trainer.training_step(model, inputs)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            for i in range(3):
+                step(i)
+            sync()
+            steps[variant] = (step, model)
+        times = {v: [] for v in steps}
+        for r in range(2 if QUICK else 12):
+            for v in (list(steps)[r % 3:] + list(steps)[: r % 3]):
+                step, _ = steps[v]
+                step(0)
+                sync()
+                t = time.perf_counter()
+                for i in range(1, 5):
+                    step(i)
+                sync()
+                times[v].append((time.perf_counter() - t) / 4)
+        med = {v: sorted(x)[len(x) // 2] for v, x in times.items()}
+        peaks = {}
+        for v, (step, _) in steps.items():
+            sync()
+            if DEV != "cuda":
+                peaks[v] = float("nan")
+                continue
+            torch.cuda.reset_peak_memory_stats()
+            base_mem = torch.cuda.memory_allocated()
+            step(1)
+            sync()
+            peaks[v] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
+        res[shape] = {"step_s_median": med, "cache_over_plain": med["cache"] / med["plain"], "live_over_cache": med["live"] / med["cache"],
+                      "peak_MiB_over_resident": peaks, "mem_cache_over_plain": peaks["cache"] / peaks["plain"], "tokens_per_step": seq * batch}
+        del steps
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    return res
+
+
+print("done", flush=True)
