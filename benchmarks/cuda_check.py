@@ -270,4 +270,59 @@ def _():
     return res
 
 
+@section("sync_sources")
+def _():
+    """Where one cache-mode training step makes the host wait for the GPU (torch's sync debug
+    mode, one warning per synchronizing call, counted by the geocache or transformers line that
+    made it), and the profiler's top host-side operations of that step."""
+    import collections
+    import warnings
+
+    from transformers import TrainingArguments
+
+    from geocache.base import CacheBase
+    from geocache.cache import collate_cache_rows, open_cache
+    from geocache.config import GeometryConfig
+    from geocache.models import no_hub_kernels_offline
+    from geocache.trainer import GeometryTrainer, add_dora_adapter
+
+    md, c = ROOT / "m-small", ROOT / "cache-small"
+    cache = open_cache(str(c))
+    batch = {k: (v.to(dev) if hasattr(v, "to") else v) for k, v in collate_cache_rows([cache[j] for j in range(4)]).items()}
+    model = add_dora_adapter(AutoModelForCausalLM.from_pretrained(md).to(dev), r=16, alpha=32)
+    no_hub_kernels_offline(model)
+    geometry = GeometryConfig(kl_threshold=0.0, final_kl_threshold=0.0, dh_threshold=0.0, cal_threshold=0.0)
+    trainer = GeometryTrainer(model=model, args=TrainingArguments(output_dir=str(ROOT / "s"), report_to=[], remove_unused_columns=False),
+                              train_dataset=cache, geometry_config=geometry, base=CacheBase())
+    trainer.current_gradient_accumulation_steps = 1
+    model.train()
+    for _ in range(3):
+        trainer.training_step(model, batch)
+    sync()
+    where = collections.Counter()
+    if DEV == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.training_step(model, batch)
+        sync()
+    if DEV == "cuda":
+        torch.cuda.set_sync_debug_mode(0)
+    import traceback as tb
+
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            trainer.training_step(model, batch)
+        sync()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    (OUT / "profile_cache_step.txt").write_text(table + "\n\n" + prof.key_averages().table(sort_by="self_cuda_time_total" if DEV == "cuda" else "self_cpu_time_total", row_limit=25))
+    return {"sync_calls": sum(where.values()), "by_line": where.most_common(40)}
+
+
 print("done", flush=True)
