@@ -29,7 +29,10 @@ class GeocacheGroup(click.Group):
             click.echo(f"error: {exc.strerror or exc}{where}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:  # what was committed (cache shards, checkpoints) stays
-            click.echo("interrupted: what was committed is kept; rerun the command with --resume to continue", err=True)
+            how = {"precompute": "rerun it with --resume to continue after the last committed shard",
+                   "train": "rerun it with --resume to continue from the last checkpoint (before the first one, the same command "
+                            "starts the run again)"}.get(ctx.invoked_subcommand, "rerun the command")
+            click.echo(f"interrupted: what was committed is kept; {how}", err=True)
             ctx.exit(130)
         finally:
             _end_process_group()
@@ -290,10 +293,16 @@ def reference(arch, steps, seed, cache_dir):
 
 
 def _int_list(ctx, param, value):
+    if isinstance(value, (list, tuple)):  # from a --config YAML list
+        try:
+            return tuple(int(v) for v in value)
+        except (TypeError, ValueError):
+            raise click.BadParameter(f"{value!r} is not a list of integers") from None
     if value is None:
         return None
     try:
-        return tuple(int(x) for x in str(value).split(",") if x.strip())
+        # "8,16", or a --config YAML list as click hands it over as text ("[8, 16]")
+        return tuple(int(x) for x in str(value).strip().strip("[]()").split(",") if x.strip())
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from None
 

@@ -154,11 +154,18 @@ def numbers_as_numbers(cfg) -> None:
     text item alone becomes a one-item list)."""
     import typing
 
+    import numbers
+    import os
+
+    import numpy as np
+
     for name, hint in typing.get_type_hints(type(cfg)).items():
         value = getattr(cfg, name, None)
-        if value is None:
-            continue
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        if value is None:
+            if not (union and type(None) in typing.get_args(hint)) and name in {f.name for f in fields(cfg)}:
+                raise ValueError(f"{name} must be given a value (it cannot be null)")
+            continue
         args = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
         kind = typing.get_origin(args[0]) or args[0]
         if len(args) > 1:  # a union such as str | dict: each kind checks itself where used
@@ -166,19 +173,27 @@ def numbers_as_numbers(cfg) -> None:
         if kind is bool:
             if isinstance(value, str) and value.strip().lower() in ("true", "false"):
                 setattr(cfg, name, value.strip().lower() == "true")
+            elif isinstance(value, np.bool_) or (isinstance(value, numbers.Integral) and value in (0, 1)):  # numpy's, 0/1
+                setattr(cfg, name, bool(value))
             elif not isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} must be true or false")
         elif kind in (int, float):
             setattr(cfg, name, _number(name, value, kind))
         elif kind is str:
-            if isinstance(value, (bool, int, float, list, tuple, dict)):
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool) and name == "device":
+                continue  # a CUDA device index, as torch takes it
+            if isinstance(value, (bool, numbers.Number, list, tuple, dict)):
                 raise ValueError(f"{name}={value!r} must be text (in YAML, quote it)")
         elif kind is list:
             item = (typing.get_args(args[0]) or (object,))[0]
-            if isinstance(value, str) and item is str:
+            if isinstance(value, (str, os.PathLike)) and item is str:
                 value = [value]
+            elif not isinstance(value, (str, bytes, dict)) and hasattr(value, "__iter__"):
+                value = list(value.tolist() if hasattr(value, "tolist") else value)  # tuples, sets, arrays, tensors
             if not isinstance(value, (list, tuple)):
                 raise ValueError(f"{name}={value!r} must be a list")
+            if item is str:
+                value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
             if item is str and any(isinstance(v, (bool, int, float, list, tuple, dict)) for v in value):
                 raise ValueError(f"{name}={list(value)!r} must be a list of text")
             if item in (int, float):
@@ -195,10 +210,16 @@ def _is_dataclass_type(kind) -> bool:
 
 
 def _number(name: str, value, kind):
-    if isinstance(value, bool):
+    import numbers
+
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name}={value!r} must be {'an integer' if kind is int else 'a number'}")
-    if isinstance(value, int):
-        return value
+    if isinstance(value, numbers.Integral):  # numpy's too
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, float):
+        value = float(value)
     number = value if isinstance(value, float) else None
     if isinstance(value, str):
         try:

@@ -614,10 +614,12 @@ class _RouterDivergence(torch.autograd.Function):
             if bool(in_s.all()):  # S holds every expert: no rest
                 p_rest.zero_()
             log_rest = log_rt.masked_fill(in_s, -math.inf).logsumexp(1, keepdim=True)
-            rest_term = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-30).log() - log_rest), 0.0)
+            log_p_rest = p_rest.clamp_min(1e-30).log()
+            rest_term = torch.where(p_rest > 0, p_rest * (log_p_rest - log_rest), 0.0)
             div = torch.where(in_s, pb * (target - log_rt), 0.0).sum(1) + rest_term.squeeze(1)
-            spread = torch.where(log_rest > -math.inf, p_rest / log_rest.exp(), 0.0)
-            grad = torch.where(in_s, rt - pb, rt * (1.0 - spread))
+            # p_rest · r / R in log space: R may underflow (tuned logits of −200 off S) where r/R does not
+            spread = torch.where((p_rest > 0) & (log_rest > -math.inf), (log_rt + log_p_rest - log_rest).exp(), 0.0)
+            grad = torch.where(in_s, rt - pb, rt - spread)
         else:
             rb = target.exp()
             div = (rb * (target - log_rt)).sum(1)

@@ -201,6 +201,8 @@ class _Run:
             if self.router_mode == "topk":
                 router_k = cfg.router_k or min(self.layout["top_k"] + 1, self.layout["num_experts"])
             moe = {**self.layout, "router_mode": self.router_mode, "router_k": router_k}
+            if self.router_mode == "topk":  # caches before it held raw logits: a resume must not mix the two
+                moe["router_topk_values"] = "logprobs"
         return Manifest(
             format_version=FORMAT_VERSION,
             geocache_version=geocache.__version__,

@@ -150,6 +150,9 @@ def _check_run_dir(cfg: TrainConfig) -> Optional[str]:
     holds_run = (out / RUN_CONFIG).exists() or any(out.glob("checkpoint-*"))
     if holds_run and not cfg.resume and _failed_start(out):  # replaced once the new run is accepted, as with --overwrite
         return None
+    if holds_run and _still_running(out):
+        raise ValueError(f"run directory {cfg.out!r} is in use: a training process (pid {(out / RUNNING).read_text().strip()}) is "
+                         "still running in it")
     if holds_run and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"run directory {cfg.out!r} holds another run; pass --resume to continue it or --overwrite to replace it")
     if not holds_run and out.exists() and any(out.iterdir()):
@@ -178,10 +181,36 @@ def _replace_run(out: Path) -> None:
         shutil.rmtree(out)
 
 
+# What a run writes into its directory before its first checkpoint (``runs``: TensorBoard's).
+_RUN_FILES = {RUN_CONFIG, "metrics.jsonl", "v2_checks.jsonl", "runs"}
+RUNNING = ".geocache-running"  # the training process's pid while it trains (rank 0)
+
+
 def _failed_start(out: Path) -> bool:
     """A run directory whose run stopped before it saved anything (refused inside its first step,
-    interrupted, a NaN at step 1): a record, maybe logs, no checkpoint and no adapter."""
-    return (out / RUN_CONFIG).exists() and not any(out.glob("checkpoint-*")) and not (out / "adapter").exists()
+    interrupted, a NaN at step 1): a record, maybe logs, no checkpoint, no adapter, nothing but
+    what a run writes, and no process still training in it."""
+    if not (out / RUN_CONFIG).exists() or any(out.glob("checkpoint-*")) or (out / "adapter").exists():
+        return False
+    if any(p.name not in _RUN_FILES | {RUNNING} for p in out.iterdir()):
+        return False  # a file of the user's (a copied record used as a template, notes): never deleted
+    return not _still_running(out)
+
+
+def _still_running(out: Path) -> bool:
+    try:
+        pid = int((out / RUNNING).read_text().strip())
+    except (OSError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # a process of that pid exists (on this machine)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _trained_steps(checkpoint: str) -> Optional[int]:
@@ -225,6 +254,12 @@ def _run_record(cfg: TrainConfig) -> dict:
     for name in _PATH_FIELDS:
         if record.get(name) and Path(record[name]).exists():
             record[name] = os.path.abspath(record[name])
+    if record.get("v2_data"):  # PATH or NAME=PATH
+        def absolute(entry: str) -> str:
+            name, sep, path = entry.rpartition("=") if "=" in entry and not Path(entry).exists() else ("", "", entry)
+            return f"{name}{sep}{os.path.abspath(path)}" if Path(path).exists() else entry
+
+        record["v2_data"] = [absolute(e) for e in record["v2_data"]]
     return {**record, "num_processes": int(os.environ.get("WORLD_SIZE", "1"))}
 
 
@@ -379,7 +414,14 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-    trainer.train(resume_from_checkpoint=resume_from)
-    trainer.check_weights_finite(str(out / "adapter"))
-    trainer.save_model(str(out / "adapter"))  # the adapter (PEFT) and tokenizer, from the main process only
+    lock = out / RUNNING if int(os.environ.get("RANK", "0")) == 0 else None
+    if lock is not None:
+        lock.write_text(f"{os.getpid()}\n")
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+        trainer.check_weights_finite(str(out / "adapter"))
+        trainer.save_model(str(out / "adapter"))  # the adapter (PEFT) and tokenizer, from the main process only
+    finally:
+        if lock is not None:
+            lock.unlink(missing_ok=True)
     return trainer

@@ -164,6 +164,14 @@ def test_yaml_options_are_checked_against_their_types_before_any_work(tmp_path, 
         result = runner.invoke(main, ["precompute", "--config", str(cfg), "--out", str(tmp_path / "c"), "--no-progress"])
         assert result.exit_code == 2 and result.output.startswith(f"error: {message}") and "\n" not in result.output.strip(), (extra, result.output)
         assert (tmp_path / "c" / "manifest.json").read_text() == manifest  # nothing replaced
+    # Python values of the right kind pass: numpy scalars, sets and tensors for lists, a device index
+    import numpy as np
+
+    ok = TrainConfig(model="m", cache="c", out="o", layer_weights=torch.ones(2), target_modules={"q_proj"}, bf16=np.bool_(True), lora_r=np.int64(4))
+    assert ok.layer_weights == [1.0, 1.0] and ok.target_modules == ["q_proj"] and ok.bf16 is True and ok.lora_r == 4
+    assert PrecomputeConfig(model="m", data=tmp_path, out="o", device=0).data == [str(tmp_path)]
+    with pytest.raises(ValueError, match=r"^max_steps must be given a value \(it cannot be null\)"):  # YAML `max_steps:` was a TypeError
+        TrainConfig(model="m", cache="c", out="o", max_steps=None)
     # the text "false" / "true" is read as the bool it names; a quoted number as the number
     cfg = PrecomputeConfig(model="m", data="d", out="o", overwrite="false", dry_run="True", k="8")
     assert cfg.overwrite is False and cfg.dry_run is True and cfg.k == 8 and cfg.data == ["d"]
@@ -217,7 +225,12 @@ def test_an_interrupted_command_says_what_is_kept_and_exits_130(tmp_path, tiny_m
 
     monkeypatch.setattr(geocache.precompute, "precompute", interrupted)
     result = CliRunner().invoke(main, ["precompute", "--model", "m", "--data", "d", "--out", str(tmp_path / "c")])
-    assert result.exit_code == 130 and "interrupted: what was committed is kept; rerun the command with --resume" in result.output
+    assert result.exit_code == 130 and "interrupted: what was committed is kept; rerun it with --resume to continue after the last" in result.output
+    import geocache.profile
+
+    monkeypatch.setattr(geocache.profile, "run_profile", lambda cfg, log=print: (_ for _ in ()).throw(KeyboardInterrupt))
+    result = CliRunner().invoke(main, ["profile", "--model", "m", "--data", "d", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 130 and "--resume" not in result.output and "rerun the command" in result.output  # profile has no --resume
 
 
 def test_an_empty_precompute_leaves_no_complete_cache(tmp_path, tiny_model_dir):
@@ -285,6 +298,14 @@ def test_demo_reference_and_bench_take_a_yaml_config_with_cli_overrides(tmp_path
     cfg.write_text("step: 7\n")
     bad = CliRunner().invoke(main, ["demo", "--config", str(cfg)])
     assert bad.exit_code == 2 and "unknown demo option(s) ['step'] (did you mean: step → steps?)" in bad.output
+    import geocache.bench.fidelity
+
+    got = []
+    monkeypatch.setattr(geocache.bench.fidelity, "run_fidelity", lambda cfg, log=print: got.append(cfg))
+    (tmp_path / "f.yaml").write_text("ks: [8, 16]\nms: 0,4\n")  # a YAML list or the CLI's comma form
+    result = CliRunner().invoke(main, ["bench", "fidelity", "--config", str(tmp_path / "f.yaml"), "--out", str(tmp_path / "fo")])
+    assert result.exit_code == 0, result.output
+    assert list(got[0].ks) == [8, 16] and list(got[0].ms) == [0, 4]
     for command in (["reference"], ["bench", "fidelity"], ["bench", "parity"], ["bench", "calibration"]):
         result = CliRunner().invoke(main, [*command, "--config", str(tmp_path / "none.yaml")])
         assert result.exit_code == 2 and "does not exist" in result.output, (command, result.output)

@@ -606,6 +606,13 @@ def test_router_kl_from_cached_topk_logprobs_is_the_coarse_kl_zero_at_the_base_a
     # float16 log-probs as the cache stores them: ~0 at the base, not the escaped mass
     at_base16, _ = router_divergence_loss(base.float(), ids, w, top_k=2, scoring=scoring, base_logprobs=logprobs.half())
     assert 0 <= at_base16.item() < 1e-5
+    # the tuned router's mass off S underflowing (logits of −200 there): a finite gradient, not NaN
+    far = base.float()  # float32, as training runs: exp(−200) underflows there
+    far.scatter_(-1, router_log_probs(base, scoring).argsort(-1, descending=True)[..., r:], -200.0 if scoring == "softmax" else -400.0)
+    far.requires_grad_()
+    l_far, _ = router_divergence_loss(far, ids, w, top_k=2, scoring=scoring, base_logprobs=logprobs.float())
+    (g_far,) = torch.autograd.grad(l_far, far)
+    assert torch.isfinite(g_far).all()
     sub = torch.tensor([0, 2, 3])  # rows selected inside, as the trainer does
     assert torch.autograd.gradcheck(
         lambda z: router_divergence_loss(z, ids[:, sub], w, top_k=2, rows=sub, scoring=scoring, base_logprobs=logprobs[:, sub])[0],

@@ -905,3 +905,19 @@ def test_a_float16_load_of_the_base_matches_a_float32_cache_and_back(tmp_path, t
             open_cache(str(tmp_path / cache)).check_compatible(load[d], tok)
     with pytest.raises(CacheError, match="a float16 and a bfloat16 load of one model are two roundings of it"):
         open_cache(str(tmp_path / "f16")).check_compatible(load["bfloat16"], tok)
+
+
+def test_a_resume_of_a_topk_router_cache_from_before_its_log_probs_is_refused(tmp_path, tiny_model_dir, data_file):
+    """Its shards hold raw router logits; resumed, the new shards would hold log-probs beside them
+    (verify said ok, training failed naming an array). The manifest says which values it holds."""
+    model = tiny_model_dir("qwen3_moe")
+    manifest = run(model, data_file, tmp_path / "c", k=4, router="topk", shard_sequences=4)
+    assert manifest.moe["router_topk_values"] == "logprobs"
+    part = tmp_path / "c" / "parts" / "rank-000.json"
+    record = json.loads(part.read_text())
+    del record["moe"]["router_topk_values"]  # as written before it existed, then interrupted
+    record.update(complete=False, shards=record["shards"][:1])
+    part.write_text(json.dumps(record))
+    (tmp_path / "c" / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"router_topk_values"):
+        run(model, data_file, tmp_path / "c", k=4, router="topk", shard_sequences=4, resume=True)

@@ -1013,3 +1013,46 @@ def test_hub_kernels_are_off_when_the_hub_is_offline(tmp_path, moe_cache):
     assert not load_model_and_tokenizer(str(model))[0].use_kernels
     trainer = _trainer(model, root / "k64", CopyBase(AutoModelForCausalLM.from_pretrained(model)), tmp_path / "a")
     assert not trainer.model.get_base_model().use_kernels and not trainer.base_source.base_model.use_kernels
+
+
+def test_a_failed_start_holding_other_files_or_a_live_run_is_never_deleted(tmp_path, moe_cache):
+    from geocache.train import RUNNING
+
+    model, root = moe_cache
+    common = dict(model=str(model), cache=str(root / "k64"), max_steps=1, use_cpu=True, lora_r=2, progress=False)
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "geocache_run.yaml").write_text(yaml.safe_dump({"model": str(model)}))  # a record copied as a template
+    (exp / "notes.md").write_text("mine")
+    with pytest.raises(ValueError, match="holds another run"):
+        train(TrainConfig(out=str(exp), **common))
+    assert (exp / "notes.md").read_text() == "mine"
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "geocache_run.yaml").write_text(yaml.safe_dump({"model": str(model)}))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (busy / RUNNING).write_text(f"{sleeper.pid}\n")  # a run still training, no checkpoint yet
+        with pytest.raises(ValueError, match=r"is in use: a training process \(pid \d+\) is still running in it"):
+            train(TrainConfig(out=str(busy), **common))
+        assert (busy / "geocache_run.yaml").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    train(TrainConfig(out=str(busy), **common))  # its process gone: a failed start, started again
+    assert (busy / "adapter").is_dir() and not (busy / RUNNING).exists()
+
+
+def test_an_offloaded_copy_base_trains_on_a_packed_cache(tmp_path, tiny_model_dir, sft_data):
+    """The packed-attention probe read the embedding's device, which accelerate's offload leaves on
+    meta: 'Cannot copy out of meta tensor' (the same command trained before the probe)."""
+    from geocache.base import CopyBase
+
+    model_dir = tiny_model_dir("llama")
+    path = tmp_path / "packed"
+    precompute(PrecomputeConfig(model=str(model_dir), data=[str(sft_data)], out=str(path), k=8, m=2, progress=False,
+                                data_config=DataConfig(max_length=64, packing=True)))
+    copy = CopyBase(AutoModelForCausalLM.from_pretrained(model_dir), offload=True, device=torch.device("cpu"))
+    trainer = _trainer(model_dir, path, copy, tmp_path / "run", geometry=GeometryConfig(lambda_router=0.0))
+    loss, _ = _loss_and_grads(trainer, [open_cache(str(path))[i] for i in range(2)])
+    assert torch.isfinite(loss)
