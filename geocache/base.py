@@ -103,7 +103,12 @@ def check_packed_attention(model, what: str = "the model") -> None:
     model.eval()
     try:
         with torch.no_grad():
-            logits = model(input_ids=rows.to(device), position_ids=position_ids.to(device), use_cache=False).logits[:, n:].float()
+            try:
+                logits = model(input_ids=rows.to(device), position_ids=position_ids.to(device), use_cache=False).logits[:, n:].float()
+            except TypeError as exc:  # a forward without position_ids: packed examples cannot be told apart
+                kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+                raise ValueError(f"{what} ({kind}) takes no position_ids ({exc}), so it cannot keep the examples of a packed row "
+                                 "apart: precompute the cache without --packing") from None
     finally:
         model.train(was_training)
     scale = 1.0 + logits.abs().max().item()

@@ -1056,3 +1056,21 @@ def test_an_offloaded_copy_base_trains_on_a_packed_cache(tmp_path, tiny_model_di
     trainer = _trainer(model_dir, path, copy, tmp_path / "run", geometry=GeometryConfig(lambda_router=0.0))
     loss, _ = _loss_and_grads(trainer, [open_cache(str(path))[i] for i in range(2)])
     assert torch.isfinite(loss)
+
+
+def test_a_model_whose_forward_takes_no_position_ids_is_refused_a_packed_cache_in_one_sentence():
+    from geocache.base import check_packed_attention
+
+    class NoPositions(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(16, 4)
+
+        def get_input_embeddings(self):
+            return self.emb
+
+        def forward(self, input_ids, use_cache=False):
+            raise AssertionError("not reached")
+
+    with pytest.raises(ValueError, match=r"takes no position_ids .* precompute the cache without --packing"):
+        check_packed_attention(NoPositions())
