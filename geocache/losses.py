@@ -611,8 +611,7 @@ class _RouterDivergence(torch.autograd.Function):
             in_s = torch.isfinite(target)
             pb = target.exp()
             p_rest = pb.sum(1, keepdim=True).neg_().add_(1.0).clamp_min_(0.0)
-            if bool(in_s.all()):  # S holds every expert: no rest
-                p_rest.zero_()
+            p_rest = p_rest.masked_fill(in_s.all(1, keepdim=True), 0.0)  # S holds every expert: no rest (no host sync)
             log_rest = log_rt.masked_fill(in_s, -math.inf).logsumexp(1, keepdim=True)
             log_p_rest = p_rest.clamp_min(1e-30).log()
             rest_term = torch.where(p_rest > 0, p_rest * (log_p_rest - log_rest), 0.0)

@@ -606,6 +606,10 @@ def test_router_kl_from_cached_topk_logprobs_is_the_coarse_kl_zero_at_the_base_a
     # float16 log-probs as the cache stores them: ~0 at the base, not the escaped mass
     at_base16, _ = router_divergence_loss(base.float(), ids, w, top_k=2, scoring=scoring, base_logprobs=logprobs.half())
     assert 0 <= at_base16.item() < 1e-5
+    # S holding every expert: the coarse KL is the full KL
+    all_ids = router_log_probs(base, scoring).argsort(-1, descending=True)
+    every, _ = router_divergence_loss(tuned, all_ids, w, top_k=2, scoring=scoring, base_logprobs=router_log_probs(base, scoring).gather(-1, all_ids))
+    torch.testing.assert_close(every, full)
     # the tuned router's mass off S underflowing (logits of −200 there): a finite gradient, not NaN
     far = base.float()  # float32, as training runs: exp(−200) underflows there
     far.scatter_(-1, router_log_probs(base, scoring).argsort(-1, descending=True)[..., r:], -200.0 if scoring == "softmax" else -400.0)
