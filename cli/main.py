@@ -68,7 +68,7 @@ def main() -> None:
 
 
 def _load_yaml(path: str | None) -> dict:
-    from geocache.config import read_yaml
+    from geocache.config import one_line, read_yaml
 
     if not path:
         return {}
@@ -78,7 +78,7 @@ def _load_yaml(path: str | None) -> dict:
     try:
         data = read_yaml(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"config file {path!r} is not valid YAML: {' '.join(str(exc).split())}") from None
+        raise ValueError(f"config file {path!r} is not valid YAML: {one_line(exc)}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path!r} must hold a mapping of options")
     return data
@@ -321,11 +321,10 @@ def profile(config_path, **options):
     classification and strategy, and a recommended train config (--adapter/--tuned: drift vs the base)."""
     import dataclasses
 
+    from geocache.config import unknown_options
     from geocache.profile import ProfileConfig, run_profile
 
     merged = _load_yaml(config_path)
-    from geocache.config import unknown_options
-
     known = {f.name for f in dataclasses.fields(ProfileConfig)}
     unknown = sorted(set(merged) - known)
     if unknown:

@@ -90,10 +90,12 @@ def check_packed_attention(model, what: str = "the model") -> None:
     build the block-diagonal mask from them, but not every one (GPT-OSS builds its masks without
     the position ids). Probed with one forward of two rows that share a second example after
     different first ones: kept apart, the second example's logits are the same in both rows."""
-    vocab = model.get_input_embeddings().num_embeddings
-    device = model.get_input_embeddings().weight.device
+    from geocache.models import model_kind
+
+    emb = model.get_input_embeddings()
+    vocab, device = emb.num_embeddings, emb.weight.device
     if device.type == "meta":  # offloaded by accelerate: inputs go where its hook runs the model
-        hook = getattr(model, "_hf_hook", None) or getattr(model.get_input_embeddings(), "_hf_hook", None)
+        hook = getattr(model, "_hf_hook", None) or getattr(emb, "_hf_hook", None)
         device = getattr(hook, "execution_device", None) or torch.device("cpu")
     n = 6
     second = torch.arange(3, 3 + 2 * n, 2) % vocab
@@ -106,16 +108,14 @@ def check_packed_attention(model, what: str = "the model") -> None:
             try:
                 logits = model(input_ids=rows.to(device), position_ids=position_ids.to(device), use_cache=False).logits[:, n:].float()
             except TypeError as exc:  # a forward without position_ids: packed examples cannot be told apart
-                kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-                raise ValueError(f"{what} ({kind}) takes no position_ids ({exc}), so it cannot keep the examples of a packed row "
+                raise ValueError(f"{what} ({model_kind(model)}) takes no position_ids ({exc}), so it cannot keep the examples of a packed row "
                                  "apart: precompute the cache without --packing") from None
     finally:
         model.train(was_training)
     scale = 1.0 + logits.abs().max().item()
-    tol = (1e-4 if model.get_input_embeddings().weight.dtype in (torch.float32, torch.float64) else 2e-2) * scale
+    tol = (1e-4 if emb.weight.dtype in (torch.float32, torch.float64) else 2e-2) * scale
     if (logits[0] - logits[1]).abs().max().item() > tol:
-        kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-        raise ValueError(f"{what} ({kind}) lets attention cross the examples of a packed row (its forward does not build the "
+        raise ValueError(f"{what} ({model_kind(model)}) lets attention cross the examples of a packed row (its forward does not build the "
                          "block-diagonal mask from position_ids), so it cannot train on a packed cache exactly: precompute the "
                          "cache without --packing")
 

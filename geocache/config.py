@@ -7,12 +7,17 @@ Loadable from a YAML mapping (``GeometryConfig.from_yaml``); unknown keys are er
 
 from __future__ import annotations
 
+import difflib
 import math
+import numbers
+import os
 import types
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import numpy as np
 import yaml
 
 from geocache.signals import KL_DIRECTIONS, KL_ESTIMATORS
@@ -67,7 +72,7 @@ class GeometryConfig:
     )
 
     def __post_init__(self) -> None:
-        numbers_as_numbers(self)
+        check_option_types(self)
         for name in ("lambda_kl", "lambda_cal", "lambda_entropy", "lambda_router"):
             _check_nonnegative(name, getattr(self, name))
         for name in ("kl_threshold", "dh_threshold", "cal_threshold"):
@@ -105,7 +110,7 @@ class GeometryConfig:
         try:
             data = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ValueError(f"config file {str(path)!r} is not valid YAML: {' '.join(str(exc).split())}") from None
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {one_line(exc)}") from None
         if not isinstance(data, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping, not {type(data).__name__}")
         if section and isinstance(data.get(section), dict):
@@ -123,16 +128,21 @@ class GeometryConfig:
 
 def read_yaml(text: str) -> Any:
     """Parse a config file's text (data only: ``yaml.safe_load``). PyYAML reads ``1e-4`` (no dot)
-    as text; the configs turn text in a numeric option into its number (``numbers_as_numbers``),
+    as text; the configs turn text in a numeric option into its number (``check_option_types``),
     and a revision such as ``12e4567`` stays the text it is."""
     return yaml.safe_load(text)
+
+
+def one_line(text, limit: Optional[int] = None) -> str:
+    """``text`` (an exception's message, say) on one line, cut at ``limit`` characters with an
+    ellipsis: the CLI's errors are one sentence, and YAML's or peft's own messages span lines."""
+    words = " ".join(str(text).split())
+    return words if limit is None or len(words) <= limit else words[:limit] + "…"
 
 
 def unknown_options(kind: str, unknown: list[str], known) -> str:
     """The sentence for options a config does not have, with the nearest known name of each
     (``top_k`` → ``k``, ``lr`` → ``learning_rate`` where the spelling is close)."""
-    import difflib
-
     aliases = {"top_k": "k", "tail_samples": "m", "lr": "learning_rate", "batch_size": "per_device_train_batch_size",
                "epochs": "num_train_epochs", "steps": "max_steps"}
     hints = []
@@ -144,7 +154,7 @@ def unknown_options(kind: str, unknown: list[str], known) -> str:
     return f"unknown {kind} option(s) {unknown}" + (f" (did you mean: {', '.join(hints)})" if hints else "")
 
 
-def numbers_as_numbers(cfg) -> None:
+def check_option_types(cfg) -> None:
     """Check a dataclass config's options against their declared types, in one sentence each,
     before any work (YAML hands over whatever it parsed; a quoted ``"false"`` in a bool option was
     true, and turned on ``trust_remote_code`` or ``overwrite``). Numbers given as text (``1e-4``
@@ -152,18 +162,12 @@ def numbers_as_numbers(cfg) -> None:
     bool options take true/false (the text ``"true"``/``"false"`` too); text options refuse numbers,
     lists and mappings (quote a revision such as ``0123`` in YAML); list options take a list (one
     text item alone becomes a one-item list)."""
-    import typing
-
-    import numbers
-    import os
-
-    import numpy as np
-
+    names = {f.name for f in fields(cfg)}
     for name, hint in typing.get_type_hints(type(cfg)).items():
         value = getattr(cfg, name, None)
         union = typing.get_origin(hint) in (typing.Union, types.UnionType)
         if value is None:
-            if not (union and type(None) in typing.get_args(hint)) and name in {f.name for f in fields(cfg)}:
+            if not (union and type(None) in typing.get_args(hint)) and name in names:
                 raise ValueError(f"{name} must be given a value (it cannot be null)")
             continue
         args = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
@@ -199,21 +203,11 @@ def numbers_as_numbers(cfg) -> None:
             if item in (int, float):
                 value = [_number(name, v, item) for v in value]
             setattr(cfg, name, list(value))
-        elif _is_dataclass_type(kind) and not isinstance(value, (dict, kind)):
+        elif isinstance(kind, type) and is_dataclass(kind) and not isinstance(value, (dict, kind)):
             raise ValueError(f"{name}={value!r} must be a mapping of {kind.__name__} options")
 
 
-def _is_dataclass_type(kind) -> bool:
-    from dataclasses import is_dataclass
-
-    return isinstance(kind, type) and is_dataclass(kind)
-
-
 def _number(name: str, value, kind):
-    import numbers
-
-    import numpy as np
-
     if isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name}={value!r} must be {'an integer' if kind is int else 'a number'}")
     if isinstance(value, numbers.Integral):  # numpy's too

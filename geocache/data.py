@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from geocache.config import numbers_as_numbers
+from geocache.config import check_option_types
 from geocache.signals import IGNORE_INDEX
 
 FORMATS = ("auto", "text", "prompt_completion", "messages")
@@ -66,7 +66,7 @@ class DataConfig:
     skip_bad_rows: bool = field(default=False, metadata={"help": "Count and skip malformed rows instead of failing."})
 
     def __post_init__(self) -> None:
-        numbers_as_numbers(self)
+        check_option_types(self)
         if self.format not in FORMATS:
             raise ValueError(f"format={self.format!r} must be one of {', '.join(FORMATS)}")
         if self.text_sample_by not in TEXT_SAMPLE_BY:

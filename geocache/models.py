@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from geocache.config import one_line
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Router scoring per architecture, where the config does not say (SPEC: "in the architecture's
@@ -75,6 +77,11 @@ def no_hub_kernels_offline(model) -> None:
         inner.use_kernels = False  # transformers' own switch (Trainer uses it for DataParallel): torch's layers
 
 
+def model_kind(model) -> str:
+    """How a model is named in messages: its config's ``model_type`` (``qwen3_moe``), else its class."""
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
 def check_device(device) -> torch.device:
     """``device`` as a ``torch.device``, refused in one sentence when torch does not know it or this
     machine does not have it (``cuda:0`` on a CPU-only build was an AssertionError from deep inside)."""
@@ -86,7 +93,7 @@ def check_device(device) -> torch.device:
         try:
             torch.empty(0, device=d)
         except Exception as exc:  # AssertionError ("not compiled with CUDA"), RuntimeError (no such index), ...
-            raise ValueError(f"device={str(device)!r} is not available on this machine ({' '.join(str(exc).split()) or type(exc).__name__})") from None
+            raise ValueError(f"device={str(device)!r} is not available on this machine ({one_line(exc) or type(exc).__name__})") from None
     return d
 
 

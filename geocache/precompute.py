@@ -37,7 +37,7 @@ from geocache.cache.backends import BACKENDS, get_backend
 from geocache.cache.manifest import FORMAT_VERSION, MANIFEST, PARTS_DIR, SHARDS_DIR, Manifest, first_difference
 from geocache.cache.reader import CacheError, _fs
 from geocache.cache.writer import ShardWriter, atomic_write_text, part_path
-from geocache.config import numbers_as_numbers, unknown_options
+from geocache.config import check_option_types, unknown_options
 from geocache.data import DataConfig, Sequence, count_rows, data_fingerprint, iter_sequences, load_examples, slice_bounds, tokenizer_fingerprint
 from geocache.losses import router_log_probs
 from geocache.models import input_device, load_model_and_tokenizer, model_fingerprint, moe_layout, output_size
@@ -84,7 +84,7 @@ class PrecomputeConfig:
     data_config: DataConfig = field(default_factory=DataConfig, metadata={"help": "How examples become sequences."})
 
     def __post_init__(self) -> None:
-        numbers_as_numbers(self)
+        check_option_types(self)
         if isinstance(self.data, str):
             self.data = [self.data]
         if self.backend not in BACKENDS:

@@ -22,7 +22,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from geocache.config import numbers_as_numbers
+from geocache.config import check_option_types, one_line
 from geocache.v2 import StrataConfig, TokenReservoir, v2_statistics
 
 PROFILE_VERSION = 1
@@ -60,7 +60,7 @@ class ProfileConfig:
     progress: bool = field(default=True, metadata={"help": "Show a progress bar per domain (sequences, tokens/s, ETA)."})
 
     def __post_init__(self) -> None:
-        numbers_as_numbers(self)
+        check_option_types(self)
         if isinstance(self.data, str):
             self.data = [self.data]
         if not self.data:
@@ -372,9 +372,8 @@ def run_profile(cfg: ProfileConfig, log=print) -> dict:
         try:
             model = PeftModel.from_pretrained(model, cfg.adapter).eval()
         except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # another base's adapter: peft's words, on one line
-            words = " ".join(str(exc).split())
             raise ValueError(f"adapter {cfg.adapter!r} does not load onto model {cfg.model!r} (was it trained on another base?): "
-                             f"{words[:240]}{'…' if len(words) > 240 else ''}") from None
+                             f"{one_line(exc, 240)}") from None
         base, tuned = _AdapterOff(model), model
     elif cfg.tuned:
         tuned, _ = load_model_and_tokenizer(cfg.tuned, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)

@@ -22,7 +22,7 @@ import yaml
 from geocache.base import BASE_MODES, CacheBase, CopyBase, LiveBase, PeriodicBase
 from geocache.cache.manifest import first_difference
 from geocache.cache.reader import CacheError, open_cache
-from geocache.config import GeometryConfig, numbers_as_numbers, unknown_options
+from geocache.config import GeometryConfig, check_option_types, unknown_options
 from geocache.data import token_shaping
 from geocache.models import load_model_and_tokenizer, moe_layout
 
@@ -77,7 +77,7 @@ class TrainConfig:
     geometry: GeometryConfig = field(default_factory=GeometryConfig, metadata={"help": "λ's and thresholds."})
 
     def __post_init__(self) -> None:
-        numbers_as_numbers(self)
+        check_option_types(self)
         # Which geometry options the user gave (YAML/CLI keys; of a GeometryConfig object, the fields
         # off their defaults): a dense model refuses an asked-for router loss but skips the default one.
         if isinstance(self.geometry, dict):

@@ -23,10 +23,11 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from geocache.base import BaseBatch, CacheBase, model_inputs
+from geocache.cache.backends import ROUTER_KEYS
 from geocache.cache.reader import collate_cache_rows
-from geocache.config import GeometryConfig
+from geocache.config import GeometryConfig, one_line
 from geocache.losses import AdaptiveGeometryScheduler, GeometryAwareLoss, resolve_layer_weights, router_divergence_loss
-from geocache.models import moe_layout
+from geocache.models import model_kind, moe_layout
 from geocache.moe import recorded_router_logits, routing_choice
 from geocache.signals import IGNORE_INDEX, BaseStats, labelled_positions
 
@@ -106,10 +107,8 @@ def add_dora_adapter(
     try:
         return get_peft_model(model, config)
     except (ValueError, TypeError) as exc:  # peft's own words may run over many lines (a module's repr)
-        words = " ".join(str(exc).split()) or type(exc).__name__
-        first = words if len(words) <= 240 else words[:240] + "…"
-        kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-        raise ValueError(f"peft cannot put DoRA on target_modules={targets} of this {kind} model ({first}); the default targets "
+        raise ValueError(f"peft cannot put DoRA on target_modules={targets} of this {model_kind(model)} model "
+                         f"({one_line(exc, 240) or type(exc).__name__}); the default targets "
                          "(attention, dense MLPs and shared experts, without fused MoE experts) avoid that") from None
 
 
@@ -165,7 +164,7 @@ def first_rows(batch: dict, n: int) -> dict:
     for key, value in batch.items():
         if isinstance(value, BaseStats):
             out[key] = value.select(slice(0, positions))
-        elif key in ("router_logits", "router_topk_ids", "router_topk_logprobs", "router_topk_logits"):
+        elif key in ROUTER_KEYS:
             out[key] = value[:positions]
         elif isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows:
             out[key] = value[:n]

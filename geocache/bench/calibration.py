@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from geocache.config import numbers_as_numbers
+from geocache.config import check_option_types
 from geocache.models import check_device
 
 # name → GeometryConfig overrides (the schedule: KL threshold fixed unless a method sets both)
@@ -65,7 +65,7 @@ class CalibrationConfig:
     recipe: Optional[object] = field(default=None, metadata={"help": "A ReferenceRecipe (overrides arch; for tests)."})
 
     def __post_init__(self) -> None:
-        numbers_as_numbers(self)
+        check_option_types(self)
         if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
             raise ValueError(f"learning_rate={self.learning_rate} must be a finite number > 0")
         if self.device is not None:

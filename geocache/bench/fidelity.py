@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 
 from geocache.base import model_inputs
-from geocache.config import numbers_as_numbers
+from geocache.config import check_option_types
 from geocache.models import check_device
 from geocache.signals import KL_ESTIMATORS, SAMPLED_ESTIMATORS, BaseStats, cached_kl_terms, log_tail_mass, shift_and_select
 
@@ -74,7 +74,7 @@ class FidelityConfig:
     recipe: Optional[object] = field(default=None, metadata={"help": "A ReferenceRecipe (overrides arch; for tests)."})
 
     def __post_init__(self) -> None:
-        numbers_as_numbers(self)
+        check_option_types(self)
         if self.device is not None:
             check_device(self.device)
         if self.recipe is None and self.arch not in ("moe", "dense"):

@@ -32,6 +32,8 @@ POSITION_KEYS = (
     "router_topk_logprobs",
     "router_topk_logits",  # caches written before router_topk_logprobs
 )
+# The MoE router arrays a shard may hold (the last only in caches written before the log-probs).
+ROUTER_KEYS = ("router_logits", "router_topk_ids", "router_topk_logprobs", "router_topk_logits")
 BACKENDS = ("zarr", "arrow")
 
 

@@ -7,12 +7,11 @@ from typing import Optional
 
 import numpy as np
 
-from geocache.cache.backends import get_backend
+from geocache.cache.backends import ROUTER_KEYS, get_backend
 from geocache.cache.manifest import shard_checksum
 from geocache.cache.reader import _fs, read_manifest
 
 LM_KEYS = ("lse", "entropy", "topk_ids", "topk_logprobs", "tail_ids", "tail_logprobs")
-ROUTER_KEYS = ("router_logits", "router_topk_ids", "router_topk_logprobs", "router_topk_logits")
 
 
 def _shard_bytes_by_array(fs, path: str) -> dict[str, int]:

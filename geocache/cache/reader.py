@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from geocache.cache.backends import TOKEN_KEYS, DecodedChunks, ShardView, get_backend
+from geocache.cache.backends import ROUTER_KEYS, TOKEN_KEYS, DecodedChunks, ShardView, get_backend
 from geocache.cache.manifest import MANIFEST, Manifest, first_difference, shard_checksum
 from geocache.signals import IGNORE_INDEX, BaseStats
 
@@ -256,7 +256,7 @@ def collate_cache_rows(rows: list[dict], pad_token_id: int = 0, shared: Optional
     )
     batch = {k: out[k] for k in ("input_ids", "labels", "attention_mask", "position_ids") if k in out}
     batch["base"] = base
-    for k in ("router_logits", "router_topk_ids", "router_topk_logprobs", "router_topk_logits"):
+    for k in ROUTER_KEYS:
         if k in out:
             batch[k] = out[k]
     return batch
