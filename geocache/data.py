@@ -217,6 +217,8 @@ def load_examples(data: str | list[str], split: str = "train", streaming: bool =
                 f"data files must all be one of {', '.join(sorted(_EXTENSIONS))} and share a format; got {sorted({f.suffix for f in files})}"
             )
         builder = kinds.pop()
+        if builder != "text":
+            _only_text(text_sample_by, f"data {', '.join(sources)} holds {builder} files")
         files = [f for f in files if f.stat().st_size > 0]  # datasets refuses empty files with an obscure error
         if not files:
             raise ValueError(f"data {', '.join(sources)} holds only empty files: there is nothing to read")
@@ -235,12 +237,20 @@ def load_examples(data: str | list[str], split: str = "train", streaming: bool =
         return _take(rows.filter(lambda row: bool(row["text"].strip())), bounds)
     missing = [s for s, p in zip(sources, paths) if not p.exists()]
     if len(sources) == 1 and "/" in sources[0] and not sources[0].startswith((".", "/")):
+        _only_text(text_sample_by, f"data {sources[0]!r} is a hub dataset")
         try:
             rows = datasets.load_dataset(sources[0], name=subset, split=whole, streaming=streaming, revision=revision)
         except Exception as exc:  # datasets raises many types; the user needs one sentence
             raise FileNotFoundError(f"data {sources[0]!r} is neither a local path nor a loadable hub dataset ({exc})") from None
         return _take(rows, bounds)
     raise FileNotFoundError(f"data path(s) {missing} do not exist")
+
+
+def _only_text(text_sample_by: str, what: str) -> None:
+    """Refuse a ``text_sample_by`` other than the default where no .txt file is read: it would be
+    ignored, and the user would get line-by-line rows they did not ask for without a word."""
+    if text_sample_by != "line":
+        raise ValueError(f"text_sample_by={text_sample_by!r} splits .txt files only, but {what}: drop the option")
 
 
 # A JSONL line that does not parse to an object arrives as a row holding only this key (and the

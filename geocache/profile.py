@@ -58,6 +58,8 @@ class ProfileConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the random expert picks and the bootstrap."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar per domain (sequences, tokens/s, ETA)."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace a profile already in --out (once the new one is written; until then it stays)."})
 
     def __post_init__(self) -> None:
         check_option_types(self)
@@ -364,6 +366,9 @@ def run_profile(cfg: ProfileConfig, log=print) -> dict:
 
     started = time.perf_counter()
     out = writable_dir(cfg.out)
+    if (out / "profile.json").exists() and not cfg.overwrite:
+        # A profile of a large base takes an hour; a second run into the same --out replaced it without a word.
+        raise FileExistsError(f"{cfg.out} already holds a profile (profile.json): pass --overwrite to replace it, or choose another --out")
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
     base, tuned = model, None
     if cfg.adapter:  # one PEFT model: the base is the adapter switched off

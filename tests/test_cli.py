@@ -309,3 +309,17 @@ def test_demo_reference_and_bench_take_a_yaml_config_with_cli_overrides(tmp_path
     for command in (["reference"], ["bench", "fidelity"], ["bench", "parity"], ["bench", "calibration"]):
         result = CliRunner().invoke(main, [*command, "--config", str(tmp_path / "none.yaml")])
         assert result.exit_code == 2 and "does not exist" in result.output, (command, result.output)
+
+
+def test_text_sample_by_is_refused_where_no_text_file_is_read(tmp_path, tiny_model_dir):
+    # It splits .txt files only; given with JSONL it was ignored without a word (rows stayed one per line).
+    data = _write_rows(tmp_path / "d.jsonl")
+    result = CliRunner().invoke(main, ["precompute", "--model", str(tiny_model_dir("llama")), "--data", str(data), "--out", str(tmp_path / "c"),
+                                       "--text-sample-by", "document", "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert "text_sample_by='document' splits .txt files only, but data" in result.output and "holds json files" in result.output
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    (tmp_path / "d.txt").write_text("one line\nanother line\n")
+    ok = CliRunner().invoke(main, ["precompute", "--model", str(tiny_model_dir("llama")), "--data", str(tmp_path / "d.txt"),
+                                   "--out", str(tmp_path / "t"), "--text-sample-by", "document", "--no-progress"])
+    assert ok.exit_code == 0, ok.output

@@ -85,6 +85,16 @@ def test_profile_of_a_dense_model_is_calibration_only(tmp_path, tiny_model_dir, 
     assert not p["moe"] and "v2" not in p["domains"]["code"]
     assert p["classification"]["classification"] in ("well-calibrated", "poorly-calibrated") and p["classification"]["c1_pass"] is None
     assert "lambda_router" not in yaml.safe_load((out / "recommended.yaml").read_text())["geometry"]
+    # A second profile into the same --out is refused and the first one kept, unless --overwrite.
+    first = (out / "profile.json").read_bytes()
+    again = CliRunner().invoke(main, ["profile", "--model", str(tiny_model_dir("qwen3")), "--data", str(texts / "code.jsonl"), "--out", str(out),
+                                      "--max-length", "32"])
+    assert again.exit_code == 2 and "already holds a profile (profile.json): pass --overwrite" in again.output, again.output
+    assert (out / "profile.json").read_bytes() == first
+    again = CliRunner().invoke(main, ["profile", "--model", str(tiny_model_dir("qwen3")), "--data", str(texts / "code.jsonl"), "--out", str(out),
+                                      "--max-length", "32", "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "profile.json").read_text())["config"]["max_length"] == 32
 
 
 def test_an_identity_adapter_shows_no_drift_and_the_same_v2(tmp_path, tiny_model_dir, texts):
