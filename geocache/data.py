@@ -227,12 +227,14 @@ def load_examples(data: str | list[str], split: str = "train", streaming: bool =
         kwargs = {"data_files": [str(f) for f in files], "split": whole, "streaming": streaming}
         if builder == "csv":  # every column as text: datasets would infer 42 as an integer
             kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in _csv_header(files[0])})
-        if builder == "json" and streaming and all(f.suffix == ".jsonl" for f in files):
-            # Line by line, so that one line that is not JSON is a bad row naming its file and line
-            # (skippable with skip_bad_rows), not a parse error that ends the whole run.
-            return _take(datasets.IterableDataset.from_generator(_jsonl_rows, gen_kwargs={"files": [str(f) for f in files]}), bounds)
+        if builder == "json" and streaming and all(_json_layout(f) for f in files):
+            # Read as written, row by row: a line that is not JSON is a bad row naming its file and
+            # line (skippable with skip_bad_rows), not a parse error that ends the whole run; and
+            # nested values stay as they are (datasets' streamed JSON reader turns a field whose
+            # shape differs between rows, a tool's parameters, into a JSON string).
+            return _take(datasets.IterableDataset.from_generator(_json_rows, gen_kwargs={"files": [str(f) for f in files]}), bounds)
         if builder != "text":
-            return _take(datasets.load_dataset(builder, **kwargs), bounds)
+            return _as_written(_take(datasets.load_dataset(builder, **kwargs), bounds))
         rows = datasets.load_dataset(builder, sample_by=text_sample_by, **kwargs)
         return _take(rows.filter(lambda row: bool(row["text"].strip())), bounds)
     missing = [s for s, p in zip(sources, paths) if not p.exists()]
@@ -242,7 +244,7 @@ def load_examples(data: str | list[str], split: str = "train", streaming: bool =
             rows = datasets.load_dataset(sources[0], name=subset, split=whole, streaming=streaming, revision=revision)
         except Exception as exc:  # datasets raises many types; the user needs one sentence
             raise FileNotFoundError(f"data {sources[0]!r} is neither a local path nor a loadable hub dataset ({exc})") from None
-        return _take(rows, bounds)
+        return _as_written(_take(rows, bounds))
     raise FileNotFoundError(f"data path(s) {missing} do not exist")
 
 
@@ -258,8 +260,27 @@ def _only_text(text_sample_by: str, what: str) -> None:
 _UNREADABLE = "__geocache_unreadable__"
 
 
-def _jsonl_rows(files: list[str]) -> Iterator[dict]:
+def _json_layout(path: Path) -> Optional[str]:
+    """"array" for a file holding one JSON array, "lines" for JSON Lines (a ``.jsonl``, or a ``.json``
+    whose first line is a whole object), None for anything else (left to ``datasets``' reader)."""
+    if path.suffix == ".jsonl":
+        return "lines"
+    with path.open("rb") as f:
+        first = f.readline()
+    head = first.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"["):
+        return "array"
+    try:
+        return "lines" if isinstance(json.loads(first.decode("utf-8-sig")), dict) else None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _json_rows(files: list[str]) -> Iterator[dict]:
     for name in files:
+        if _json_layout(Path(name)) == "array":
+            yield from _json_array_rows(name)
+            continue
         with open(name, "rb") as f:
             for line_no, raw in enumerate(f, 1):
                 try:  # -sig: a byte-order mark (Windows editors) is not data
@@ -275,6 +296,39 @@ def _jsonl_rows(files: list[str]) -> Iterator[dict]:
                     yield {_UNREADABLE: f"line {line_no} of {name} is not valid JSON ({exc.msg} at column {exc.colno})"}
                     continue
                 yield row if isinstance(row, dict) else {_UNREADABLE: f"line {line_no} of {name} holds a {type(row).__name__}, not an object"}
+
+
+def _json_array_rows(name: str) -> Iterator[dict]:
+    # One array is parsed whole, as datasets' reader does too.
+    try:
+        with open(name, encoding="utf-8-sig") as f:
+            rows = json.load(f)
+    except UnicodeDecodeError as exc:
+        yield {_UNREADABLE: f"{name} is not UTF-8 text ({exc.reason} at byte {exc.start})"}
+        return
+    except json.JSONDecodeError as exc:
+        yield {_UNREADABLE: f"{name} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"}
+        return
+    for i, row in enumerate(rows):
+        yield row if isinstance(row, dict) else {_UNREADABLE: f"element {i} of {name} holds a {type(row).__name__}, not an object"}
+
+
+def _as_written(rows):
+    """Rows of an Arrow-typed source (Parquet, datasets' JSON reader, the hub) without the nulls
+    Arrow adds: one table has one schema, so a key that some row's nested dict holds (one tool's
+    parameter, one call's argument) appears in every other row's as None, and a chat template
+    would render it ("city": null in another tool's schema). As TRL does for tools, None-valued keys
+    of nested dicts are dropped (top-level fields stay: a missing field is still a bad row)."""
+    for row in rows:
+        yield {k: _without_nulls(v) if isinstance(v, (dict, list)) else v for k, v in row.items()}
+
+
+def _without_nulls(value):
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _csv_header(path: Path) -> list[str]:

@@ -154,6 +154,41 @@ def test_tool_calling_conversations_label_the_calls_and_answers_not_the_tool_res
     assert (ids2, labels2) == (ids, labels)
 
 
+def test_tool_schemas_and_call_arguments_reach_the_template_as_written_from_every_file_format(tokenizer_dir, tmp_path):
+    """Rows whose tools (and calls) differ in shape: datasets' streamed JSON reader gave one tool's
+    ``properties`` as a JSON string, and Parquet's one schema gave every tool every other tool's
+    parameters as None ("city": null), both rendered into the cached prompt."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = "{{ tools | tojson }}" + TOOL_TEMPLATE  # the schemas rendered, as real templates do
+    search = {"type": "function", "function": {"name": "search", "description": "Search.",
+                                               "parameters": {"type": "object", "properties": {"query": {"type": "string"}, "n": {"type": "integer"}}}}}
+    rows = [
+        {"messages": [{"role": "user", "content": "Paris?"},
+                      {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                      {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}], "tools": [WEATHER]},
+        {"messages": [{"role": "user", "content": "Find x"},
+                      {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "search", "arguments": {"query": "x", "n": 2}}}]},
+                      {"role": "tool", "content": "found"}, {"role": "assistant", "content": "Found."}], "tools": [search]},
+    ]
+    want = [tokenize_example(r, i, tok, DataConfig()) for i, r in enumerate(rows)]
+    assert '"city": null' not in tok.decode(want[1][0]) and '"query"' in tok.decode(want[1][0])
+    (tmp_path / "d.json").write_text(json.dumps(rows, indent=1))
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows))  # JSON Lines in a .json file
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    assert pq.read_table(tmp_path / "d.parquet").to_pylist()[1]["tools"][0]["function"]["parameters"]["properties"]["city"] is None  # the premise
+    for name, split in [("d.json", "train"), ("lines.json", "train"), ("d.parquet", "train"), ("d.json", "train[:100%]"), ("d.parquet", "train[:100%]")]:
+        got = [(s.input_ids, s.labels) for s in iter_sequences(load_examples(str(tmp_path / name), split=split), tok, DataConfig())]
+        assert got == want, (name, split)
+    # a .json file read as written still names a bad line, and a bad array element
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "lines.json").write_text(json.dumps(rows[0]) + "\n{oops\n")
+    with pytest.raises(BadRowError, match=r"row 1: line 2 of .*lines.json is not valid JSON"):
+        list(iter_sequences(load_examples(str(tmp_path / "bad" / "lines.json")), tok, DataConfig()))
+    (tmp_path / "bad" / "lines.json").write_text(json.dumps([rows[0], 7]))
+    with pytest.raises(BadRowError, match=r"row 1: element 1 of .*lines.json holds a int, not an object"):
+        list(iter_sequences(load_examples(str(tmp_path / "bad" / "lines.json")), tok, DataConfig()))
+
+
 def test_tool_calls_the_template_cannot_place_or_render_are_bad_rows(tokenizer_dir, tok):
     call = {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}
     # the default ChatML test template concatenates the null content
