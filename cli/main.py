@@ -177,6 +177,8 @@ def _dataclass_options(cls, skip=()):
                 func = click.option(f"{opt}/--no-{opt[2:]}", f.name, default=None, help=help_text)(func)
             elif typing.get_origin(base) is list:
                 func = click.option(opt, f.name, multiple=True, help=help_text + " (repeatable)")(func)
+            elif base is dict or typing.get_origin(base) is dict:  # KEY=VALUE pairs, merged over the YAML's mapping
+                func = click.option(opt, f.name, multiple=True, metavar="KEY=VALUE", help=help_text + " (repeatable)")(func)
             else:
                 func = click.option(opt, f.name, type=base if base in (int, float) else str, default=None, help=help_text)(func)
         return func
@@ -208,6 +210,12 @@ def train(config_path, **options):
         raise ValueError(f"geometry={geometry!r} in {config_path} must be a mapping of geometry options (lambda_kl: ..., kl_threshold: ...)")
     geometry = dict(geometry)
     geo_fields = {f.name for f in dataclasses.fields(GeometryConfig)}
+    pairs = options.pop("training_args", ())
+    if pairs:
+        given = merged.get("training_args") or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"training_args={given!r} in {config_path} must be a mapping of TrainingArguments names to values")
+        merged["training_args"] = {**given, **_key_values("--training-args", pairs)}
     for key, value in options.items():
         if value is None or value == ():
             continue
@@ -221,6 +229,21 @@ def train(config_path, **options):
     trainer = run(TrainConfig.from_dict({**merged, "geometry": geometry}))
     if _main_process():
         click.echo(train_summary(trainer.state, merged["out"]))
+
+
+def _key_values(option: str, pairs) -> dict:
+    """``KEY=VALUE`` texts as a mapping, each VALUE read as YAML (``0.01`` a number, ``true`` a bool,
+    ``[a, b]`` a list, anything else text)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{option} {pair!r} must be KEY=VALUE (e.g. weight_decay=0.01)")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else value
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
 
 
 def train_summary(state, out: str) -> str:

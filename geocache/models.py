@@ -58,6 +58,12 @@ def load_model_and_tokenizer(
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES[dtype], device_map=device_map, **placement, **kwargs)
     except OSError as exc:
         raise FileNotFoundError(f"model {model_id!r} is neither a local model directory nor a reachable hub model ({exc})") from None
+    except ValueError as exc:
+        if trust_remote_code or "trust_remote_code=True" not in str(exc):
+            raise
+        # transformers' three lines, as one sentence
+        raise ValueError(f"model {model_id!r} comes with its own modeling code, which runs only with --trust-remote-code "
+                         "(read that code first)") from None
     if device_map is None:
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.eval()

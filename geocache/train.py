@@ -22,7 +22,7 @@ import yaml
 from geocache.base import BASE_MODES, CacheBase, CopyBase, LiveBase, PeriodicBase
 from geocache.cache.manifest import first_difference
 from geocache.cache.reader import CacheError, open_cache
-from geocache.config import GeometryConfig, check_option_types, unknown_options
+from geocache.config import GeometryConfig, check_option_types, one_line, unknown_options
 from geocache.data import token_shaping
 from geocache.models import load_model_and_tokenizer, moe_layout
 
@@ -74,6 +74,11 @@ class TrainConfig:
     v2_patience: int = field(default=2, metadata={"help": "Checks without improvement before the V2 action."})
     v2_action: str = field(default="rollback", metadata={"help": "When V2 keeps degrading: halve_lr | double_lambdas | rollback."})
     v2_max_sequences: int = field(default=32, metadata={"help": "Held-out sequences per domain per V2 check."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless asked), for the model and a copy base."})
+    training_args: dict = field(default_factory=dict, metadata={
+        "help": "Any other transformers TrainingArguments field, KEY=VALUE (VALUE read as YAML), e.g. weight_decay=0.01, "
+                "max_grad_norm=0.5, optim=adamw_torch, report_to=wandb, dataloader_num_workers=2; in a config file, a "
+                "`training_args:` mapping."})
     geometry: GeometryConfig = field(default_factory=GeometryConfig, metadata={"help": "λ's and thresholds."})
 
     def __post_init__(self) -> None:
@@ -127,6 +132,7 @@ class TrainConfig:
             raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
         if self.train_sampling_strategy not in ("random", "sequential", "group_by_length"):
             raise ValueError(f"train_sampling_strategy={self.train_sampling_strategy!r} must be random, sequential or group_by_length")
+        _check_training_args(self.training_args)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -137,8 +143,46 @@ class TrainConfig:
         if unknown:
             geometry = sorted(set(unknown) & {f.name for f in fields(GeometryConfig)})
             hint = f" ({', '.join(geometry)}: geometry options, which a config file holds under `geometry:`)" if geometry else ""
+            passed = sorted(set(unknown) & (_training_arguments_fields() - set(_SET_BY_GEOCACHE)))
+            if passed and not geometry:
+                hint = f" ({', '.join(passed)}: transformers TrainingArguments, which a config file holds under `training_args:`)"
             raise ValueError(f"{unknown_options('train', unknown, known)}{hint}")
         return cls(**values)
+
+
+# TrainingArguments that geocache sets itself: from one of its own options (named), or fixed (None).
+_SET_BY_GEOCACHE = {
+    "output_dir": "out", "learning_rate": "learning_rate", "lr_scheduler_type": "lr_scheduler_type", "warmup_steps": "warmup_steps",
+    "num_train_epochs": "num_train_epochs", "max_steps": "max_steps", "per_device_train_batch_size": "per_device_train_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps", "bf16": "bf16", "fp16": "fp16",
+    "gradient_checkpointing": "gradient_checkpointing", "activation_checkpointing": "gradient_checkpointing", "seed": "seed",
+    "data_seed": "seed", "train_sampling_strategy": "train_sampling_strategy", "eval_strategy": "eval_steps", "eval_steps": "eval_steps",
+    "eval_on_start": "eval_on_start", "save_strategy": "save_steps", "save_steps": "save_steps", "save_total_limit": "save_total_limit",
+    "logging_steps": "logging_steps", "use_cpu": "use_cpu", "disable_tqdm": "progress", "resume_from_checkpoint": "resume",
+    "remove_unused_columns": None, "prediction_loss_only": None,
+}
+
+
+def _training_arguments_fields() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {f.name for f in fields(TrainingArguments) if f.init}
+
+
+def _check_training_args(extra) -> None:
+    """``training_args``: a mapping of TrainingArguments fields that geocache does not set itself
+    (their values are checked by TrainingArguments, when the run builds it)."""
+    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+        raise ValueError(f"training_args={extra!r} must be a mapping of transformers TrainingArguments names to values")
+    known = _training_arguments_fields()
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise ValueError(unknown_options("TrainingArguments", unknown, known - set(_SET_BY_GEOCACHE)))
+    for key in extra:
+        if key in _SET_BY_GEOCACHE:
+            own = _SET_BY_GEOCACHE[key]
+            how = f"set it with geocache's own --{own.replace('_', '-')}" if own else "geocache's trainer needs its own value"
+            raise ValueError(f"training_args {key!r} is set by geocache: {how}")
 
 
 def _check_run_dir(cfg: TrainConfig) -> Optional[str]:
@@ -227,7 +271,7 @@ RESUME_MUST_MATCH = (
     "model", "revision", "base_model", "cache", "eval_cache", "base", "periodic_inner", "periodic_every", "dtype",
     "lora_r", "lora_alpha", "lora_dropout", "target_modules", "layer_weights", "seed", "train_sampling_strategy",
     "learning_rate", "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "geometry", "v2_every", "v2_data", "v2_patience", "v2_action",
+    "geometry", "v2_every", "v2_data", "v2_patience", "v2_action", "training_args",
 )
 _PATH_FIELDS = ("model", "base_model", "cache", "eval_cache")
 
@@ -284,6 +328,7 @@ def _base_source(cfg: TrainConfig, want_router: bool, device):
     def copy():
         # Offloaded: loaded on the CPU (never whole on the accelerator), run layer by layer on ``device``.
         base_model, _ = load_model_and_tokenizer(cfg.base_model or cfg.model, revision=cfg.revision, dtype=cfg.dtype,
+                                                 trust_remote_code=cfg.trust_remote_code,
                                                  device="cpu" if cfg.offload_base else device)
         return CopyBase(base_model, want_router=want_router, offload=cfg.offload_base, device=device)
 
@@ -297,26 +342,11 @@ def _base_source(cfg: TrainConfig, want_router: bool, device):
     return PeriodicBase(inner, cfg.periodic_every)
 
 
-def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
-    """Run a training; returns the ``GeometryTrainer`` (its ``state`` has the log history).
-    ``v2_signal`` replaces the V2 measurement of ``v2_every`` (tests inject one)."""
-    from transformers import TrainingArguments, set_seed
+def _training_arguments(cfg: TrainConfig, out: Path, report_to: list[str], resume_from: Optional[str]):
+    """The run's TrainingArguments: geocache's options, then ``cfg.training_args`` (report_to among them)."""
+    from transformers import TrainingArguments
 
-    from geocache.trainer import GeometryTrainer, JsonlLogger, add_dora_adapter
-
-    if cfg.v2_every:  # before the run directory is touched: a typo must not leave a run to --overwrite
-        _check_v2_data(cfg)
-    # Under torchrun only rank 0 checks and prepares the run directory (the others would find
-    # rank 0's files and refuse); a refusal there stops every rank.
-    if int(os.environ.get("RANK", "0")) == 0:
-        resume_from = _check_run_dir(cfg)
-    else:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume_from = get_last_checkpoint(cfg.out) if cfg.resume and Path(cfg.out).exists() else None
-    out = Path(cfg.out)
-    report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(out),
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type,
@@ -341,19 +371,47 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps,
-        report_to=report_to,
         remove_unused_columns=False,  # batches carry base statistics beside the model inputs
         prediction_loss_only=True,
         # Several processes and no GPU: data-parallel over gloo needs use_cpu (without it each process trained alone).
         use_cpu=cfg.use_cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()),
-        dataloader_num_workers=0,
         disable_tqdm=not cfg.progress,
+        **{"report_to": report_to, **cfg.training_args},  # the user's own TrainingArguments last
     )
+
+
+def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
+    """Run a training; returns the ``GeometryTrainer`` (its ``state`` has the log history).
+    ``v2_signal`` replaces the V2 measurement of ``v2_every`` (tests inject one)."""
+    from transformers import set_seed
+
+    from geocache.trainer import GeometryTrainer, JsonlLogger, add_dora_adapter
+
+    if cfg.v2_every:  # before the run directory is touched: a typo must not leave a run to --overwrite
+        _check_v2_data(cfg)
+    # Under torchrun only rank 0 checks and prepares the run directory (the others would find
+    # rank 0's files and refuse); a refusal there stops every rank.
+    if int(os.environ.get("RANK", "0")) == 0:
+        resume_from = _check_run_dir(cfg)
+    else:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume_from = get_last_checkpoint(cfg.out) if cfg.resume and Path(cfg.out).exists() else None
+    out = Path(cfg.out)
+    report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
+    try:
+        args = _training_arguments(cfg, out, report_to, resume_from)
+    except (TypeError, ValueError) as exc:  # a value TrainingArguments refuses, in its words, on one line
+        if not cfg.training_args:
+            raise
+        raise ValueError(f"transformers refuses these TrainingArguments ({one_line(exc, 300)}); training_args were "
+                         f"{cfg.training_args}") from None
     if cfg.fp16 and args.device.type == "cpu":  # accelerate runs float32 there and says nothing
         raise ValueError("--fp16 has no effect on a CPU run (accelerate runs it in float32): use --bf16 for autocast on CPU")
     # Every model on the device the Trainer gives this process (the local rank's GPU under
     # torchrun, the CPU with --use-cpu), not on the first GPU it finds.
-    model, tokenizer = load_model_and_tokenizer(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=args.device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=args.device,
+                                                trust_remote_code=cfg.trust_remote_code)
     cache = open_cache(cfg.cache)
     eval_cache = open_cache(cfg.eval_cache) if cfg.eval_cache else None
     # (Both are checked against the base, the model or --base-model's, by GeometryTrainer below,

@@ -1074,3 +1074,74 @@ def test_a_model_whose_forward_takes_no_position_ids_is_refused_a_packed_cache_i
 
     with pytest.raises(ValueError, match=r"takes no position_ids .* precompute the cache without --packing"):
         check_packed_attention(NoPositions())
+
+
+def test_other_training_arguments_pass_through_to_transformers_and_geocaches_own_are_refused(tmp_path, moe_cache):
+    """What TRL's CLI takes for any TrainingArguments field (weight decay, clipping, the optimizer,
+    report_to, dataloader workers): ``training_args``, from YAML and ``--training-args KEY=VALUE``."""
+    model, root = moe_cache
+    common = dict(model=str(model), cache=str(root / "k64"), max_steps=2, save_steps=2, use_cpu=True, lora_r=2, lora_alpha=4, progress=False)
+    extra = {"weight_decay": 0.5, "max_grad_norm": 0.25, "adam_beta2": 0.9, "optim": "adamw_torch", "dataloader_num_workers": 1}
+    trainer = train(TrainConfig(**common, out=str(tmp_path / "api"), training_args=extra))
+    assert trainer.state.global_step == 2  # batches through a worker process, too
+    assert {k: getattr(trainer.args, k) for k in extra} == {**extra, "optim": "adamw_torch"}
+    assert trainer.args.learning_rate == TrainConfig(**common, out="o").learning_rate  # geocache's own options still set the rest
+    assert type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer).__name__ == "AdamW"
+    assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.9) and {g["weight_decay"] for g in trainer.optimizer.param_groups} >= {0.5}
+    # The CLI: a config file's mapping, overridden key by key on the command line; recorded, and a resume must keep it.
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"training_args": {"weight_decay": 0.1, "adam_beta2": 0.95}}))
+    out = tmp_path / "cli"
+    args = ["train", "--config", str(cfg), "--model", str(model), "--cache", str(root / "k64"), "--out", str(out), "--max-steps", "2",
+            "--save-steps", "2", "--lora-r", "2", "--use-cpu", "--no-progress", "--training-args", "weight_decay=0.3", "--training-args", "report_to=none"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((out / "geocache_run.yaml").read_text())["training_args"] == {"weight_decay": 0.3, "adam_beta2": 0.95, "report_to": "none"}
+    assert not (out / "runs").exists()  # report_to=none: no TensorBoard log, whatever is installed
+    again = CliRunner().invoke(main, [*args[:-4], "--training-args", "weight_decay=0.2", "--resume", "--max-steps", "3"])
+    assert again.exit_code == 2 and "with training_args={'adam_beta2': 0.95, 'weight_decay': 0.2}, but it was started with" in again.output, again.output
+    # Refused in one sentence, before the run directory is touched.
+    for pairs, message in [
+        (["learning_rate=1"], "training_args 'learning_rate' is set by geocache: set it with geocache's own --learning-rate"),
+        (["remove_unused_columns=true"], "training_args 'remove_unused_columns' is set by geocache: geocache's trainer needs its own value"),
+        (["weight_decy=0.1"], "unknown TrainingArguments option(s) ['weight_decy'] (did you mean: weight_decy → weight_decay?)"),
+        (["optim=bogus"], "transformers refuses these TrainingArguments (bogus is not a valid OptimizerNames"),
+        (["weight_decay"], "--training-args 'weight_decay' must be KEY=VALUE"),
+    ]:
+        bad = CliRunner().invoke(main, ["train", "--model", str(model), "--cache", str(root / "k64"), "--out", str(tmp_path / "bad"),
+                                        "--use-cpu", *[x for p in pairs for x in ("--training-args", p)]])
+        assert bad.exit_code == 2 and message in bad.output and bad.output.count("\n") == 1, bad.output
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match=r"unknown train option\(s\) \['weight_decay'\] \(weight_decay: transformers TrainingArguments, "
+                                         r"which a config file holds under `training_args:`\)"):
+        TrainConfig.from_dict({"model": "m", "cache": "c", "out": "o", "weight_decay": 0.1})
+
+
+def test_a_model_with_its_own_code_runs_only_with_trust_remote_code(tmp_path, tokenizer_dir, sft_data):
+    """A checkpoint whose config names modeling files beside it (``auto_map``), as hub models with
+    custom code do: precompute could be told --trust-remote-code, train could not, so such a base
+    was cached and never trained on."""
+    model = build_tiny_model(tmp_path / "m", "llama", tokenizer_dir=tokenizer_dir)
+    (model / "configuration_custom.py").write_text("from transformers import LlamaConfig\n\n\nclass CustomConfig(LlamaConfig):\n    model_type = 'custom_llama'\n")
+    (model / "modeling_custom.py").write_text("from transformers import LlamaForCausalLM\n\nfrom .configuration_custom import CustomConfig\n\n\n"
+                                              "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="custom_llama", architectures=["CustomForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_custom.CustomConfig", "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (model / "config.json").write_text(json.dumps(config))
+    cache = tmp_path / "c"
+    pre = ["precompute", "--model", str(model), "--data", str(sft_data), "--out", str(cache), "--top-k", "8", "--max-length", "32",
+           "--max-sequences", "8", "--no-progress"]
+    refused = CliRunner().invoke(main, pre)
+    assert refused.exit_code == 2 and refused.output.strip().endswith("comes with its own modeling code, which runs only with "
+                                                                      "--trust-remote-code (read that code first)"), refused.output
+    assert CliRunner().invoke(main, [*pre, "--trust-remote-code"]).exit_code == 0
+    run = ["train", "--model", str(model), "--cache", str(cache), "--max-steps", "1", "--lora-r", "2", "--use-cpu", "--no-progress"]
+    refused = CliRunner().invoke(main, [*run, "--out", str(tmp_path / "r1")])
+    assert refused.exit_code == 2 and "runs only with --trust-remote-code" in refused.output and not (tmp_path / "r1").exists()
+    result = CliRunner().invoke(main, [*run, "--out", str(tmp_path / "r2"), "--trust-remote-code"])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((tmp_path / "r2" / "geocache_run.yaml").read_text())["trust_remote_code"] is True
+    # copy mode loads its base the same way
+    copy = CliRunner().invoke(main, [*run, "--out", str(tmp_path / "r3"), "--trust-remote-code", "--base", "copy"])
+    assert copy.exit_code == 0, copy.output
