@@ -346,6 +346,8 @@ def _training_arguments(cfg: TrainConfig, out: Path, report_to: list[str], resum
     """The run's TrainingArguments: geocache's options, then ``cfg.training_args`` (report_to among them)."""
     from transformers import TrainingArguments
 
+    # Several processes and no GPU: data-parallel over gloo needs use_cpu (without it each process trained alone).
+    use_cpu = cfg.use_cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
     return TrainingArguments(
         output_dir=str(out),
         learning_rate=cfg.learning_rate,
@@ -373,10 +375,10 @@ def _training_arguments(cfg: TrainConfig, out: Path, report_to: list[str], resum
         logging_steps=cfg.logging_steps,
         remove_unused_columns=False,  # batches carry base statistics beside the model inputs
         prediction_loss_only=True,
-        # Several processes and no GPU: data-parallel over gloo needs use_cpu (without it each process trained alone).
-        use_cpu=cfg.use_cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()),
+        use_cpu=use_cpu,
         disable_tqdm=not cfg.progress,
-        **{"report_to": report_to, **cfg.training_args},  # the user's own TrainingArguments last
+        # (pinned memory on a CPU run only warns, once per worker, that there is nothing to pin)
+        **{"report_to": report_to, "dataloader_pin_memory": not use_cpu and torch.cuda.is_available(), **cfg.training_args},
     )
 
 
