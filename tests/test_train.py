@@ -1086,6 +1086,7 @@ def test_other_training_arguments_pass_through_to_transformers_and_geocaches_own
     assert trainer.state.global_step == 2  # batches through a worker process, too
     assert {k: getattr(trainer.args, k) for k in extra} == {**extra, "optim": "adamw_torch"}
     assert trainer.args.learning_rate == TrainConfig(**common, out="o").learning_rate  # geocache's own options still set the rest
+    assert trainer.args.dataloader_pin_memory is False  # a CPU run: pinning only warned, once per worker
     assert type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer).__name__ == "AdamW"
     assert trainer.optimizer.param_groups[0]["betas"] == (0.9, 0.9) and {g["weight_decay"] for g in trainer.optimizer.param_groups} >= {0.5}
     # The CLI: a config file's mapping, overridden key by key on the command line; recorded, and a resume must keep it.
