@@ -210,12 +210,13 @@ def train(config_path, **options):
         raise ValueError(f"geometry={geometry!r} in {config_path} must be a mapping of geometry options (lambda_kl: ..., kl_threshold: ...)")
     geometry = dict(geometry)
     geo_fields = {f.name for f in dataclasses.fields(GeometryConfig)}
-    pairs = options.pop("training_args", ())
-    if pairs:
-        given = merged.get("training_args") or {}
-        if not isinstance(given, dict):
-            raise ValueError(f"training_args={given!r} in {config_path} must be a mapping of TrainingArguments names to values")
-        merged["training_args"] = {**given, **_key_values("--training-args", pairs)}
+    for name in ("training_args", "lora_args"):  # KEY=VALUE pairs, over the config file's mapping key by key
+        pairs = options.pop(name, ())
+        if pairs:
+            given = merged.get(name) or {}
+            if not isinstance(given, dict):
+                raise ValueError(f"{name}={given!r} in {config_path} must be a mapping of names to values")
+            merged[name] = {**given, **_key_values("--" + name.replace("_", "-"), pairs)}
     for key, value in options.items():
         if value is None or value == ():
             continue

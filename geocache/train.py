@@ -75,6 +75,9 @@ class TrainConfig:
     v2_action: str = field(default="rollback", metadata={"help": "When V2 keeps degrading: halve_lr | double_lambdas | rollback."})
     v2_max_sequences: int = field(default=32, metadata={"help": "Held-out sequences per domain per V2 check."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless asked), for the model and a copy base."})
+    lora_args: dict = field(default_factory=dict, metadata={
+        "help": "Any other peft LoraConfig field, KEY=VALUE (VALUE read as YAML), e.g. use_rslora=true, init_lora_weights=pissa, "
+                "modules_to_save=[lm_head], layers_to_transform=[0,1]; in a config file, a `lora_args:` mapping."})
     training_args: dict = field(default_factory=dict, metadata={
         "help": "Any other transformers TrainingArguments field, KEY=VALUE (VALUE read as YAML), e.g. weight_decay=0.01, "
                 "max_grad_norm=0.5, optim=adamw_torch, report_to=wandb, dataloader_num_workers=2; in a config file, a "
@@ -133,6 +136,9 @@ class TrainConfig:
         if self.train_sampling_strategy not in ("random", "sequential", "group_by_length"):
             raise ValueError(f"train_sampling_strategy={self.train_sampling_strategy!r} must be random, sequential or group_by_length")
         _check_training_args(self.training_args)
+        from geocache.trainer import check_lora_args
+
+        check_lora_args(self.lora_args)
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -146,6 +152,9 @@ class TrainConfig:
             passed = sorted(set(unknown) & (_training_arguments_fields() - set(_SET_BY_GEOCACHE)))
             if passed and not geometry:
                 hint = f" ({', '.join(passed)}: transformers TrainingArguments, which a config file holds under `training_args:`)"
+            lora = sorted(set(unknown) & _lora_config_fields())
+            if lora and not geometry and not passed:
+                hint = f" ({', '.join(lora)}: peft LoraConfig options, which a config file holds under `lora_args:`)"
             raise ValueError(f"{unknown_options('train', unknown, known)}{hint}")
         return cls(**values)
 
@@ -167,6 +176,14 @@ def _training_arguments_fields() -> set[str]:
     from transformers import TrainingArguments
 
     return {f.name for f in fields(TrainingArguments) if f.init}
+
+
+def _lora_config_fields() -> set[str]:
+    from peft import LoraConfig
+
+    from geocache.trainer import LORA_SET_BY_GEOCACHE
+
+    return {f.name for f in fields(LoraConfig) if f.init} - set(LORA_SET_BY_GEOCACHE)
 
 
 def _check_training_args(extra) -> None:
@@ -269,7 +286,7 @@ def _trained_steps(checkpoint: str) -> Optional[int]:
 # or epochs extended, save/eval/logging intervals, progress, the run directory) may change.
 RESUME_MUST_MATCH = (
     "model", "revision", "base_model", "cache", "eval_cache", "base", "periodic_inner", "periodic_every", "dtype",
-    "lora_r", "lora_alpha", "lora_dropout", "target_modules", "layer_weights", "seed", "train_sampling_strategy",
+    "lora_r", "lora_alpha", "lora_dropout", "target_modules", "lora_args", "layer_weights", "seed", "train_sampling_strategy",
     "learning_rate", "lr_scheduler_type", "warmup_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
     "geometry", "v2_every", "v2_data", "v2_patience", "v2_action", "training_args",
 )
@@ -442,7 +459,7 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
                                  "rebuild it with --router auto, or set lambda_router 0")
 
     set_seed(cfg.seed)  # the adapter's random init must not depend on what ran before in this process
-    model = add_dora_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.adapt_experts)
+    model = add_dora_adapter(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.adapt_experts, **cfg.lora_args)
     want_router = layout is not None  # router drift is always measured on MoE; trained on when λ_router > 0
     gate_cb = None
     if cfg.v2_every:  # ahead of the user's callbacks, so that they see what the gate did at a step

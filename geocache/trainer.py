@@ -79,12 +79,17 @@ def add_dora_adapter(
     dropout: float = 0.0,
     target_modules: Optional[Sequence[str]] = None,
     adapt_experts: bool = False,
+    **lora_args,
 ):
     """Wrap ``model`` with a DoRA adapter (``peft``, ``use_dora=True``) on ``target_modules``
     (default, or ``"all-linear"``: ``default_target_modules``, which is what peft's ``all-linear``
     means, minus what would break on fused-expert MoE models). MoE experts can only take plain LoRA
-    through PEFT's ``target_parameters``, which refuses DoRA, so ``adapt_experts`` is refused here."""
+    through PEFT's ``target_parameters``, which refuses DoRA, so ``adapt_experts`` is refused here.
+    ``lora_args``: any other ``LoraConfig`` field (``use_rslora``, ``init_lora_weights``,
+    ``modules_to_save``, ``layers_to_transform``, ...; see ``check_lora_args``)."""
     from peft import LoraConfig, get_peft_model
+
+    check_lora_args(lora_args)
 
     if adapt_experts:
         raise ValueError(
@@ -101,15 +106,55 @@ def add_dora_adapter(
         raise ValueError("no nn.Linear modules to adapt were found; pass target_modules explicitly")
     # target_parameters=[] explicitly: left None, peft 0.21 fills in per-architecture expert
     # parameters for some models (DeepSeek-V3), which DoRA cannot wrap.
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, target_parameters=[], use_dora=True, task_type="CAUSAL_LM"
-    )
+    try:
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, target_parameters=[], use_dora=True,
+                            task_type="CAUSAL_LM", **lora_args)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"peft refuses these LoRA options ({one_line(exc, 240) or type(exc).__name__}); lora_args were {lora_args}") from None
     try:
         return get_peft_model(model, config)
     except (ValueError, TypeError) as exc:  # peft's own words may run over many lines (a module's repr)
+        if lora_args:
+            raise ValueError(f"peft cannot build this DoRA adapter of a {model_kind(model)} model with lora_args={lora_args} "
+                             f"({one_line(exc, 240) or type(exc).__name__})") from None
         raise ValueError(f"peft cannot put DoRA on target_modules={targets} of this {model_kind(model)} model "
                          f"({one_line(exc, 240) or type(exc).__name__}); the default targets "
                          "(attention, dense MLPs and shared experts, without fused MoE experts) avoid that") from None
+
+
+# LoraConfig fields geocache sets itself: from one of its own options (named), or fixed (None: a
+# DoRA adapter on nn.Linear modules of a causal LM).
+LORA_SET_BY_GEOCACHE = {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "target_modules": "target_modules",
+                        "target_parameters": "adapt_experts", "use_dora": None, "task_type": None, "peft_type": None,
+                        "inference_mode": None, "base_model_name_or_path": None, "revision": "revision"}
+
+
+def check_lora_args(extra) -> None:
+    """``lora_args``: a mapping of peft ``LoraConfig`` fields that geocache does not set itself
+    (their values are checked by ``LoraConfig``)."""
+    from dataclasses import fields
+
+    from peft import LoraConfig
+
+    from geocache.config import unknown_options
+
+    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+        raise ValueError(f"lora_args={extra!r} must be a mapping of peft LoraConfig names to values")
+    if not extra:
+        return
+    known = {f.name for f in fields(LoraConfig) if f.init}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise ValueError(unknown_options("LoraConfig", unknown, known - set(LORA_SET_BY_GEOCACHE)))
+    for key in extra:
+        if key in LORA_SET_BY_GEOCACHE:
+            own = LORA_SET_BY_GEOCACHE[key]
+            how = f"set it with geocache's own --{own.replace('_', '-')}" if own else "geocache trains a DoRA adapter of a causal LM"
+            raise ValueError(f"lora_args {key!r} is set by geocache: {how}")
+        if key in ("layers_to_transform", "layers_pattern"):  # seen: every layer adapted, the config saying layer 0
+            raise ValueError(f"lora_args {key!r} would be ignored: peft applies it only to targets matched by suffix, and geocache's "
+                             "targets are full module names; name those layers' modules in --target-modules, or leave some out "
+                             "with lora_args exclude_modules")
 
 
 def _logged_step(line: str) -> float:

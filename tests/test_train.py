@@ -1146,3 +1146,37 @@ def test_a_model_with_its_own_code_runs_only_with_trust_remote_code(tmp_path, to
     # copy mode loads its base the same way
     copy = CliRunner().invoke(main, [*run, "--out", str(tmp_path / "r3"), "--trust-remote-code", "--base", "copy"])
     assert copy.exit_code == 0, copy.output
+
+
+def test_other_lora_options_reach_peft_and_the_saved_adapter(tmp_path, moe_cache):
+    """PEFT options beyond r/alpha/dropout/targets (rsLoRA, which layers, extra modules to save):
+    ``lora_args``, from YAML and ``--lora-args KEY=VALUE``; DoRA itself and geocache's own options are refused there."""
+    from peft import PeftModel
+
+    model, root = moe_cache
+    out = tmp_path / "run"
+    run = ["train", "--model", str(model), "--cache", str(root / "k64"), "--max-steps", "1", "--lora-r", "4", "--lora-alpha", "8",
+           "--use-cpu", "--no-progress"]
+    result = CliRunner().invoke(main, [*run, "--out", str(out), "--lora-args", "use_rslora=true",
+                                       "--lora-args", "exclude_modules=[model.layers.1.self_attn.q_proj]"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["use_rslora"] is True and saved["use_dora"] is True
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), out / "adapter")
+    adapted = {n.split(".lora_A")[0].removeprefix("base_model.model.") for n, _ in tuned.named_parameters() if "lora_A" in n}
+    assert "model.layers.1.self_attn.q_proj" not in adapted and "model.layers.0.self_attn.q_proj" in adapted
+    scaling = next(m.scaling["default"] for m in tuned.modules() if hasattr(m, "scaling") and isinstance(m.scaling, dict) and m.scaling)
+    assert scaling == pytest.approx(8 / 4 ** 0.5)  # rsLoRA's alpha/√r, not alpha/r
+    assert yaml.safe_load((out / "geocache_run.yaml").read_text())["lora_args"] == {
+        "use_rslora": True, "exclude_modules": ["model.layers.1.self_attn.q_proj"]}
+    for pair, message in [("use_dora=false", "lora_args 'use_dora' is set by geocache: geocache trains a DoRA adapter of a causal LM"),
+                          ("r=3", "lora_args 'r' is set by geocache: set it with geocache's own --lora-r"),
+                          ("use_rslor=true", "unknown LoraConfig option(s) ['use_rslor'] (did you mean: use_rslor → use_rslora?)"),
+                          # peft ignores it for targets named in full (seen: every layer adapted, its config saying layer 0)
+                          ("layers_to_transform=[0]", "lora_args 'layers_to_transform' would be ignored: peft applies it only to targets"),
+                          ("init_lora_weights=bogus", "with lora_args={'init_lora_weights': 'bogus'} (Unknown initialization")]:
+        bad = CliRunner().invoke(main, [*run, "--out", str(tmp_path / "bad"), "--lora-args", pair])
+        assert bad.exit_code == 2 and message in bad.output and bad.output.count("\n") == 1, bad.output
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match=r"\(use_rslora: peft LoraConfig options, which a config file holds under `lora_args:`\)"):
+        TrainConfig.from_dict({"model": "m", "cache": "c", "out": "o", "use_rslora": True})
