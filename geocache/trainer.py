@@ -27,7 +27,7 @@ from geocache.cache.backends import ROUTER_KEYS
 from geocache.cache.reader import collate_cache_rows
 from geocache.config import GeometryConfig, one_line
 from geocache.losses import AdaptiveGeometryScheduler, GeometryAwareLoss, resolve_layer_weights, router_divergence_loss
-from geocache.models import model_kind, moe_layout
+from geocache.models import model_fingerprint, model_kind, moe_layout
 from geocache.moe import recorded_router_logits, routing_choice
 from geocache.signals import IGNORE_INDEX, BaseStats, labelled_positions
 
@@ -111,8 +111,12 @@ def add_dora_adapter(
                             task_type="CAUSAL_LM", **lora_args)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"peft refuses these LoRA options ({one_line(exc, 240) or type(exc).__name__}); lora_args were {lora_args}") from None
+    # An initialisation that moves part of each weight into the adapter (PiSSA, OLoRA, LoftQ, ...)
+    # leaves the model with its adapter off no longer the base: the live base would be another
+    # model, and the cache would not match. Checked on the weights, whatever the method's name.
+    before = model_fingerprint(model)["weights_sha256"] if "init_lora_weights" in lora_args else None
     try:
-        return get_peft_model(model, config)
+        wrapped = get_peft_model(model, config)
     except (ValueError, TypeError) as exc:  # peft's own words may run over many lines (a module's repr)
         if lora_args:
             raise ValueError(f"peft cannot build this DoRA adapter of a {model_kind(model)} model with lora_args={lora_args} "
@@ -120,6 +124,11 @@ def add_dora_adapter(
         raise ValueError(f"peft cannot put DoRA on target_modules={targets} of this {model_kind(model)} model "
                          f"({one_line(exc, 240) or type(exc).__name__}); the default targets "
                          "(attention, dense MLPs and shared experts, without fused MoE experts) avoid that") from None
+    if before is not None and model_fingerprint(wrapped)["weights_sha256"] != before:
+        raise ValueError(f"init_lora_weights={lora_args['init_lora_weights']!r} rewrites the base's own weights (part of each moves into "
+                         "the adapter), so the model with its adapter off is no longer the base the geometry loss measures against: "
+                         "leave init_lora_weights at its default")
+    return wrapped
 
 
 # LoraConfig fields geocache sets itself: from one of its own options (named), or fixed (None: a

@@ -1174,7 +1174,9 @@ def test_other_lora_options_reach_peft_and_the_saved_adapter(tmp_path, moe_cache
                           ("use_rslor=true", "unknown LoraConfig option(s) ['use_rslor'] (did you mean: use_rslor → use_rslora?)"),
                           # peft ignores it for targets named in full (seen: every layer adapted, its config saying layer 0)
                           ("layers_to_transform=[0]", "lora_args 'layers_to_transform' would be ignored: peft applies it only to targets"),
-                          ("init_lora_weights=bogus", "with lora_args={'init_lora_weights': 'bogus'} (Unknown initialization")]:
+                          ("init_lora_weights=bogus", "with lora_args={'init_lora_weights': 'bogus'} (Unknown initialization"),
+                          # the adapter-off model would not be the base (trained on in live mode; the cache refused as another model's)
+                          ("init_lora_weights=olora", "init_lora_weights='olora' rewrites the base's own weights")]:
         bad = CliRunner().invoke(main, [*run, "--out", str(tmp_path / "bad"), "--lora-args", pair])
         assert bad.exit_code == 2 and message in bad.output and bad.output.count("\n") == 1, bad.output
         assert not (tmp_path / "bad").exists()
