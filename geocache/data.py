@@ -266,9 +266,8 @@ def _json_layout(path: Path) -> Optional[str]:
     if path.suffix == ".jsonl":
         return "lines"
     with path.open("rb") as f:
-        first = f.readline()
-    head = first.lstrip(b"\xef\xbb\xbf \t\r\n")
-    if head.startswith(b"["):
+        first = f.readline(1 << 20)  # a minified array may be one line of gigabytes: its start is enough
+    if first.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
         return "array"
     try:
         return "lines" if isinstance(json.loads(first.decode("utf-8-sig")), dict) else None
