@@ -154,6 +154,25 @@ def unknown_options(kind: str, unknown: list[str], known) -> str:
     return f"unknown {kind} option(s) {unknown}" + (f" (did you mean: {', '.join(hints)})" if hints else "")
 
 
+def check_passed_options(name: str, extra, library_class, own: dict, fixed: str) -> None:
+    """``extra`` (``training_args``, ``lora_args``): a mapping of another library's option names
+    (the init fields of the dataclass ``library_class``) to values, passed through as they are and
+    checked there; refused here are a name the class does not have (with the nearest), and one
+    geocache sets itself: ``own`` maps it to the geocache option that does, or to None where
+    geocache fixes it, for the reason ``fixed``."""
+    kind = library_class.__name__
+    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+        raise ValueError(f"{name}={extra!r} must be a mapping of {kind} names to values")
+    known = {f.name for f in fields(library_class) if f.init}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise ValueError(unknown_options(kind, unknown, known - set(own)))
+    for key in extra:
+        if key in own:
+            how = f"set it with geocache's own --{own[key].replace('_', '-')}" if own[key] else fixed
+            raise ValueError(f"{name} {key!r} is set by geocache: {how}")
+
+
 def check_option_types(cfg) -> None:
     """Check a dataclass config's options against their declared types, in one sentence each,
     before any work (YAML hands over whatever it parsed; a quoted ``"false"`` in a bool option was

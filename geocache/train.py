@@ -22,7 +22,7 @@ import yaml
 from geocache.base import BASE_MODES, CacheBase, CopyBase, LiveBase, PeriodicBase
 from geocache.cache.manifest import first_difference
 from geocache.cache.reader import CacheError, open_cache
-from geocache.config import GeometryConfig, check_option_types, one_line, unknown_options
+from geocache.config import GeometryConfig, check_option_types, check_passed_options, one_line, unknown_options
 from geocache.data import token_shaping
 from geocache.models import load_model_and_tokenizer, moe_layout
 
@@ -135,7 +135,10 @@ class TrainConfig:
             raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
         if self.train_sampling_strategy not in ("random", "sequential", "group_by_length"):
             raise ValueError(f"train_sampling_strategy={self.train_sampling_strategy!r} must be random, sequential or group_by_length")
-        _check_training_args(self.training_args)
+        from transformers import TrainingArguments
+
+        check_passed_options("training_args", self.training_args, TrainingArguments, _SET_BY_GEOCACHE,
+                             "geocache's trainer needs its own value")
         from geocache.trainer import check_lora_args
 
         check_lora_args(self.lora_args)
@@ -184,22 +187,6 @@ def _lora_config_fields() -> set[str]:
     from geocache.trainer import LORA_SET_BY_GEOCACHE
 
     return {f.name for f in fields(LoraConfig) if f.init} - set(LORA_SET_BY_GEOCACHE)
-
-
-def _check_training_args(extra) -> None:
-    """``training_args``: a mapping of TrainingArguments fields that geocache does not set itself
-    (their values are checked by TrainingArguments, when the run builds it)."""
-    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
-        raise ValueError(f"training_args={extra!r} must be a mapping of transformers TrainingArguments names to values")
-    known = _training_arguments_fields()
-    unknown = sorted(set(extra) - known)
-    if unknown:
-        raise ValueError(unknown_options("TrainingArguments", unknown, known - set(_SET_BY_GEOCACHE)))
-    for key in extra:
-        if key in _SET_BY_GEOCACHE:
-            own = _SET_BY_GEOCACHE[key]
-            how = f"set it with geocache's own --{own.replace('_', '-')}" if own else "geocache's trainer needs its own value"
-            raise ValueError(f"training_args {key!r} is set by geocache: {how}")
 
 
 def _check_run_dir(cfg: TrainConfig) -> Optional[str]:

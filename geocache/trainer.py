@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 from geocache.base import BaseBatch, CacheBase, model_inputs
 from geocache.cache.backends import ROUTER_KEYS
 from geocache.cache.reader import collate_cache_rows
-from geocache.config import GeometryConfig, one_line
+from geocache.config import GeometryConfig, check_passed_options, one_line
 from geocache.losses import AdaptiveGeometryScheduler, GeometryAwareLoss, resolve_layer_weights, router_divergence_loss
 from geocache.models import model_fingerprint, model_kind, moe_layout
 from geocache.moe import recorded_router_logits, routing_choice
@@ -141,26 +141,13 @@ LORA_SET_BY_GEOCACHE = {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout
 def check_lora_args(extra) -> None:
     """``lora_args``: a mapping of peft ``LoraConfig`` fields that geocache does not set itself
     (their values are checked by ``LoraConfig``)."""
-    from dataclasses import fields
-
+    if isinstance(extra, dict) and not extra:
+        return
     from peft import LoraConfig
 
-    from geocache.config import unknown_options
-
-    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
-        raise ValueError(f"lora_args={extra!r} must be a mapping of peft LoraConfig names to values")
-    if not extra:
-        return
-    known = {f.name for f in fields(LoraConfig) if f.init}
-    unknown = sorted(set(extra) - known)
-    if unknown:
-        raise ValueError(unknown_options("LoraConfig", unknown, known - set(LORA_SET_BY_GEOCACHE)))
-    for key in extra:
-        if key in LORA_SET_BY_GEOCACHE:
-            own = LORA_SET_BY_GEOCACHE[key]
-            how = f"set it with geocache's own --{own.replace('_', '-')}" if own else "geocache trains a DoRA adapter of a causal LM"
-            raise ValueError(f"lora_args {key!r} is set by geocache: {how}")
-        if key in ("layers_to_transform", "layers_pattern"):  # seen: every layer adapted, the config saying layer 0
+    check_passed_options("lora_args", extra, LoraConfig, LORA_SET_BY_GEOCACHE, "geocache trains a DoRA adapter of a causal LM")
+    for key in ("layers_to_transform", "layers_pattern"):  # seen: every layer adapted, the config saying layer 0
+        if key in extra:
             raise ValueError(f"lora_args {key!r} would be ignored: peft applies it only to targets matched by suffix, and geocache's "
                              "targets are full module names; name those layers' modules in --target-modules, or leave some out "
                              "with lora_args exclude_modules")
