@@ -412,6 +412,12 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
             raise
         raise ValueError(f"transformers refuses these TrainingArguments ({one_line(exc, 300)}); training_args were "
                          f"{cfg.training_args}") from None
+    from transformers.integrations import get_available_reporting_integrations
+
+    missing = sorted(set(args.report_to) - set(get_available_reporting_integrations()))
+    if missing:  # else a RuntimeError traceback from the Trainer's callbacks, after the model loaded
+        raise ValueError(f"report_to={missing} names a logger that is not installed here: install it (pip install {missing[0]}) "
+                         "or leave it out")
     if cfg.fp16 and args.device.type == "cpu":  # accelerate runs float32 there and says nothing
         raise ValueError("--fp16 has no effect on a CPU run (accelerate runs it in float32): use --bf16 for autocast on CPU")
     # Every model on the device the Trainer gives this process (the local rank's GPU under

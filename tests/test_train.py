@@ -1108,6 +1108,7 @@ def test_other_training_arguments_pass_through_to_transformers_and_geocaches_own
         (["weight_decy=0.1"], "unknown TrainingArguments option(s) ['weight_decy'] (did you mean: weight_decy → weight_decay?)"),
         (["optim=bogus"], "transformers refuses these TrainingArguments (bogus is not a valid OptimizerNames"),
         (["weight_decay"], "--training-args 'weight_decay' must be KEY=VALUE"),
+        (["report_to=[tensorboard, not_a_logger]"], "report_to=['not_a_logger'"),
     ]:
         bad = CliRunner().invoke(main, ["train", "--model", str(model), "--cache", str(root / "k64"), "--out", str(tmp_path / "bad"),
                                         "--use-cpu", *[x for p in pairs for x in ("--training-args", p)]])
