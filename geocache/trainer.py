@@ -87,7 +87,7 @@ def add_dora_adapter(
     through PEFT's ``target_parameters``, which refuses DoRA, so ``adapt_experts`` is refused here.
     ``lora_args``: any other ``LoraConfig`` field (``use_rslora``, ``init_lora_weights``,
     ``modules_to_save``, ``layers_to_transform``, ...; see ``check_lora_args``)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     check_lora_args(lora_args)
 
@@ -111,12 +111,10 @@ def add_dora_adapter(
                             task_type="CAUSAL_LM", **lora_args)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"peft refuses these LoRA options ({one_line(exc, 240) or type(exc).__name__}); lora_args were {lora_args}") from None
-    # An initialisation that moves part of each weight into the adapter (PiSSA, OLoRA, LoftQ, ...)
-    # leaves the model with its adapter off no longer the base: the live base would be another
-    # model, and the cache would not match. Checked on the weights, whatever the method's name.
-    before = model_fingerprint(model)["weights_sha256"] if "init_lora_weights" in lora_args else None
     try:
-        wrapped = get_peft_model(model, config)
+        return with_adapter(model, config)
+    except BaseRewritten:
+        raise
     except (ValueError, TypeError) as exc:  # peft's own words may run over many lines (a module's repr)
         if lora_args:
             raise ValueError(f"peft cannot build this DoRA adapter of a {model_kind(model)} model with lora_args={lora_args} "
@@ -124,10 +122,27 @@ def add_dora_adapter(
         raise ValueError(f"peft cannot put DoRA on target_modules={targets} of this {model_kind(model)} model "
                          f"({one_line(exc, 240) or type(exc).__name__}); the default targets "
                          "(attention, dense MLPs and shared experts, without fused MoE experts) avoid that") from None
+
+
+class BaseRewritten(ValueError):
+    """An adapter initialisation that changed the base's own weights (``with_adapter``)."""
+
+
+def with_adapter(model: nn.Module, config):
+    """``get_peft_model(model, config)``, refused where the model with its adapter off would no
+    longer be the base: an initialisation that moves part of each weight into the adapter (PiSSA,
+    OLoRA, LoftQ, ...) leaves the live base another model, and the cache another model's. Checked
+    on the weights' fingerprint, whatever the method's name (the default initialisation, which
+    leaves the weights alone, is not checked)."""
+    from peft import get_peft_model
+
+    init = getattr(config, "init_lora_weights", True)
+    before = model_fingerprint(model)["weights_sha256"] if init not in (True, False, "gaussian") else None
+    wrapped = get_peft_model(model, config)
     if before is not None and model_fingerprint(wrapped)["weights_sha256"] != before:
-        raise ValueError(f"init_lora_weights={lora_args['init_lora_weights']!r} rewrites the base's own weights (part of each moves into "
-                         "the adapter), so the model with its adapter off is no longer the base the geometry loss measures against: "
-                         "leave init_lora_weights at its default")
+        raise BaseRewritten(f"init_lora_weights={init!r} rewrites the base's own weights (part of each moves into the adapter), so the "
+                         "model with its adapter off is no longer the base the geometry loss measures against: leave "
+                         "init_lora_weights at its default")
     return wrapped
 
 
@@ -214,17 +229,32 @@ def first_rows(batch: dict, n: int) -> dict:
     return out
 
 
+def _wrapped_model(args: tuple, kwargs: dict, peft_config) -> tuple[tuple, dict]:
+    """``Trainer``'s arguments with the model (given first or as ``model=``) wrapped with ``peft_config``."""
+    model = kwargs.get("model", args[0] if args else None)
+    if model is None:
+        raise ValueError("peft_config was given without a model to put the adapter on")
+    if hasattr(model, "peft_config"):
+        raise ValueError("the model already carries a PEFT adapter: give peft_config or an adapted model, not both")
+    model = with_adapter(model, peft_config)
+    return ((model, *args[1:]), kwargs) if "model" not in kwargs and args else (args, {**kwargs, "model": model})
+
+
 class GeometryTrainer(Trainer):
     """``Trainer`` with the geometry-aware loss.
 
     Extra arguments: ``geometry_config`` (``GeometryConfig``), ``base`` (a base source from
     ``geocache.base``; default ``CacheBase()``), ``layer_weights`` for the router loss (default:
-    mid-band). Train and eval datasets are caches (``open_cache``); the default collator pads them
+    mid-band), ``peft_config`` (a peft config the model is wrapped with, as TRL's trainers take it;
+    or give a model that carries its adapter, e.g. from ``add_dora_adapter``). Train and eval datasets are caches (``open_cache``); the default collator pads them
     and carries their base statistics. Logged per step: task loss, every geometry metric, the
     thresholds in force, penalised fractions, router Jaccard/divergence (MoE), tokens/s, base mode.
     """
 
-    def __init__(self, *args, geometry_config: Optional[GeometryConfig] = None, base=None, layer_weights=None, **kwargs):
+    def __init__(self, *args, geometry_config: Optional[GeometryConfig] = None, base=None, layer_weights=None, peft_config=None,
+                 **kwargs):
+        if peft_config is not None:  # as TRL's trainers take it: the model is wrapped here
+            args, kwargs = _wrapped_model(args, kwargs, peft_config)
         if kwargs.get("data_collator") is None:
             tok = kwargs.get("processing_class")
             pad = getattr(tok, "pad_token_id", None) or 0

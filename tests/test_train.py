@@ -1183,3 +1183,25 @@ def test_other_lora_options_reach_peft_and_the_saved_adapter(tmp_path, moe_cache
         assert not (tmp_path / "bad").exists()
     with pytest.raises(ValueError, match=r"\(use_rslora: peft LoraConfig options, which a config file holds under `lora_args:`\)"):
         TrainConfig.from_dict({"model": "m", "cache": "c", "out": "o", "use_rslora": True})
+
+
+def test_the_trainer_takes_a_peft_config_as_trls_trainers_do(tmp_path, moe_cache):
+    from peft import LoraConfig, PeftModel
+
+    model_dir, root = moe_cache
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1, per_device_train_batch_size=4)
+    config = LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = GeometryTrainer(AutoModelForCausalLM.from_pretrained(model_dir), args, peft_config=config, train_dataset=open_cache(str(root / "k64")),
+                              base=LiveBase(want_router=True), geometry_config=ALL_ON)
+    assert isinstance(trainer.model, PeftModel) and trainer.model.peft_config["default"].use_dora
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if p.requires_grad)
+    assert any("KL_mean" in r for r in trainer.state.log_history)
+    with pytest.raises(ValueError, match="already carries a PEFT adapter: give peft_config or an adapted model, not both"):
+        GeometryTrainer(model=trainer.model, args=args, peft_config=config, train_dataset=open_cache(str(root / "k64")))
+    # an initialisation that moves part of the base into the adapter leaves no base to measure against
+    olora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights="olora", task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match=r"init_lora_weights='olora' rewrites the base's own weights"):
+        GeometryTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, peft_config=olora,
+                        train_dataset=open_cache(str(root / "k64")), base=LiveBase(want_router=True))
