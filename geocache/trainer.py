@@ -229,6 +229,17 @@ def first_rows(batch: dict, n: int) -> dict:
     return out
 
 
+def _refuse_rewritten_base(model) -> None:
+    """A model given already adapted, whose adapter was initialised by moving part of the base's
+    weights into it (PiSSA, OLoRA, CorDA, LoftQ: peft rewrites the base layers), is refused by name:
+    its weights from before can no longer be compared (``with_adapter`` checks them when it wraps)."""
+    for name, config in (getattr(model, "peft_config", None) or {}).items():
+        init = getattr(config, "init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+            raise BaseRewritten(f"adapter {name!r} was initialised with init_lora_weights={init!r}, which rewrites the base's own weights, "
+                                "so the model with its adapter off is no longer the base the geometry loss measures against")
+
+
 def _wrapped_model(args: tuple, kwargs: dict, peft_config) -> tuple[tuple, dict]:
     """``Trainer``'s arguments with the model (given first or as ``model=``) wrapped with ``peft_config``."""
     model = kwargs.get("model", args[0] if args else None)
@@ -255,6 +266,7 @@ class GeometryTrainer(Trainer):
                  **kwargs):
         if peft_config is not None:  # as TRL's trainers take it: the model is wrapped here
             args, kwargs = _wrapped_model(args, kwargs, peft_config)
+        _refuse_rewritten_base(kwargs.get("model", args[0] if args else None))
         if kwargs.get("data_collator") is None:
             tok = kwargs.get("processing_class")
             pad = getattr(tok, "pad_token_id", None) or 0

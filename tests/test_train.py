@@ -1205,3 +1205,8 @@ def test_the_trainer_takes_a_peft_config_as_trls_trainers_do(tmp_path, moe_cache
     with pytest.raises(ValueError, match=r"init_lora_weights='olora' rewrites the base's own weights"):
         GeometryTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, peft_config=olora,
                         train_dataset=open_cache(str(root / "k64")), base=LiveBase(want_router=True))
+    from peft import get_peft_model
+
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), olora)  # wrapped by the user: known by its config
+    with pytest.raises(ValueError, match=r"adapter 'default' was initialised with init_lora_weights='olora', which rewrites"):
+        GeometryTrainer(model=adapted, args=args, train_dataset=open_cache(str(root / "k64")), base=LiveBase(want_router=True))
