@@ -352,7 +352,7 @@ def _training_arguments(cfg: TrainConfig, out: Path, report_to: list[str], resum
 
     # Several processes and no GPU: data-parallel over gloo needs use_cpu (without it each process trained alone).
     use_cpu = cfg.use_cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
-    return TrainingArguments(
+    managed = dict(
         output_dir=str(out),
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler_type,
@@ -381,9 +381,13 @@ def _training_arguments(cfg: TrainConfig, out: Path, report_to: list[str], resum
         prediction_loss_only=True,
         use_cpu=use_cpu,
         disable_tqdm=not cfg.progress,
+        report_to=report_to,
         # (pinned memory on a CPU run only warns, once per worker, that there is nothing to pin)
-        **{"report_to": report_to, "dataloader_pin_memory": not use_cpu and torch.cuda.is_available(), **cfg.training_args},
+        dataloader_pin_memory=not use_cpu and torch.cuda.is_available(),
     )
+    # The user's own last: over the defaults above that are not geocache options (the eval batch
+    # size, report_to, pinning); the fields geocache sets from its options were refused in them.
+    return TrainingArguments(**{**managed, **cfg.training_args})
 
 
 def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):

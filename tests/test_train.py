@@ -1081,7 +1081,8 @@ def test_other_training_arguments_pass_through_to_transformers_and_geocaches_own
     report_to, dataloader workers): ``training_args``, from YAML and ``--training-args KEY=VALUE``."""
     model, root = moe_cache
     common = dict(model=str(model), cache=str(root / "k64"), max_steps=2, save_steps=2, use_cpu=True, lora_r=2, lora_alpha=4, progress=False)
-    extra = {"weight_decay": 0.5, "max_grad_norm": 0.25, "adam_beta2": 0.9, "optim": "adamw_torch", "dataloader_num_workers": 1}
+    extra = {"weight_decay": 0.5, "max_grad_norm": 0.25, "adam_beta2": 0.9, "optim": "adamw_torch", "dataloader_num_workers": 1,
+             "per_device_eval_batch_size": 3}  # (one that geocache gives a default: was "multiple values for keyword argument")
     trainer = train(TrainConfig(**common, out=str(tmp_path / "api"), training_args=extra))
     assert trainer.state.global_step == 2  # batches through a worker process, too
     assert {k: getattr(trainer.args, k) for k in extra} == {**extra, "optim": "adamw_torch"}
