@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import time
 import warnings
 from collections import defaultdict
@@ -240,6 +241,19 @@ def _refuse_rewritten_base(model) -> None:
                                 "so the model with its adapter off is no longer the base the geometry loss measures against")
 
 
+def _loaded_model(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``Trainer``'s arguments with a model given by name (a local path or hub id, as TRL's trainers
+    take it) loaded, and its tokenizer as the ``processing_class`` unless one was given."""
+    model = kwargs.get("model", args[0] if args else None)
+    if not isinstance(model, (str, os.PathLike)):
+        return args, kwargs
+    from geocache.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(os.fspath(model))
+    kwargs = {**kwargs, "processing_class": kwargs.get("processing_class") or tokenizer}
+    return ((model, *args[1:]), kwargs) if "model" not in kwargs and args else (args, {**kwargs, "model": model})
+
+
 def _wrapped_model(args: tuple, kwargs: dict, peft_config) -> tuple[tuple, dict]:
     """``Trainer``'s arguments with the model (given first or as ``model=``) wrapped with ``peft_config``."""
     model = kwargs.get("model", args[0] if args else None)
@@ -264,6 +278,7 @@ class GeometryTrainer(Trainer):
 
     def __init__(self, *args, geometry_config: Optional[GeometryConfig] = None, base=None, layer_weights=None, peft_config=None,
                  **kwargs):
+        args, kwargs = _loaded_model(args, kwargs)
         if peft_config is not None:  # as TRL's trainers take it: the model is wrapped here
             args, kwargs = _wrapped_model(args, kwargs, peft_config)
         _refuse_rewritten_base(kwargs.get("model", args[0] if args else None))

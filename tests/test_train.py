@@ -12,7 +12,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
 from geocache.base import CacheBase, LiveBase, PeriodicBase
 from geocache.cache import CacheError, collate_cache_rows, open_cache
@@ -1199,6 +1199,9 @@ def test_the_trainer_takes_a_peft_config_as_trls_trainers_do(tmp_path, moe_cache
     trainer.train()
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if p.requires_grad)
     assert any("KL_mean" in r for r in trainer.state.log_history)
+    by_name = GeometryTrainer(str(model_dir), args, peft_config=config, train_dataset=open_cache(str(root / "k64")))  # a path, as TRL takes it
+    assert isinstance(by_name.model, PeftModel) and by_name.processing_class is not None
+    assert by_name.processing_class.get_vocab() == AutoTokenizer.from_pretrained(model_dir).get_vocab()
     with pytest.raises(ValueError, match="already carries a PEFT adapter: give peft_config or an adapted model, not both"):
         GeometryTrainer(model=trainer.model, args=args, peft_config=config, train_dataset=open_cache(str(root / "k64")))
     # an initialisation that moves part of the base into the adapter leaves no base to measure against
