@@ -432,6 +432,16 @@ def tokenize_example(row: dict, index: int, tokenizer, cfg: DataConfig, prefix: 
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] + eos
         return prefix + ids, [IGNORE_INDEX] * len(prefix) + ids
     if kind == "prompt_completion":
+        prompt, completion = _decoded(row.get(cfg.prompt_field)), _decoded(row.get(cfg.completion_field))
+        if isinstance(prompt, list) and isinstance(completion, list):
+            # TRL's conversational prompt-completion: the conversation rendered whole by the chat
+            # template, the loss on the completion's assistant turns only (never on the prompt's).
+            if not completion:
+                raise BadRowError(f"row {index}: field {cfg.completion_field!r} is an empty list of messages")
+            return _tokenize_chat({**row, cfg.messages_field: prompt + completion}, index, tokenizer, cfg, first_labelled=len(prompt))
+        if isinstance(prompt, list) or isinstance(completion, list):
+            raise BadRowError(f"row {index}: fields {cfg.prompt_field!r} and {cfg.completion_field!r} must be both text or both lists "
+                              "of messages (conversational, as TRL's), not one of each")
         prompt, completion = _field(row, cfg.prompt_field, index), _field(row, cfg.completion_field, index)
         if not completion.strip():
             raise BadRowError(f"row {index}: field {cfg.completion_field!r} is empty")
@@ -441,7 +451,7 @@ def tokenize_example(row: dict, index: int, tokenizer, cfg: DataConfig, prefix: 
     return _tokenize_chat(row, index, tokenizer, cfg)
 
 
-def _assistant_spans_by_content(messages: list[dict], text: str, tokenizer, index: int) -> list[tuple[int, int]]:
+def _assistant_spans_by_content(messages: list[dict], text: str, tokenizer, index: int, first_labelled: int = 0) -> list[tuple[int, int]]:
     """Assistant spans of a conversation whose template renders a turn differently once later
     turns follow (Qwen3 drops the ``<think>`` block of every assistant turn before the last user
     message, so no prefix of the conversation renders as the start of the whole): each message's
@@ -462,7 +472,7 @@ def _assistant_spans_by_content(messages: list[dict], text: str, tokenizer, inde
         if at < 0:
             raise BadRowError(f"row {index}: message {i} ({m['role']}) is not in the chat template's rendering of the conversation, so its labels cannot be placed")
         end = at + len(content)
-        if m["role"] == "assistant":
+        if m["role"] == "assistant" and i >= first_labelled:
             end += len(close) if close and text.startswith(close, end) else 0
             spans.append((at, end))
         cursor = end
@@ -487,7 +497,9 @@ def _calls_tools(message: dict) -> bool:
     return message.get("role") == "assistant" and isinstance(message.get("tool_calls"), list) and len(message["tool_calls"]) > 0
 
 
-def _tokenize_chat(row: dict, index: int, tokenizer, cfg: DataConfig) -> tuple[list[int], list[int]]:
+def _tokenize_chat(row: dict, index: int, tokenizer, cfg: DataConfig, first_labelled: int = 0) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a conversation: the chat template's rendering, labelled on the
+    assistant turns from message ``first_labelled`` on (a conversational completion's)."""
     messages = row.get(cfg.messages_field)
     messages = _decoded(messages)  # streamed JSON without a schema: messages (or each one) may arrive still encoded
     if isinstance(messages, list):
@@ -500,8 +512,9 @@ def _tokenize_chat(row: dict, index: int, tokenizer, cfg: DataConfig) -> tuple[l
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (isinstance(m.get("content"), str) or _calls_tools(m)):
             raise BadRowError(f"row {index}: message {i} must have string 'role' and 'content' (or, for an assistant turn, a list of 'tool_calls')")
-    if not any(m["role"] == "assistant" and ((m.get("content") or "").strip() or _calls_tools(m)) for m in messages):
-        raise BadRowError(f"row {index}: no non-empty assistant turn to learn from")
+    if not any(m["role"] == "assistant" and ((m.get("content") or "").strip() or _calls_tools(m)) for m in messages[first_labelled:]):
+        where = " in its completion" if first_labelled else ""
+        raise BadRowError(f"row {index}: no non-empty assistant turn to learn from{where}")
     if tokenizer.chat_template is None:
         raise ValueError("the tokenizer has no chat template, so chat `messages` rows cannot be rendered")
     # Tool definitions beside the messages, as TRL's conversational datasets carry them ("tools").
@@ -525,16 +538,16 @@ def _tokenize_chat(row: dict, index: int, tokenizer, cfg: DataConfig) -> tuple[l
     # template's generation prompt, i.e. the role header) to the end of the turn as rendered.
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] == "assistant":
+        if m["role"] == "assistant" and i >= first_labelled:
             if i == 0:  # nothing before it to render (transformers refuses an empty conversation)
-                spans = _assistant_spans_by_content(messages, text, tokenizer, index)
+                spans = _assistant_spans_by_content(messages, text, tokenizer, index, first_labelled)
                 break
             asking = render(messages[:i], generation_prompt=True)
             prefix = render(messages[: i + 1])
             # A template that rewrites earlier turns, or has no generation prompt (the role header
             # would be labelled): the spans are found by content instead.
             if not text.startswith(prefix) or (i and asking == render(messages[:i])):
-                spans = _assistant_spans_by_content(messages, text, tokenizer, index)
+                spans = _assistant_spans_by_content(messages, text, tokenizer, index, first_labelled)
                 break
             spans.append((len(asking), len(prefix)))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

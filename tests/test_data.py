@@ -49,6 +49,36 @@ def test_chat_takes_loss_on_assistant_turns_only(tok):
     assert labelled_text(tok, ids, labels) == "hello there<|im_end|>\nreturn x<|im_end|>\n"
 
 
+def test_conversational_prompt_completion_rows_take_loss_on_the_completion_only(tok, tokenizer_dir):
+    """TRL's conversational prompt-completion rows (prompt and completion both lists of messages):
+    the loss on what the completion adds after the prompt's generation prompt, never on an
+    assistant turn of the prompt's history. Was "field 'prompt' must be a string, got list"."""
+    prompt = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}, {"role": "user", "content": "more"}]
+    completion = [{"role": "assistant", "content": "return x"}]
+    ids, labels = tokenize_example({"prompt": prompt, "completion": completion}, 0, tok, DataConfig())
+    text = tok.apply_chat_template(prompt + completion, tokenize=False)
+    assert tok.decode(ids) == text
+    asking = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert labelled_text(tok, ids, labels) == text[len(asking):] == "return x<|im_end|>\n"  # TRL's completion mask
+    # the same row as plain messages labels the history's assistant turn too
+    _, all_labels = tokenize_example({"messages": prompt + completion}, 0, tok, DataConfig())
+    assert "hello there" in labelled_text(tok, ids, all_labels)
+    # a template that renders the history differently once a turn follows (Qwen3's think blocks): the
+    # prompt's assistant turn stays unlabelled, the completion is what follows the generation prompt
+    think = AutoTokenizer.from_pretrained(tokenizer_dir)
+    think.chat_template = THINK_AFTER_LAST_USER
+    ids, labels = tokenize_example({"prompt": prompt, "completion": completion}, 0, think, DataConfig())
+    text = think.apply_chat_template(prompt + completion, tokenize=False)
+    asking = think.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert labelled_text(think, ids, labels) == text[len(asking):] == "<think>\n\n</think>\n\nreturn x<|im_end|>\n"
+    with pytest.raises(BadRowError, match=r"row 3: fields 'prompt' and 'completion' must be both text or both lists of messages"):
+        tokenize_example({"prompt": "hi", "completion": completion}, 3, tok, DataConfig())
+    with pytest.raises(BadRowError, match=r"row 4: no non-empty assistant turn to learn from in its completion"):
+        tokenize_example({"prompt": prompt, "completion": [{"role": "user", "content": "x"}]}, 4, tok, DataConfig())
+    with pytest.raises(BadRowError, match=r"row 5: field 'completion' is an empty list of messages"):
+        tokenize_example({"prompt": prompt, "completion": []}, 5, tok, DataConfig())
+
+
 # A template that renders an assistant turn differently once a later user turn follows, as
 # Qwen3's does (an empty think block only on the turns after the last user message).
 THINK_AFTER_LAST_USER = (
