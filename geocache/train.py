@@ -76,8 +76,9 @@ class TrainConfig:
     v2_max_sequences: int = field(default=32, metadata={"help": "Held-out sequences per domain per V2 check."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless asked), for the model and a copy base."})
     lora_args: dict = field(default_factory=dict, metadata={
-        "help": "Any other peft LoraConfig field, KEY=VALUE (VALUE read as YAML), e.g. use_rslora=true, init_lora_weights=pissa, "
-                "modules_to_save=[lm_head], layers_to_transform=[0,1]; in a config file, a `lora_args:` mapping."})
+        "help": "Any other peft LoraConfig field, KEY=VALUE (VALUE read as YAML), e.g. use_rslora=true, "
+                "exclude_modules=[model.layers.0.mlp.down_proj], rank_pattern={q_proj: 8}, modules_to_save=[lm_head]; in a config "
+                "file, a `lora_args:` mapping."})
     training_args: dict = field(default_factory=dict, metadata={
         "help": "Any other transformers TrainingArguments field, KEY=VALUE (VALUE read as YAML), e.g. weight_decay=0.01, "
                 "max_grad_norm=0.5, optim=adamw_torch, report_to=wandb, dataloader_num_workers=2; in a config file, a "
