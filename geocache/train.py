@@ -74,7 +74,8 @@ class TrainConfig:
     v2_patience: int = field(default=2, metadata={"help": "Checks without improvement before the V2 action."})
     v2_action: str = field(default="rollback", metadata={"help": "When V2 keeps degrading: halve_lr | double_lambdas | rollback."})
     v2_max_sequences: int = field(default=32, metadata={"help": "Held-out sequences per domain per V2 check."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless asked), for the model and a copy base."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow model code from the hub (off unless asked), for the model and a copy base."})
     lora_args: dict = field(default_factory=dict, metadata={
         "help": "Any other peft LoraConfig field, KEY=VALUE (VALUE read as YAML), e.g. use_rslora=true, "
                 "exclude_modules=[model.layers.0.mlp.down_proj], rank_pattern={q_proj: 8}, modules_to_save=[lm_head]; in a config "

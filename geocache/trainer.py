@@ -271,8 +271,9 @@ class GeometryTrainer(Trainer):
     Extra arguments: ``geometry_config`` (``GeometryConfig``), ``base`` (a base source from
     ``geocache.base``; default ``CacheBase()``), ``layer_weights`` for the router loss (default:
     mid-band), ``peft_config`` (a peft config the model is wrapped with, as TRL's trainers take it;
-    or give a model that carries its adapter, e.g. from ``add_dora_adapter``). Train and eval datasets are caches (``open_cache``); the default collator pads them
-    and carries their base statistics. Logged per step: task loss, every geometry metric, the
+    or give a model that carries its adapter, e.g. from ``add_dora_adapter``). The model may be
+    given by name (a local path or hub id). Train and eval datasets are caches (``open_cache``);
+    the default collator pads them and carries their base statistics. Logged per step: task loss, every geometry metric, the
     thresholds in force, penalised fractions, router Jaccard/divergence (MoE), tokens/s, base mode.
     """
 
