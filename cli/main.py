@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,15 @@ class GeocacheGroup(click.Group):
         except OSError as exc:  # a full disk, a permission, a vanished mount, wherever it happens
             where = f" ({exc.filename})" if exc.filename else ""
             click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+            ctx.exit(2)
+        except RuntimeError as exc:
+            from geocache.trainer import peer_stopped
+
+            if not peer_stopped(exc):
+                raise
+            # The process that failed said why; this one was waiting for it in a collective.
+            rank = os.environ.get("RANK", "?")
+            click.echo(f"error: process {rank} stops because another process of this run stopped (its error says why)", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:  # what was committed (cache shards, checkpoints) stays
             how = {"precompute": "rerun it with --resume to continue after the last committed shard",

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -209,19 +210,37 @@ def _check_run_dir(cfg: TrainConfig) -> Optional[str]:
         raise ValueError(f"run directory {cfg.out!r} is not empty and holds no geocache run (no {RUN_CONFIG}, no checkpoint-*); "
                          "choose another (--overwrite replaces only a geocache run)")
     if cfg.resume:
-        from transformers.trainer_utils import get_last_checkpoint
+        from geocache.trainer import last_complete_checkpoint
 
-        last = get_last_checkpoint(str(out)) if out.exists() else None
+        last, incomplete = last_complete_checkpoint(out, int(os.environ.get("WORLD_SIZE", "1")))
+        names = ", ".join(Path(p).name for p in incomplete)
+        if last is None and not incomplete:
+            why = " (the run stopped before its first; start it again without --resume)" if _failed_start(out) else ""
+            raise ValueError(f"--resume was given but run directory {cfg.out!r} has no checkpoint{why}")
+        _check_resumed_config(cfg, out / RUN_CONFIG)  # (another number of processes makes every checkpoint look incomplete)
         if last is None:
-            raise ValueError(f"--resume was given but run directory {cfg.out!r} has no checkpoint" +
-                             (" (the run stopped before its first; start it again without --resume)" if _failed_start(out) else ""))
-        _check_resumed_config(cfg, out / RUN_CONFIG)
+            raise ValueError(f"--resume was given but run directory {cfg.out!r} has no checkpoint written to its end ({names} not: "
+                             "start the run again with --overwrite)")
         done = _trained_steps(last)
         if done is not None and cfg.max_steps > 0 and done >= cfg.max_steps:  # transformers would train one step more
             raise ValueError(f"--resume: run {cfg.out!r} already trained {done} steps, and max_steps={cfg.max_steps}; "
                              "raise --max-steps to train on")
         return last
     return None
+
+
+def _drop_incomplete_checkpoints(out: Path, resume_from: str) -> None:
+    """Remove the checkpoints after ``resume_from`` that a failed write left half-written (their
+    steps come again, and their checkpoints with them), once the resumed run is accepted."""
+    from geocache.trainer import last_complete_checkpoint
+
+    _, incomplete = last_complete_checkpoint(out, int(os.environ.get("WORLD_SIZE", "1")))
+    if incomplete:
+        names = ", ".join(Path(p).name for p in incomplete)
+        warnings.warn(f"{names} in {str(out)!r} was not written to its end (a failed write): removed; resuming from {Path(resume_from).name}",
+                      stacklevel=3)
+        for path in incomplete:
+            shutil.rmtree(path)
 
 
 def _replace_run(out: Path) -> None:
@@ -405,10 +424,10 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
     # rank 0's files and refuse); a refusal there stops every rank.
     if int(os.environ.get("RANK", "0")) == 0:
         resume_from = _check_run_dir(cfg)
-    else:
-        from transformers.trainer_utils import get_last_checkpoint
+    else:  # the checkpoint rank 0 chose (incomplete ones are skipped, whether or not rank 0 removed them yet)
+        from geocache.trainer import last_complete_checkpoint
 
-        resume_from = get_last_checkpoint(cfg.out) if cfg.resume and Path(cfg.out).exists() else None
+        resume_from = last_complete_checkpoint(cfg.out, int(os.environ.get("WORLD_SIZE", "1")))[0] if cfg.resume else None
     out = Path(cfg.out)
     report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
     try:
@@ -481,6 +500,8 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
     )
     if int(os.environ.get("RANK", "0")) == 0 and (cfg.overwrite or (not cfg.resume and out.exists() and _failed_start(out))):
         _replace_run(out)  # the run is accepted (the caches fit the base)
+    if int(os.environ.get("RANK", "0")) == 0 and resume_from is not None:
+        _drop_incomplete_checkpoints(out, resume_from)
     out.mkdir(parents=True, exist_ok=True)  # its record first
     if int(os.environ.get("RANK", "0")) == 0:
         (out / RUN_CONFIG).write_text(yaml.safe_dump(_run_record(cfg), sort_keys=False))

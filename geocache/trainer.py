@@ -169,6 +169,44 @@ def check_lora_args(extra) -> None:
                              "with lora_args exclude_modules")
 
 
+def checkpoint_complete(path: Path, processes: int) -> bool:
+    """Whether ``checkpoint-N`` was written to its end: its ``trainer_state.json`` (the main
+    process writes it last) and, for a full checkpoint (optimizer, RNG states), every process's RNG
+    state. A write that failed part way (a full disk, a process that died in it) leaves one out, and
+    a resume from it was not exact (a missing RNG file is skipped by transformers with an info log)."""
+    if not (path / "trainer_state.json").is_file():
+        return False
+    if not ((path / "optimizer.pt").exists() or any(path.glob("rng_state*.pth"))):
+        return True  # save_only_model: the weights and the state only
+    rng = ["rng_state.pth"] if processes <= 1 else [f"rng_state_{i}.pth" for i in range(processes)]
+    return all((path / name).is_file() for name in rng)
+
+
+def last_complete_checkpoint(run_dir: str | Path, processes: int) -> tuple[Optional[str], list[str]]:
+    """The newest ``checkpoint-N`` of ``run_dir`` written to its end (``checkpoint_complete``), or
+    None, and the newer ones that were not."""
+    run_dir = Path(run_dir)
+    found = sorted((p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.removeprefix("checkpoint-").isdigit()),
+                   key=lambda p: int(p.name.removeprefix("checkpoint-")), reverse=True) if run_dir.is_dir() else []
+    incomplete = []
+    for path in found:
+        if checkpoint_complete(path, processes):
+            return str(path), incomplete
+        incomplete.append(str(path))
+    return None, incomplete
+
+
+def peer_stopped(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another process of the run stopped
+    (its own error says why): gloo's "Connection closed by peer", NCCL's errors, a timeout."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return False
+    text = str(exc)
+    return any(k in text for k in ("closed by peer", "Connection reset", "gloo", "NCCL", "ProcessGroup", "Broken pipe", "timed out"))
+
+
 def _logged_step(line: str) -> float:
     """The step of a JSONL log record; infinite for a line a killed run left half-written."""
     try:
@@ -455,12 +493,10 @@ class GeometryTrainer(Trainer):
         return first_rows(inputs, max(keep, 1)), keep > 0
 
     def _last_good_checkpoint(self) -> str:
-        """Where the run can restart from, in words. Every checkpoint on disk is good: ``_save_checkpoint``
-        refuses to write non-finite weights."""
-        from transformers.trainer_utils import get_last_checkpoint
-
+        """Where the run can restart from, in words: the last checkpoint written to its end
+        (``_save_checkpoint`` refuses to write non-finite weights)."""
         out = Path(self.args.output_dir)
-        last = get_last_checkpoint(str(out)) if out.is_dir() else None
+        last, _ = last_complete_checkpoint(out, self.accelerator.num_processes)
         return f"the last good checkpoint is {last}" if last else f"there is no checkpoint in {out} yet"
 
     def check_weights_finite(self, writing: str) -> None:
@@ -478,8 +514,17 @@ class GeometryTrainer(Trainer):
                                      f"was not written; training stopped, and {self._last_good_checkpoint()}")
 
     def _save_checkpoint(self, model, trial, **kwargs) -> None:  # transformers 5: (model, trial)
-        self.check_weights_finite(f"checkpoint-{self.state.global_step}")
-        super()._save_checkpoint(model, trial, **kwargs)
+        name = f"checkpoint-{self.state.global_step}"
+        self.check_weights_finite(name)
+        try:
+            super()._save_checkpoint(model, trial, **kwargs)
+        except RuntimeError as exc:
+            if peer_stopped(exc):
+                raise
+            # torch.save reports a full disk as a RuntimeError ("iostream error", "unexpected pos"),
+            # not an OSError; what was written of the checkpoint is skipped by a resume.
+            raise OSError(f"writing {name} failed ({one_line(exc, 160)}; is the disk full?): training stopped, and "
+                          f"{self._last_good_checkpoint()}") from None
 
     def _unwrap(self, model):
         # ``unwrap_model`` walks every module looking for compiled regions (0.2 ms a step at the

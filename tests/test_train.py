@@ -1214,3 +1214,69 @@ def test_the_trainer_takes_a_peft_config_as_trls_trainers_do(tmp_path, moe_cache
     adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), olora)  # wrapped by the user: known by its config
     with pytest.raises(ValueError, match=r"adapter 'default' was initialised with init_lora_weights='olora', which rewrites"):
         GeometryTrainer(model=adapted, args=args, train_dataset=open_cache(str(root / "k64")), base=LiveBase(want_router=True))
+
+
+def test_a_checkpoint_write_that_fails_is_one_sentence_and_resume_skips_what_it_left(tmp_path, moe_cache, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError (a traceback), and the half-written
+    checkpoint (no trainer_state.json) was what --resume picked: "No such file ... trainer_state.json"."""
+    from peft import PeftModel  # noqa: F401  (the adapters are compared as files)
+
+    model, root = moe_cache
+    run = ["train", "--model", str(model), "--cache", str(root / "k64"), "--max-steps", "4", "--save-steps", "2", "--lora-r", "2",
+           "--per-device-train-batch-size", "2", "--lora-dropout", "0.3", "--use-cpu", "--no-progress"]
+    assert CliRunner().invoke(main, [*run, "--out", str(tmp_path / "whole")]).exit_code == 0
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "checkpoint-4" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    failed = CliRunner().invoke(main, [*run, "--out", str(out)])
+    assert failed.exit_code == 2 and failed.output.count("\n") == 1, failed.output
+    assert "writing checkpoint-4 failed (" in failed.output and "is the disk full?): training stopped, and the last good checkpoint is" in failed.output
+    assert (out / "checkpoint-4").is_dir() and not (out / "checkpoint-4" / "trainer_state.json").exists()  # what the failed write left
+    monkeypatch.setattr(torch, "save", real_save)
+    with pytest.warns(UserWarning, match=r"checkpoint-4 in .* was not written to its end \(a failed write\): removed; resuming from checkpoint-2"):
+        resumed = CliRunner().invoke(main, [*run, "--out", str(out), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (tmp_path / "whole", out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # as if it had never failed (dropout's RNG included)
+    # a checkpoint that lacks its RNG state (the process that writes it died) is not resumed from either
+    (out / "checkpoint-4" / "rng_state.pth").unlink()
+    from geocache.trainer import last_complete_checkpoint
+
+    assert last_complete_checkpoint(out, 1) == (str(out / "checkpoint-2"), [str(out / "checkpoint-4")])
+    assert last_complete_checkpoint(out, 2)[0] is None  # two processes write rng_state_0/_1.pth: none here is whole for them
+
+
+def test_a_process_whose_peer_stopped_says_so_in_one_sentence(tmp_path, moe_cache):
+    """An error on one process left the other in a collective, which printed gloo's "Connection
+    closed by peer" as a long traceback beside the one sentence that said why."""
+    model, root = moe_cache
+    script = tmp_path / "fail_on_rank1.py"
+    script.write_text(f"""
+import os, sys
+from geocache.losses import GeometryAwareLoss
+from geocache_cli.main import main
+
+real = GeometryAwareLoss.forward
+calls = []
+def failing(self, *args, **kwargs):  # rank 1 refuses its second batch, rank 0 never
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 2:
+        raise ValueError("a bad batch on rank 1")
+    return real(self, *args, **kwargs)
+GeometryAwareLoss.forward = failing
+sys.argv = ["geocache", "train", "--model", {str(model)!r}, "--cache", {str(root / "k64")!r}, "--out", {str(tmp_path / "run")!r},
+            "--max-steps", "4", "--lora-r", "2", "--per-device-train-batch-size", "2", "--save-steps", "100", "--no-progress"]
+main()
+""")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29581", str(script)],
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "error: a bad batch on rank 1" in done.stderr, done.stderr[-3000:]
+    assert "error: process 0 stops because another process of this run stopped (its error says why)" in done.stderr, done.stderr[-3000:]
+    assert "[rank0]: Traceback" not in done.stderr and "[rank1]: Traceback" not in done.stderr, done.stderr[-3000:]
