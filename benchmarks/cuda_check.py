@@ -16,7 +16,11 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
+if __name__ == "__main__" and any(a in ("-h", "--help") for a in sys.argv[1:]):  # the script runs its checks as it loads
+    print(__doc__.strip() + "\n\nusage: OUT=DIR [CHECK_ONLY=a,b] [CHECK_QUICK=1] [CHECK_DEVICE=cpu] python benchmarks/cuda_check.py")
+    sys.exit(0)
+
+import torch  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 DEV = os.environ.get("CHECK_DEVICE", "cuda")  # cpu: a dry run of this script off the GPU machine

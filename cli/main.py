@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -180,7 +181,8 @@ def _dataclass_options(cls, skip=()):
             help_text = f.metadata.get("help", "")
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            if default not in (None, "", [], ()) and "default" not in help_text:  # what an option left out means
+            # what an option left out means, unless the help says it ("(default: ...)", "default 32")
+            if default not in (None, "", [], ()) and not re.search(r"\(default[ :]|default \d", help_text):
                 shown = ("on" if default else "off") if isinstance(default, bool) else default
                 help_text = f"{help_text} [default: {shown}]"
             if base is bool:  # --x/--no-x: either overrides the YAML and the default; neither leaves them
@@ -263,7 +265,7 @@ def train_summary(state, out: str) -> str:
     earlier step, not the last one trained)."""
     history = state.log_history
     last = next((r for r in reversed(history) if "task_loss" in r), {})  # a window's log or the final summary
-    line = f"trained {state.global_step} steps; adapter saved in {out}/adapter; last task loss {last.get('task_loss', float('nan')):.4f}"
+    line = f"trained {state.global_step} steps; adapter saved in {os.path.join(out, 'adapter')}; last task loss {last.get('task_loss', float('nan')):.4f}"
     check = next((r for r in reversed(history) if "v2_decision" in r), None)
     if check is not None and check["v2_decision"] == "rollback" and check.get("v2_step") == state.global_step:  # steps after it moved on
         line += (f"; the V2 gate's last check (step {check['v2_step']}) rolled the adapter back to step "

@@ -593,9 +593,15 @@ def config_from_options(options: dict) -> PrecomputeConfig:
     """Build a config from a flat mapping (YAML + CLI overrides); DataConfig fields go into ``data_config``."""
     data_fields = set(DataConfig.__dataclass_fields__)
     run_fields = set(PrecomputeConfig.__dataclass_fields__) - {"data_config"}
+    options = dict(options)
+    for option, name in (("top_k", "k"), ("tail_samples", "m")):  # the command line's names (--top-k, --tail-samples)
+        if option in options:
+            if name in options:
+                raise ValueError(f"{option} and {name} name the same setting: give one")
+            options[name] = options.pop(option)
     unknown = sorted(set(options) - data_fields - run_fields)
     if unknown:
-        raise ValueError(unknown_options("precompute", unknown, data_fields | run_fields))
+        raise ValueError(unknown_options("precompute", unknown, data_fields | run_fields | {"top_k", "tail_samples"}))
     data_cfg = DataConfig(**{k: v for k, v in options.items() if k in data_fields})
     return PrecomputeConfig(**{k: v for k, v in options.items() if k in run_fields}, data_config=data_cfg)
 

@@ -406,7 +406,7 @@ def run_profile(cfg: ProfileConfig, log=print) -> dict:
     profile["provenance"] = provenance()
     profile["seconds"] = time.perf_counter() - started
     write_outputs(profile, out)
-    log(f"{profile['classification']['classification']}: {profile['classification']['strategy']} Wrote {cfg.out}/profile.json, profile.md, "
+    log(f"{profile['classification']['classification']}: {profile['classification']['strategy']} Wrote {out / 'profile.json'}, profile.md, "
         "profile.png, recommended.yaml")
     return profile
 

@@ -105,6 +105,8 @@ class TrainConfig:
             raise ValueError("--resume and --overwrite contradict each other: pick one")
         if self.eval_steps is not None and not self.eval_cache:
             raise ValueError("eval_steps was given but no eval_cache to evaluate on")
+        if self.eval_on_start and not self.eval_cache:  # (transformers refused it after the run's record was written)
+            raise ValueError("eval_on_start was given but no eval_cache to evaluate on")
         if isinstance(self.v2_data, str):  # one domain written as a plain string (YAML)
             self.v2_data = [self.v2_data]
         if isinstance(self.target_modules, str):  # one module, or "all-linear", written as a plain string (YAML)
@@ -320,7 +322,7 @@ def _run_record(cfg: TrainConfig) -> dict:
     from anywhere), and the number of processes (with the per-device batch and accumulation, it
     makes the global batch a resume must keep)."""
     record = {k: v for k, v in asdict(cfg).items() if k not in _NOT_RECORDED}
-    for name in _PATH_FIELDS:
+    for name in (*_PATH_FIELDS, "out"):
         if record.get(name) and Path(record[name]).exists():
             record[name] = os.path.abspath(record[name])
     if record.get("v2_data"):  # PATH or NAME=PATH

@@ -71,3 +71,15 @@ def test_the_cuda_check_runs_off_the_gpu_as_a_dry_run(tmp_path):
     checked = result["loss_cuda_vs_cpu"]
     assert "error" not in checked and set(checked) == {"topk_cv", "topk_tail", "topk_hybrid"}
     assert all(v["loss_cpu"] == v["loss_gpu"] and v["inside_autocast_minus_outside"] == 0.0 for v in checked.values())
+
+
+def test_every_benchmark_script_takes_help_without_running(tmp_path):
+    """README: "each script takes --help". cuda_check.py ran its checks as it loaded, so its
+    --help asked a CPU-only torch for a CUDA device (and on a GPU machine would have run them all)."""
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        if script.name.startswith("_"):
+            continue
+        run = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OUT": str(tmp_path), "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
+        assert run.returncode == 0 and "usage" in run.stdout.lower(), (script.name, run.stderr[-1000:])
+        assert not any(tmp_path.iterdir()), script.name  # nothing written

@@ -27,9 +27,9 @@ def test_the_readme_python_snippets_run(tmp_path, tiny_model_dir, monkeypatch):
     model = tiny_model_dir("qwen3")
     data_file = tmp_path / "train.jsonl"
     data_file.write_text("".join(json.dumps({"text": c}) + "\n" for c in inspect.getsource(textwrap).split("\n\n") if c.strip()))
-    # The snippets' own preprocessing (block 1 checks max_length 2048 with packing).
+    # The README's own precompute command's preprocessing (block 1 checks max_length 2048, not packed).
     precompute(PrecomputeConfig(model=str(model), data=[str(data_file)], out=str(tmp_path / "cache"), k=8, m=2, progress=False,
-                                data_config=DataConfig(max_length=2048, packing=True)))
+                                data_config=DataConfig(max_length=2048)))
     monkeypatch.chdir(tmp_path)
     blocks = python_blocks()
     assert len(blocks) == 3

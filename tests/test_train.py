@@ -925,6 +925,8 @@ def test_eval_on_start_evaluates_the_start_of_a_run_not_of_its_resume(tmp_path, 
 
 
 def test_unknown_train_options_are_named_and_geometry_keys_are_pointed_under_geometry():
+    with pytest.raises(ValueError, match=r"^eval_on_start was given but no eval_cache to evaluate on$"):  # was refused after the record
+        TrainConfig(model="m", cache="c", out="o", eval_on_start=True)
     with pytest.raises(ValueError, match=r"^unknown train option\(s\) \['lamda'\]$"):
         TrainConfig.from_dict({"model": "m", "cache": "c", "out": "o", "lamda": 1})
     with pytest.raises(ValueError, match=r"unknown train option\(s\) \['lambda_kl'\] \(lambda_kl: geometry options, which a config file "
@@ -934,8 +936,13 @@ def test_unknown_train_options_are_named_and_geometry_keys_are_pointed_under_geo
         TrainConfig.from_dict({"model": "m", "cache": "c", "out": "o", "lr": 1e-4, "seeed": 1})
     from geocache.precompute import config_from_options
 
-    with pytest.raises(ValueError, match=r"^unknown precompute option\(s\) \['top_k'\] \(did you mean: top_k → k\?\)$"):
-        config_from_options({"model": "m", "data": "d", "out": "o", "top_k": 8})
+    # the command line's --top-k/--tail-samples are keys of a config file too (README: "keys are its options' names")
+    assert (config_from_options({"model": "m", "data": "d", "out": "o", "top_k": 8, "tail_samples": 2}).k,
+            config_from_options({"model": "m", "data": "d", "out": "o", "top_k": 8, "tail_samples": 2}).m) == (8, 2)
+    with pytest.raises(ValueError, match=r"^top_k and k name the same setting: give one$"):
+        config_from_options({"model": "m", "data": "d", "out": "o", "top_k": 8, "k": 4})
+    with pytest.raises(ValueError, match=r"^unknown precompute option\(s\) \['tail_sample'\] \(did you mean: tail_sample → "):
+        config_from_options({"model": "m", "data": "d", "out": "o", "tail_sample": 8})
 
 
 def test_label_smoothing_is_refused_in_one_sentence(tmp_path, moe_cache):
@@ -967,10 +974,12 @@ def test_the_saved_run_config_reloads_without_side_effects_and_a_failed_start_ca
     run = tmp_path / "run"
     common = ["--model", str(model), "--cache", str(root / "k64"), "--max-steps", "2", "--save-steps", "2", "--lora-r", "2",
               "--use-cpu", "--no-progress"]
-    first = CliRunner().invoke(main, ["train", "--out", "run", "--overwrite", *common])
+    first = CliRunner().invoke(main, ["train", "--out", "run/", "--overwrite", *common])
     assert first.exit_code == 0, first.output
+    assert f"adapter saved in run{os.sep}adapter;" in first.output  # not run//adapter
     record = yaml.safe_load((run / "geocache_run.yaml").read_text())
     assert not {"overwrite", "resume", "progress"} & set(record) and os.path.isabs(record["cache"])
+    assert record["out"] == str(run)  # every local path absolute: reloaded from elsewhere, the record names this run
     adapter = (run / "adapter" / "adapter_model.safetensors").read_bytes()
     again = CliRunner().invoke(main, ["train", "--config", str(run / "geocache_run.yaml"), "--out", "run"])
     assert again.exit_code == 2 and "holds another run; pass --resume" in again.output  # not silently wiped
