@@ -152,7 +152,7 @@ class V2GateCallback(TrainerCallback):
             return
         # The watched conditions come from the base (adapter off).
         with (model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()):
-            result = self.signal(model)
+            result = _as_rank0s(self.signal(model))
         watch = self.gate.start(result)
         if state.is_world_process_zero and not any(result[k]["pass"] for k in ("delta_bi", "delta_brand")):
             log.warning("the base passes neither V2 condition (C1 Δ_bi %.4f, C2 Δ_brand %.4f): the gate saves a checkpoint only when "
@@ -188,7 +188,7 @@ class V2GateCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
         if state.global_step == 0 or state.global_step % self.every:
             return control
-        result = self.signal(model)
+        result = _as_rank0s(self.signal(model))
         decision = self.gate.decide(result)
         row = {"step": state.global_step, "decision": decision, "watch": list(self.gate.state.watch), "score": self.gate.score(result),
                "bad_checks": self.gate.state.bad_checks, **_numbers(result)}
@@ -217,6 +217,20 @@ class V2GateCallback(TrainerCallback):
             row["rolled_back_to_step"] = step
         self._record(row, state)
         return control
+
+
+def _as_rank0s(result: dict) -> dict:
+    """Under several processes, the main process's V2 measurement on every process, so that all
+    of them take the same decision (saves, rollbacks, learning rate, λ's): each measures the same
+    adapter on the same held-out text, but another device's arithmetic near a threshold could
+    decide otherwise, and the processes would part (a save that only some join)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return result
+    shared = [result]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def set_lambdas(trainer, lambdas: dict) -> None:

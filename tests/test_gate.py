@@ -214,3 +214,42 @@ def test_a_missing_v2_data_file_is_refused_before_the_run_starts_and_resume_keep
     train(TrainConfig(out=str(tmp_path / "b"), v2_data=[str(data)], **common), v2_signal=Scripted([R(-0.02, -0.02), R(-0.03, -0.03)]))
     with pytest.raises(ValueError, match="with v2_action='rollback', but it was started with v2_action='halve_lr'"):
         train(TrainConfig(out=str(tmp_path / "b"), v2_data=[str(data)], resume=True, **{**common, "v2_action": "rollback", "max_steps": 4}))
+
+
+def test_every_process_takes_the_main_processs_v2_decision(tmp_path, moe_run):
+    """Each process measured V2 and decided alone: measurements that differ across processes (another
+    device's arithmetic near a threshold; here made to differ) gave a save or a rollback on some only."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model, cache, data = moe_run
+    script = tmp_path / "v2_per_rank.py"
+    script.write_text(f"""
+import os
+from geocache.gate import V2Gate
+from geocache.train import TrainConfig, train
+
+def R(v):
+    return {{k: {{"value": v, "ci_low": v - 0.01, "ci_high": v + 0.01, "pass": v < 0}} for k in ("delta_bi", "delta_brand")}}
+
+rank = int(os.environ["RANK"])
+def signal(model):  # the base passes; then process 0 sees V2 keep passing, process 1 sees it fail
+    signal.calls = getattr(signal, "calls", 0) + 1
+    return R(-0.02) if signal.calls == 1 or rank == 0 else R(0.05)
+real = V2Gate.decide
+def decide(self, result):
+    d = real(self, result)
+    print(f"rank {{rank}} decides {{d}}", flush=True)
+    return d
+V2Gate.decide = decide
+train(TrainConfig(model={str(model)!r}, cache={str(cache)!r}, out={str(tmp_path / "run")!r}, max_steps=4, per_device_train_batch_size=2,
+                  lora_r=2, progress=False, v2_every=2, v2_data=[{str(data)!r}], v2_patience=1, v2_action="rollback"), v2_signal=signal)
+""")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29583", str(script)],
+                          env=env, capture_output=True, text=True, timeout=240)  # (without the shared decision: a hang)
+    assert done.returncode == 0, done.stderr[-3000:]
+    decisions = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert decisions == ["rank 0 decides save", "rank 0 decides save", "rank 1 decides save", "rank 1 decides save"], done.stdout[-2000:]
