@@ -242,7 +242,7 @@ def signal(model):  # the base passes; then process 0 sees V2 keep passing, proc
 real = V2Gate.decide
 def decide(self, result):
     d = real(self, result)
-    print(f"rank {{rank}} decides {{d}}", flush=True)
+    print(f"rank {{rank}} decides {{d}}\\n", end="", flush=True)  # one write per line
     return d
 V2Gate.decide = decide
 train(TrainConfig(model={str(model)!r}, cache={str(cache)!r}, out={str(tmp_path / "run")!r}, max_steps=4, per_device_train_batch_size=2,
@@ -252,5 +252,6 @@ train(TrainConfig(model={str(model)!r}, cache={str(cache)!r}, out={str(tmp_path 
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29583", str(script)],
                           env=env, capture_output=True, text=True, timeout=240)  # (without the shared decision: a hang)
     assert done.returncode == 0, done.stderr[-3000:]
-    decisions = sorted(re.findall(r"rank \d decides \w+", done.stdout))  # (two processes' lines may interleave)
+    # (two processes' lines may interleave: "rank 1 decides saverank 0 decides save")
+    decisions = sorted(re.findall(r"rank \d decides (?:save|wait|continue|rollback)", done.stdout))
     assert decisions == ["rank 0 decides save", "rank 0 decides save", "rank 1 decides save", "rank 1 decides save"], done.stdout[-2000:]
