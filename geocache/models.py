@@ -59,7 +59,7 @@ def load_model_and_tokenizer(
     except OSError as exc:
         raise FileNotFoundError(f"model {model_id!r} is neither a local model directory nor a reachable hub model ({exc})") from None
     except ValueError as exc:
-        if trust_remote_code or "trust_remote_code=True" not in str(exc):
+        if trust_remote_code or "trust_remote_code" not in str(exc):  # transformers asks for the flag by its name
             raise
         # transformers' three lines, as one sentence
         raise ValueError(f"model {model_id!r} comes with its own modeling code, which runs only with --trust-remote-code "
