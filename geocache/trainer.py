@@ -87,7 +87,7 @@ def add_dora_adapter(
     means, minus what would break on fused-expert MoE models). MoE experts can only take plain LoRA
     through PEFT's ``target_parameters``, which refuses DoRA, so ``adapt_experts`` is refused here.
     ``lora_args``: any other ``LoraConfig`` field (``use_rslora``, ``init_lora_weights``,
-    ``modules_to_save``, ``layers_to_transform``, ...; see ``check_lora_args``)."""
+    ``modules_to_save``, ``exclude_modules``, ...; see ``check_lora_args`` for what is refused)."""
     from peft import LoraConfig
 
     check_lora_args(lora_args)
