@@ -20,6 +20,7 @@ differently-split run caches exactly the same rows.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
@@ -34,9 +35,9 @@ import torch
 
 import geocache
 from geocache.cache.backends import BACKENDS, get_backend
-from geocache.cache.manifest import FORMAT_VERSION, MANIFEST, PARTS_DIR, SHARDS_DIR, Manifest, first_difference
+from geocache.cache.manifest import FORMAT_VERSION, LOGS_DIR, MANIFEST, PARTS_DIR, SHARDS_DIR, Manifest, ShardInfo, first_difference
 from geocache.cache.reader import CacheError, _fs
-from geocache.cache.writer import ShardWriter, atomic_write_text, part_path
+from geocache.cache.writer import CacheWriteError, ShardWriter, atomic_write_text, part_path
 from geocache.config import check_option_types, unknown_options
 from geocache.data import DataConfig, Sequence, count_rows, data_fingerprint, iter_sequences, load_examples, slice_bounds, tokenizer_fingerprint
 from geocache.losses import router_log_probs
@@ -448,13 +449,17 @@ def _prepare_output(fs, root: str, run: _Run) -> Manifest:
         raise CacheError(f"output {cfg.out!r} already holds a geocache cache; pass --overwrite to replace it or --resume to continue it")
     # Empty parts/ and shards/ directories are what a run leaves that stopped before committing
     # anything (a bad row, a missing chat template): an empty output, not a cache to protect.
+    # The logs such a run wrote are its own too.
     others = [p for p in (fs.ls(root, detail=False) if fs.exists(root) else [])
-              if posixpath.basename(p.rstrip("/")) not in (PARTS_DIR, SHARDS_DIR) or fs.ls(p, detail=False)]
+              if posixpath.basename(p.rstrip("/")) != LOGS_DIR
+              and (posixpath.basename(p.rstrip("/")) not in (PARTS_DIR, SHARDS_DIR) or fs.ls(p, detail=False))]
     if not has_cache and others:
         raise CacheError(f"output {cfg.out!r} exists and is not an empty directory or a geocache cache; choose another path")
     _barrier(run.world)  # every rank has looked before any rank changes the output
     if cfg.overwrite and has_cache and run.rank == 0:
         fs.rm(root, recursive=True)
+    elif not has_cache and run.rank == 0 and fs.exists(posixpath.join(root, LOGS_DIR)):
+        fs.rm(posixpath.join(root, LOGS_DIR), recursive=True)  # a fresh run's logs start empty
     _barrier(run.world)
     fs.makedirs(posixpath.join(root, SHARDS_DIR), exist_ok=True)
     fs.makedirs(posixpath.join(root, PARTS_DIR), exist_ok=True)
@@ -480,6 +485,64 @@ def _prepare_output(fs, root: str, run: _Run) -> Manifest:
         if (base.startswith(prefix) or base.startswith(f".tmp-{prefix}")) and base not in listed:
             fs.rm(path, recursive=True)
     return part
+
+
+class _RunLog:
+    """This rank's JSON Lines log of the precompute, ``logs/precompute-rank-NNN.jsonl`` in the
+    cache: a ``start`` record (the settings that matter and where a resume starts), one ``shard``
+    record per committed shard (what the progress bar shows: sequences and tokens so far,
+    tokens/s, and the seconds spent in the forward, the statistics and the writer thread), and an
+    ``end`` record with the rows left out and the whole cache's totals, or a ``stopped`` record
+    naming the error. A resume keeps the earlier records and adds its own.
+
+    The file is rewritten whole (atomically) at each record rather than appended to: object
+    stores, which fsspec URLs may name, cannot append, and a log holds one line per shard."""
+
+    def __init__(self, fs, root: str, run: _Run):
+        self.fs, self.run = fs, run
+        self.path = posixpath.join(root, LOGS_DIR, f"precompute-rank-{run.rank:03d}.jsonl")
+        self.lines = fs.cat_file(self.path).decode().splitlines() if run.cfg.resume and fs.exists(self.path) else []
+        fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
+        self.started = time.perf_counter()
+        self.tokens = 0  # committed by this process (not before a resume): its tokens/s
+        self.writer: Optional[ShardWriter] = None
+
+    def record(self, event: str, **fields) -> None:
+        from datetime import datetime, timezone
+
+        rec = {"event": event, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "rank": self.run.rank,
+               "elapsed_s": round(time.perf_counter() - self.started, 3), **fields}
+        self.lines.append(json.dumps(rec))
+        try:
+            atomic_write_text(self.fs, self.path, "\n".join(self.lines) + "\n")
+        except OSError as exc:
+            full = exc.errno == errno.ENOSPC
+            raise CacheWriteError(f"could not write the precompute log {self.path}: {'the disk is full' if full else exc.strerror or exc}; "
+                                  f"the shards committed so far are kept, so {'free space' if full else 'fix that'} and rerun with --resume") from exc
+
+    def start(self, committed: Manifest) -> None:
+        cfg = self.run.cfg
+        self.record("start", resume=cfg.resume, world_size=self.run.world, model=cfg.model, data=cfg.data, backend=cfg.backend,
+                    k=cfg.k, m=cfg.m, router=self.run.router_mode, batch_size=cfg.batch_size, max_length=cfg.data_config.max_length,
+                    packing=cfg.data_config.packing, sequences_committed=committed.counts["sequences"])
+
+    def shard(self, info: ShardInfo) -> None:
+        """Called by the writer thread once the shard is committed."""
+        self.tokens += info.tokens
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        counts = self.writer.part.counts if self.writer is not None else {}
+        self.record("shard", shard=info.name, shard_sequences=info.sequences, shard_tokens=info.tokens, shard_bytes=info.bytes,
+                    sequences=counts.get("sequences"), tokens=counts.get("tokens"), positions=counts.get("positions"),
+                    tokens_per_s=round(self.tokens / elapsed, 1), forward_s=round(self.run.timings["forward_s"], 3),
+                    statistics_s=round(self.run.timings["statistics_s"], 3),
+                    write_s=round(self.writer.write_s, 3) if self.writer is not None else None)
+
+    def stopped(self, exc: BaseException) -> None:
+        """Best effort: the error itself is what the user sees, whatever becomes of this record."""
+        try:
+            self.record("stopped", error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        except (OSError, CacheWriteError):
+            pass
 
 
 def _merge(fs, root: str, run: _Run) -> Manifest:
@@ -515,7 +578,9 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
     fs, root = _fs(cfg.out)
     part = _prepare_output(fs, root, run)
     done = sum(s.sequences for s in part.shards)
-    writer = ShardWriter(fs, root, get_backend(cfg.backend), part, rank, cfg.shard_sequences, stride=world)
+    log = _RunLog(fs, root, run)
+    log.start(part)
+    writer = log.writer = ShardWriter(fs, root, get_backend(cfg.backend), part, rank, cfg.shard_sequences, stride=world, on_commit=log.shard)
     from tqdm.auto import tqdm
 
     # The bar counts sequences when their number is capped, else input rows (every rank reads every
@@ -543,23 +608,46 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
                 batch = []
         if batch:
             tokens += _flush(run, batch, writer, bar, by_rows, n + 1, tokens, started, drop=max(done - (n + 1 - len(batch)), 0))
-    finally:
+    except BaseException as exc:  # a bad row, a full disk, Ctrl-C: the log says where it stopped
         bar.close()
+        try:
+            writer.close()  # what was queued is committed, or the writer's own error is raised
+        except BaseException as late:
+            log.stopped(late)
+            raise
+        log.stopped(exc)
+        raise
+    bar.close()
+    try:
         writer.close()
-    part = writer.part
-    part.complete = True
-    part.counts["skipped_rows"] = len(bad_rows)
-    part.counts["unlabelled_rows"] = len(unlabelled)
-    part.counts["truncated_rows"] = len(truncated)
-    atomic_write_text(fs, part_path(root, rank), part.to_json())
-    _barrier(world)
-    merged = _merge(fs, root, run) if rank == 0 else None
-    _barrier(world)
-    if merged is None:
-        fs_manifest = fs.cat_file(posixpath.join(root, MANIFEST)).decode()
-        merged = Manifest.from_json(fs_manifest)
-    if timings is not None:
-        timings.update(run.timings, write_s=writer.write_s, wall_s=time.perf_counter() - wall)
+    except BaseException as exc:
+        log.stopped(exc)
+        raise
+    try:  # the part, the merge, the peers: the log says where it stopped here too
+        part = writer.part
+        part.complete = True
+        part.counts["skipped_rows"] = len(bad_rows)
+        part.counts["unlabelled_rows"] = len(unlabelled)
+        part.counts["truncated_rows"] = len(truncated)
+        atomic_write_text(fs, part_path(root, rank), part.to_json())
+        _barrier(world)
+        merged = _merge(fs, root, run) if rank == 0 else None
+        _barrier(world)
+        if merged is None:
+            fs_manifest = fs.cat_file(posixpath.join(root, MANIFEST)).decode()
+            merged = Manifest.from_json(fs_manifest)
+        if timings is not None:
+            timings.update(run.timings, write_s=writer.write_s, wall_s=time.perf_counter() - wall)
+        whole, stored = merged.counts, sum(s.bytes for s in merged.shards)
+        log.record("end", sequences=part.counts["sequences"], tokens=part.counts["tokens"], positions=part.counts["positions"],
+                   skipped_rows=len(bad_rows), unlabelled_rows=len(unlabelled), truncated_rows=len(truncated),
+                   forward_s=round(run.timings["forward_s"], 3), statistics_s=round(run.timings["statistics_s"], 3), write_s=round(writer.write_s, 3),
+                   wall_s=round(time.perf_counter() - wall, 3),
+                   cache={"complete": merged.complete, "sequences": whole["sequences"], "tokens": whole["tokens"], "positions": whole["positions"],
+                          "shards": len(merged.shards), "bytes": stored, "bytes_per_token": round(stored / max(whole["tokens"], 1), 2)})
+    except BaseException as exc:
+        log.stopped(exc)
+        raise
     if merged.counts["sequences"] == 0:
         c = merged.counts
         raise ValueError(f"no sequence was cached from data {cfg.data}: {c['skipped_rows']} malformed row(s) skipped"

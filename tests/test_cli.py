@@ -125,11 +125,15 @@ def test_a_full_disk_and_an_unreadable_manifest_are_one_sentence_each(tmp_path, 
     real = geocache.precompute.atomic_write_text
 
     def full(fs, path, text):  # the rank's part file or the merged manifest: the last writes of a run
+        if "/logs/" in path:  # (the log's own full disk: tests/test_precompute.py)
+            return real(fs, path, text)
         raise OSError(errno.ENOSPC, "No space left on device", path)
 
     monkeypatch.setattr(geocache.precompute, "atomic_write_text", full)
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and result.output.startswith("error: No space left on device (") and "Traceback" not in result.output
+    last = json.loads((out / "logs" / "precompute-rank-000.jsonl").read_text().splitlines()[-1])
+    assert last["event"] == "stopped" and "No space left on device" in last["error"]
     monkeypatch.setattr(geocache.precompute, "atomic_write_text", real)
     assert CliRunner().invoke(main, [*args, "--resume"]).exit_code == 0  # the shards written before were kept
     manifest = json.loads((out / "manifest.json").read_text())

@@ -484,9 +484,80 @@ def test_a_full_disk_fails_clearly_and_keeps_only_whole_shards(tmp_path, tiny_mo
     with pytest.raises(CacheWriteError, match=r"could not write shard shards/rank000-000002.zarr .*: the disk is full; nothing half-written"):
         run(model, data_file, tmp_path / "c", k=4, shard_sequences=8, backend="zarr")
     assert sorted(p.name for p in (tmp_path / "c" / "shards").iterdir()) == ["rank000-000000.zarr", "rank000-000001.zarr"]
+    assert [r["event"] for r in log_of(tmp_path / "c")] == ["start", "shard", "shard", "stopped"]
+    assert "the disk is full" in log_of(tmp_path / "c")[-1]["error"]
     monkeypatch.setattr(backends.ZarrBackend, "write", real_write)
     run(model, data_file, tmp_path / "c", k=4, shard_sequences=8, resume=True, backend="zarr")
     assert_same_rows(rows_of(tmp_path / "c"), rows_of(tmp_path / "ref"))
+    # The resume kept the stopped run's records and added its own after them.
+    log = log_of(tmp_path / "c")
+    assert [r["event"] for r in log[:4]] == ["start", "shard", "shard", "stopped"] and log[4]["event"] == "start"
+    assert log[4]["resume"] is True and log[4]["sequences_committed"] == 16 and log[-1]["event"] == "end"
+    assert [r["shard"] for r in log if r["event"] == "shard"] == [s.name for s in open_cache(str(tmp_path / "c")).manifest.shards]
+
+
+def log_of(cache, rank=0):
+    return [json.loads(line) for line in (Path(cache) / "logs" / f"precompute-rank-{rank:03d}.jsonl").read_text().splitlines()]
+
+
+def test_the_precompute_log_has_a_record_per_shard_and_the_totals(tmp_path, tiny_model_dir, data_file, monkeypatch):
+    model = tiny_model_dir("qwen3_moe")
+    manifest = run(model, data_file, tmp_path / "c", k=4, m=2, shard_sequences=8, batch_size=4)
+    log = log_of(tmp_path / "c")
+    assert [r["event"] for r in log] == ["start"] + ["shard"] * len(manifest.shards) + ["end"]
+    start, shards, end = log[0], log[1:-1], log[-1]
+    assert (start["k"], start["m"], start["backend"], start["router"], start["resume"], start["world_size"]) == (4, 2, manifest.backend, "full", False, 1)
+    # Each shard record is the manifest's shard, with this rank's running totals.
+    assert [(r["shard"], r["shard_sequences"], r["shard_tokens"], r["shard_bytes"]) for r in shards] == [
+        (s.name, s.sequences, s.tokens, s.bytes) for s in manifest.shards]
+    assert [r["sequences"] for r in shards] == np.cumsum([s.sequences for s in manifest.shards]).tolist()
+    assert [r["tokens"] for r in shards] == np.cumsum([s.tokens for s in manifest.shards]).tolist()
+    assert all(r["tokens_per_s"] > 0 and r["forward_s"] > 0 and r["statistics_s"] > 0 for r in shards)
+    assert all(a["elapsed_s"] <= b["elapsed_s"] for a, b in zip(log, log[1:]))
+    c = manifest.counts
+    assert end["cache"] == {"complete": True, "sequences": c["sequences"], "tokens": c["tokens"], "positions": c["positions"],
+                            "shards": len(manifest.shards), "bytes": sum(s.bytes for s in manifest.shards),
+                            "bytes_per_token": round(sum(s.bytes for s in manifest.shards) / c["tokens"], 2)}
+    assert (end["sequences"], end["tokens"], end["skipped_rows"]) == (c["sequences"], c["tokens"], 0)
+    assert verify(str(tmp_path / "c")) is None  # the log is beside the data, not part of it
+    # A log that cannot be written is one sentence; the shards committed before it are kept.
+    from geocache import precompute as module
+
+    real = module.atomic_write_text
+
+    def full_for_logs(fs, path, text):
+        if "/logs/" in path and text.count("\n") >= 3:  # start and one shard written, then the disk fills
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fs, path, text)
+
+    monkeypatch.setattr(module, "atomic_write_text", full_for_logs)
+    with pytest.raises(CacheWriteError, match=r"could not write the precompute log .*precompute-rank-000.jsonl: the disk is full; "
+                                              r"the shards committed so far are kept, so free space and rerun with --resume"):
+        run(model, data_file, tmp_path / "d", k=4, m=2, shard_sequences=8, batch_size=4)
+    monkeypatch.setattr(module, "atomic_write_text", real)
+    run(model, data_file, tmp_path / "d", k=4, m=2, shard_sequences=8, batch_size=4, resume=True)
+    assert_same_rows(rows_of(tmp_path / "d"), rows_of(tmp_path / "c"))
+    # Ctrl-C: the sequences already handed to the writer are committed, the log says it stopped,
+    # and a resume gives the uninterrupted arrays.
+    from geocache.precompute import _Run
+
+    real_records, calls = _Run.records, []
+
+    def interrupted(self, batch):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_records(self, batch)
+
+    monkeypatch.setattr(_Run, "records", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(model, data_file, tmp_path / "e", k=4, m=2, shard_sequences=8, batch_size=4)
+    monkeypatch.setattr(_Run, "records", real_records)
+    log = log_of(tmp_path / "e")
+    assert [r["event"] for r in log] == ["start", "shard", "shard", "stopped"] and log[-1]["error"] == "KeyboardInterrupt"
+    assert log[-2]["sequences"] == 12  # 3 batches of 4: a shard of 8 and the 4 queued behind it
+    run(model, data_file, tmp_path / "e", k=4, m=2, shard_sequences=8, batch_size=4, resume=True)
+    assert_same_rows(rows_of(tmp_path / "e"), rows_of(tmp_path / "c"))
 
 
 def test_a_resume_between_batches_recomputes_the_cut_batch_for_exactly_the_same_arrays(tmp_path, tiny_model_dir, monkeypatch):
@@ -584,6 +655,10 @@ def test_two_processes_over_gloo_cache_the_same_rows_as_one(tmp_path, tiny_model
     assert two.manifest.world_size == 2 and {s.rank for s in two.manifest.shards} == {0, 1}
     assert_same_rows(rows_of(tmp_path / "two"), rows_of(tmp_path / "one"))
     assert done.stdout.count("cached ") == 1, done.stdout  # one summary, from rank 0
+    for rank in (0, 1):  # each rank logs its own shards, and the whole cache's totals at the end
+        log = log_of(tmp_path / "two", rank)
+        assert [r["shard"] for r in log if r["event"] == "shard"] == [s.name for s in two.manifest.shards if s.rank == rank]
+        assert log[-1]["event"] == "end" and log[-1]["cache"]["sequences"] == len(two)
     # A dry run under torchrun estimates the whole run once (not each rank's share, once per rank).
     dry = subprocess.run(torchrun + _cli(*args, "--dry-run")[3:], env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr[-2000:]
@@ -870,7 +945,9 @@ def test_a_run_stopped_before_its_first_shard_does_not_block_the_next(tmp_path, 
     bad.write_text('{"text": ""}\n{"text": "fine"}\n')
     with pytest.raises(ValueError, match="row 0: field 'text' is empty"):
         run(model, bad, tmp_path / "out")
+    assert [r["event"] for r in log_of(tmp_path / "out")] == ["start", "stopped"] and "row 0" in log_of(tmp_path / "out")[1]["error"]
     assert run(model, data_file, tmp_path / "out").counts["sequences"] > 0  # no --overwrite needed: nothing was committed
+    assert log_of(tmp_path / "out")[0]["event"] == "start" and [r["event"] for r in log_of(tmp_path / "out")].count("start") == 1  # a fresh log
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(CacheError, match="exists and is not an empty directory or a geocache cache"):

@@ -16,6 +16,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PARTS_DIR = "parts"
 SHARDS_DIR = "shards"
+LOGS_DIR = "logs"  # each rank's JSONL log of the precompute; never read by geocache
 
 
 @dataclass
