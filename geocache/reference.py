@@ -253,6 +253,7 @@ def build_reference_model(recipe: Optional[ReferenceRecipe] = None, cache_dir: O
     # Each domain sampled in proportion to its tokens; windows start anywhere in a domain's stream.
     weights = [len(t) for t in train_ids]
     started = time.perf_counter()
+    records = []  # pretrain_log.jsonl: the loss curve, every 10 steps
     model.train()
     for step in range(recipe.steps):
         batch = []
@@ -264,9 +265,12 @@ def build_reference_model(recipe: Optional[ReferenceRecipe] = None, cache_dir: O
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        lr = sched.get_last_lr()[0]
         optim.step()
         sched.step()
         optim.zero_grad(set_to_none=True)
+        if step == 0 or (step + 1) % 10 == 0 or step == recipe.steps - 1:
+            records.append({"step": step + 1, "loss": loss.item(), "learning_rate": lr, "elapsed_s": round(time.perf_counter() - started, 3)})
         if step % 100 == 0 or step == recipe.steps - 1:
             log(f"reference {recipe.model_type}: step {step + 1}/{recipe.steps}, loss {loss.item():.3f}, {time.perf_counter() - started:.0f}s")
     train_seconds = time.perf_counter() - started
@@ -292,6 +296,7 @@ def build_reference_model(recipe: Optional[ReferenceRecipe] = None, cache_dir: O
             rows = [{"text": e} for d in s[split] for e in examples(d, recipe.example_chars)]
             (tmp / f"{split}-{domain}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp / "reference.json").write_text(json.dumps(report, indent=2))
+    (tmp / "pretrain_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if out.exists():  # another process finished first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     else:

@@ -28,6 +28,11 @@ def test_reference_model_is_trained_cached_and_reused(tiny_reference):
         assert domain["entropy_mean"] < domain["log_vocab"]  # trained: less flat than uniform
         assert domain["heldout_loss"] < domain["log_vocab"]
         assert sum(domain["entropy_histogram"]["counts"]) == domain["positions"] > 0
+    # The pretraining's loss curve is logged as JSON Lines: every 10 steps, the first and the last.
+    log = [json.loads(line) for line in (path / "pretrain_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == sorted({1, *range(10, TINY.steps + 1, 10), TINY.steps})
+    assert log[-1]["loss"] < log[0]["loss"] < 1.5 * report["log_vocab"]
+    assert log[0]["learning_rate"] < log[1]["learning_rate"] > log[-1]["learning_rate"]  # warmup, then cosine decay
     # The tune and held-out splits are written as JSONL examples of documents kept out of pretraining.
     splits = _split_documents(TINY)
     for name in ("code", "prose"):
