@@ -203,9 +203,9 @@ def _check_run_dir(cfg: TrainConfig) -> Optional[str]:
     holds_run = (out / RUN_CONFIG).exists() or any(out.glob("checkpoint-*"))
     if holds_run and not cfg.resume and _failed_start(out):  # replaced once the new run is accepted, as with --overwrite
         return None
-    if holds_run and _still_running(out):
-        raise ValueError(f"run directory {cfg.out!r} is in use: a training process (pid {(out / RUNNING).read_text().strip()}) is "
-                         "still running in it")
+    running = _running_process(out) if holds_run else None
+    if running:
+        raise ValueError(f"run directory {cfg.out!r} is in use: a training process ({running}) is still running in it")
     if holds_run and not (cfg.resume or cfg.overwrite):
         raise ValueError(f"run directory {cfg.out!r} holds another run; pass --resume to continue it or --overwrite to replace it")
     if not holds_run and out.exists() and any(out.iterdir()):
@@ -254,7 +254,7 @@ def _replace_run(out: Path) -> None:
 
 # What a run writes into its directory before its first checkpoint (``runs``: TensorBoard's).
 _RUN_FILES = {RUN_CONFIG, "metrics.jsonl", "v2_checks.jsonl", "runs"}
-RUNNING = ".geocache-running"  # the training process's pid while it trains (rank 0)
+RUNNING = ".geocache-running"  # while rank 0 trains: its pid, host and start time (JSON)
 
 
 def _failed_start(out: Path) -> bool:
@@ -265,23 +265,56 @@ def _failed_start(out: Path) -> bool:
         return False
     if any(p.name not in _RUN_FILES | {RUNNING} for p in out.iterdir()):
         return False  # a file of the user's (a copied record used as a template, notes): never deleted
-    return not _still_running(out)
+    return not _running_process(out)
 
 
-def _still_running(out: Path) -> bool:
+def _process_start(pid: int) -> Optional[str]:
+    """When process ``pid`` started (clock ticks since boot, /proc/PID/stat's 22nd field), or None
+    where /proc cannot tell: a pid and its start time name one process, a pid alone may be reused."""
     try:
-        pid = int((out / RUNNING).read_text().strip())
-    except (OSError, ValueError):
-        return False
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]  # fields after the command name (which may hold spaces)
+
+
+def _lock_record() -> str:
+    import socket
+
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}) + "\n"
+
+
+def _running_process(out: Path) -> Optional[str]:
+    """The training process the run directory's lock names, described (``pid 123``, ``pid 123 on
+    host h``), if it may still be running; None if it is gone (or is this process).
+
+    A lock written on another host (a shared filesystem) cannot be checked from here: it counts as
+    running, and the description says how to release it. On this host the pid must exist and, where
+    /proc tells, have the start time recorded: a process that reused the pid of a killed run (a
+    restarted container numbers its processes from 1 again) is not that run."""
+    import socket
+
+    try:
+        text = (out / RUNNING).read_text().strip()
+        record = json.loads(text) if text.startswith("{") else {"pid": int(text)}  # (a bare pid: locks before the host was recorded)
+        pid = int(record["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    host = record.get("host")
+    if host and host != socket.gethostname():
+        return f"pid {pid} on host {host}; if it is gone, delete {out / RUNNING}"
     if pid == os.getpid():
-        return False
+        return None
     try:
         os.kill(pid, 0)  # a process of that pid exists (on this machine)
     except ProcessLookupError:
-        return False
+        return None
     except PermissionError:
-        return True
-    return True
+        pass
+    start = record.get("start")
+    if start is not None and _process_start(pid) not in (None, start):
+        return None  # the pid was reused by another process
+    return f"pid {pid}"
 
 
 def _trained_steps(checkpoint: str) -> Optional[int]:
@@ -515,7 +548,7 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
         trainer.remove_callback(PrinterCallback)
     lock = out / RUNNING if int(os.environ.get("RANK", "0")) == 0 else None
     if lock is not None:
-        lock.write_text(f"{os.getpid()}\n")
+        lock.write_text(_lock_record())
     try:
         trainer.train(resume_from_checkpoint=resume_from)
         trainer.check_weights_finite(str(out / "adapter"))

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -1025,7 +1026,7 @@ def test_hub_kernels_are_off_when_the_hub_is_offline(tmp_path, moe_cache):
 
 
 def test_a_failed_start_holding_other_files_or_a_live_run_is_never_deleted(tmp_path, moe_cache):
-    from geocache.train import RUNNING
+    from geocache.train import RUNNING, _process_start
 
     model, root = moe_cache
     common = dict(model=str(model), cache=str(root / "k64"), max_steps=1, use_cpu=True, lora_r=2, progress=False)
@@ -1039,17 +1040,46 @@ def test_a_failed_start_holding_other_files_or_a_live_run_is_never_deleted(tmp_p
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "geocache_run.yaml").write_text(yaml.safe_dump({"model": str(model)}))
+    reused = tmp_path / "reused"
+    reused.mkdir()
+    (reused / "geocache_run.yaml").write_text(yaml.safe_dump({"model": str(model)}))
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    here = socket.gethostname()
     try:
-        (busy / RUNNING).write_text(f"{sleeper.pid}\n")  # a run still training, no checkpoint yet
-        with pytest.raises(ValueError, match=r"is in use: a training process \(pid \d+\) is still running in it"):
+        locks = [f"{sleeper.pid}\n",  # a bare pid: a lock written before the host was recorded
+                 json.dumps({"pid": sleeper.pid, "host": here, "start": _process_start(sleeper.pid)})]  # a run still training
+        for lock in locks:
+            (busy / RUNNING).write_text(lock)
+            with pytest.raises(ValueError, match=r"is in use: a training process \(pid \d+\) is still running in it"):
+                train(TrainConfig(out=str(busy), **common))
+        # On another host (a shared filesystem) the process cannot be checked: refused, saying how to release it.
+        (busy / RUNNING).write_text(json.dumps({"pid": sleeper.pid, "host": here + "-other", "start": "1"}))
+        with pytest.raises(ValueError, match=rf"a training process \(pid \d+ on host {here}-other; if it is gone, delete .*busy/"
+                                             r"\.geocache-running\) is still running in it"):
             train(TrainConfig(out=str(busy), **common))
         assert (busy / "geocache_run.yaml").exists()
+        # The pid of a live process that started at another time than the run: the pid was reused
+        # (a restarted container numbers its processes anew), the run is gone.
+        (reused / RUNNING).write_text(json.dumps({"pid": sleeper.pid, "host": here, "start": "1"}))
+        train(TrainConfig(out=str(reused), **common))
+        assert (reused / "adapter").is_dir() and not (reused / RUNNING).exists()
     finally:
         sleeper.kill()
         sleeper.wait()
+    (busy / RUNNING).write_text(locks[1])
     train(TrainConfig(out=str(busy), **common))  # its process gone: a failed start, started again
     assert (busy / "adapter").is_dir() and not (busy / RUNNING).exists()
+
+
+def test_the_run_lock_names_this_process_its_host_and_start_time(tmp_path):
+    from geocache.train import RUNNING, _lock_record, _process_start, _running_process
+
+    record = json.loads(_lock_record())
+    assert record == {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
+    assert record["start"] == Path(f"/proc/{os.getpid()}/stat").read_text().split()[21]  # starttime (this command name has no spaces)
+    assert _process_start(2**22 + 7) is None  # no such process
+    (tmp_path / RUNNING).write_text(_lock_record())
+    assert _running_process(tmp_path) is None  # this process's own lock
 
 
 def test_an_offloaded_copy_base_trains_on_a_packed_cache(tmp_path, tiny_model_dir, sft_data):
