@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
+import warnings
 from typing import Optional
 
 import torch
@@ -30,6 +32,7 @@ def load_model_and_tokenizer(
     offload_folder: Optional[str] = None,
     trust_remote_code: bool = False,
     weights: bool = True,
+    progress: bool = True,
 ):
     """``AutoModelForCausalLM`` and ``AutoTokenizer`` from a local path or hub id, in eval mode.
 
@@ -39,6 +42,7 @@ def load_model_and_tokenizer(
     otherwise the model goes to ``device`` (default: CUDA when available, else CPU).
     ``weights=False``: the model's structure only, on the meta device (no weight is read or
     allocated), for what its config and modules tell: output size, MoE layout.
+    ``progress=False``: without transformers' loading bars (a command's ``--no-progress``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -55,7 +59,8 @@ def load_model_and_tokenizer(
                 model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
             return model.eval(), tokenizer
         placement = {k: v for k, v in (("max_memory", max_memory), ("offload_folder", offload_folder)) if v is not None}
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES[dtype], device_map=device_map, **placement, **kwargs)
+        with hf_progress_bars(progress):
+            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=DTYPES[dtype], device_map=device_map, **placement, **kwargs)
     except OSError as exc:
         raise FileNotFoundError(f"model {model_id!r} is neither a local model directory nor a reachable hub model ({exc})") from None
     except ValueError as exc:
@@ -223,3 +228,28 @@ def moe_layout(model) -> Optional[dict]:
         "top_k": int(config.num_experts_per_tok),
         "scoring": scoring,
     }
+
+
+@contextlib.contextmanager
+def hf_progress_bars(enabled: bool):
+    """transformers' (and the hub's) progress bars on or off for the duration; as they were after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if was and not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def quiet_peft_wrap():
+    """Around wrapping a model with peft: peft 0.21 reads ``model.is_gradient_checkpointing``,
+    which transformers 5 deprecated, so every wrap printed a FutureWarning about a name the user
+    never wrote (whether or not checkpointing is on). Only that warning is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield

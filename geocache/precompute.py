@@ -161,6 +161,7 @@ class _Run:
             offload_folder=cfg.offload_folder,
             trust_remote_code=cfg.trust_remote_code,
             weights=not cfg.dry_run,  # an estimate needs the structure (sizes, MoE layout), never the weights
+            progress=cfg.progress,
         )
         self.out_size = output_size(self.model)
         if cfg.k > self.out_size:

@@ -361,7 +361,7 @@ def write_recommended(path: Path, profile: dict) -> None:
 
 def run_profile(cfg: ProfileConfig, log=print) -> dict:
     from geocache.bench import provenance, writable_dir
-    from geocache.models import load_model_and_tokenizer
+    from geocache.models import load_model_and_tokenizer, quiet_peft_wrap
     from geocache.moe import moe_blocks
 
     started = time.perf_counter()
@@ -369,19 +369,22 @@ def run_profile(cfg: ProfileConfig, log=print) -> dict:
     if (out / "profile.json").exists() and not cfg.overwrite:
         # A profile of a large base takes an hour; a second run into the same --out replaced it without a word.
         raise FileExistsError(f"{cfg.out} already holds a profile (profile.json): pass --overwrite to replace it, or choose another --out")
-    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+                                                progress=cfg.progress)
     base, tuned = model, None
     if cfg.adapter:  # one PEFT model: the base is the adapter switched off
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, cfg.adapter).eval()
+            with quiet_peft_wrap():
+                model = PeftModel.from_pretrained(model, cfg.adapter).eval()
         except (ValueError, RuntimeError, KeyError, TypeError) as exc:  # another base's adapter: peft's words, on one line
             raise ValueError(f"adapter {cfg.adapter!r} does not load onto model {cfg.model!r} (was it trained on another base?): "
                              f"{one_line(exc, 240)}") from None
         base, tuned = _AdapterOff(model), model
     elif cfg.tuned:
-        tuned, _ = load_model_and_tokenizer(cfg.tuned, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+        tuned, _ = load_model_and_tokenizer(cfg.tuned, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+                                            progress=cfg.progress)
     layers = [i for i, _ in moe_blocks(model)]
     profile = {"format_version": PROFILE_VERSION, "model": cfg.model, "adapter": cfg.adapter, "tuned": cfg.tuned, "moe": bool(layers),
                "moe_layers": layers, "config": asdict(cfg), "domains": {}}

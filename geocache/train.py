@@ -388,7 +388,7 @@ def _base_source(cfg: TrainConfig, want_router: bool, device):
     def copy():
         # Offloaded: loaded on the CPU (never whole on the accelerator), run layer by layer on ``device``.
         base_model, _ = load_model_and_tokenizer(cfg.base_model or cfg.model, revision=cfg.revision, dtype=cfg.dtype,
-                                                 trust_remote_code=cfg.trust_remote_code,
+                                                 trust_remote_code=cfg.trust_remote_code, progress=cfg.progress,
                                                  device="cpu" if cfg.offload_base else device)
         return CopyBase(base_model, want_router=want_router, offload=cfg.offload_base, device=device)
 
@@ -483,7 +483,7 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
     # Every model on the device the Trainer gives this process (the local rank's GPU under
     # torchrun, the CPU with --use-cpu), not on the first GPU it finds.
     model, tokenizer = load_model_and_tokenizer(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=args.device,
-                                                trust_remote_code=cfg.trust_remote_code)
+                                                trust_remote_code=cfg.trust_remote_code, progress=cfg.progress)
     cache = open_cache(cfg.cache)
     eval_cache = open_cache(cfg.eval_cache) if cfg.eval_cache else None
     # (Both are checked against the base, the model or --base-model's, by GeometryTrainer below,

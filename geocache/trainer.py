@@ -28,7 +28,7 @@ from geocache.cache.backends import ROUTER_KEYS
 from geocache.cache.reader import collate_cache_rows
 from geocache.config import GeometryConfig, check_passed_options, one_line
 from geocache.losses import AdaptiveGeometryScheduler, GeometryAwareLoss, resolve_layer_weights, router_divergence_loss
-from geocache.models import model_fingerprint, model_kind, moe_layout
+from geocache.models import model_fingerprint, model_kind, moe_layout, quiet_peft_wrap
 from geocache.moe import recorded_router_logits, routing_choice
 from geocache.signals import IGNORE_INDEX, BaseStats, labelled_positions
 
@@ -139,7 +139,8 @@ def with_adapter(model: nn.Module, config):
 
     init = getattr(config, "init_lora_weights", True)
     before = model_fingerprint(model)["weights_sha256"] if init not in (True, False, "gaussian") else None
-    wrapped = get_peft_model(model, config)
+    with quiet_peft_wrap():
+        wrapped = get_peft_model(model, config)
     if before is not None and model_fingerprint(wrapped)["weights_sha256"] != before:
         raise BaseRewritten(f"init_lora_weights={init!r} rewrites the base's own weights (part of each moves into the adapter), so the "
                          "model with its adapter off is no longer the base the geometry loss measures against: leave "

@@ -841,6 +841,24 @@ def test_the_progress_bar_counts_rows_with_an_eta_when_nothing_caps_the_sequence
     assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", last), last  # elapsed<remaining: a total to count down to
 
 
+def test_no_progress_shows_no_bar_not_even_transformers_loading_one(tmp_path, tiny_model_dir, data_file, capsys):
+    from transformers.utils import logging as hf_logging
+
+    model = str(tiny_model_dir("llama"))
+    was = hf_logging.is_progress_bar_enabled()  # (off in this suite: conftest.py)
+    hf_logging.enable_progress_bar()
+    try:
+        for progress, out in ((True, "a"), (False, "b")):
+            precompute(PrecomputeConfig(model=model, data=[str(data_file)], out=str(tmp_path / out), k=4, progress=progress,
+                                        data_config=DataConfig(max_length=48)))
+            err = capsys.readouterr().err
+            assert ("Loading weights" in err and "precompute" in err) if progress else ("Loading weights" not in err and "it/s" not in err), err
+            assert hf_logging.is_progress_bar_enabled()  # as it was, after the run
+    finally:
+        if not was:
+            hf_logging.disable_progress_bar()
+
+
 @pytest.mark.parametrize("model_type", ["qwen3", "qwen3_moe"])
 def test_a_dry_run_reads_no_weights_and_estimates_what_a_run_stores(tmp_path, tiny_model_dir, data_file, model_type, monkeypatch):
     import transformers

@@ -301,6 +301,25 @@ def test_logged_metrics_do_not_depend_on_gradient_accumulation(tmp_path, moe_cac
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
+def test_adding_the_adapter_prints_no_warning_about_a_name_only_peft_uses(tiny_model_dir):
+    """peft 0.21 reads ``model.is_gradient_checkpointing``, deprecated in transformers 5: every
+    train printed a FutureWarning naming something the user never wrote."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    def deprecations(wrap):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            wrap(AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")))
+        return [w for w in seen if "is_gradient_checkpointing" in str(w.message)]
+
+    filters = list(warnings.filters)
+    assert deprecations(lambda m: get_peft_model(m, LoraConfig(target_modules=["q_proj"], use_dora=True)))  # the premise
+    assert deprecations(lambda m: add_dora_adapter(m, r=2)) == []
+    assert warnings.filters == filters  # silenced around the wrap only
+
+
 def test_default_targets_avoid_fused_experts_and_routers(tiny_model_dir):
     for model_type in MOE_MODEL_TYPES:
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(model_type))

@@ -19,10 +19,11 @@ def load_tuned(model_dir: str | Path, adapter: str | Path, device: Optional[str]
     """The base model with a trained adapter on top (PEFT), in eval mode."""
     from peft import PeftModel
 
-    from geocache.models import load_model_and_tokenizer
+    from geocache.models import load_model_and_tokenizer, quiet_peft_wrap
 
     base, tokenizer = load_model_and_tokenizer(str(model_dir), device=device)
-    return PeftModel.from_pretrained(base, str(adapter)).eval(), tokenizer
+    with quiet_peft_wrap():
+        return PeftModel.from_pretrained(base, str(adapter)).eval(), tokenizer
 
 
 def brier(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
