@@ -241,7 +241,7 @@ def train(config_path, **options):
         merged["layer_weights"] = [float(w) for w in merged["layer_weights"]]
     trainer = run(TrainConfig.from_dict({**merged, "geometry": geometry}))
     if _main_process():
-        click.echo(train_summary(trainer.state, merged["out"]))
+        click.echo(train_summary(trainer.state, merged["out"], best=(trainer.args.load_best_model_at_end, trainer.args.metric_for_best_model)))
 
 
 def _key_values(option: str, pairs) -> dict:
@@ -259,13 +259,18 @@ def _key_values(option: str, pairs) -> dict:
     return out
 
 
-def train_summary(state, out: str) -> str:
+def train_summary(state, out: str, best: tuple = (False, None)) -> str:
     """The line ``geocache train`` ends with: steps, where the adapter is, the last task loss, and
-    whether the V2 gate's last check rolled the adapter back (the saved adapter is then that of an
-    earlier step, not the last one trained)."""
+    which adapter was saved when it is not the last step's: the best checkpoint's
+    (``best``: ``load_best_model_at_end`` and ``metric_for_best_model``), or the step the V2 gate's
+    last check rolled back to."""
     history = state.log_history
     last = next((r for r in reversed(history) if "task_loss" in r), {})  # a window's log or the final summary
     line = f"trained {state.global_step} steps; adapter saved in {os.path.join(out, 'adapter')}; last task loss {last.get('task_loss', float('nan')):.4f}"
+    load_best, metric = best
+    if load_best and state.best_model_checkpoint:
+        line += (f"; the adapter saved is the best checkpoint's, {os.path.basename(state.best_model_checkpoint)} "
+                 f"({metric or 'loss'} {state.best_metric:.6g}), as load_best_model_at_end asks")
     check = next((r for r in reversed(history) if "v2_decision" in r), None)
     if check is not None and check["v2_decision"] == "rollback" and check.get("v2_step") == state.global_step:  # steps after it moved on
         line += (f"; the V2 gate's last check (step {check['v2_step']}) rolled the adapter back to step "

@@ -390,6 +390,24 @@ def test_train_cli_writes_adapter_logs_and_resolved_config(tmp_path, moe_cache):
     assert any("lora_magnitude_vector" in n for n, _ in tuned.named_parameters())  # DoRA, loaded back
 
 
+def test_load_best_model_at_end_saves_the_best_checkpoints_adapter_and_says_so(tmp_path, moe_cache):
+    model, root = moe_cache
+    out = tmp_path / "run"
+    args = ["train", "--model", str(model), "--cache", str(root / "k64"), "--eval-cache", str(root / "k64"), "--out", str(out),
+            "--max-steps", "4", "--eval-steps", "2", "--save-steps", "2", "--per-device-train-batch-size", "4", "--learning-rate", "0.01",
+            "--lora-r", "4", "--use-cpu", "--no-progress", "--training-args", "load_best_model_at_end=true",
+            "--training-args", "metric_for_best_model=eval_KL_mean", "--training-args", "greater_is_better=false"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    evals = {r["step"]: r["eval_KL_mean"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_KL_mean" in r}
+    best = min(evals, key=evals.get)  # the drift from the base grows with the steps: step 2's
+    assert best == 2 and evals[2] < evals[4]
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    at_best = load_file(out / f"checkpoint-{best}" / "adapter_model.safetensors")
+    assert saved.keys() == at_best.keys() and all(torch.equal(saved[k], at_best[k]) for k in saved)
+    assert f"the adapter saved is the best checkpoint's, checkpoint-{best} (eval_KL_mean {evals[best]:.6g})" in result.output
+
+
 def test_bad_inputs_are_refused_in_one_sentence(tmp_path, moe_cache, tiny_model_dir, tokenizer_dir, sft_data):
     model, root = moe_cache
     base = dict(cache=str(root / "k64"), max_steps=2, use_cpu=True, lora_r=2, lora_alpha=4)
