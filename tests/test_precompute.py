@@ -979,6 +979,11 @@ def test_a_run_that_caches_no_sequence_fails_naming_why(tmp_path, tiny_model_dir
     bad.write_text('{"text": ""}\n{"txt": "wrong field"}\n')
     with pytest.raises(ValueError, match=r"no sequence was cached from data .*: 2 malformed row\(s\) skipped \(first: row 0"):
         run(model, bad, tmp_path / "out", skip_bad_rows=True)
+    # What it leaves is an empty cache, said so (not "interrupted": a resume would cache nothing again).
+    with pytest.raises(CacheError, match=r"is empty: its precompute cached no sequence \(2 malformed row\(s\) skipped, 0 left without a "
+                                         r"label\); fix the data and rerun it with --overwrite"):
+        open_cache(str(tmp_path / "out"))
+    assert verify(str(tmp_path / "out")) == "the cache is empty: its precompute cached no sequence; fix the data and rerun it with --overwrite"
 
 
 def test_a_float16_load_of_the_base_matches_a_float32_cache_and_back(tmp_path, tiny_model_dir, data_file):

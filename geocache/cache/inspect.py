@@ -96,8 +96,10 @@ def verify(url: str) -> Optional[str]:
     m = read_manifest(fs, root)
     backend = get_backend(m.backend)
     k, mm = m.statistics["k"], m.statistics["m"]
+    if not m.complete and not m.counts.get("sequences"):
+        return "the cache is empty: its precompute cached no sequence; fix the data and rerun it with --overwrite"
     if not m.complete:  # its shards may all check out, but it is not what precompute was asked for
-        return "the cache is incomplete (an interrupted precompute, or one that cached no sequence): rerun it with --resume, or fix the data and rerun with --overwrite"
+        return "the cache is incomplete (an interrupted precompute): rerun it with --resume"
     for key in ("sequences", "tokens", "positions"):
         total = sum(getattr(s, key) for s in m.shards)
         if m.counts.get(key) != total:

@@ -66,6 +66,10 @@ class CacheReader(torch.utils.data.Dataset):
         self.decoded_cache_bytes = decoded_cache_bytes
         self.fs, self.root = _fs(url, storage_options)
         self.manifest = read_manifest(self.fs, self.root)
+        if not self.manifest.complete and not self.manifest.counts.get("sequences"):
+            c = self.manifest.counts
+            raise CacheError(f"cache {url!r} is empty: its precompute cached no sequence ({c.get('skipped_rows', 0)} malformed row(s) "
+                             f"skipped, {c.get('unlabelled_rows', 0)} left without a label); fix the data and rerun it with --overwrite")
         if not self.manifest.complete:
             raise CacheError(f"cache {url!r} is incomplete (an interrupted precompute): rerun it with --resume")
         self.backend = get_backend(self.manifest.backend)
