@@ -546,8 +546,10 @@ def plot(result: dict, path: Path) -> None:
         for est, m in series:
             pts = [(worst[(est, k, m)]["bytes_per_token"], max(fy(worst[(est, k, m)]), 1e-6)) for e, k, mm in groups if e == est and mm == m]
             hollow = est == "topk_cv"
-            ax.scatter(*zip(*pts), marker=markers.get(m, "x"), s=30, facecolors="none" if hollow else colors[est],
-                       edgecolors=colors[est], linewidths=1.5, label=label(est, m))
+            marker = markers.get(m, "x")
+            # (an unfilled marker such as "x" takes its colour as facecolor; an edgecolor there only warns)
+            style = dict(c=colors[est]) if marker == "x" else dict(facecolors="none" if hollow else colors[est], edgecolors=colors[est])
+            ax.scatter(*zip(*pts), marker=marker, s=30, linewidths=1.5, label=label(est, m), **style)
             front = _pareto(pts)
             ax.plot(*zip(*front), color=colors[est], lw=0.8, alpha=0.6)
         ax.set_xscale("log")
