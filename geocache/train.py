@@ -151,8 +151,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
-        # A run's geocache_run.yaml is a config too; its num_processes is a record, not an option.
-        values = {k: v for k, v in values.items() if k != "num_processes"}
+        # A run's geocache_run.yaml is a config too; its num_processes and caches' identities are records, not options.
+        values = {k: v for k, v in values.items() if k not in ("num_processes", "cache_identity", "eval_cache_identity")}
         unknown = sorted(set(values) - known)
         if unknown:
             geometry = sorted(set(unknown) & {f.name for f in fields(GeometryConfig)})
@@ -358,6 +358,8 @@ def _run_record(cfg: TrainConfig) -> dict:
     for name in (*_PATH_FIELDS, "out"):
         if record.get(name) and Path(record[name]).exists():
             record[name] = os.path.abspath(record[name])
+    for name in ("cache", "eval_cache"):  # what the caches hold, which a resume must keep wherever they lie
+        record[f"{name}_identity"] = _cache_identity(record[name]) if record.get(name) else None
     if record.get("v2_data"):  # PATH or NAME=PATH
         def absolute(entry: str) -> str:
             name, sep, path = entry.rpartition("=") if "=" in entry and not Path(entry).exists() else ("", "", entry)
@@ -365,6 +367,16 @@ def _run_record(cfg: TrainConfig) -> dict:
 
         record["v2_data"] = [absolute(e) for e in record["v2_data"]]
     return {**record, "num_processes": int(os.environ.get("WORLD_SIZE", "1"))}
+
+
+def _cache_identity(url: str) -> Optional[str]:
+    """``Manifest.identity()`` of a cache, or None where it cannot be read (opening it says why)."""
+    from geocache.cache.reader import _fs, read_manifest
+
+    try:
+        return read_manifest(*_fs(url)).identity()
+    except Exception:  # a missing or damaged cache: refused in its own words when it is opened
+        return None
 
 
 def _check_resumed_config(cfg: TrainConfig, saved_path: Path) -> None:
@@ -377,6 +389,14 @@ def _check_resumed_config(cfg: TrainConfig, saved_path: Path) -> None:
     pairs = [(name, saved[name], now[name]) for name in (*RESUME_MUST_MATCH, "num_processes") if name != "geometry" and name in saved]
     pairs += [(f"geometry.{k}", v, now["geometry"][k]) for k, v in (saved.get("geometry") or {}).items() if k in now["geometry"]]
     for name, before, after in pairs:
+        identity = f"{name}_identity"
+        if name in ("cache", "eval_cache") and saved.get(identity) and now[identity]:
+            # By content: a moved or copied cache resumes; another precompute at the same path does not.
+            if saved[identity] != now[identity]:
+                raise ValueError(f"--resume would continue run {cfg.out!r} with {name} {after!r}, which holds other rows than the "
+                                 f"{name} it was started with ({before!r} then): another precompute's data, model or settings; "
+                                 "resume with that cache or start a new run")
+            continue
         if name in _PATH_FIELDS and before and after:  # `cache/`, `cache` and its absolute path are the same cache
             before, after = os.path.abspath(before), os.path.abspath(after)
         if before != after:

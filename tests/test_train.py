@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -785,7 +786,7 @@ def test_resume_refuses_changed_settings_and_allows_a_longer_run(tmp_path, moe_c
     saved = (out / "geocache_run.yaml").read_text()
     with pytest.raises(ValueError, match=r"--resume would continue run .* with lora_r=4, but it was started with lora_r=2"):
         train(TrainConfig(**{**common, "lora_r": 4, "resume": True}))
-    with pytest.raises(ValueError, match=r"with cache='.*k512', but it was started with cache='.*k64'"):
+    with pytest.raises(ValueError, match=r"with cache '.*k512', which holds other rows than the cache it was started with \('.*k64' then\)"):
         train(TrainConfig(**{**common, "cache": str(root / "k512"), "resume": True}))
     with pytest.raises(ValueError, match=r"with geometry.lambda_kl=0.3, but it was started with geometry.lambda_kl=0.1"):
         train(TrainConfig(**{**common, "geometry": {"lambda_kl": 0.3}, "resume": True}))
@@ -793,6 +794,20 @@ def test_resume_refuses_changed_settings_and_allows_a_longer_run(tmp_path, moe_c
     # Longer, logged more often, the cache written with a trailing slash: the same run.
     resumed = train(TrainConfig(**{**common, "max_steps": 3, "logging_steps": 1, "cache": str(root / "k64") + "/", "resume": True}))
     assert resumed.state.global_step == 3 and "max_steps: 3" in (out / "geocache_run.yaml").read_text()
+    # The cache moved elsewhere (to a local disk, say): the same rows, the same run.
+    shutil.copytree(root / "k64", tmp_path / "moved")
+    resumed = train(TrainConfig(**{**common, "max_steps": 4, "cache": str(tmp_path / "moved"), "resume": True}))
+    assert resumed.state.global_step == 4
+    # Another precompute at that path (other data, same settings): refused, though the path is the run's.
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(json.dumps({"text": f"other text {i} " * 5}) for i in range(12)))
+    manifest = json.loads((tmp_path / "moved" / "manifest.json").read_text())
+    precompute(PrecomputeConfig(model=str(model), data=[str(other)], out=str(tmp_path / "moved"), k=64, m=4, progress=False, overwrite=True,
+                                data_config=DataConfig(max_length=64)))
+    assert manifest["statistics"] == json.loads((tmp_path / "moved" / "manifest.json").read_text())["statistics"]
+    with pytest.raises(ValueError, match=r"with cache '.*moved', which holds other rows than the cache it was started with \('.*moved' then\): "
+                                         r"another precompute's data, model or settings"):
+        train(TrainConfig(**{**common, "max_steps": 5, "cache": str(tmp_path / "moved"), "resume": True}))
 
 
 def test_all_linear_targets_the_default_modules_on_dense_and_moe_models(tiny_model_dir):

@@ -87,6 +87,15 @@ class Manifest:
             "world_size": self.world_size,
         }))
 
+    def identity(self) -> str:
+        """A short hash of what the cache's rows are: its fingerprint (model, tokenizer, data by
+        content, preprocessing, statistics) and counts, not where it lies nor its backend or
+        number of writing processes. A moved or copied cache keeps it; a cache rebuilt at the same
+        path from other data or settings does not (what a resumed training run checks)."""
+        what = {k: v for k, v in self.fingerprint().items() if k not in ("backend", "world_size")}
+        what["counts"] = {k: self.counts.get(k) for k in ("sequences", "tokens", "positions")}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
     def recount(self) -> None:
         self.shards.sort(key=lambda s: (s.rank, s.index))
         self.counts = {
