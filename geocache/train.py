@@ -500,10 +500,7 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
                          "or leave it out")
     if cfg.fp16 and args.device.type == "cpu":  # accelerate runs float32 there and says nothing
         raise ValueError("--fp16 has no effect on a CPU run (accelerate runs it in float32): use --bf16 for autocast on CPU")
-    # Every model on the device the Trainer gives this process (the local rank's GPU under
-    # torchrun, the CPU with --use-cpu), not on the first GPU it finds.
-    model, tokenizer = load_model_and_tokenizer(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=args.device,
-                                                trust_remote_code=cfg.trust_remote_code, progress=cfg.progress)
+    # The caches first: a mistyped path costs no model load.
     cache = open_cache(cfg.cache)
     eval_cache = open_cache(cfg.eval_cache) if cfg.eval_cache else None
     # (Both are checked against the base, the model or --base-model's, by GeometryTrainer below,
@@ -512,6 +509,10 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
         diff = first_difference(*(token_shaping(c.manifest.data["preprocessing"]) for c in (cache, eval_cache)), "preprocessing")
         if diff:
             raise CacheError(f"the eval cache was preprocessed differently from the training cache ({diff}, training != eval)")
+    # Every model on the device the Trainer gives this process (the local rank's GPU under
+    # torchrun, the CPU with --use-cpu), not on the first GPU it finds.
+    model, tokenizer = load_model_and_tokenizer(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=args.device,
+                                                trust_remote_code=cfg.trust_remote_code, progress=cfg.progress)
     layout = moe_layout(model)
     if layout is None and cfg.layer_weights is not None:
         raise ValueError(f"router layer weights were given, but model {cfg.model!r} is dense (it has no MoE router)")

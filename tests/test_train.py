@@ -417,6 +417,11 @@ def test_bad_inputs_are_refused_in_one_sentence(tmp_path, moe_cache, tiny_model_
         train(TrainConfig(model=str(other), out=str(tmp_path / "a"), **base))
     with pytest.raises(CacheError, match="is not a geocache cache"):
         train(TrainConfig(model=str(model), out=str(tmp_path / "b"), **{**base, "cache": str(tmp_path)}))
+    # ... found before the model loads (a large base takes minutes): here no model exists at all.
+    with pytest.raises(CacheError, match="is not a geocache cache"):
+        train(TrainConfig(model=str(tmp_path / "no-model"), out=str(tmp_path / "b"), **{**base, "cache": str(tmp_path)}))
+    with pytest.raises(CacheError, match="is not a geocache cache"):
+        train(TrainConfig(model=str(tmp_path / "no-model"), out=str(tmp_path / "b"), **{**base, "eval_cache": str(tmp_path)}))
     dense = tiny_model_dir("llama")
     dense_cache = tmp_path / "dense-cache"
     precompute(PrecomputeConfig(model=str(dense), data=[str(sft_data)], out=str(dense_cache), k=8, progress=False))
