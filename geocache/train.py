@@ -101,6 +101,17 @@ class TrainConfig:
             raise ValueError(f"base={self.base!r} must be one of {', '.join(BASE_MODES)}")
         if self.periodic_inner not in ("live", "copy"):
             raise ValueError(f"periodic_inner={self.periodic_inner!r} must be live or copy")
+        # Options of another base mode would do nothing, and base_model in the run's record would
+        # read as if that model were the base.
+        separate = self.base == "copy" or (self.base == "periodic" and self.periodic_inner == "copy")
+        for name, given in (("base_model", self.base_model is not None), ("offload_base", self.offload_base)):
+            if given and not separate:
+                raise ValueError(f"{name} is for a separate base model (base copy, or periodic with periodic_inner=copy); with "
+                                 f"base={self.base!r} it would do nothing")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name in ("periodic_every", "periodic_inner"):
+            if self.base != "periodic" and getattr(self, name) != defaults[name]:
+                raise ValueError(f"{name} is for base periodic; with base={self.base!r} it would do nothing")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: pick one")
         if self.eval_steps is not None and not self.eval_cache:

@@ -417,6 +417,16 @@ def test_bad_inputs_are_refused_in_one_sentence(tmp_path, moe_cache, tiny_model_
         train(TrainConfig(model=str(other), out=str(tmp_path / "a"), **base))
     with pytest.raises(CacheError, match="is not a geocache cache"):
         train(TrainConfig(model=str(model), out=str(tmp_path / "b"), **{**base, "cache": str(tmp_path)}))
+    # Another base mode's options would do nothing: refused, before any work.
+    for extra, message in ((dict(base="live", base_model=str(model)), r"base_model is for a separate base model \(base copy, or periodic "
+                            r"with periodic_inner=copy\); with base='live' it would do nothing"),
+                           (dict(base="periodic", offload_base=True), "offload_base is for a separate base model .* with base='periodic'"),
+                           (dict(periodic_every=3), "periodic_every is for base periodic; with base='cache' it would do nothing"),
+                           (dict(base="copy", periodic_inner="copy"), "periodic_inner is for base periodic; with base='copy'")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(model=str(model), out=str(tmp_path / "b"), **{**base, **extra})
+    TrainConfig(model=str(model), out=str(tmp_path / "b"), **{**base, "base": "periodic", "periodic_inner": "copy", "base_model": str(model),
+                                                               "offload_base": True, "periodic_every": 3})  # all of them its own
     # ... found before the model loads (a large base takes minutes): here no model exists at all.
     with pytest.raises(CacheError, match="is not a geocache cache"):
         train(TrainConfig(model=str(tmp_path / "no-model"), out=str(tmp_path / "b"), **{**base, "cache": str(tmp_path)}))
