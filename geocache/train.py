@@ -60,7 +60,7 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     seed: int = field(default=0, metadata={"help": "Seed."})
     train_sampling_strategy: str = field(default="random", metadata={"help": "random | sequential (transformers' option)."})
-    eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (needs eval_cache)."})
+    eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (needs eval_cache; without it, an eval cache is evaluated once, at the end)."})
     eval_on_start: bool = field(default=False, metadata={"help": "Also evaluate before the first step (the base itself)."})
     save_steps: int = field(default=500, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: Optional[int] = field(default=None, metadata={"help": "Keep at most N checkpoints."})
@@ -583,6 +583,8 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
         lock.write_text(_lock_record())
     try:
         trainer.train(resume_from_checkpoint=resume_from)
+        if eval_cache is not None and not cfg.eval_steps:  # an eval cache and no schedule: evaluated once, at the end (logged as any evaluation)
+            trainer.evaluate()
         trainer.check_weights_finite(str(out / "adapter"))
         trainer.save_model(str(out / "adapter"))  # the adapter (PEFT) and tokenizer, from the main process only
     finally:

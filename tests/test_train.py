@@ -391,6 +391,15 @@ def test_train_cli_writes_adapter_logs_and_resolved_config(tmp_path, moe_cache):
     assert any("lora_magnitude_vector" in n for n, _ in tuned.named_parameters())  # DoRA, loaded back
 
 
+def test_an_eval_cache_without_an_eval_schedule_is_evaluated_once_at_the_end(tmp_path, moe_cache):
+    model, root = moe_cache
+    train(TrainConfig(model=str(model), cache=str(root / "k64"), eval_cache=str(root / "k64"), out=str(tmp_path / "run"), max_steps=3,
+                      per_device_train_batch_size=4, logging_steps=1, use_cpu=True, lora_r=2, progress=False))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "eval_KL_mean" in r]
+    assert [r["step"] for r in evals] == [3] and evals[0]["eval_KL_mean"] > 0  # (it was opened, checked and never used)
+
+
 def test_load_best_model_at_end_saves_the_best_checkpoints_adapter_and_says_so(tmp_path, moe_cache):
     model, root = moe_cache
     out = tmp_path / "run"
