@@ -437,8 +437,9 @@ def _training_arguments(cfg: TrainConfig, out: Path, report_to: list[str], resum
     """The run's TrainingArguments: geocache's options, then ``cfg.training_args`` (report_to among them)."""
     from transformers import TrainingArguments
 
-    # Several processes and no GPU: data-parallel over gloo needs use_cpu (without it each process trained alone).
-    use_cpu = cfg.use_cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+    # No accelerator: the CPU it is, said to transformers, which otherwise refused --bf16 ("Your setup
+    # doesn't support bf16/gpu") and, under torchrun, had each process train alone instead of over gloo.
+    use_cpu = cfg.use_cpu or not torch.accelerator.is_available()
     managed = dict(
         output_dir=str(out),
         learning_rate=cfg.learning_rate,

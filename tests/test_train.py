@@ -745,6 +745,11 @@ def test_fp16_on_a_cpu_run_is_refused_before_the_run_directory_is_touched(tmp_pa
     with pytest.raises(ValueError, match=r"--fp16 has no effect on a CPU run .*use --bf16"):  # accelerate trained float32 silently
         train(TrainConfig(model=str(model), cache=str(root / "k64"), out=str(tmp_path / "r"), max_steps=1, use_cpu=True, fp16=True, progress=False))
     assert not (tmp_path / "r").exists()
+    # --bf16, which that message points to, then runs on a machine without an accelerator whether or
+    # not --use-cpu is given (transformers refused it: "Your setup doesn't support bf16/gpu").
+    if not torch.accelerator.is_available():
+        trainer = train(TrainConfig(model=str(model), cache=str(root / "k64"), out=str(tmp_path / "b"), max_steps=1, bf16=True, progress=False))
+        assert trainer.args.bf16 and trainer.args.device.type == "cpu"
 
 
 def test_reentrant_checkpointing_with_a_router_loss_is_refused(tmp_path, moe_cache):
