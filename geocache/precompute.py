@@ -445,22 +445,27 @@ def _prepare_output(fs, root: str, run: _Run) -> Manifest:
     """Check the output location and return this rank's part manifest to continue from."""
     cfg = run.cfg
     parts_dir = posixpath.join(root, PARTS_DIR)
-    has_cache = fs.exists(posixpath.join(root, MANIFEST)) or (fs.exists(parts_dir) and bool(fs.ls(parts_dir, detail=False)))
+    # A run that cached no sequence left a manifest marked incomplete and no shard: nothing to keep
+    # or resume, so the next run (the data or --max-length fixed) needs no --overwrite.
+    empty = _empty_cache(fs, root)
+    has_cache = not empty and (fs.exists(posixpath.join(root, MANIFEST)) or (fs.exists(parts_dir) and bool(fs.ls(parts_dir, detail=False))))
     if has_cache and not (cfg.resume or cfg.overwrite):
         raise CacheError(f"output {cfg.out!r} already holds a geocache cache; pass --overwrite to replace it or --resume to continue it")
     # Empty parts/ and shards/ directories are what a run leaves that stopped before committing
     # anything (a bad row, a missing chat template): an empty output, not a cache to protect.
     # The logs such a run wrote are its own too.
     others = [p for p in (fs.ls(root, detail=False) if fs.exists(root) else [])
-              if posixpath.basename(p.rstrip("/")) != LOGS_DIR
+              if posixpath.basename(p.rstrip("/")) not in (LOGS_DIR, *((MANIFEST, PARTS_DIR) if empty else ()))
               and (posixpath.basename(p.rstrip("/")) not in (PARTS_DIR, SHARDS_DIR) or fs.ls(p, detail=False))]
     if not has_cache and others:
         raise CacheError(f"output {cfg.out!r} exists and is not an empty directory or a geocache cache; choose another path")
     _barrier(run.world)  # every rank has looked before any rank changes the output
     if cfg.overwrite and has_cache and run.rank == 0:
         fs.rm(root, recursive=True)
-    elif not has_cache and run.rank == 0 and fs.exists(posixpath.join(root, LOGS_DIR)):
-        fs.rm(posixpath.join(root, LOGS_DIR), recursive=True)  # a fresh run's logs start empty
+    elif not has_cache and run.rank == 0:
+        for debris in (LOGS_DIR, *((MANIFEST, PARTS_DIR) if empty else ())):  # a fresh run's logs start empty
+            if fs.exists(posixpath.join(root, debris)):
+                fs.rm(posixpath.join(root, debris), recursive=True)
     _barrier(run.world)
     fs.makedirs(posixpath.join(root, SHARDS_DIR), exist_ok=True)
     fs.makedirs(posixpath.join(root, PARTS_DIR), exist_ok=True)
@@ -486,6 +491,26 @@ def _prepare_output(fs, root: str, run: _Run) -> Manifest:
         if (base.startswith(prefix) or base.startswith(f".tmp-{prefix}")) and base not in listed:
             fs.rm(path, recursive=True)
     return part
+
+
+def _nothing_cached(counts: dict, bad_rows: list, max_length: int) -> str:
+    """Why a run cached no sequence, and what to change, in one clause."""
+    skipped, unlabelled = counts["skipped_rows"], counts["unlabelled_rows"]
+    why = f"{skipped} malformed row(s) skipped{f' (first: {bad_rows[0]})' if bad_rows else ''} and {unlabelled} left without a label"
+    if unlabelled:  # every label lay past max_length: the prompts fill it
+        return f"{why} within max_length={max_length} (their prompts fill it); raise --max-length or fix the data, and rerun"
+    return f"{why}; fix the data and rerun"
+
+
+def _empty_cache(fs, root: str) -> bool:
+    """Whether ``root`` holds what a run that cached no sequence leaves: a manifest marked
+    incomplete that lists no shard."""
+    path = posixpath.join(root, MANIFEST)
+    try:
+        manifest = Manifest.from_json(fs.cat_file(path).decode(), where=path) if fs.exists(path) else None
+    except Exception:  # not a manifest this version reads: not ours to remove
+        return False
+    return manifest is not None and not manifest.complete and not manifest.shards
 
 
 class _RunLog:
@@ -575,7 +600,11 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
     unlabelled: list[int] = []  # rows with no label left after truncation: never cached, counted
     truncated: list[int] = []  # cached rows that lost their end to max_length: counted
     if cfg.dry_run:
-        return _estimate(run, bad_rows)
+        estimate = _estimate(run, bad_rows)
+        if not estimate["sequences"] and rank == 0:
+            print(f"warning: this run would cache no sequence from data {cfg.data}: "
+                  f"{_nothing_cached(estimate, bad_rows, cfg.data_config.max_length)}", file=sys.stderr)
+        return estimate
     fs, root = _fs(cfg.out)
     part = _prepare_output(fs, root, run)
     done = sum(s.sequences for s in part.shards)
@@ -651,9 +680,7 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
         raise
     if merged.counts["sequences"] == 0:
         c = merged.counts
-        raise ValueError(f"no sequence was cached from data {cfg.data}: {c['skipped_rows']} malformed row(s) skipped"
-                         f"{f' (first: {bad_rows[0]})' if bad_rows else ''} and {c['unlabelled_rows']} left without a label; "
-                         f"fix the data and rerun with --overwrite")
+        raise ValueError(f"no sequence was cached from data {cfg.data}: {_nothing_cached(c, bad_rows, cfg.data_config.max_length)}")
     if bad_rows and rank == 0:  # every rank reads (and counts) every row
         print(f"skipped {len(bad_rows)} malformed row(s); first: {bad_rows[0]}", file=sys.stderr)
     if unlabelled and rank == 0:

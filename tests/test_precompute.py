@@ -973,17 +973,32 @@ def test_a_run_stopped_before_its_first_shard_does_not_block_the_next(tmp_path, 
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
-def test_a_run_that_caches_no_sequence_fails_naming_why(tmp_path, tiny_model_dir):
+def test_a_run_that_caches_no_sequence_fails_naming_why(tmp_path, tiny_model_dir, capsys):
     model = tiny_model_dir("llama")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": ""}\n{"txt": "wrong field"}\n')
-    with pytest.raises(ValueError, match=r"no sequence was cached from data .*: 2 malformed row\(s\) skipped \(first: row 0"):
+    with pytest.raises(ValueError, match=r"no sequence was cached from data .*: 2 malformed row\(s\) skipped \(first: row 0.* and 0 left "
+                                         r"without a label; fix the data and rerun$"):
         run(model, bad, tmp_path / "out", skip_bad_rows=True)
     # What it leaves is an empty cache, said so (not "interrupted": a resume would cache nothing again).
     with pytest.raises(CacheError, match=r"is empty: its precompute cached no sequence \(2 malformed row\(s\) skipped, 0 left without a "
-                                         r"label\); fix the data and rerun it with --overwrite"):
+                                         r"label\); fix the data \(or --max-length\) and rerun it"):
         open_cache(str(tmp_path / "out"))
-    assert verify(str(tmp_path / "out")) == "the cache is empty: its precompute cached no sequence; fix the data and rerun it with --overwrite"
+    assert verify(str(tmp_path / "out")) == "the cache is empty: its precompute cached no sequence; fix the data (or --max-length) and rerun it"
+    # Prompts that fill max_length: the clause names it. A dry run warns of it (it exits 0: an estimate).
+    long_prompts = tmp_path / "pc.jsonl"
+    long_prompts.write_text("\n".join(json.dumps({"prompt": "a long question " * 3, "completion": " yes"}) for _ in range(3)))
+    estimate = run(model, long_prompts, tmp_path / "dry", dry_run=True, max_length=8)
+    assert estimate["sequences"] == 0 and not (tmp_path / "dry").exists()
+    assert "warning: this run would cache no sequence from data" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"0 malformed row\(s\) skipped and 3 left without a label within max_length=8 \(their prompts fill "
+                                         r"it\); raise --max-length or fix the data, and rerun"):
+        run(model, long_prompts, tmp_path / "pc", max_length=8)
+    # The rerun, fixed, goes into the same directory without --overwrite (there was nothing to keep),
+    # and so does a --resume (there is nothing to resume: it starts afresh).
+    assert run(model, long_prompts, tmp_path / "pc", max_length=64).counts["sequences"] == 3 and verify(str(tmp_path / "pc")) is None
+    assert run(model, long_prompts, tmp_path / "out", max_length=64, resume=True).counts["sequences"] == 3
+    assert [r["event"] for r in log_of(tmp_path / "pc")] == ["start", "shard", "end"]  # the empty run's log went with it
 
 
 def test_a_float16_load_of_the_base_matches_a_float32_cache_and_back(tmp_path, tiny_model_dir, data_file):

@@ -97,7 +97,7 @@ def verify(url: str) -> Optional[str]:
     backend = get_backend(m.backend)
     k, mm = m.statistics["k"], m.statistics["m"]
     if not m.complete and not m.counts.get("sequences"):
-        return "the cache is empty: its precompute cached no sequence; fix the data and rerun it with --overwrite"
+        return "the cache is empty: its precompute cached no sequence; fix the data (or --max-length) and rerun it"
     if not m.complete:  # its shards may all check out, but it is not what precompute was asked for
         return "the cache is incomplete (an interrupted precompute): rerun it with --resume"
     for key in ("sequences", "tokens", "positions"):

@@ -69,7 +69,7 @@ class CacheReader(torch.utils.data.Dataset):
         if not self.manifest.complete and not self.manifest.counts.get("sequences"):
             c = self.manifest.counts
             raise CacheError(f"cache {url!r} is empty: its precompute cached no sequence ({c.get('skipped_rows', 0)} malformed row(s) "
-                             f"skipped, {c.get('unlabelled_rows', 0)} left without a label); fix the data and rerun it with --overwrite")
+                             f"skipped, {c.get('unlabelled_rows', 0)} left without a label); fix the data (or --max-length) and rerun it")
         if not self.manifest.complete:
             raise CacheError(f"cache {url!r} is incomplete (an interrupted precompute): rerun it with --resume")
         self.backend = get_backend(self.manifest.backend)
