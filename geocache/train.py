@@ -328,6 +328,20 @@ def _running_process(out: Path) -> Optional[str]:
     return f"pid {pid}"
 
 
+def _warn_of_pruned_state(checkpoint: Path) -> None:
+    """A full checkpoint (its RNG states are there) whose optimizer or scheduler state was deleted
+    (to save space, say) resumes with that state fresh, which transformers does without a word:
+    the moments restart, or the learning-rate schedule starts again from its warmup."""
+    if not any(checkpoint.glob("rng_state*.pth")):
+        return  # save_only_model: nothing more was ever written
+    lost = [what for what, pattern in (("optimizer state (optimizer.pt): Adam's moments restart", "optimizer*"),
+                                       ("scheduler state (scheduler.pt): the learning-rate schedule restarts", "scheduler*"))
+            if not any(checkpoint.glob(pattern))]
+    if lost:
+        warnings.warn(f"{checkpoint.name} has no {' and no '.join(lost)}; the resumed run will not have the losses of an "
+                      "uninterrupted one", stacklevel=2)
+
+
 def _trained_steps(checkpoint: str) -> Optional[int]:
     state = Path(checkpoint) / "trainer_state.json"
     try:
@@ -496,6 +510,8 @@ def train(cfg: TrainConfig, callbacks: Optional[list] = None, v2_signal=None):
 
         resume_from = last_complete_checkpoint(cfg.out, int(os.environ.get("WORLD_SIZE", "1")))[0] if cfg.resume else None
     out = Path(cfg.out)
+    if resume_from is not None and int(os.environ.get("RANK", "0")) == 0:
+        _warn_of_pruned_state(Path(resume_from))
     report_to = ["tensorboard"] if importlib.util.find_spec("tensorboard") else []
     try:
         args = _training_arguments(cfg, out, report_to, resume_from)

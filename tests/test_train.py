@@ -366,6 +366,18 @@ def test_a_killed_run_resumed_from_its_checkpoint_continues_with_the_same_losses
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
 
 
+def test_a_resume_from_a_checkpoint_whose_optimizer_state_was_deleted_warns(tmp_path, moe_cache, recwarn):
+    model, root = moe_cache
+    common = dict(model=str(model), cache=str(root / "k64"), out=str(tmp_path / "run"), save_steps=2, use_cpu=True, lora_r=2, progress=False)
+    train(TrainConfig(max_steps=2, **common))
+    train(TrainConfig(max_steps=3, resume=True, **common))  # the whole checkpoint: nothing to say
+    assert not [w for w in recwarn if "resumed run" in str(w.message)]
+    (tmp_path / "run" / "checkpoint-3" / "optimizer.pt").unlink()  # pruned to save space (the last step is saved too)
+    with pytest.warns(UserWarning, match=r"checkpoint-3 has no optimizer state \(optimizer.pt\): Adam's moments restart; the resumed "
+                                         r"run will not have the losses of an uninterrupted one"):
+        train(TrainConfig(max_steps=4, resume=True, **common))
+
+
 def test_train_cli_writes_adapter_logs_and_resolved_config(tmp_path, moe_cache):
     from peft import PeftModel
 
