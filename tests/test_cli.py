@@ -221,6 +221,25 @@ def test_bad_devices_and_missing_filesystem_packages_are_one_sentence(tmp_path, 
     assert result.exit_code == 2 and "'s3://bucket/cache' needs a filesystem package that is not installed: Install s3fs" in result.output
 
 
+def test_a_ctrl_c_while_the_command_line_loads_is_one_line_not_a_traceback(tmp_path):
+    """torch and transformers take seconds to import, before click or the command's handler runs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = Path(sys.executable).with_name("geocache")  # the installed console script
+    assert script.exists(), script
+    proc = subprocess.Popen([str(script), "train", "--model", "m", "--cache", "c", "--out", str(tmp_path / "r")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # (importing torch alone takes longer)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] in ("interrupted while starting: nothing was done", "interrupted: what was committed is kept; rerun it "
+                                            "with --resume to continue from the last checkpoint (before the first one, the same command starts the run again)")
+
+
 def test_an_interrupted_command_says_what_is_kept_and_exits_130(tmp_path, tiny_model_dir, monkeypatch):
     import geocache.precompute
 
