@@ -217,6 +217,7 @@ def load_examples(data: str | list[str], split: str = "train", streaming: bool =
                 f"data files must all be one of {', '.join(sorted(_EXTENSIONS))} and share a format; got {sorted({f.suffix for f in files})}"
             )
         builder = kinds.pop()
+        check_hub_options(sources, subset, revision)
         if builder != "text":
             _only_text(text_sample_by, f"data {', '.join(sources)} holds {builder} files")
         files = [f for f in files if f.stat().st_size > 0]  # datasets refuses empty files with an obscure error
@@ -246,6 +247,18 @@ def load_examples(data: str | list[str], split: str = "train", streaming: bool =
             raise FileNotFoundError(f"data {sources[0]!r} is neither a local path nor a loadable hub dataset ({exc})") from None
         return _as_written(_take(rows, bounds))
     raise FileNotFoundError(f"data path(s) {missing} do not exist")
+
+
+def check_hub_options(data: str | list[str], subset: Optional[str], revision: Optional[str]) -> None:
+    """Refuse a hub dataset's options (its configuration, its commit) for local data, where they
+    would be ignored without a word."""
+    sources = [data] if isinstance(data, str) else list(data)
+    if not sources or not all(Path(s).exists() for s in sources):
+        return
+    for option, value in (("subset", subset), ("data_revision", revision)):
+        if value is not None:
+            raise ValueError(f"{option}={value!r} selects a hub dataset's configuration or commit, but data {', '.join(map(str, sources))} "
+                             "is local: drop the option")
 
 
 def _only_text(text_sample_by: str, what: str) -> None:

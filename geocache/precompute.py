@@ -39,7 +39,7 @@ from geocache.cache.manifest import FORMAT_VERSION, LOGS_DIR, MANIFEST, PARTS_DI
 from geocache.cache.reader import CacheError, _fs
 from geocache.cache.writer import CacheWriteError, ShardWriter, atomic_write_text, part_path
 from geocache.config import check_option_types, unknown_options
-from geocache.data import DataConfig, Sequence, count_rows, data_fingerprint, iter_sequences, load_examples, slice_bounds, tokenizer_fingerprint
+from geocache.data import DataConfig, Sequence, check_hub_options, count_rows, data_fingerprint, iter_sequences, load_examples, slice_bounds, tokenizer_fingerprint
 from geocache.losses import router_log_probs
 from geocache.models import input_device, load_model_and_tokenizer, model_fingerprint, moe_layout, output_size
 from geocache.moe import choice_scores, recorded_router_logits, routing_choice
@@ -99,6 +99,7 @@ class PrecomputeConfig:
             raise ValueError(f"m={self.m} must be >= 0")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite contradict each other: pick one")
+        check_hub_options(self.data or [], self.data_config.subset, self.data_config.data_revision)  # before the model loads
         for name in ("device_map", "max_memory"):  # JSON from the command line, a mapping from YAML or Python
             value = getattr(self, name)
             if isinstance(value, str) and value.lstrip().startswith("{"):

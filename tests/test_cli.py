@@ -342,6 +342,13 @@ def test_text_sample_by_is_refused_where_no_text_file_is_read(tmp_path, tiny_mod
     assert result.exit_code == 2, result.output
     assert "text_sample_by='document' splits .txt files only, but data" in result.output and "holds json files" in result.output
     assert not (tmp_path / "c" / "manifest.json").exists()
+    # So are a hub dataset's options for local data, before the model loads (no model is named here).
+    for option, value in (("--subset", "en"), ("--data-revision", "abc123")):
+        result = CliRunner().invoke(main, ["precompute", "--model", str(tmp_path / "no-model"), "--data", str(data), "--out", str(tmp_path / "c"),
+                                           option, value, "--no-progress"])
+        assert result.exit_code == 2 and result.output.startswith(f"error: {option[2:].replace('-', '_')}={value!r} selects a hub "
+                                                                  "dataset's configuration or commit, but data"), result.output
+        assert "is local: drop the option" in result.output
     (tmp_path / "d.txt").write_text("one line\nanother line\n")
     ok = CliRunner().invoke(main, ["precompute", "--model", str(tiny_model_dir("llama")), "--data", str(tmp_path / "d.txt"),
                                    "--out", str(tmp_path / "t"), "--text-sample-by", "document", "--no-progress"])
