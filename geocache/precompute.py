@@ -172,7 +172,8 @@ class _Run:
         # ranked by those, so the first k are the experts it routes to (their raw logits stored).
         self.choice = routing_choice(self.model) if self.layout is not None and not cfg.dry_run else None
         if self.layout is None and (cfg.router in ("full", "topk") or cfg.router_k is not None):
-            raise ValueError(f"router statistics were asked for (router={cfg.router}), but model {cfg.model!r} is dense")
+            asked = f"router={cfg.router}" if cfg.router in ("full", "topk") else f"router_k={cfg.router_k}"
+            raise ValueError(f"router statistics were asked for ({asked}), but model {cfg.model!r} is dense")
         self.router_mode = self._router_mode()
         self.id_dtype = _id_dtype(self.out_size)
         self.template = self._template()

@@ -335,6 +335,8 @@ def test_bad_inputs_are_one_clear_sentence(tmp_path, tiny_model_dir, tokenizer_d
         run(dense, data_file, tmp_path / "a", k=513)
     with pytest.raises(ValueError, match=r"router statistics were asked for \(router=full\), but model .* is dense"):
         run(dense, data_file, tmp_path / "b", router="full")
+    with pytest.raises(ValueError, match=r"router statistics were asked for \(router_k=4\), but model .* is dense"):  # (it said router=auto)
+        run(dense, data_file, tmp_path / "b", router_k=4)
     moe = tiny_model_dir("qwen3_moe")  # a router_k that applies to nothing was silently ignored
     with pytest.raises(ValueError, match=r"router_k=3 applies only to top-k router statistics, and this run caches full ones: pass --router topk"):
         run(moe, data_file, tmp_path / "b", router="full", router_k=3)
