@@ -488,6 +488,12 @@ def test_a_full_disk_fails_clearly_and_keeps_only_whole_shards(tmp_path, tiny_mo
     assert sorted(p.name for p in (tmp_path / "c" / "shards").iterdir()) == ["rank000-000000.zarr", "rank000-000001.zarr"]
     assert [r["event"] for r in log_of(tmp_path / "c")] == ["start", "shard", "shard", "stopped"]
     assert "the disk is full" in log_of(tmp_path / "c")[-1]["error"]
+    # Read before its resume, the cache is named incomplete, with what it holds and how to go on.
+    incomplete = r"is incomplete: it has no manifest.json yet, and its parts list 2 committed shard\(s\) of a precompute that did not finish"
+    with pytest.raises(CacheError, match=incomplete + r" \(interrupted, or still running\); rerun that precompute with --resume"):
+        open_cache(str(tmp_path / "c"))
+    with pytest.raises(CacheError, match=incomplete):
+        verify(str(tmp_path / "c"))
     monkeypatch.setattr(backends.ZarrBackend, "write", real_write)
     run(model, data_file, tmp_path / "c", k=4, shard_sequences=8, resume=True, backend="zarr")
     assert_same_rows(rows_of(tmp_path / "c"), rows_of(tmp_path / "ref"))

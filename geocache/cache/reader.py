@@ -16,8 +16,10 @@ Per-row dicts of slices, and torch tensors built row by row, cost more than read
 
 from __future__ import annotations
 
+import json
 import os
 import posixpath
+import re
 from collections.abc import Sequence
 from typing import Optional
 
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 from geocache.cache.backends import ROUTER_KEYS, TOKEN_KEYS, DecodedChunks, ShardView, get_backend
-from geocache.cache.manifest import MANIFEST, Manifest, first_difference, shard_checksum
+from geocache.cache.manifest import MANIFEST, PARTS_DIR, Manifest, first_difference, shard_checksum
 from geocache.signals import IGNORE_INDEX, BaseStats
 
 LONG_KEYS = ("input_ids", "labels", "position_ids", "topk_ids", "tail_ids", "router_topk_ids")
@@ -47,6 +49,17 @@ def _fs(url: str, storage_options: Optional[dict] = None):
 def read_manifest(fs, root: str) -> Manifest:
     path = posixpath.join(root, MANIFEST)
     if not fs.exists(path):
+        parts = posixpath.join(root, PARTS_DIR)
+        names = [p for p in (fs.ls(parts, detail=False) if fs.exists(parts) else []) if re.fullmatch(r"rank-\d{3}\.json", posixpath.basename(p))]
+        if names:  # a precompute that committed shards and did not finish
+            shards = 0
+            for name in names:
+                try:
+                    shards += len(json.loads(fs.cat_file(name).decode()).get("shards", []))
+                except (ValueError, OSError, AttributeError):
+                    pass
+            raise CacheError(f"cache {root!r} is incomplete: it has no {MANIFEST} yet, and its parts list {shards} committed shard(s) of a "
+                             "precompute that did not finish (interrupted, or still running); rerun that precompute with --resume")
         raise CacheError(f"{root!r} is not a geocache cache: it has no {MANIFEST} (was precompute run, or did it not finish?)")
     return Manifest.from_json(fs.cat_file(path).decode(), where=path)
 
