@@ -266,7 +266,7 @@ def train_summary(state, out: str, best: tuple = (False, None)) -> str:
     last check rolled back to."""
     history = state.log_history
     last = next((r for r in reversed(history) if "task_loss" in r), {})  # a window's log or the final summary
-    line = f"trained {state.global_step} steps; adapter saved in {os.path.join(out, 'adapter')}; last task loss {last.get('task_loss', float('nan')):.4f}"
+    line = f"trained {state.global_step} step{'' if state.global_step == 1 else 's'}; adapter saved in {os.path.join(out, 'adapter')}; last task loss {last.get('task_loss', float('nan')):.4f}"
     load_best, metric = best
     if load_best and state.best_model_checkpoint:
         line += (f"; the adapter saved is the best checkpoint's, {os.path.basename(state.best_model_checkpoint)} "

@@ -133,6 +133,8 @@ def test_a_rollback_at_the_last_check_saves_the_rolled_back_adapter_and_says_so(
     trainer, _, checks, _ = _run(moe_run, tmp_path / "later", "rollback", [R(-0.02, -0.02), R(-0.03, -0.03), R(0.01, 0.02)], steps=5)
     assert [c["decision"] for c in checks] == ["start", "save", "rollback"]
     assert "rolled" not in train_summary(trainer.state, str(tmp_path / "later"))
+    trainer.state.global_step = 1
+    assert train_summary(trainer.state, str(tmp_path / "later")).startswith("trained 1 step;")
 
 
 def test_a_base_that_passes_neither_condition_is_warned_about(tmp_path, moe_run, caplog):
