@@ -472,16 +472,15 @@ def cache() -> None:
 
 @cache.command()
 @click.argument("path")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON, typed fields (numbers as numbers).")
 def inspect(path, as_json):
     """What a cache holds: model, data, statistics, sizes and bytes per token."""
-    from geocache.cache.inspect import summarize
+    from geocache.cache.inspect import describe, summarize
 
-    summary = summarize(path)
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
+    if as_json:  # typed fields, for scripts
+        click.echo(json.dumps(describe(path), indent=2))
         return
-    for key, value in summary.items():
+    for key, value in summarize(path).items():
         click.echo(f"{key:>28}: {value}")
 
 

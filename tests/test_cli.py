@@ -1,5 +1,6 @@
 """The installed ``geocache`` entry point answers --help and --version."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -59,10 +60,17 @@ def test_precompute_inspect_and_verify_from_the_command_line(tmp_path, tiny_mode
     out = runner.invoke(main, ["precompute", "--model", model, "--data", str(data), "--out", str(tmp_path / "c"), "--top-k", "8", "--no-progress"])
     assert out.exit_code == 0 and "cached 12 sequences" in out.output
     assert estimate["tokens"] == json.loads((tmp_path / "c" / "manifest.json").read_text())["counts"]["tokens"]
-    inspect = runner.invoke(main, ["cache", "inspect", str(tmp_path / "c"), "--json"])
-    summary = json.loads(inspect.output)
-    assert summary["sequences"] == 12 and summary["lm bytes/token"] > 0 and summary["router bytes/token"] > 0
-    assert summary["data"].endswith("(max_length 1024, truncated)") and "d.jsonl" in summary["data"]  # where the sequences came from
+    inspect = runner.invoke(main, ["cache", "inspect", str(tmp_path / "c")])
+    assert inspect.exit_code == 0 and "(max_length 1024, truncated)" in inspect.output and "d.jsonl" in inspect.output  # where they came from
+    assert re.search(r"lm bytes/token: \d+\.\d+", inspect.output) and re.search(r"k / m: 8 / \d+\n", inspect.output), inspect.output
+    # --json: typed fields, numbers as numbers, as a script reads them.
+    summary = json.loads(runner.invoke(main, ["cache", "inspect", str(tmp_path / "c"), "--json"]).output)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert (summary["sequences"], summary["tokens"], summary["labelled_positions"]) == tuple(manifest["counts"][k] for k in ("sequences", "tokens", "positions"))
+    assert (summary["k"], summary["m"], summary["bytes"]) == (8, manifest["statistics"]["m"], sum(s["bytes"] for s in manifest["shards"]))
+    assert summary["lm_bytes_per_token"] > 0 and summary["router_bytes_per_token"] > 0 and summary["data"]["max_length"] == 1024
+    assert summary["moe"]["num_experts"] == manifest["moe"]["num_experts"] and summary["moe"]["layers"] == len(manifest["moe"]["layers"])
+    assert summary["data"]["source"] == manifest["data"]["source"]["files"] and summary["data"]["packing"] is False
     assert runner.invoke(main, ["cache", "verify", str(tmp_path / "c")]).exit_code == 0
     victim = next(p for p in (tmp_path / "c" / "shards").rglob("*") if p.is_file() and p.name != "zarr.json")
     victim.write_bytes(victim.read_bytes()[:-1] + b"\x00")

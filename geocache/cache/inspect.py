@@ -53,32 +53,67 @@ def _kind(name: str) -> str:
     return "lm" if name in LM_KEYS else "router" if name in ROUTER_KEYS else "other"
 
 
-def summarize(url: str) -> dict:
+def describe(url: str) -> dict:
+    """What a cache holds, as typed fields (``geocache cache inspect --json``): numbers as numbers,
+    the model, data and MoE layout as mappings, ``moe`` null for a dense model."""
     fs, root = _fs(url)
     m = read_manifest(fs, root)
     kinds = {"lm": 0, "router": 0, "other": 0}
     for name, n in bytes_by_array(url).items():
         kinds[_kind(name)] += n
     tokens = max(m.counts["tokens"], 1)
+    source, prep = m.data.get("source", {}), m.data.get("preprocessing", {})
     return {
         "cache": url,
         "complete": m.complete,
         "backend": m.backend,
         "geocache_version": m.geocache_version,
-        "base_model": f"{m.base_model['id']} ({m.base_model['model_type']}, {m.base_model['output_size']} output rows, tokenizer {m.base_model['tokenizer_size']})",
-        "data": _data_line(m.data),
-        "k / m": f"{m.statistics['k']} / {m.statistics['m']}",
-        "moe": "dense" if not m.moe else f"{len(m.moe['layers'])} layers x {m.moe['num_experts']} experts, top-{m.moe['top_k']}, {m.moe['scoring']}, router {m.moe['router_mode']}",
+        "base_model": {k: m.base_model.get(k) for k in ("id", "revision", "model_type", "output_size", "tokenizer_size", "dtype")},
+        "data": {"source": source.get("id") or [str(f) for f in source.get("files", [])], "max_length": prep.get("max_length"),
+                 "packing": bool(prep.get("packing"))},
+        "k": m.statistics["k"],
+        "m": m.statistics["m"],
+        "moe": None if not m.moe else {"layers": len(m.moe["layers"]), **{k: m.moe.get(k) for k in ("num_experts", "top_k", "scoring",
+                                                                                                     "router_mode", "router_k")}},
         "sequences": m.counts["sequences"],
         "tokens": m.counts["tokens"],
-        "labelled positions": m.counts["positions"],
-        "input rows left out": f"{m.counts.get('skipped_rows', 0)} malformed, {m.counts.get('unlabelled_rows', 0)} with no label within max_length",
-        "input rows truncated": m.counts.get("truncated_rows", "not recorded"),
+        "labelled_positions": m.counts["positions"],
+        "skipped_rows": m.counts.get("skipped_rows", 0),
+        "unlabelled_rows": m.counts.get("unlabelled_rows", 0),
+        "truncated_rows": m.counts.get("truncated_rows"),  # null: not recorded (caches from before it)
         "shards": len(m.shards),
         "bytes": sum(s.bytes for s in m.shards),
-        "lm bytes/token": round(kinds["lm"] / tokens, 2),
-        "router bytes/token": round(kinds["router"] / tokens, 2),
-        "token data bytes/token": round(kinds["other"] / tokens, 2),
+        "lm_bytes_per_token": round(kinds["lm"] / tokens, 2),
+        "router_bytes_per_token": round(kinds["router"] / tokens, 2),
+        "token_data_bytes_per_token": round(kinds["other"] / tokens, 2),
+    }
+
+
+def summarize(url: str) -> dict:
+    """``describe`` as the lines ``geocache cache inspect`` prints (display strings)."""
+    d = describe(url)
+    fs, root = _fs(url)
+    m = read_manifest(fs, root)
+    b, moe = d["base_model"], d["moe"]
+    return {
+        "cache": url,
+        "complete": d["complete"],
+        "backend": d["backend"],
+        "geocache_version": d["geocache_version"],
+        "base_model": f"{b['id']} ({b['model_type']}, {b['output_size']} output rows, tokenizer {b['tokenizer_size']})",
+        "data": _data_line(m.data),
+        "k / m": f"{d['k']} / {d['m']}",
+        "moe": "dense" if not moe else f"{moe['layers']} layers x {moe['num_experts']} experts, top-{moe['top_k']}, {moe['scoring']}, router {moe['router_mode']}",
+        "sequences": d["sequences"],
+        "tokens": d["tokens"],
+        "labelled positions": d["labelled_positions"],
+        "input rows left out": f"{d['skipped_rows']} malformed, {d['unlabelled_rows']} with no label within max_length",
+        "input rows truncated": d["truncated_rows"] if d["truncated_rows"] is not None else "not recorded",
+        "shards": d["shards"],
+        "bytes": d["bytes"],
+        "lm bytes/token": d["lm_bytes_per_token"],
+        "router bytes/token": d["router_bytes_per_token"],
+        "token data bytes/token": d["token_data_bytes_per_token"],
     }
 
 
