@@ -32,6 +32,7 @@ REPORTS = [
     ("parity.py", RESULTS, "parity", "--out", "parity_topk_sampled"),
     ("parity.py", RESULTS, "parity", "--out", "parity_topk_hybrid"),
     ("calibration.py", RESULTS, "calibration", "--out"),
+    ("tail_embedding.py", RESULTS, "tail_embedding", "--out"),
 ]
 
 
@@ -59,6 +60,29 @@ def test_reference_benchmark_smoke_builds_both_architectures_from_scratch(tmp_pa
         assert m["build_wall_s"] >= m["report"]["train_seconds"] > 0 and set(m["report"]["domains"]) == {"code", "prose"}
     md = (tmp_path / "reference.md").read_text()
     assert "| moe (qwen3_moe) |" in md and "| dense (qwen3) |" in md and (tmp_path / "reference.png").stat().st_size > 0
+
+
+def test_tail_embedding_benchmark_smoke_the_identity_is_exact(tmp_path, tiny_reference):
+    """The tail's part of the forward KL from the base tail's mean output embedding: exact up to
+    float16 rounding (a wrong identity would be off by the tail's whole share), and its PCA
+    approximations cost fewer bytes the fewer coefficients they keep."""
+    _, ref_dir, _ = tiny_reference
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tail_embedding.py"), "--tiny", "--cache-dir", str(ref_dir), "--steps", "6",
+                          "--k", "8", "--m", "4", "--ranks", "4,8", "--eval-sequences", "4", "--max-length", "64", "--tune-sequences", "32",
+                          "--learning-rate", "0.05", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((tmp_path / "tail_embedding.json").read_text())
+    rows = {(r["domain"], r["family"], r["bytes_per_position_beyond_topk"]): r for r in result["rows"]}
+    d = result["hidden_size"]
+    for domain in ("code", "prose"):
+        exact = rows[(domain, "tail embedding", 2 * d)]
+        assert exact["exact_mean"] > 1e-3 and abs(exact["agg_bias"]) < 2e-3 and exact["relerr_p50"] < 1e-2, exact
+        assert rows[(domain, "library default", None)]["bytes_per_token"] > 0
+        small, large = rows[(domain, "tail embedding, PCA", 2 * 4 + 4)], rows[(domain, "tail embedding, PCA", 2 * 8 + 4)]  # (+ one float32)
+        assert small["bytes_per_token"] < large["bytes_per_token"] < exact["bytes_per_token"]
+    assert "| estimator | bytes/token | mask agreement |" in (tmp_path / "tail_embedding.md").read_text()
+    assert (tmp_path / "tail_embedding.png").stat().st_size > 0
 
 
 def test_the_cuda_check_runs_off_the_gpu_as_a_dry_run(tmp_path):
