@@ -21,6 +21,7 @@ differently-split run caches exactly the same rows.
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import posixpath
@@ -608,6 +609,13 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
                   f"{_nothing_cached(estimate, bad_rows, cfg.data_config.max_length)}", file=sys.stderr)
         return estimate
     fs, root = _fs(cfg.out)
+    # The data is opened and read up to this rank's first sequence before the output is touched: a
+    # wrong path or a bad row must not cost the cache that --overwrite was to replace.
+    stream = run.sequences(bad_rows, unlabelled, truncated)
+    first = next(stream, None)
+    if first is None and world == 1:  # nothing to cache: said before anything is written or removed
+        counts = {"skipped_rows": len(bad_rows), "unlabelled_rows": len(unlabelled)}
+        raise ValueError(f"no sequence was cached from data {cfg.data}: {_nothing_cached(counts, bad_rows, cfg.data_config.max_length)}")
     part = _prepare_output(fs, root, run)
     done = sum(s.sequences for s in part.shards)
     log = _RunLog(fs, root, run)
@@ -631,7 +639,7 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
     # depends on that width, so a batch of other rows would not give the uninterrupted arrays.
     start = done - done % cfg.batch_size
     try:
-        for n, (i, seq) in enumerate(run.sequences(bad_rows, unlabelled, truncated)):
+        for n, (i, seq) in enumerate(itertools.chain([first] if first is not None else [], stream)):
             if n < start:
                 continue  # committed before an interruption
             batch.append((i, seq))

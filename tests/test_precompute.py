@@ -368,6 +368,14 @@ def test_an_existing_cache_is_refused_unless_overwrite_or_resume(tmp_path, tiny_
     # The same weights in another dtype give other statistics: a resume must not mix them.
     with pytest.raises(CacheError, match=r"different settings \(base_model.dtype: 'float32' != 'bfloat16'\)"):
         run(model, data_file, tmp_path / "c", k=4, resume=True, dtype="bfloat16")
+    # An --overwrite whose data cannot be read (a mistyped path, a bad first row, nothing to cache)
+    # stops before it removes anything: the cache it was to replace is still whole.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": ""}\n')
+    for data, error in ((tmp_path / "missing.jsonl", FileNotFoundError), (bad, BadRowError), (bad, ValueError)):
+        with pytest.raises(error):
+            run(model, data, tmp_path / "c", k=8, overwrite=True, skip_bad_rows=error is ValueError)
+        assert verify(str(tmp_path / "c")) is None and open_cache(str(tmp_path / "c")).manifest.statistics["k"] == 4
     run(model, data_file, tmp_path / "c", k=8, overwrite=True)
     assert open_cache(str(tmp_path / "c")).manifest.statistics["k"] == 8
     (tmp_path / "other").mkdir()
@@ -968,10 +976,10 @@ def test_chat_rows_in_a_json_array_with_null_fields_cache_as_their_jsonl(tmp_pat
 def test_a_run_stopped_before_its_first_shard_does_not_block_the_next(tmp_path, tiny_model_dir, data_file):
     model = tiny_model_dir("llama")
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": ""}\n{"text": "fine"}\n')
-    with pytest.raises(ValueError, match="row 0: field 'text' is empty"):
+    bad.write_text('{"text": "fine"}\n{"text": ""}\n')
+    with pytest.raises(ValueError, match="row 1: field 'text' is empty"):
         run(model, bad, tmp_path / "out")
-    assert [r["event"] for r in log_of(tmp_path / "out")] == ["start", "stopped"] and "row 0" in log_of(tmp_path / "out")[1]["error"]
+    assert [r["event"] for r in log_of(tmp_path / "out")] == ["start", "stopped"] and "row 1" in log_of(tmp_path / "out")[1]["error"]
     assert run(model, data_file, tmp_path / "out").counts["sequences"] > 0  # no --overwrite needed: nothing was committed
     assert log_of(tmp_path / "out")[0]["event"] == "start" and [r["event"] for r in log_of(tmp_path / "out")].count("start") == 1  # a fresh log
     (tmp_path / "other").mkdir()
@@ -988,7 +996,18 @@ def test_a_run_that_caches_no_sequence_fails_naming_why(tmp_path, tiny_model_dir
     with pytest.raises(ValueError, match=r"no sequence was cached from data .*: 2 malformed row\(s\) skipped \(first: row 0.* and 0 left "
                                          r"without a label; fix the data and rerun$"):
         run(model, bad, tmp_path / "out", skip_bad_rows=True)
-    # What it leaves is an empty cache, said so (not "interrupted": a resume would cache nothing again).
+    assert not (tmp_path / "out").exists()  # (one process knows before it writes anything)
+    # Several processes find out at the end and leave an empty cache (a manifest marked incomplete,
+    # no shard), said so (not "interrupted": a resume would cache nothing again).
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "some text to cache"}\n')
+    run(model, good, tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest.update(complete=False, shards=[], counts={"sequences": 0, "tokens": 0, "positions": 0, "skipped_rows": 2, "unlabelled_rows": 0})
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "out" / "parts" / "rank-000.json").write_text(json.dumps(manifest))
+    for shard in (tmp_path / "out" / "shards").iterdir():
+        shard.unlink()
     with pytest.raises(CacheError, match=r"is empty: its precompute cached no sequence \(2 malformed row\(s\) skipped, 0 left without a "
                                          r"label\); fix the data \(or --max-length\) and rerun it"):
         open_cache(str(tmp_path / "out"))
@@ -1002,11 +1021,17 @@ def test_a_run_that_caches_no_sequence_fails_naming_why(tmp_path, tiny_model_dir
     with pytest.raises(ValueError, match=r"0 malformed row\(s\) skipped and 3 left without a label within max_length=8 \(their prompts fill "
                                          r"it\); raise --max-length or fix the data, and rerun"):
         run(model, long_prompts, tmp_path / "pc", max_length=8)
-    # The rerun, fixed, goes into the same directory without --overwrite (there was nothing to keep),
-    # and so does a --resume (there is nothing to resume: it starts afresh).
-    assert run(model, long_prompts, tmp_path / "pc", max_length=64).counts["sequences"] == 3 and verify(str(tmp_path / "pc")) is None
+    # A rerun, fixed, goes into an empty cache's directory without --overwrite (there was nothing to
+    # keep), and so does a --resume (there is nothing to resume: it starts afresh).
+    assert run(model, long_prompts, tmp_path / "out", max_length=64).counts["sequences"] == 3 and verify(str(tmp_path / "out")) is None
+    assert [r["event"] for r in log_of(tmp_path / "out")] == ["start", "shard", "end"]  # a fresh log
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest.update(complete=False, shards=[])
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "out" / "parts" / "rank-000.json").write_text(json.dumps(manifest))
+    for shard in (tmp_path / "out" / "shards").iterdir():
+        shard.unlink()
     assert run(model, long_prompts, tmp_path / "out", max_length=64, resume=True).counts["sequences"] == 3
-    assert [r["event"] for r in log_of(tmp_path / "pc")] == ["start", "shard", "end"]  # the empty run's log went with it
 
 
 def test_a_float16_load_of_the_base_matches_a_float32_cache_and_back(tmp_path, tiny_model_dir, data_file):
