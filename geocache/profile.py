@@ -360,15 +360,33 @@ def write_recommended(path: Path, profile: dict) -> None:
 
 
 def run_profile(cfg: ProfileConfig, log=print) -> dict:
-    from geocache.bench import provenance, writable_dir
+    from geocache.bench import writable_dir
+
+    started = time.perf_counter()
+    target = Path(cfg.out)
+    if target.is_file():
+        raise ValueError(f"--out {cfg.out!r} is a file: give a directory for profile.json, profile.md, profile.png and recommended.yaml")
+    if (target / "profile.json").exists() and not cfg.overwrite:
+        # A profile of a large base takes an hour; a second run into the same --out replaced it without a word.
+        raise FileExistsError(f"{cfg.out} already holds a profile (profile.json): pass --overwrite to replace it, or choose another --out")
+    if target.is_dir() and any(target.iterdir()) and not (target / "profile.json").exists():
+        # (its recommended.yaml, say, would have been replaced without a word)
+        raise FileExistsError(f"{cfg.out} is not empty and holds no profile: choose another --out (--overwrite replaces only a profile)")
+    created = not target.exists()
+    out = writable_dir(cfg.out)
+    try:
+        return _profile(cfg, out, started, log)
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):  # a refused run leaves no empty --out behind
+            out.rmdir()
+        raise
+
+
+def _profile(cfg: ProfileConfig, out: Path, started: float, log) -> dict:
+    from geocache.bench import provenance
     from geocache.models import load_model_and_tokenizer, quiet_peft_wrap
     from geocache.moe import moe_blocks
 
-    started = time.perf_counter()
-    out = writable_dir(cfg.out)
-    if (out / "profile.json").exists() and not cfg.overwrite:
-        # A profile of a large base takes an hour; a second run into the same --out replaced it without a word.
-        raise FileExistsError(f"{cfg.out} already holds a profile (profile.json): pass --overwrite to replace it, or choose another --out")
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
                                                 progress=cfg.progress)
     base, tuned = model, None

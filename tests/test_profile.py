@@ -95,6 +95,20 @@ def test_profile_of_a_dense_model_is_calibration_only(tmp_path, tiny_model_dir, 
                                       "--max-length", "32", "--overwrite"])
     assert again.exit_code == 0, again.output
     assert json.loads((out / "profile.json").read_text())["config"]["max_length"] == 32
+    # A directory of the user's is never written into (its recommended.yaml was replaced), nor is a
+    # file taken for one; a refused run leaves no empty --out behind.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "recommended.yaml").write_text("mine: true\n")
+    args = ["--model", str(tiny_model_dir("qwen3")), "--data", str(texts / "code.jsonl"), "--max-length", "32"]
+    for extra in ([], ["--overwrite"]):
+        r = CliRunner().invoke(main, ["profile", *args, "--out", str(mine), *extra])
+        assert r.exit_code == 2 and "is not empty and holds no profile: choose another --out" in r.output, r.output
+        assert (mine / "recommended.yaml").read_text() == "mine: true\n" and len(list(mine.iterdir())) == 1
+    r = CliRunner().invoke(main, ["profile", *args, "--out", str(mine / "recommended.yaml")])
+    assert r.exit_code == 2 and "is a file: give a directory" in r.output, r.output
+    r = CliRunner().invoke(main, ["profile", "--model", str(tmp_path / "no-model"), "--data", str(texts / "code.jsonl"), "--out", str(tmp_path / "new")])
+    assert r.exit_code == 2 and not (tmp_path / "new").exists(), r.output
 
 
 def test_an_identity_adapter_shows_no_drift_and_the_same_v2(tmp_path, tiny_model_dir, texts):
