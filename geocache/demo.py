@@ -49,6 +49,17 @@ DEMO_PRETRAIN_STEPS = 500
 DEMO_MARKER = ".geocache-demo"
 
 
+def _earlier_demo(out: Path) -> bool:
+    """A demo's directory from before the marker existed: its results table (``demo.json``: each
+    run's metrics before and after) beside the caches it built. A ``demo.json`` alone is anyone's."""
+    try:
+        results = json.loads((out / "demo.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(results, dict) and bool(results) and (out / "cache-train" / "manifest.json").exists()
+            and all(isinstance(r, dict) and {"before", "after"} <= set(r) for r in results.values()))
+
+
 def run_demo(out: str | Path, steps: int = 40, recipe: ReferenceRecipe | None = None, log=print,
              pretrain_steps: int = DEMO_PRETRAIN_STEPS) -> dict:
     """The pipeline on ``recipe`` (default: the MoE reference recipe with ``pretrain_steps``; the
@@ -58,12 +69,12 @@ def run_demo(out: str | Path, steps: int = 40, recipe: ReferenceRecipe | None = 
         raise ValueError(f"steps={steps} must be >= 1")
     # The demo writes data, caches and runs into ``out``, replacing its own earlier ones: any other
     # non-empty directory is refused (a user's own train.jsonl there was overwritten).
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not ((out / DEMO_MARKER).exists() or (out / "demo.json").exists()))):
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not ((out / DEMO_MARKER).exists() or _earlier_demo(out)))):
         raise ValueError(f"--out {str(out)!r} is {'a file' if not out.is_dir() else 'a non-empty directory the demo did not write'}: "
                          "choose a new directory (or an earlier demo's)")
+    recipe = recipe or recipe_for("moe", steps=pretrain_steps)  # (its options checked before anything is written)
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARKER).write_text("written by geocache demo; the demo replaces what it wrote here\n")
-    recipe = recipe or recipe_for("moe", steps=pretrain_steps)
     model_dir = build_reference_model(recipe, log=log)
     log(f"reference model: {model_dir}")
     train_rows, eval_rows = sft_rows()

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from geocache import demo
 from geocache.demo import ROWS, run_demo
 from geocache.testing import tiny_reference_recipe
 from geocache.reference import RECIPES, ReferenceRecipe, _split_documents, build_reference_model, corpus, examples, recipe_for
@@ -60,6 +61,9 @@ def test_demo_runs_end_to_end_and_reports_before_and_after(tmp_path, monkeypatch
     table = lines[-1]
     assert all(title in table for title, _ in ROWS)
     assert (tmp_path / "demo" / "demo.md").read_text().strip() == table
+    # A demo's directory from before the marker existed is still known by its results and caches.
+    (tmp_path / "demo" / demo.DEMO_MARKER).unlink()
+    assert demo._earlier_demo(tmp_path / "demo")
 
 
 def test_reference_splits_are_disjoint_deterministic_and_cover_the_capped_corpus():
@@ -146,3 +150,11 @@ def test_the_demo_refuses_a_directory_it_did_not_write(tmp_path):
     with pytest.raises(ValueError, match="steps=0 must be >= 1"):
         run_demo(tmp_path / "new", steps=0)
     assert not (tmp_path / "new").exists()
+    with pytest.raises(ValueError, match="steps=0 must be >= 1"):  # the reference recipe's, before anything is written
+        run_demo(tmp_path / "new", pretrain_steps=0)
+    assert not (tmp_path / "new").exists()
+    # A demo.json of the user's does not make the directory a demo's (its train.jsonl was replaced).
+    (mine / "demo.json").write_text('{"my": "results"}')
+    with pytest.raises(ValueError, match="is a non-empty directory the demo did not write"):
+        run_demo(mine)
+    assert (mine / "train.jsonl").read_text() == "my data\n"
