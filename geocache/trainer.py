@@ -293,6 +293,25 @@ def _loaded_model(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return ((model, *args[1:]), kwargs) if "model" not in kwargs and args else (args, {**kwargs, "model": model})
 
 
+def _moe_targets(model, peft_config):
+    """On a model with fused MoE experts, a peft config whose targets peft cannot place gets
+    ``default_target_modules``, as ``add_dora_adapter`` gives them: ``"all-linear"`` with DoRA (peft
+    wraps the fused experts, which refuse DoRA: "lora.ParamWrapper does not work with
+    use_dora=True"), or no targets where peft knows none for the architecture."""
+    import dataclasses
+
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as KNOWN
+
+    targets = getattr(peft_config, "target_modules", None)
+    if moe_layout(model) is None or getattr(peft_config, "target_parameters", None) or not dataclasses.is_dataclass(peft_config):
+        return peft_config
+    all_linear = targets == "all-linear" or (isinstance(targets, (list, set, tuple)) and set(targets) == {"all-linear"})
+    unknown = targets is None and KNOWN.get(getattr(model.config, "model_type", None)) is None
+    if (all_linear and getattr(peft_config, "use_dora", False)) or unknown:
+        return dataclasses.replace(peft_config, target_modules=default_target_modules(model))
+    return peft_config
+
+
 def _wrapped_model(args: tuple, kwargs: dict, peft_config) -> tuple[tuple, dict]:
     """``Trainer``'s arguments with the model (given first or as ``model=``) wrapped with ``peft_config``."""
     model = kwargs.get("model", args[0] if args else None)
@@ -300,8 +319,27 @@ def _wrapped_model(args: tuple, kwargs: dict, peft_config) -> tuple[tuple, dict]
         raise ValueError("peft_config was given without a model to put the adapter on")
     if hasattr(model, "peft_config"):
         raise ValueError("the model already carries a PEFT adapter: give peft_config or an adapted model, not both")
-    model = with_adapter(model, peft_config)
+    model = with_adapter(model, _moe_targets(model, peft_config))
     return ((model, *args[1:]), kwargs) if "model" not in kwargs and args else (args, {**kwargs, "model": model})
+
+
+# Where Trainer.__init__ takes its datasets positionally (after model, args, data_collator).
+_POSITIONAL = {"train_dataset": 3, "eval_dataset": 4}
+
+
+def _refuse_rows_without_statistics(name: str, dataset) -> None:
+    """A dataset whose rows carry no cached base statistics (a tokenised ``datasets.Dataset``, say)
+    ended in ``KeyError: 'lse'`` at the first step; said here, in one sentence."""
+    from geocache.cache.reader import CacheReader
+
+    for d in (dataset.values() if isinstance(dataset, dict) else [dataset]):
+        if d is None or isinstance(d, CacheReader) or not hasattr(d, "__getitem__") or not hasattr(d, "__len__") or len(d) == 0:
+            continue
+        row = d[0]
+        if isinstance(row, dict) and "lse" not in row:
+            raise ValueError(f"{name} rows hold {sorted(row)[:6]} but no base statistics: GeometryTrainer trains on a geocache cache, "
+                             "geocache.open_cache(path) of what geocache precompute wrote (its rows carry the tokens and the base's "
+                             "statistics), or give a data_collator that supplies them")
 
 
 class GeometryTrainer(Trainer):
@@ -320,12 +358,20 @@ class GeometryTrainer(Trainer):
                  **kwargs):
         args, kwargs = _loaded_model(args, kwargs)
         if peft_config is not None:  # as TRL's trainers take it: the model is wrapped here
+            # ... with the adapter's initial weights drawn after TrainingArguments' seed, as
+            # Trainer seeds before anything else (the same script gave two runs otherwise).
+            from transformers import set_seed
+
+            training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+            set_seed(getattr(training_args, "seed", 42))  # (42: TrainingArguments' default)
             args, kwargs = _wrapped_model(args, kwargs, peft_config)
         _refuse_rewritten_base(kwargs.get("model", args[0] if args else None))
         if kwargs.get("data_collator") is None:
             tok = kwargs.get("processing_class")
             pad = getattr(tok, "pad_token_id", None) or 0
             kwargs["data_collator"] = partial(collate_cache_rows, pad_token_id=pad)
+            for name in ("train_dataset", "eval_dataset"):  # the default collator reads base statistics from every row
+                _refuse_rows_without_statistics(name, kwargs.get(name, args[_POSITIONAL[name]] if len(args) > _POSITIONAL[name] else None))
         # Before Trainer's own setup, which changes the model's config (use_cache off) and so its fingerprint.
         bound = inspect.signature(Trainer.__init__).bind_partial(self, *args, **kwargs).arguments
         self._check_caches(bound.get("model"), base or CacheBase(), bound.get("train_dataset"), bound.get("eval_dataset"),

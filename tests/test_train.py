@@ -1348,6 +1348,37 @@ def test_the_trainer_takes_a_peft_config_as_trls_trainers_do(tmp_path, moe_cache
         GeometryTrainer(model=adapted, args=args, train_dataset=open_cache(str(root / "k64")), base=LiveBase(want_router=True))
 
 
+def test_a_peft_config_on_a_moe_model_is_seeded_placed_and_its_data_checked(tmp_path, moe_cache):
+    """TRL users' habits on a fused-experts MoE model: "all-linear" with DoRA and no targets at all
+    (peft: "lora.ParamWrapper does not work with use_dora=True" / "No target_modules passed"), the
+    adapter's initialisation seeded by TrainingArguments.seed, and a tokenised dataset."""
+    import datasets
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    model_dir, root = moe_cache
+    cache = open_cache(str(root / "k64"))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1, per_device_train_batch_size=4, seed=7)
+    expected = set(default_target_modules(AutoModelForCausalLM.from_pretrained(model_dir)))
+    adapters = []
+    for targets in ("all-linear", None, "all-linear"):
+        config = LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=targets, task_type="CAUSAL_LM", init_lora_weights="gaussian")
+        trainer = GeometryTrainer(AutoModelForCausalLM.from_pretrained(model_dir), args, peft_config=config, train_dataset=cache)
+        assert set(trainer.model.peft_config["default"].target_modules) == expected, targets
+        assert {n.removeprefix("base_model.model.") for n, m in trainer.model.named_modules() if isinstance(m, LoraLayer)} == expected
+        adapters.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n})
+        torch.manual_seed(len(adapters))  # whatever ran before: the seed in TrainingArguments decides
+    assert all(torch.equal(adapters[0][n], adapters[2][n]) for n in adapters[0])  # the same script, the same adapter
+    # A dataset without base statistics: one sentence when the trainer is built, not KeyError 'lse' at step 1.
+    tokenised = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3]], "labels": [[1, 2, 3]]})
+    with pytest.raises(ValueError, match=r"train_dataset rows hold \['input_ids', 'labels'\] but no base statistics: GeometryTrainer trains "
+                                         r"on a geocache cache, geocache.open_cache\(path\)"):
+        GeometryTrainer(AutoModelForCausalLM.from_pretrained(model_dir), args, peft_config=config, train_dataset=tokenised)
+    with pytest.raises(ValueError, match=r"eval_dataset rows hold .* but no base statistics"):
+        GeometryTrainer(model=add_dora_adapter(AutoModelForCausalLM.from_pretrained(model_dir), r=2), args=args, train_dataset=cache,
+                        eval_dataset={"held-out": tokenised})
+
+
 def test_a_checkpoint_write_that_fails_is_one_sentence_and_resume_skips_what_it_left(tmp_path, moe_cache, monkeypatch):
     """torch.save reports a full disk as a RuntimeError (a traceback), and the half-written
     checkpoint (no trainer_state.json) was what --resume picked: "No such file ... trainer_state.json"."""
