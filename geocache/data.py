@@ -228,6 +228,9 @@ def load_examples(data: str | list[str], split: str = "train", streaming: bool =
         kwargs = {"data_files": [str(f) for f in files], "split": whole, "streaming": streaming}
         if builder == "csv":  # every column as text: datasets would infer 42 as an integer
             kwargs["features"] = datasets.Features({c: datasets.Value("string") for c in _csv_header(files[0])})
+            # ... and every cell as written: pandas reads NA, null, nan, N/A, None and an empty cell as
+            # missing (a row "NA" was "missing field 'text'", naming the field it listed).
+            kwargs.update(keep_default_na=False, na_filter=False)
         if builder == "json" and streaming and all(_json_layout(f) for f in files):
             # Read as written, row by row: a line that is not JSON is a bad row naming its file and
             # line (skippable with skip_bad_rows), not a parse error that ends the whole run; and

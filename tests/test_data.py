@@ -410,6 +410,14 @@ def test_csv_columns_are_text_even_when_they_look_numeric(tmp_path, tok):
     # a JSON number where text belongs is still a wrong type
     with pytest.raises(BadRowError, match="row 3: field 'completion' must be a string, got int"):
         tokenize_example({"prompt": "q", "completion": 42}, 3, tok, DataConfig())
+    # Cells pandas would call missing are text too; an empty one is an empty field, as in JSONL.
+    words = ["NA", "null", "nan", "N/A", "None", "#N/A", "-NaN"]
+    (tmp_path / "na.csv").write_text("text\n" + "\n".join(words) + "\n")
+    assert list(load_examples(str(tmp_path / "na.csv"))) == [{"text": w} for w in words]
+    (tmp_path / "empty.csv").write_text('prompt,completion\nQ?,\n')
+    row = next(iter(load_examples(str(tmp_path / "empty.csv"))))
+    with pytest.raises(BadRowError, match="row 0: field 'completion' is empty"):  # (was "missing field 'completion'", naming it)
+        tokenize_example(row, 0, tok, DataConfig())
 
 
 @pytest.fixture(scope="module")
