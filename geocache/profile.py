@@ -387,6 +387,8 @@ def _profile(cfg: ProfileConfig, out: Path, started: float, log) -> dict:
     from geocache.models import load_model_and_tokenizer, quiet_peft_wrap
     from geocache.moe import moe_blocks
 
+    if cfg.adapter:
+        _check_adapter(cfg.adapter, cfg.model)
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
                                                 progress=cfg.progress)
     base, tuned = model, None
@@ -432,6 +434,33 @@ def _profile(cfg: ProfileConfig, out: Path, started: float, log) -> dict:
     return profile
 
 
+def _check_adapter(adapter: str, model: str) -> None:
+    """A local --adapter must be an adapter's directory (a run directory was taken for one and
+    reported as "trained on another base"); one saved from another base is warned about: it may
+    load (same module names and shapes) and measure nothing the user meant."""
+    import warnings
+
+    path = Path(adapter)
+    if not path.exists():
+        if "/" in adapter and not adapter.startswith((".", "/")):  # a hub id: peft fetches and checks it
+            return
+        raise FileNotFoundError(f"adapter {adapter!r} does not exist")
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        inside = sorted(p.parent.name for p in path.glob("*/adapter_config.json"))
+        hint = f" (it holds {', '.join(inside)}: give one of those, e.g. {path / inside[-1]})" if inside else ""
+        raise FileNotFoundError(f"adapter {adapter!r} has no adapter_config.json: give the adapter's own directory{hint}")
+    try:
+        saved_on = json.loads(config.read_text()).get("base_model_name_or_path")
+    except ValueError:
+        return  # peft says what is wrong with it
+    same = saved_on is None or saved_on == model or (Path(saved_on).exists() and Path(model).exists()
+                                                      and Path(saved_on).resolve() == Path(model).resolve())
+    if not same:
+        warnings.warn(f"adapter {adapter!r} was saved on base {saved_on!r}, not --model {model!r}: if that is another model, the "
+                      "profile measures the adapter on a base it was not trained on", stacklevel=2)
+
+
 class _AdapterOff:
     """Runs a PEFT model with its adapter disabled: the base. ``wrapped`` is the model (for its modules)."""
 
@@ -469,6 +498,12 @@ def _v(d: dict) -> str:
     return f"{d['value']:+.5f} [{d['ci_low']:+.5f}, {d['ci_high']:+.5f}] {'PASS' if d['pass'] else 'fail'}"
 
 
+def _calibration_line(c: dict) -> str:
+    return (f"entropy mean {c['entropy_mean']:.3f} nats (p10 {c['entropy_quantiles']['p10']:.2f}, p50 {c['entropy_quantiles']['p50']:.2f}, "
+            f"p90 {c['entropy_quantiles']['p90']:.2f}), NLL {c['nll_mean']:.3f}, calibration gap {c['calibration_gap_mean']:+.3f}, "
+            f"top-1 ECE {c['ece_top1']:.4f} ({ECE_BINS} bins), top-1 accuracy {c['top1_accuracy']:.3f}.")
+
+
 def markdown(profile: dict) -> str:
     cls = profile["classification"]
     lines = [f"# geocache profile of `{profile['model']}`", "",
@@ -476,10 +511,12 @@ def markdown(profile: dict) -> str:
              f"Primary domain: `{profile['primary_domain']}`. Signs follow SPEC: negative ΔBI / ΔBrand with the 95% interval below 0 pass.", ""]
     for name, d in profile["domains"].items():
         c = d["calibration"]
-        lines += [f"## Domain `{name}` ({d['tokens']:,} tokens)", "",
-                  f"Calibration: entropy mean {c['entropy_mean']:.3f} nats (p10 {c['entropy_quantiles']['p10']:.2f}, p50 "
-                  f"{c['entropy_quantiles']['p50']:.2f}, p90 {c['entropy_quantiles']['p90']:.2f}), NLL {c['nll_mean']:.3f}, calibration gap "
-                  f"{c['calibration_gap_mean']:+.3f}, top-1 ECE {c['ece_top1']:.4f} ({ECE_BINS} bins), top-1 accuracy {c['top1_accuracy']:.3f}.", ""]
+        lines += [f"## Domain `{name}` ({d['tokens']:,} tokens)", "", f"Calibration{' of the base' if 'tuned' in d else ''}: {_calibration_line(c)}", ""]
+        if "tuned" in d:  # the adapter's (or tuned model's) calibration beside the base's
+            t = d["tuned"]["calibration"]
+            lines += [f"Calibration of the tuned model: {_calibration_line(t)} Against the base: entropy "
+                      f"{t['entropy_mean'] - c['entropy_mean']:+.3f} nats, NLL {t['nll_mean'] - c['nll_mean']:+.3f}, calibration gap "
+                      f"{t['calibration_gap_mean'] - c['calibration_gap_mean']:+.3f}, ECE {t['ece_top1'] - c['ece_top1']:+.4f}.", ""]
         if "v2" in d:
             lines += ["| layer | ΔBI (C1) | ΔBrand (C2) | tokens boundary / interior / kept / seen |", "|---:|---|---|---|"]
             for lay in d["v2"]["layers"]:

@@ -2,6 +2,7 @@
 recommended config being a config that geocache train accepts."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -137,7 +138,9 @@ def test_an_identity_adapter_shows_no_drift_and_the_same_v2(tmp_path, tiny_model
     drift = json.loads((tmp_path / "p2" / "profile.json").read_text())["domains"]["code"]["tuned"]["drift"]
     assert min(dr["jaccard_mean"] for dr in drift) < 1.0
     assert np.mean([dr["flip_rate_boundary"] for dr in drift]) > np.mean([dr["flip_rate_interior"] for dr in drift])
-    assert "Drift against the base" in (tmp_path / "p2" / "profile.md").read_text()
+    md = (tmp_path / "p2" / "profile.md").read_text()
+    assert "Drift against the base" in md and "Calibration of the tuned model: entropy mean" in md  # (it showed the base's only)
+    assert "Calibration of the tuned model" in (out / "profile.md").read_text() and "Against the base: entropy +0.000 nats, NLL +0.000" in (out / "profile.md").read_text()
 
 
 def test_calibration_profile_matches_torchmetrics_and_direct_sums():
@@ -246,9 +249,19 @@ def test_an_adapter_of_another_base_is_one_sentence(tmp_path, tiny_model_dir, te
     from geocache.trainer import add_dora_adapter
 
     add_dora_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")), r=2, alpha=4).save_pretrained(tmp_path / "adapter")
-    result = CliRunner().invoke(main, ["profile", "--model", str(tiny_model_dir("qwen3_moe")), "--data", str(texts / "code.jsonl"),
-                                       "--out", str(tmp_path / "p"), "--adapter", str(tmp_path / "adapter")])
+    with pytest.warns(UserWarning, match=rf"was saved on base {re.escape(repr(str(tiny_model_dir('llama'))))}, not --model"):  # first warned
+        result = CliRunner().invoke(main, ["profile", "--model", str(tiny_model_dir("qwen3_moe")), "--data", str(texts / "code.jsonl"),
+                                           "--out", str(tmp_path / "p"), "--adapter", str(tmp_path / "adapter")])
     assert result.exit_code == 2 and "does not load onto model" in result.output and "\n" not in result.output.strip(), result.output
+    # A run directory (or any directory without adapter_config.json) is not "another base's" adapter.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "adapter").rename(tmp_path / "run" / "adapter")
+    for given, message in ((tmp_path / "run", rf"adapter '.*run' has no adapter_config.json: give the adapter's own directory \(it holds "
+                                                rf"adapter: give one of those, e.g. .*run/adapter\)"), (tmp_path / "nope", r"adapter '.*nope' does not exist")):
+        result = CliRunner().invoke(main, ["profile", "--model", str(tmp_path / "no-model"), "--data", str(texts / "code.jsonl"),
+                                           "--out", str(tmp_path / "p"), "--adapter", str(given)])
+        assert result.exit_code == 2 and re.search(message, result.output) and "\n" not in result.output.strip(), result.output
+    assert not (tmp_path / "p").exists()
 
 
 def test_profile_takes_a_yaml_config_with_cli_overrides_and_shows_progress(tmp_path, tiny_model_dir, texts):
