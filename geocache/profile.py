@@ -322,7 +322,8 @@ def recommended(profile: dict) -> list[tuple[str, object, str]]:
     lam = 0.15 if gentle else 0.4
     kl = 0.15 if gentle else 0.08
     rows = [
-        ("model", profile["model"], "the profiled base"),
+        # (a local path made absolute, so that the file works as --config from any directory)
+        ("model", str(Path(profile["model"]).resolve()) if Path(profile["model"]).exists() else profile["model"], "the profiled base"),
         ("cache", "cache", "replace with your precomputed cache (or pass --cache)"),
         ("out", "run", "replace with your run directory (or pass --out)"),
         ("geometry.kl_threshold", kl, why),

@@ -2,7 +2,9 @@
 recommended config being a config that geocache train accepts."""
 
 import json
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,6 +70,16 @@ def test_profile_of_a_moe_model_writes_the_documented_schema_and_a_usable_config
     assert all("#" in line for line in text.splitlines() if ":" in line and not line.strip().endswith("geometry:"))
     conf = yaml.safe_load(text)
     assert conf["model"] == str(model) and conf["geometry"]["kl_threshold"] in (0.08, 0.15)
+    # A model named relative to where profile ran is written absolute: the file works from anywhere.
+    from geocache.profile import recommended
+
+    here = os.getcwd()
+    os.chdir(Path(model).parent)
+    try:
+        rows = {key: value for key, value, _ in recommended({**p, "model": Path(model).name})}
+    finally:
+        os.chdir(here)
+    assert rows["model"] == str(Path(model).resolve())
     precompute(PrecomputeConfig(model=str(model), data=[str(texts / "code.jsonl")], out=str(tmp_path / "c"), progress=False,
                                 data_config=DataConfig(max_length=48)))
     r = CliRunner().invoke(main, ["train", "--config", str(out / "recommended.yaml"), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "run"),
