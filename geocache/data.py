@@ -485,6 +485,11 @@ def _assistant_spans_by_content(messages: list[dict], text: str, tokenizer, inde
                               "that its turns cannot be read off its prefixes, so the calls' labels cannot be placed")
         content = m["content"] if m["content"] in text[cursor:] else m["content"].strip()
         at = text.find(content, cursor) if content else cursor
+        if at < 0 and m["role"] == "assistant" and "</think>" in content:
+            # Qwen3-style templates drop the reasoning of the turns before the last user message:
+            # what is rendered of them, and labelled, is the answer after it.
+            content = content.split("</think>")[-1].lstrip("\n")
+            at = text.find(content, cursor) if content else cursor
         if at < 0:
             raise BadRowError(f"row {index}: message {i} ({m['role']}) is not in the chat template's rendering of the conversation, so its labels cannot be placed")
         end = at + len(content)

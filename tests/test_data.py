@@ -112,6 +112,27 @@ def test_chat_templates_that_rewrite_earlier_turns_label_each_assistant_content(
     assert tok.decode(ids[:first]).endswith("<|im_start|>assistant\n")
 
 
+def test_a_template_that_drops_earlier_reasoning_labels_what_it_renders_of_those_turns(tokenizer_dir):
+    """Qwen3's template keeps only the answer after </think> of the assistant turns before the last
+    user message: multi-turn reasoning data was a bad row ("message 1 (assistant) is not in the
+    chat template's rendering")."""
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = THINK_AFTER_LAST_USER.replace("{{ m.content + '<|im_end|>\\n' }}",
+                                                      "{{ (m.content.split('</think>')[-1].lstrip('\\n') if loop.index0 < ns.last_user "
+                                                      "else m.content) + '<|im_end|>\\n' }}")
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "<think>\nthey greet\n</think>\n\nhello there"},
+        {"role": "user", "content": "and now?"},
+        {"role": "assistant", "content": "<think>\nagain\n</think>\n\nreturn x"},
+    ]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert "they greet" not in text and "again" in text  # the premise: the earlier reasoning is gone
+    ids, labels = tokenize_example({"messages": messages}, 0, tok, DataConfig())
+    assert tok.decode(ids) == text
+    assert labelled_text(tok, ids, labels) == "hello there<|im_end|>\n<think>\nagain\n</think>\n\nreturn x<|im_end|>\n"
+
+
 def test_a_template_without_a_generation_prompt_leaves_the_role_header_unlabelled(tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"  # no add_generation_prompt branch
