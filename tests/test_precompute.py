@@ -390,8 +390,10 @@ def test_check_compatible_refuses_another_model_or_tokenizer(tmp_path, tiny_mode
     cache = open_cache(str(tmp_path / "c"))
     cache.check_compatible(AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir))
     other = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "o", "qwen3_moe", tokenizer_dir=tokenizer_dir, seed=1))
-    with pytest.raises(CacheError, match="was built for base model .* this model's weights differ"):
+    with pytest.raises(CacheError, match=r"was built for base model '[^']*', and this model's weights differ"):  # (no "revision None")
         cache.check_compatible(other)
+    with pytest.raises(TypeError, match="takes the model first .* got a .*Tokenizer.* as the model"):  # swapped: was an AttributeError
+        cache.check_compatible(AutoTokenizer.from_pretrained(model_dir), other)
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.chat_template = "{{ messages }}"
     with pytest.raises(CacheError, match="another tokenizer"):

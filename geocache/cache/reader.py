@@ -173,6 +173,9 @@ class CacheReader(torch.utils.data.Dataset):
         from geocache.models import model_fingerprint, output_size, same_weights
 
         base = self.manifest.base_model
+        if model is not None and not isinstance(model, torch.nn.Module):  # e.g. (tokenizer, model), swapped
+            raise TypeError(f"check_compatible takes the model first (a torch module), then the tokenizer; got a {type(model).__name__} "
+                            "as the model")
         if model is not None:
             fp = model_fingerprint(model)
             if fp["config_sha256"] != base["config_sha256"] or not same_weights(fp, base):
@@ -180,8 +183,9 @@ class CacheReader(torch.utils.data.Dataset):
                 dtypes = {str(base.get("dtype")), str(next(model.parameters()).dtype).removeprefix("torch.")}
                 hint = (" (a float16 and a bfloat16 load of one model are two roundings of it: use one of them, or float32, for both)"
                         if which == "weights" and dtypes == {"float16", "bfloat16"} else "")
+                revision = f" (revision {base['revision']})" if base.get("revision") else ""
                 raise CacheError(
-                    f"cache {self.url!r} was built for base model {base['id']!r} (revision {base.get('revision')}), "
+                    f"cache {self.url!r} was built for base model {base['id']!r}{revision}, "
                     f"and this model's {which} {'differs' if which == 'config' else 'differ'} from it{hint}"
                 )
             if output_size(model) != base["output_size"]:
