@@ -192,8 +192,15 @@ def test_classification_and_recommendation_follow_the_note(c1, c2, name):
 def test_profile_bad_input_is_one_sentence(tmp_path, tiny_model_dir, texts):
     with pytest.raises(ValueError, match="give one"):
         ProfileConfig(model="m", data=["x"], out="o", adapter="a", tuned="t")
-    with pytest.raises(ValueError, match="twice"):
+    with pytest.raises(ValueError, match="domain name 'a' is given twice: give each domain its own NAME$"):  # (it said "name them with NAME=PATH")
         ProfileConfig(model="m", data=["a=x.jsonl", "a=y.jsonl"], out="o").domains()
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    same = [str(tmp_path / d / "code.jsonl") for d in ("one", "two")]
+    for path in same:
+        Path(path).write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match="two files are named 'code': name them with NAME=PATH"):
+        ProfileConfig(model="m", data=same, out="o").domains()
     r = CliRunner().invoke(main, ["profile", "--model", str(tiny_model_dir("qwen3_moe")), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "do not exist" in r.output
     r = CliRunner().invoke(main, ["profile", "--data", str(texts / "code.jsonl"), "--out", str(tmp_path / "o")])
