@@ -480,6 +480,10 @@ def _training_arguments(cfg: TrainConfig, out: Path, report_to: list[str], resum
         save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps,
         remove_unused_columns=False,  # batches carry base statistics beside the model inputs
+        # Every adapter weight takes part in every step (attention, dense MLPs, shared experts): DDP
+        # need not walk the graph for unused ones (transformers' default for a PEFT model, which
+        # printed torch's "did not find any unused parameters" on every rank). Overridable.
+        ddp_find_unused_parameters=False,
         prediction_loss_only=True,
         use_cpu=use_cpu,
         disable_tqdm=not cfg.progress,
