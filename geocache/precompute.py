@@ -638,32 +638,20 @@ def precompute(cfg: PrecomputeConfig, timings: Optional[dict] = None) -> Manifes
     # recomputes it whole: each batch is padded to its longest row and the forward's rounding
     # depends on that width, so a batch of other rows would not give the uninterrupted arrays.
     start = done - done % cfg.batch_size
-    try:
-        for n, (i, seq) in enumerate(itertools.chain([first] if first is not None else [], stream)):
-            if n < start:
-                continue  # committed before an interruption
-            batch.append((i, seq))
-            if len(batch) == cfg.batch_size:
-                tokens += _flush(run, batch, writer, bar, by_rows, n + 1, tokens, started, drop=max(done - (n + 1 - len(batch)), 0))
-                batch = []
-        if batch:
-            tokens += _flush(run, batch, writer, bar, by_rows, n + 1, tokens, started, drop=max(done - (n + 1 - len(batch)), 0))
-    except BaseException as exc:  # a bad row, a full disk, Ctrl-C: the log says where it stopped
-        bar.close()
+    try:  # a bad row, a full disk, Ctrl-C, a failed merge: the log says where it stopped
         try:
+            for n, (i, seq) in enumerate(itertools.chain([first] if first is not None else [], stream)):
+                if n < start:
+                    continue  # committed before an interruption
+                batch.append((i, seq))
+                if len(batch) == cfg.batch_size:
+                    tokens += _flush(run, batch, writer, bar, by_rows, n + 1, tokens, started, drop=max(done - (n + 1 - len(batch)), 0))
+                    batch = []
+            if batch:
+                tokens += _flush(run, batch, writer, bar, by_rows, n + 1, tokens, started, drop=max(done - (n + 1 - len(batch)), 0))
+        finally:
+            bar.close()
             writer.close()  # what was queued is committed, or the writer's own error is raised
-        except BaseException as late:
-            log.stopped(late)
-            raise
-        log.stopped(exc)
-        raise
-    bar.close()
-    try:
-        writer.close()
-    except BaseException as exc:
-        log.stopped(exc)
-        raise
-    try:  # the part, the merge, the peers: the log says where it stopped here too
         part = writer.part
         part.complete = True
         part.counts["skipped_rows"] = len(bad_rows)

@@ -78,9 +78,9 @@ class ProfileConfig:
     def domains(self) -> dict[str, str]:
         out = {}
         for spec in self.data:
-            name, path = spec.split("=", 1) if "=" in spec and not Path(spec).exists() else (Path(spec).stem, spec)
+            named = "=" in spec and not Path(spec).exists()
+            name, path = spec.split("=", 1) if named else (Path(spec).stem, spec)
             if name in out:
-                named = "=" in spec and not Path(spec).exists()
                 raise ValueError(f"domain name {name!r} is given twice: " + ("give each domain its own NAME" if named else
                                  f"two files are named {Path(spec).stem!r}: name them with NAME=PATH"))
             out[name] = path

@@ -323,8 +323,9 @@ def _wrapped_model(args: tuple, kwargs: dict, peft_config) -> tuple[tuple, dict]
     return ((model, *args[1:]), kwargs) if "model" not in kwargs and args else (args, {**kwargs, "model": model})
 
 
-# Where Trainer.__init__ takes its datasets positionally (after model, args, data_collator).
-_POSITIONAL = {"train_dataset": 3, "eval_dataset": 4}
+def _trainer_arguments(trainer, args: tuple, kwargs: dict) -> dict:
+    """``Trainer.__init__``'s arguments by name, however they were given (positionally or not)."""
+    return inspect.signature(Trainer.__init__).bind_partial(trainer, *args, **kwargs).arguments
 
 
 def _refuse_rows_without_statistics(name: str, dataset) -> None:
@@ -362,18 +363,18 @@ class GeometryTrainer(Trainer):
             # Trainer seeds before anything else (the same script gave two runs otherwise).
             from transformers import set_seed
 
-            training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-            set_seed(getattr(training_args, "seed", 42))  # (42: TrainingArguments' default)
+            set_seed(getattr(_trainer_arguments(self, args, kwargs).get("args"), "seed", 42))  # (42: TrainingArguments' default)
             args, kwargs = _wrapped_model(args, kwargs, peft_config)
-        _refuse_rewritten_base(kwargs.get("model", args[0] if args else None))
+        # Trainer's arguments by name, before its own setup, which changes the model's config
+        # (use_cache off) and so its fingerprint.
+        bound = _trainer_arguments(self, args, kwargs)
+        _refuse_rewritten_base(bound.get("model"))
         if kwargs.get("data_collator") is None:
             tok = kwargs.get("processing_class")
             pad = getattr(tok, "pad_token_id", None) or 0
             kwargs["data_collator"] = partial(collate_cache_rows, pad_token_id=pad)
             for name in ("train_dataset", "eval_dataset"):  # the default collator reads base statistics from every row
-                _refuse_rows_without_statistics(name, kwargs.get(name, args[_POSITIONAL[name]] if len(args) > _POSITIONAL[name] else None))
-        # Before Trainer's own setup, which changes the model's config (use_cache off) and so its fingerprint.
-        bound = inspect.signature(Trainer.__init__).bind_partial(self, *args, **kwargs).arguments
+                _refuse_rows_without_statistics(name, bound.get(name))
         self._check_caches(bound.get("model"), base or CacheBase(), bound.get("train_dataset"), bound.get("eval_dataset"),
                            bound.get("processing_class"))
         if bound.get("model") is not None:

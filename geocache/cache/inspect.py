@@ -92,8 +92,6 @@ def describe(url: str) -> dict:
 def summarize(url: str) -> dict:
     """``describe`` as the lines ``geocache cache inspect`` prints (display strings)."""
     d = describe(url)
-    fs, root = _fs(url)
-    m = read_manifest(fs, root)
     b, moe = d["base_model"], d["moe"]
     return {
         "cache": url,
@@ -101,7 +99,7 @@ def summarize(url: str) -> dict:
         "backend": d["backend"],
         "geocache_version": d["geocache_version"],
         "base_model": f"{b['id']} ({b['model_type']}, {b['output_size']} output rows, tokenizer {b['tokenizer_size']})",
-        "data": _data_line(m.data),
+        "data": _data_line(d["data"]),
         "k / m": f"{d['k']} / {d['m']}",
         "moe": "dense" if not moe else f"{moe['layers']} layers x {moe['num_experts']} experts, top-{moe['top_k']}, {moe['scoring']}, router {moe['router_mode']}",
         "sequences": d["sequences"],
@@ -118,11 +116,10 @@ def summarize(url: str) -> dict:
 
 
 def _data_line(data: dict) -> str:
-    """Where the cached sequences come from and how they were cut, in one line."""
-    source, prep = data.get("source", {}), data.get("preprocessing", {})
-    where = source.get("id") or ", ".join(map(str, source.get("files", []))) or "?"
-    cut = f"max_length {prep.get('max_length')}, {'packed' if prep.get('packing') else 'truncated'}"
-    return f"{where} ({cut})"
+    """Where the cached sequences come from and how they were cut (``describe``'s ``data``), in one line."""
+    source = data["source"]
+    where = (source if isinstance(source, str) else ", ".join(source)) or "?"
+    return f"{where} (max_length {data['max_length']}, {'packed' if data['packing'] else 'truncated'})"
 
 
 def verify(url: str) -> Optional[str]:
