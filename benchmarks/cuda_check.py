@@ -1,9 +1,11 @@
 """CUDA / bf16 checks and GPU step timings for geocache, run on a lent GPU machine (never in CI).
 
 Sections (CHECK_ONLY=a,b to run some): precompute on CUDA (float32, bfloat16) against a direct forward and
-against a CPU build; the loss on CUDA against CPU (float32, bf16/fp16 logits, inside autocast); short
+against a CPU build; the loss on CUDA against CPU (float32, bf16/fp16 logits, inside autocast); the compiled
+loss (compile_loss) against the eager one (values, gradients, time, memory); short
 training runs on CUDA (bf16, fp16, live, copy offloaded, activation checkpointing, the packed probe); plain vs
-cache vs live step time and peak CUDA memory, interleaved, at a small and a mid shape. Results:
+cache (compiled and eager loss) vs live step time and peak CUDA memory, interleaved, at a small and a mid shape,
+float32 and bfloat16 weights (CHECK_ROUNDS rounds, default 12). Results:
 benchmarks/results/cuda_check.json and .md. CHECK_DEVICE=cpu CHECK_QUICK=1 is a dry run of the script.
 """
 
@@ -40,6 +42,9 @@ def save():
 
 
 ONLY = [x for x in os.environ.get("CHECK_ONLY", "").split(",") if x]
+ROUNDS = int(os.environ.get("CHECK_ROUNDS", "12"))
+SHAPES = os.environ.get("CHECK_SHAPES", "small,mid").split(",")
+VARIANTS = os.environ.get("CHECK_VARIANTS", "plain,cache,cache_eager,live,plain_bf16,cache_bf16").split(",")
 
 
 def section(name):
@@ -151,9 +156,76 @@ def _train(kind, cache, out, **kw):
     return [r["loss"] for r in tr.state.log_history if "loss" in r], tr
 
 
+@section("fused_loss_cuda")
+def _():
+    """compile_loss on CUDA against the eager pass: values, gradients, time and peak memory of the
+    loss alone (forward + backward), float32 and bfloat16 logits, at a small and a large shape."""
+    from geocache import BaseStats, GeometryAwareLoss
+
+    out = {}
+    shapes = {"V32768_N1024": (32768, 4, 256), "V151936_N8192": (151936, 8, 1024)}
+    for name, (V, B, T) in shapes.items():
+        if QUICK:
+            V, B, T = 4096, 2, 64
+        g = torch.Generator(device=dev).manual_seed(0)
+        base = torch.randn(B, T, V, generator=g, device=dev) * 3
+        tuned = base + 0.3 * torch.randn(B, T, V, generator=g, device=dev)
+        labels = torch.randint(0, V, (B, T), generator=g, device=dev)
+        labels[:, :T // 4] = -100  # a prompt: a quarter of the rows unlabelled
+        stats = BaseStats.from_logits(base, labels, k=64, m=8, generator=g)
+        del base
+        res = {}
+        for dt in (torch.float32, torch.bfloat16):
+            x0 = tuned.to(dt)
+            per = {}
+            for compiled in (False, True):
+                fn = GeometryAwareLoss(compile_loss=compiled, kl_threshold=0.0, final_kl_threshold=0.0, dh_threshold=0.0, cal_threshold=0.0)
+                x = x0.clone().requires_grad_()
+                t = time.perf_counter()
+                loss, m = fn(x, stats, labels)
+                (gr,) = torch.autograd.grad(loss, x)
+                sync()
+                first = time.perf_counter() - t
+                times = []
+                for _ in range(3 if QUICK else 10):
+                    sync()
+                    t = time.perf_counter()
+                    loss, m = fn(x, stats, labels)
+                    (gr,) = torch.autograd.grad(loss, x)
+                    sync()
+                    times.append(time.perf_counter() - t)
+                peak = float("nan")
+                if DEV == "cuda":
+                    del gr
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    resident = torch.cuda.memory_allocated()
+                    loss, m = fn(x, stats, labels)
+                    (gr,) = torch.autograd.grad(loss, x)
+                    torch.cuda.synchronize()
+                    peak = (torch.cuda.max_memory_allocated() - resident) / 2**20
+                per[compiled] = {"loss": loss.item(), "KL_mean": m["KL_mean"].item(), "first_call_s": first,
+                                 "median_ms": sorted(times)[len(times) // 2] * 1e3, "peak_MiB_over_inputs": peak, "grad": gr}
+            ge, gc = per[False].pop("grad"), per[True].pop("grad")
+            res[str(dt).replace("torch.", "")] = {
+                "eager": per[False], "compiled": per[True], "speedup": per[False]["median_ms"] / per[True]["median_ms"],
+                "loss_abs_diff": abs(per[False]["loss"] - per[True]["loss"]),
+                "grad_max_abs_diff": (ge.float() - gc.float()).abs().max().item(), "grad_max_abs": ge.float().abs().max().item(),
+                "grad_bitwise_equal": bool(torch.equal(ge, gc))}
+            del ge, gc, x0
+        out[name] = res
+        del tuned, stats
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
 @section("train_cuda")
 def _():
     c = ROOT / "c-qwen3_moe-float32"
+    if not c.exists():  # precompute_cuda was not run (CHECK_ONLY)
+        precompute(PrecomputeConfig(model=str(models["qwen3_moe"]), data=[str(data)], out=str(c), k=16, m=4, device=DEV, progress=False,
+                                    data_config=DataConfig(max_length=128)))
     out = {}
     fp32, tr = _train("qwen3_moe", c, ROOT / "r32")
     out["device"] = str(tr.args.device)
@@ -193,7 +265,7 @@ def _():
     }
     res = {}
     for shape, kw in shapes.items():
-        if QUICK and shape != "small":
+        if (QUICK and shape != "small") or shape not in SHAPES:
             continue
         seq, batch = kw.pop("seq"), kw.pop("batch")
         tokd = ROOT / f"tok-{shape}"
@@ -215,37 +287,44 @@ def _():
         cache = open_cache(str(c))
         batches = [{k: (v.to(dev) if hasattr(v, "to") else v) for k, v in collate_cache_rows([cache[(i * batch + j) % len(cache)] for j in range(batch)]).items()}
                    for i in range(6)]
-        steps = {}
-        for variant in ("plain", "cache", "live"):
+        steps, warm = {}, {}
+        for variant in VARIANTS:
             torch.manual_seed(0)
-            model = add_dora_adapter(AutoModelForCausalLM.from_pretrained(md).to(dev), r=16, alpha=32)
+            # *_bf16: the model's weights (and so its logits) in bfloat16, as a bf16 run holds them
+            dtype = torch.bfloat16 if variant.endswith("bf16") else torch.float32
+            model = add_dora_adapter(AutoModelForCausalLM.from_pretrained(md, dtype=dtype).to(dev), r=16, alpha=32)
             from geocache.models import no_hub_kernels_offline
 
             no_hub_kernels_offline(model)  # the same torch layers for every variant (plain Trainer has no guard)
             args = TrainingArguments(output_dir=str(ROOT / "t"), report_to=[], remove_unused_columns=False, per_device_train_batch_size=batch)
-            if variant == "plain":
+            if variant.startswith("plain"):
                 trainer = Trainer(model=model, args=args, train_dataset=cache, data_collator=collate_cache_rows)
             else:
-                geometry = GeometryConfig(kl_threshold=0.0, final_kl_threshold=0.0, dh_threshold=0.0, cal_threshold=0.0)
+                # cache_eager: the loss's eager chunked pass (compile_loss=False); cache/live: the default (compiled on CUDA)
+                geometry = GeometryConfig(kl_threshold=0.0, final_kl_threshold=0.0, dh_threshold=0.0, cal_threshold=0.0,
+                                          compile_loss=False if variant == "cache_eager" else None)
                 trainer = GeometryTrainer(model=model, args=args, train_dataset=cache, geometry_config=geometry,
-                                          base=CacheBase() if variant == "cache" else LiveBase(want_router=True))
+                                          base=LiveBase(want_router=True) if variant == "live" else CacheBase())
             opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
             trainer.current_gradient_accumulation_steps = 1
             model.train()
 
             def step(i, variant=variant, trainer=trainer, model=model, opt=opt):
                 b = batches[i % len(batches)]
-                inputs = {k: v for k, v in b.items() if variant != "plain" or k in ("input_ids", "attention_mask", "labels")}
+                inputs = {k: v for k, v in b.items() if not variant.startswith("plain") or k in ("input_ids", "attention_mask", "labels")}
                 trainer.training_step(model, inputs)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            for i in range(3):
+            t = time.perf_counter()
+            for i in range(3):  # the first steps compile the loss's kernels (cache, live, cache_bf16)
                 step(i)
             sync()
+            warm[variant] = time.perf_counter() - t
             steps[variant] = (step, model)
         times = {v: [] for v in steps}
-        for r in range(2 if QUICK else 12):
-            for v in (list(steps)[r % 3:] + list(steps)[: r % 3]):
+        nv = len(steps)
+        for r in range(2 if QUICK else ROUNDS):
+            for v in (list(steps)[r % nv:] + list(steps)[: r % nv]):
                 step, _ = steps[v]
                 step(0)
                 sync()
@@ -266,12 +345,98 @@ def _():
             step(1)
             sync()
             peaks[v] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
-        res[shape] = {"step_s_median": med, "cache_over_plain": med["cache"] / med["plain"], "live_over_cache": med["live"] / med["cache"],
-                      "peak_MiB_over_resident": peaks, "mem_cache_over_plain": peaks["cache"] / peaks["plain"], "tokens_per_step": seq * batch}
+        ratio = lambda a, b, d=med: d[a] / d[b] if a in d and b in d else None  # noqa: E731
+        res[shape] = {"step_s_median": med, "cache_over_plain": ratio("cache", "plain"), "live_over_cache": ratio("live", "cache"),
+                      "cache_eager_over_plain": ratio("cache_eager", "plain"), "cache_bf16_over_plain_bf16": ratio("cache_bf16", "plain_bf16"),
+                      "paired_cache_over_plain": sorted(c / p for c, p in zip(times["cache"], times["plain"]))[len(times["plain"]) // 2]
+                      if "cache" in times and "plain" in times else None,
+                      "peak_MiB_over_resident": peaks, "mem_cache_over_plain": ratio("cache", "plain", peaks),
+                      "mem_cache_bf16_over_plain_bf16": ratio("cache_bf16", "plain_bf16", peaks), "tokens_per_step": seq * batch,
+                      "rounds": 2 if QUICK else ROUNDS, "warmup_s": warm}
         del steps
         if DEV == "cuda":
             torch.cuda.empty_cache()
     return res
+
+
+@section("loss_in_step_small")
+def _():
+    """Why the compiled loss made the small shape's step slower (launch-bound): the loss call's
+    host time (no sync) and its time to completion (synced before and after), inside real
+    training steps, compiled vs eager, alternating; and the whole step's median beside them."""
+    from transformers import TrainingArguments
+
+    from geocache.base import CacheBase
+    from geocache.cache import collate_cache_rows, open_cache
+    from geocache.config import GeometryConfig
+    from geocache.models import no_hub_kernels_offline
+    from geocache.trainer import GeometryTrainer, add_dora_adapter
+
+    md, c = ROOT / "m-small", ROOT / "cache-small"
+    cache = open_cache(str(c))
+    batches = [{k: (v.to(dev) if hasattr(v, "to") else v) for k, v in collate_cache_rows([cache[(i * 4 + j) % len(cache)] for j in range(4)]).items()}
+               for i in range(6)]
+    runs = {}
+    for name, compiled in (("eager", False), ("compiled", None)):
+        torch.manual_seed(0)
+        model = add_dora_adapter(AutoModelForCausalLM.from_pretrained(md).to(dev), r=16, alpha=32)
+        no_hub_kernels_offline(model)
+        geometry = GeometryConfig(kl_threshold=0.0, final_kl_threshold=0.0, dh_threshold=0.0, cal_threshold=0.0, compile_loss=compiled)
+        trainer = GeometryTrainer(model=model, args=TrainingArguments(output_dir=str(ROOT / f"b-{name}"), report_to=[], remove_unused_columns=False),
+                                  train_dataset=cache, geometry_config=geometry, base=CacheBase())
+        trainer.current_gradient_accumulation_steps = 1
+        model.train()
+        loss_fn = trainer.geometry_loss
+        inner = loss_fn.forward
+        rec = {"host_ms": [], "synced_ms": [], "mode": "host"}
+
+        def timed(*a, inner=inner, rec=rec, **k):
+            if rec["mode"] == "synced":
+                sync()
+            t = time.perf_counter()
+            out = inner(*a, **k)
+            if rec["mode"] == "synced":
+                sync()
+            rec[f"{rec['mode']}_ms"].append((time.perf_counter() - t) * 1e3)
+            return out
+
+        loss_fn.forward = timed
+        for i in range(4):
+            trainer.training_step(model, batches[i % 6])
+        sync()
+        rec["host_ms"].clear()
+        runs[name] = (trainer, model, rec)
+    steps = {n: [] for n in runs}
+    for r in range(2 if QUICK else 10):
+        for n, (trainer, model, rec) in runs.items():
+            for mode in ("host", "synced"):
+                rec["mode"] = mode
+                sync()
+                t = time.perf_counter()
+                for i in range(3):
+                    trainer.training_step(model, batches[i])
+                sync()
+                if mode == "host":
+                    steps[n].append((time.perf_counter() - t) / 3 * 1e3)
+    # the step in phases, each synced: compute_loss (forward, base, loss, router term), then backward
+    phases = {n: {"compute_loss_ms": [], "backward_ms": []} for n in runs}
+    for r in range(2 if QUICK else 20):
+        for n, (trainer, model, rec) in runs.items():
+            rec["mode"] = "host"
+            b = batches[r % 6]
+            sync()
+            t = time.perf_counter()
+            loss = trainer.compute_loss(model, b)
+            sync()
+            t1 = time.perf_counter()
+            loss.backward()
+            sync()
+            t2 = time.perf_counter()
+            phases[n]["compute_loss_ms"].append((t1 - t) * 1e3)
+            phases[n]["backward_ms"].append((t2 - t1) * 1e3)
+    med = lambda x: sorted(x)[len(x) // 2]  # noqa: E731
+    return {n: {"step_ms": med(steps[n]), "loss_host_ms": med(rec["host_ms"]), "loss_synced_ms": med(rec["synced_ms"]),
+                **{k: med(v) for k, v in phases[n].items()}} for n, (_, _, rec) in runs.items()}
 
 
 @section("sync_sources")

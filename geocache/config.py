@@ -70,6 +70,16 @@ class GeometryConfig:
         default=None,
         metadata={"help": "Positions per chunk of [positions × vocab] float32 temporaries; null picks by device and vocab."},
     )
+    # On by default on CUDA: on an H200 the loss alone ran 3.9x (float32) and 4.5x (bfloat16 logits)
+    # faster at vocab 151,936 and the mid-shape step went 1.117x → 1.005x plain
+    # (benchmarks/results/cuda_check.md); off on the CPU, where the tests compile it on purpose.
+    compile_loss: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Run the loss's [positions × vocab] passes as torch.compile'd fused kernels (float32 logits, "
+            "estimators that skip the tuned tail: topk_cv, topk_sampled, topk_renorm); null: on CUDA with Triton, off elsewhere."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_option_types(self)

@@ -191,7 +191,13 @@ class GeometryAwareLoss(nn.Module):
         grad_scale = 1.0 if tuned_logits.dtype != torch.float16 else 1.0 / (_FP16_PRESCALE * denom)
         with torch.no_grad():  # the gradient is computed in closed form inside the pass
             grad_denom = denom if grad_scale == 1.0 else 1.0 / _FP16_PRESCALE
-            per_pos, grad = self._chunked_pass(tuned_logits, base, rows, targets, th, grad_denom, need_grad)
+            kernels = self._fused_kernels(tuned_logits, base)
+            try:
+                if kernels is None:
+                    raise _CompileFailed
+                per_pos, grad = self._fused_pass(kernels, tuned_logits, base, rows, targets, th, grad_denom, need_grad)
+            except _CompileFailed:
+                per_pos, grad = self._chunked_pass(tuned_logits, base, rows, targets, th, grad_denom, need_grad)
 
         kl, h_q, h_p, nll = per_pos
         d_h, gap = h_q - h_p, nll - h_q
@@ -261,6 +267,81 @@ class GeometryAwareLoss(nn.Module):
                 raise ValueError(f"base logits {tuple(base.shape)} must match tuned logits {tuple(tuned_logits.shape)}")
             return "exact"
         raise TypeError(f"base must be base logits (a tensor) or BaseStats, not {type(base).__name__}")
+
+    def _fused_kernels(self, logits: torch.Tensor, base: BaseInput):
+        """The compiled kernels when ``compile_loss`` (or its default) asks for them and the call
+        suits them: float32, float64 or bfloat16 logits (read as they are, the math in float32 or
+        float64; float16's pre-scaled gradient stays eager), cached statistics or no base, and an
+        estimator that does not read the tuned tail mass. None: the eager chunked pass."""
+        cfg = self.config
+        wanted = cfg.compile_loss if cfg.compile_loss is not None else _compile_by_default(logits.device)
+        if not wanted or logits.dtype == torch.float16 or isinstance(base, torch.Tensor):
+            return None
+        if base is not None and (cfg.kl_direction != "forward" or cfg.kl_estimator in ("topk_tail", "topk_hybrid")):
+            return None
+        return _compiled_kernels()
+
+    def _fused_pass(self, kernels, logits, base, rows, targets, th, denom, need_grad):
+        """``_chunked_pass``'s results through two compiled kernels over every logit row at once:
+        one reduction (log-sum-exp and H(q), reading each row twice and writing nothing of its
+        size) and, with a gradient, one elementwise pass writing it (q ⊙ (a + b·log q), zero on
+        unlabelled rows, whose a and b are 0). No chunk buffers: the only [rows × V] tensor is the
+        gradient. Every row is computed, labelled or not, as the model's own cross-entropy does."""
+        cfg = self.config
+        stats_kernel, grad_kernel = kernels
+        vocab = logits.shape[-1]
+        flat = logits.reshape(-1, vocab)
+        dtype = math_dtype(flat.dtype)
+        lse_all, h_all = _run_compiled(stats_kernel, flat)
+        lse, h_q = lse_all[rows], h_all[rows]
+        if base is not None:
+            k, m = base.k, base.m
+            ids = torch.cat([base.topk_ids.long(), base.sample_ids.long(), targets.unsqueeze(-1)], 1)
+        else:
+            k = m = 0
+            ids = targets.unsqueeze(-1)
+        flat_ids = rows.unsqueeze(-1) * vocab + ids
+        # log q at the ids, floored as the eager pass floors it (a masked vocabulary's −inf).
+        lq_ids = flat.take(flat_ids).to(dtype).sub_(lse.unsqueeze(-1)).clamp_min_(torch.finfo(dtype).min)
+        nll = -lq_ids[:, -1]
+        if base is None:
+            kl, h_p = torch.zeros_like(h_q), h_q
+        else:
+            h_p = base.entropy.to(dtype)
+            kl, (alpha, s_coef, x_coef, _) = cached_kl_terms(
+                lq_ids[:, :k], lq_ids[:, k : k + m], None, None, cfg.kl_estimator, cfg.kl_direction,
+                terms=base_kl_terms(base, dtype, cfg.kl_estimator, cfg.kl_direction),
+            )
+        per_pos = (kl, h_q, h_p, nll)
+        if not need_grad:
+            return per_pos, None
+        # The same coefficients as the eager pass (see its docstring), spread over every row.
+        lam_kl, lam_cal, lam_h = cfg.lambda_kl, cfg.lambda_cal, cfg.lambda_entropy
+        m_kl = (kl > th["kl_threshold"]).to(dtype)
+        m_cal = (nll - h_q > th["cal_threshold"]).to(dtype)
+        m_h = (h_q - h_p < -th["dh_threshold"]).to(dtype)
+        c = m_cal.mul(lam_cal / denom).add_(1.0 / denom)
+        b = torch.add(m_cal.mul_(lam_cal / denom), m_h, alpha=lam_h / denom)
+        d = m_kl.mul_(lam_kl / denom)
+        a = torch.addcmul(c, d, alpha) if base is not None else c
+        a_h = torch.addcmul(a, b, h_q)
+        coef = lse_all.new_zeros(2, flat.shape[0]).index_copy_(1, rows, torch.stack((a_h, b)))
+        grad = torch.empty_like(flat, memory_format=torch.contiguous_format)
+        _run_compiled(grad_kernel, flat, lse_all, coef[0], coef[1], grad)
+        # The sparse terms and the label's −c·e_y, their values side by side as in the eager pass.
+        v = torch.cat([s_coef * d.unsqueeze(-1), x_coef * d.unsqueeze(-1), c.neg().unsqueeze(-1)], 1) if base is not None else c.neg().unsqueeze(-1)
+        if grad.dtype == dtype:  # added onto the dense part in the math dtype, as the eager pass does
+            grad.view(-1).scatter_add_(0, flat_ids.view(-1), v.reshape(-1))
+        else:
+            # bfloat16: adding onto the rounded dense part would round twice. The ids' entries are
+            # written whole instead: their dense part again in float32 (the kernel's formula, at
+            # the ids) plus every sparse value aimed at the same id (an id may repeat within a row:
+            # a sample, the label), rounded once, as the eager pass rounds its float32 rows.
+            dense = lq_ids.exp().mul_(a_h.unsqueeze(-1) + b.unsqueeze(-1) * lq_ids)
+            same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(dtype)
+            total = torch.bmm(same, v.unsqueeze(-1)).squeeze(-1).add_(dense)
+            grad.view(-1).scatter_(0, flat_ids.view(-1), total.reshape(-1).to(grad.dtype))
+        return per_pos, grad.view_as(logits)
 
     def _chunked_pass(self, logits, base, rows, targets, th, denom, need_grad):
         """Per-position KL, H(q), H(p), NLL ``[N]`` and, if asked, d(loss)/d(logits) ``[B, T, V]``.
@@ -440,6 +521,72 @@ class GeometryAwareLoss(nn.Module):
 def _spread(x: torch.Tensor, local: Optional[torch.Tensor], n_span: int) -> torch.Tensor:
     """Per-position values ``[n]`` over a span's ``n_span`` rows (0 on its unlabelled ones)."""
     return x if local is None else x.new_zeros(n_span).index_copy_(0, local, x)
+
+
+def _fused_stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log Σ exp z and H(softmax z) per row of ``z [R, V]``, as one reduction once compiled.
+    H = log s − Σ e·(z − max) / s with e = exp(z − max), s = Σ e: shifted by the row max, so the
+    difference never cancels at the scale of the logits; e = 0 (a −inf logit) adds nothing.
+    bfloat16 logits are read as they are and the math runs in float32 (no float32 copy)."""
+    z = z.float() if z.dtype == torch.bfloat16 else z
+    zmax = z.amax(-1, keepdim=True)
+    shifted = z - zmax
+    e = torch.exp(shifted)
+    s = e.sum(-1)
+    log_s = s.log()
+    ez = torch.where(e > 0, e * shifted, 0.0).sum(-1)
+    return zmax.squeeze(-1) + log_s, log_s - ez / s
+
+
+def _fused_grad(z: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = q ⊙ (a + b·log q)`` with q = softmax z (per-row a and b), 0 where q is 0 (a −inf
+    logit, whose b·log q would make 0·−inf), as one elementwise pass once compiled; ``out`` may
+    be bfloat16 (the value rounded once, as it is stored)."""
+    z = z.float() if z.dtype == torch.bfloat16 else z
+    lq = z - lse.unsqueeze(-1)
+    q = torch.exp(lq)
+    out.copy_(torch.where(q > 0, q * (a.unsqueeze(-1) + b.unsqueeze(-1) * lq), 0.0))
+
+
+def _compile_by_default(device: torch.device) -> bool:
+    """``compile_loss``'s default: on CUDA when Triton is there (Inductor's GPU code generator)."""
+    if device.type != "cuda":
+        return False
+    from torch.utils._triton import has_triton
+
+    return has_triton()
+
+
+class _CompileFailed(Exception):
+    """torch.compile could not build the fused kernels on this machine (warned once)."""
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_kernels():
+    """``torch.compile`` of ``_fused_stats`` and ``_fused_grad`` (dynamic shapes, so batches of
+    other lengths reuse the compiled code), or None once compiling them has failed here."""
+    if "kernels" not in _COMPILED:
+        _COMPILED["kernels"] = tuple(torch.compile(fn, dynamic=True, fullgraph=True) for fn in (_fused_stats, _fused_grad))
+    return _COMPILED["kernels"]
+
+
+def _run_compiled(kernel, *args):
+    """Call a compiled kernel; compiling happens at its first call, so that is where a missing C++
+    compiler or Triton shows: one warning, and the eager chunked pass from then on (same values)."""
+    try:
+        return kernel(*args)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # torch._dynamo and Inductor raise many kinds; any of them means "not here"
+        import warnings
+
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        warnings.warn(f"compile_loss: torch.compile could not build the loss's kernels here ({type(exc).__name__}: {first}); "
+                      "the loss runs eagerly instead (same values, slower)", stacklevel=4)
+        _COMPILED["kernels"] = None
+        raise _CompileFailed from exc
 
 
 def _chunk_plan(

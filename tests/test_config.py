@@ -41,6 +41,7 @@ def test_loads_from_yaml_section_or_top_level(tmp_path):
         ("kl_threshold: 0.05\nfinal_kl_threshold: 0.1\n", "final_kl_threshold=0.1 is above kl_threshold=0.05"),
         ("kl_warmup_steps: 0\n", "kl_warmup_steps=0 must be a positive integer"),
         ("chunk_size: -4\n", "chunk_size=-4 must be a positive integer or null"),
+        ("compile_loss: sometimes\n", "compile_loss='sometimes' must be true or false"),
         ("- 1\n- 2\n", "must hold a mapping, not list"),
         ("a: [1\n", "is not valid YAML"),
     ],

@@ -825,3 +825,108 @@ def test_the_loss_inside_a_users_autocast_block_computes_in_float32(estimator):
     torch.testing.assert_close(g_in, g_out, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(kl_in, kl_out, rtol=1e-6, atol=1e-7)
     assert m_in["KL_mean"] == m_out["KL_mean"]
+
+
+# --- compile_loss: the fused kernels (torch.compile; on the CPU through Inductor's C++ backend) ---
+
+
+@pytest.mark.parametrize("estimator", ["topk_cv", "topk_sampled", "topk_renorm", None])
+def test_compiled_loss_matches_the_autograd_reference_and_the_eager_pass(estimator):
+    """float64, every hinge active, a masked label and an unlabelled row of NaN logits inside
+    the batch (its gradient must be 0, not NaN), a −inf logit on a labelled row."""
+    tuned, base_logits, labels, g = make_batch(seed=3, B=3, T=12, V=11)
+    tuned[0, -1] = float("nan")  # no next token: unlabelled
+    tuned[2, 3, 2] = -math.inf
+    stats = BaseStats.from_logits(base_logits, labels, k=4, m=3, generator=g) if estimator else None
+    results = {}
+    for compiled in (True, False):
+        loss_fn = GeometryAwareLoss(kl_estimator=estimator or "topk_cv", compile_loss=compiled, **ACTIVE)
+        assert (loss_fn._fused_kernels(tuned, stats) is not None) == compiled
+        x = tuned.clone().requires_grad_()
+        loss, metrics = loss_fn(x, stats, labels)
+        loss.backward()
+        results[compiled] = loss.detach(), x.grad, metrics
+    loss, grad, metrics = results[True]
+    rows, _ = labelled_positions(labels)
+    unlabelled = torch.ones(tuned.shape[0] * tuned.shape[1], dtype=torch.bool).index_fill_(0, rows, False)
+    assert (grad.reshape(-1, 11)[unlabelled] == 0).all() and torch.isfinite(grad).all()
+    if estimator:  # the reference needs finite logits on the rows it never reads, and a base
+        clean = tuned.clone()
+        clean[0, -1] = 0.0
+        x_ref = clean.requires_grad_()
+        ref, ref_metrics = reference_loss(x_ref, stats, labels, GeometryConfig(kl_estimator=estimator, **ACTIVE))
+        ref.backward()
+        if estimator != "topk_cv":  # topk_cv's gradient is topk_sampled's by construction, not its value's
+            torch.testing.assert_close(grad, x_ref.grad)
+        torch.testing.assert_close(loss, ref)
+        torch.testing.assert_close(metrics["KL_mean"], ref_metrics["KL_mean"])
+    eager_loss, eager_grad, eager_metrics = results[False]
+    torch.testing.assert_close(loss, eager_loss)
+    torch.testing.assert_close(grad, eager_grad)
+    for name in ("KL_mean", "dH_mean", "cal_gap_mean", "H_q_mean", "positions_penalized_KL", "positions_penalized_H"):
+        torch.testing.assert_close(metrics[name], eager_metrics[name], equal_nan=True)
+
+
+def test_compiled_loss_on_bfloat16_and_float32_logits_equals_the_eager_pass():
+    """bfloat16 logits are read as they are (float32 math); the ids' gradient entries, where the
+    dense and sparse parts meet (and a label that is also a top-k id), are rounded once, so the
+    result equals the eager pass's bit for bit. float32 within rounding; no gradient: metrics only."""
+    tuned, base_logits, labels, g = make_batch(seed=5, B=3, T=20, V=11, dtype=torch.float32)
+    stats = BaseStats.from_logits(base_logits, labels, k=4, m=3, generator=g)
+    rows, targets = labelled_positions(labels)
+    assert (stats.topk_ids == targets.unsqueeze(-1)).any()  # some label repeats a cached id
+    for dtype in (torch.bfloat16, torch.float32):
+        out = {}
+        for compiled in (True, False):
+            x = tuned.to(dtype).requires_grad_()
+            loss, metrics = GeometryAwareLoss(compile_loss=compiled, **ACTIVE)(x, stats, labels)
+            loss.backward()
+            with torch.no_grad():
+                _, eval_metrics = GeometryAwareLoss(compile_loss=compiled, **ACTIVE)(x, stats, labels)
+            out[compiled] = loss.detach(), x.grad, eval_metrics["KL_mean"]
+        assert out[True][1].dtype == dtype
+        if dtype == torch.bfloat16:
+            assert torch.equal(out[True][1], out[False][1]) and torch.equal(out[True][0], out[False][0])
+        for a, b in zip(out[True], out[False]):
+            torch.testing.assert_close(a, b)
+
+
+def test_compiled_loss_without_labelled_positions_and_where_it_does_not_apply():
+    tuned, base_logits, labels, g = make_batch(seed=2, B=2, T=5, V=11, dtype=torch.float32)
+    none = torch.full_like(labels, -100)
+    x = tuned.clone().requires_grad_()
+    loss, metrics = GeometryAwareLoss(compile_loss=True)(x, None, none)
+    loss.backward()
+    assert loss.item() == 0 and metrics["num_positions"] == 0 and (x.grad == 0).all()
+    stats = BaseStats.from_logits(base_logits, labels, k=4, m=3, generator=g)
+    # the tuned tail's estimators, the reverse KL, full base logits and float16 stay eager
+    assert GeometryAwareLoss(compile_loss=True, kl_estimator="topk_tail")._fused_kernels(tuned, stats) is None
+    assert GeometryAwareLoss(compile_loss=True, kl_direction="reverse")._fused_kernels(tuned, stats) is None
+    assert GeometryAwareLoss(compile_loss=True)._fused_kernels(tuned, base_logits) is None
+    assert GeometryAwareLoss(compile_loss=True)._fused_kernels(tuned.half(), stats) is None
+    # the default compiles on CUDA only
+    assert GeometryAwareLoss()._fused_kernels(tuned, stats) is None
+
+
+def test_compile_failure_warns_once_and_the_loss_runs_eagerly(monkeypatch):
+    from geocache import losses
+
+    def no_compiler(fn, **kwargs):
+        def broken(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+        return broken
+
+    monkeypatch.setattr(losses, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    tuned, base_logits, labels, g = make_batch(seed=4, dtype=torch.float32)
+    stats = BaseStats.from_logits(base_logits, labels, k=4, m=3, generator=g)
+    eager, _ = GeometryAwareLoss(compile_loss=False, **ACTIVE)(tuned, stats, labels)
+    with pytest.warns(UserWarning, match=r"compile_loss: torch.compile could not build the loss's kernels here \(RuntimeError: InvalidCxxCompiler: No working C\+\+ compiler found\); the loss runs eagerly"):
+        loss, _ = GeometryAwareLoss(compile_loss=True, **ACTIVE)(tuned, stats, labels)
+    torch.testing.assert_close(loss, eager)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again, _ = GeometryAwareLoss(compile_loss=True, **ACTIVE)(tuned, stats, labels)
+    torch.testing.assert_close(again, eager)
