@@ -439,6 +439,118 @@ def _():
                 **{k: med(v) for k, v in phases[n].items()}} for n, (_, _, rec) in runs.items()}
 
 
+@section("precompute_gpu")
+def _():
+    """Issue 4's precompute overhead on the GPU: precompute's forward + statistics time against a
+    bare forward (no_grad, use_cache=False, synced at the end) over the same padded batches, read
+    back from its cache, at the Qwen3-0.6B shape and its 2-layer cut (random weights), bfloat16.
+    Each is run twice in this process and the second run kept (the first pays CUDA/cuBLAS set-up)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from precompute import QWEN3_06B  # noqa: E402  (benchmarks/precompute.py's shapes)
+    from transformers import AutoConfig
+
+    from geocache.cache import collate_cache_rows, open_cache
+    from geocache.models import load_model_and_tokenizer
+
+    seq, n_seq, batch = (128, 8, 4) if QUICK else (1024, 128, 8)
+    tok = build_tokenizer(ROOT / "tok-pre", vocab_size=4096)
+    big = Path(torch.__file__).parent.joinpath("nn", "modules", "module.py").read_text() * 8
+    d = ROOT / "d-pre.jsonl"
+    d.write_text("\n".join(json.dumps({"text": big[i: i + 6 * seq]}) for i in range(0, 6 * seq * n_seq, 6 * seq)))
+    out = {"tokens_per_batch": seq * batch, "sequences": n_seq, "dtype": "bfloat16", "k": 64, "m": 8}
+    for shape, layers in (("qwen3-0.6b", QWEN3_06B["num_hidden_layers"]), ("qwen3-0.6b-2l", 2)):
+        kw = {**QWEN3_06B, "num_hidden_layers": 2 if QUICK else layers}
+        if QUICK:
+            kw.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=8192)
+        cfg = AutoConfig.for_model("qwen3", **kw, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id)
+        md = ROOT / f"m-{shape}"
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(md)
+        tok.save_pretrained(md)
+        runs = []
+        for rep in range(2):
+            c = ROOT / f"c-{shape}-{rep}"
+            timings = {}
+            precompute(PrecomputeConfig(model=str(md), data=[str(d)], out=str(c), k=64, m=8, device=DEV, dtype="bfloat16", batch_size=batch,
+                                        progress=False, data_config=DataConfig(max_length=seq)), timings=timings)
+            runs.append(timings)
+        model, tk = load_model_and_tokenizer(str(md), dtype="bfloat16", device=DEV)
+        cache = open_cache(str(ROOT / f"c-{shape}-1"))
+        batches = []
+        for start in range(0, len(cache), batch):
+            b = collate_cache_rows([cache[i] for i in range(start, min(start + batch, len(cache)))], pad_token_id=tk.pad_token_id)
+            batches.append((b["input_ids"].to(dev), b["attention_mask"].to(dev)))
+        bare = []
+        for _ in range(2):
+            sync()
+            t = time.perf_counter()
+            for ids, mask in batches:
+                with torch.no_grad():
+                    o = model(input_ids=ids, attention_mask=mask, use_cache=False)
+                del o
+            sync()
+            bare.append(time.perf_counter() - t)
+        r = runs[-1]
+        loop = r.get("forward_s", float("nan")) + r.get("statistics_s", float("nan"))
+        out[shape] = {"precompute_timings_runs": runs, "bare_forward_s": bare, "forward_plus_statistics_s": loop,
+                      "ratio_to_bare": loop / min(bare), "batches": len(batches), "target": 1.05 if shape == "qwen3-0.6b" else 1.3}
+        del model
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+@section("stats_pass_gpu")
+def _():
+    """Where precompute's statistics pass spends its time on the GPU: ``compute_base_stats`` on
+    bfloat16 logits at V = 151,936, one sequence's rows (1,023) per call as precompute calls it
+    (default chunks) and variants (one chunk, no tail samples, a whole batch's 8,184 rows in one
+    call), synced; and a profile of 8 per-sequence calls (one batch), by CUDA and CPU time."""
+    from geocache.signals import compute_base_stats, default_chunk_rows
+
+    V, P = (8192, 255) if QUICK else (151936, 1023)
+    g = torch.Generator(device=dev).manual_seed(0)
+    batch = (torch.randn(8 * P, V, generator=g, device=dev) * 4).to(torch.bfloat16)
+    seqs = batch.split(P)
+
+    def timed(fn, reps=5):
+        fn()
+        sync()
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            sync()
+            ts.append(time.perf_counter() - t)
+        return sorted(ts)[len(ts) // 2] * 1e3
+
+    gens = [torch.Generator(device=dev).manual_seed(i) for i in range(8)]
+    res = {"default_chunk_rows": default_chunk_rows(V, dev, P), "rows_per_sequence": P, "vocab": V}
+    res["per_sequence_default_ms_per_batch"] = timed(lambda: [compute_base_stats(x, k=64, m=8, generator=gg) for x, gg in zip(seqs, gens)])
+    res["per_sequence_one_chunk_ms_per_batch"] = timed(lambda: [compute_base_stats(x, k=64, m=8, generator=gg, chunk_size=P) for x, gg in zip(seqs, gens)])
+    res["per_sequence_m0_ms_per_batch"] = timed(lambda: [compute_base_stats(x, k=64, m=0) for x in seqs])
+    res["whole_batch_one_call_ms"] = timed(lambda: compute_base_stats(batch, k=64, m=8, generator=gens[0], chunk_size=8 * P))
+    res["whole_batch_m0_ms"] = timed(lambda: compute_base_stats(batch, k=64, m=0, chunk_size=8 * P))
+    res["whole_batch_default_chunks_ms"] = timed(lambda: compute_base_stats(batch, k=64, m=8, generator=gens[0]))
+    res["per_sequence_default_plus_cpu_copies_ms"] = timed(lambda: [
+        compute_base_stats(x, k=64, m=8, generator=gg).to("cpu") for x, gg in zip(seqs, gens)])
+    z = batch.float()
+    res["bare_logsumexp_float32_ms"] = timed(lambda: z.logsumexp(-1))
+    res["bare_topk64_ms"] = timed(lambda: z.topk(64, dim=-1))
+    del z
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for x, gg in zip(seqs, gens):
+            compute_base_stats(x, k=64, m=8, generator=gg)
+        sync()
+    ka = prof.key_averages()
+    (OUT / "profile_stats_pass.txt").write_text(ka.table(sort_by="self_cuda_time_total" if DEV == "cuda" else "self_cpu_time_total", row_limit=30)
+                                               + "\n\n" + ka.table(sort_by="self_cpu_time_total", row_limit=30))
+    return res
+
+
 @section("sync_sources")
 def _():
     """Where one cache-mode training step makes the host wait for the GPU (torch's sync debug

@@ -52,6 +52,11 @@ ROUTER_MODES = ("auto", "full", "topk", "none")
 _FULL_ROUTER_LIMIT = 2048
 # Most logits projected by one matrix product in the fused-head path (1,766 rows at V = 151,936).
 _PROJECT_BYTES = 1 << 30
+# On an accelerator, rows per statistics chunk: up to 1 GiB of float32 per chunk buffer (three of
+# them), so that a sequence of up to 1,766 positions at V = 151,936 is one chunk. The default
+# (a quarter of the sequence, for a CPU's cache) made four: on an H200, eight 1,023-row sequences
+# took 80.7 ms in four chunks each and 43.4 ms in one (cuda_check.md, "stats_pass_gpu").
+_ACCEL_CHUNK_ELEMENTS = 1 << 28
 
 
 @dataclass
@@ -300,7 +305,8 @@ class _Run:
         for (i, seq), rows, (source, source_rows) in zip(batch, seq_rows, sources):
             generator = torch.Generator(device=source.device).manual_seed((cfg.seed * 1_000_003 + i) % (2**63))
             try:
-                st = compute_base_stats(source, k=cfg.k, m=cfg.m, rows=source_rows, generator=generator)
+                st = compute_base_stats(source, k=cfg.k, m=cfg.m, rows=source_rows, generator=generator,
+                                        chunk_size=_stats_chunk_rows(source.shape[-1], source.device))
             except ValueError as exc:
                 raise ValueError(f"sequence {i}: {exc}") from None
             rec = {
@@ -359,6 +365,12 @@ class _Run:
             if rows is not None:
                 group.append(rows)
                 n += len(rows)
+
+
+def _stats_chunk_rows(vocab: int, device: torch.device) -> Optional[int]:
+    """Rows per ``compute_base_stats`` chunk: its default on the CPU (None), by memory alone on an
+    accelerator (see ``_ACCEL_CHUNK_ELEMENTS``)."""
+    return None if torch.device(device).type == "cpu" else max(1, _ACCEL_CHUNK_ELEMENTS // vocab)
 
 
 def _plain_head(model) -> Optional[torch.nn.Linear]:

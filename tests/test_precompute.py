@@ -1071,3 +1071,29 @@ def test_a_resume_of_a_topk_router_cache_from_before_its_log_probs_is_refused(tm
     (tmp_path / "c" / "manifest.json").unlink()
     with pytest.raises(ValueError, match=r"router_topk_values"):
         run(model, data_file, tmp_path / "c", k=4, router="topk", shard_sequences=4, resume=True)
+
+
+def test_statistics_chunks_are_sized_by_memory_on_an_accelerator():
+    """On a GPU a quarter-sequence chunk (the CPU's default, for its cache) made the statistics
+    pass twice as slow (cuda_check.md); there a 1,023-position sequence at V = 151,936 is one
+    chunk, and chunks stay within 1 GiB of float32 per buffer."""
+    import torch
+
+    from geocache.precompute import _stats_chunk_rows
+    from geocache.signals import compute_base_stats, default_chunk_rows
+
+    assert _stats_chunk_rows(151_936, torch.device("cpu")) is None
+    rows = _stats_chunk_rows(151_936, torch.device("cuda", 0))
+    assert 1_023 <= rows and rows * 151_936 * 4 <= 1 << 30
+    assert rows > default_chunk_rows(151_936, "cuda", 1_023)  # the default would have split the sequence
+    assert _stats_chunk_rows(1 << 31, torch.device("cuda")) == 1  # never zero rows
+    # the chunking changes no statistic (the tail samples are other draws of the same distribution:
+    # the generator is read chunk by chunk), so a cache built this way reads like any other
+    logits = torch.randn(40, 300, generator=torch.Generator().manual_seed(0)) * 3
+    a = compute_base_stats(logits, k=8, m=4, generator=torch.Generator().manual_seed(1))
+    b = compute_base_stats(logits, k=8, m=4, generator=torch.Generator().manual_seed(1), chunk_size=40)
+    for name in ("lse", "entropy", "topk_ids", "topk_logprobs"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name))
+    for st in (a, b):  # samples off the top-k, their log-probs the logits' own
+        assert not (st.sample_ids.unsqueeze(-1) == st.topk_ids.unsqueeze(1)).any()
+        torch.testing.assert_close(st.sample_logprobs, logits.log_softmax(-1).gather(1, st.sample_ids))
