@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from bisect import bisect_left
 from typing import Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -279,6 +280,10 @@ class GeometryAwareLoss(nn.Module):
             return None
         if base is not None and (cfg.kl_direction != "forward" or cfg.kl_estimator in ("topk_tail", "topk_hybrid")):
             return None
+        import torch._dynamo as dynamo
+
+        if dynamo.config.disable or os.environ.get("TORCHDYNAMO_DISABLE") == "1":  # torch.compile off: the kernels would run
+            return None  # eagerly over every row at once, [rows × V] temporaries and all; chunk instead
         return _compiled_kernels()
 
     def _fused_pass(self, kernels, logits, base, rows, targets, th, denom, need_grad):

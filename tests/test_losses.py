@@ -908,6 +908,21 @@ def test_compiled_loss_without_labelled_positions_and_where_it_does_not_apply():
     assert GeometryAwareLoss()._fused_kernels(tuned, stats) is None
 
 
+def test_compile_loss_under_torch_compile_disable_takes_the_chunked_pass():
+    """With torch.compile switched off (TORCH_COMPILE_DISABLE=1), the fused formulas would run
+    eagerly over every row at once, with [rows × V] temporaries: the chunked pass is taken."""
+    import torch._dynamo
+
+    tuned, base_logits, labels, g = make_batch(seed=2, dtype=torch.float32)
+    stats = BaseStats.from_logits(base_logits, labels, k=4, m=3, generator=g)
+    assert GeometryAwareLoss(compile_loss=True)._fused_kernels(tuned, stats) is not None
+    with torch._dynamo.config.patch(disable=True):  # TORCH_COMPILE_DISABLE=1
+        assert GeometryAwareLoss(compile_loss=True)._fused_kernels(tuned, stats) is None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCHDYNAMO_DISABLE", "1")
+        assert GeometryAwareLoss(compile_loss=True)._fused_kernels(tuned, stats) is None
+
+
 def test_compile_failure_warns_once_and_the_loss_runs_eagerly(monkeypatch):
     from geocache import losses
 
