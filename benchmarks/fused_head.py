@@ -61,8 +61,11 @@ def fused(model, ids, rows, k, m, run) -> tuple[float, float]:
         model(ids, use_cache=False)
     t1 = time.perf_counter()
     hidden = kept[0].reshape(-1, kept[0].shape[-1])
-    for i, (logits, _) in enumerate(_Run._project(run, hidden, rows)):
-        compute_base_stats(logits, k, m, generator=torch.Generator().manual_seed(i))
+    i = 0
+    for group, _, sizes in _Run._project(run, hidden, rows):
+        for logits in group.split(sizes):  # per sequence, as precompute does on the CPU
+            compute_base_stats(logits, k, m, generator=torch.Generator().manual_seed(i))
+            i += 1
     return t1 - t0, time.perf_counter() - t1
 
 

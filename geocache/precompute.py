@@ -2,7 +2,7 @@
 
 Reads top to bottom: resolve the run (model, sizes, MoE layout, manifest template) → check the
 output (fresh, resume or overwrite) → stream sequences, this rank's share only → forward each batch
-under ``no_grad`` → ``compute_base_stats`` per sequence → hand records to the background shard
+under ``no_grad`` → ``compute_base_stats`` per sequence (per group of them on an accelerator) → hand records to the background shard
 writer → merge the ranks' parts into ``manifest.json``.
 
 The output projection is not run by the model: a hook keeps the last hidden states, and only the
@@ -52,11 +52,12 @@ ROUTER_MODES = ("auto", "full", "topk", "none")
 _FULL_ROUTER_LIMIT = 2048
 # Most logits projected by one matrix product in the fused-head path (1,766 rows at V = 151,936).
 _PROJECT_BYTES = 1 << 30
-# On an accelerator, rows per statistics chunk: up to 1 GiB of float32 per chunk buffer (three of
-# them), so that a sequence of up to 1,766 positions at V = 151,936 is one chunk. The default
-# (a quarter of the sequence, for a CPU's cache) made four: on an H200, eight 1,023-row sequences
-# took 80.7 ms in four chunks each and 43.4 ms in one (cuda_check.md, "stats_pass_gpu").
-_ACCEL_CHUNK_ELEMENTS = 1 << 28
+# On an accelerator, rows per statistics chunk: 512 MiB of float32 per chunk buffer (up to four of
+# them), 883 rows at V = 151,936, whatever the call's rows. The default (a quarter of the call's
+# rows, for a CPU's cache) made four chunks of each sequence: on an H200, eight 1,023-row sequences
+# took 80.7 ms that way, 43.4 ms in one chunk each, 35.0 ms in one call of one chunk, 48.4 ms in one
+# call of 256-row chunks (cuda_check.md, "stats_pass_gpu"): ~0.4 ms a chunk.
+_ACCEL_CHUNK_ELEMENTS = 1 << 27
 
 
 @dataclass
@@ -152,6 +153,8 @@ def _barrier(world: int) -> None:
 
 class _Run:
     """Everything resolved about one precompute: model, sizes, layout, manifest template."""
+
+    batch_statistics = False  # one statistics call per group of sequences on the CPU too (tests: the same arrays)
 
     def __init__(self, cfg: PrecomputeConfig, rank: int, world: int):
         self.cfg, self.rank, self.world = cfg, rank, world
@@ -297,18 +300,14 @@ class _Run:
             seg_row += len(seq.segments)
         if self.head is None:
             logits = out.logits.reshape(-1, out.logits.shape[-1])
-            sources = [(logits, rows.to(logits.device)) for rows in seq_rows]
+            groups = [(logits, torch.cat(seq_rows).to(logits.device), [len(r) for r in seq_rows])]
         else:  # project the labelled rows only, then read each sequence's rows in place
-            sources = self._project(kept[0].reshape(-1, kept[0].shape[-1]), seq_rows)
+            groups = self._project(kept[0].reshape(-1, kept[0].shape[-1]), seq_rows)
+        indices = iter([i for i, _ in batch])
+        stats = [st for source, rows, sizes in groups for st in self._statistics(source, rows, [next(indices) for _ in sizes], sizes)]
 
         records = []
-        for (i, seq), rows, (source, source_rows) in zip(batch, seq_rows, sources):
-            generator = torch.Generator(device=source.device).manual_seed((cfg.seed * 1_000_003 + i) % (2**63))
-            try:
-                st = compute_base_stats(source, k=cfg.k, m=cfg.m, rows=source_rows, generator=generator,
-                                        chunk_size=_stats_chunk_rows(source.shape[-1], source.device))
-            except ValueError as exc:
-                raise ValueError(f"sequence {i}: {exc}") from None
+        for (i, seq), rows, st in zip(batch, seq_rows, stats):
             rec = {
                 "sequence_index": i,
                 "input_ids": np.asarray(seq.input_ids, dtype=self.id_dtype),
@@ -337,9 +336,45 @@ class _Run:
         self.timings["statistics_s"] += time.perf_counter() - started
         return records
 
-    def _project(self, hidden: torch.Tensor, seq_rows: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, None]]:
-        """Logits of each sequence's labelled rows, ``[P_i, V]`` views of one reused buffer, yielded
-        in order; a view is valid until the next group is projected (the caller reads it first).
+    def _statistics(self, source: torch.Tensor, rows: Optional[torch.Tensor], indices: list[int], sizes: list[int]) -> list:
+        """``BaseStats`` of consecutive sequences (``indices``, ``sizes`` labelled rows each) whose
+        logits are ``source`` (its ``rows`` when given, else all of its rows, in order).
+
+        Each sequence's tail samples come from its own seeded generator's uniforms, so one call
+        over all of them gives what one call per sequence gives, whatever the batch: on an
+        accelerator it is one call (fewer launches and host waits: 35 against 43 ms a batch on
+        an H200, cuda_check.md), on the CPU one per sequence (the chunking its cache was tuned
+        for). A non-finite logit is named by its sequence."""
+        cfg = self.cfg
+        chunk = _stats_chunk_rows(source.shape[-1], source.device)
+
+        def uniforms(i: int, n: int) -> Optional[torch.Tensor]:
+            if not cfg.m:
+                return None
+            generator = torch.Generator(device=source.device).manual_seed((cfg.seed * 1_000_003 + i) % (2**63))
+            return torch.rand(n, cfg.m, 2, generator=generator, dtype=torch.float64, device=source.device)
+
+        def one(i: int, start: int, n: int):
+            part, part_rows = (source, rows[start : start + n]) if rows is not None else (source[start : start + n], None)
+            try:
+                return compute_base_stats(part, k=cfg.k, m=cfg.m, rows=part_rows, uniforms=uniforms(i, n), chunk_size=chunk)
+            except ValueError as exc:
+                raise ValueError(f"sequence {i}: {exc}") from None
+
+        starts = [sum(sizes[:j]) for j in range(len(sizes))]
+        if len(sizes) == 1 or (source.device.type == "cpu" and not self.batch_statistics):
+            return [one(i, start, n) for i, start, n in zip(indices, starts, sizes)]
+        u = torch.cat([uniforms(i, n) for i, n in zip(indices, sizes)]) if cfg.m else None
+        try:
+            st = compute_base_stats(source, k=cfg.k, m=cfg.m, rows=rows, uniforms=u, chunk_size=chunk)
+        except ValueError:  # name the sequence: find it one by one (rare)
+            return [one(i, start, n) for i, start, n in zip(indices, starts, sizes)]
+        return [st.select(slice(start, start + n)) for start, n in zip(starts, sizes)]
+
+    def _project(self, hidden: torch.Tensor, seq_rows: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, None, list[int]]]:
+        """Logits of the sequences' labelled rows, a group of consecutive sequences at a time:
+        ``[Σ P_i, V]`` views of one reused buffer, with the group's row counts, yielded in order;
+        a view is valid until the next group is projected (the caller reads it first).
 
         Sequences are projected together, one matrix product per group of up to ``_PROJECT_BYTES``
         of logits (a product of a few hundred rows ran ~20% slower than the model's own one over the
@@ -360,7 +395,7 @@ class _Run:
                     torch.matmul(h, head.weight.t(), out=logits)
                 else:
                     torch.addmm(head.bias, h, head.weight.t(), out=logits)
-                yield from ((part, None) for part in logits.split([len(r) for r in group]))
+                yield logits, None, [len(r) for r in group]
                 group, n = [], 0
             if rows is not None:
                 group.append(rows)

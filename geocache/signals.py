@@ -234,6 +234,20 @@ def _block_reduce(x: torch.Tensor, block: int, op: str) -> torch.Tensor:
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
+def _invert_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Indices drawn from the rows of ``weights [..., W]`` (≥ 0, each row with some mass) at
+    uniforms ``u [..., s]`` in [0, 1): for each, the first index whose cumulative weight exceeds
+    u·total. Cumulated in float64, so a block of mass 1e-12 of its row keeps its chance; an index
+    of zero weight is never drawn (u·total rounding up to the total is held to the last nonzero).
+    Replaces ``torch.multinomial`` here because a row's draws then depend on its uniforms alone
+    (and it measured 1.5 ms against 2.5 ms for 256 rows × 4,748 blocks on the CPU)."""
+    cdf = weights.double().cumsum(-1)
+    total = cdf[..., -1:]
+    idx = torch.searchsorted(cdf, u.double() * total, right=True)
+    last = (cdf < total).sum(-1, keepdim=True)  # the first index reaching the total: the last with weight
+    return torch.minimum(idx, last)
+
+
 def _block_members(blocks: torch.Tensor, block: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids ``[..., block]`` of the given block indices, clamped into range, and a validity mask."""
     ids = blocks.unsqueeze(-1) * block + torch.arange(block, device=blocks.device)
@@ -251,12 +265,16 @@ def compute_base_stats(
     generator: Optional[torch.Generator] = None,
     chunk_size: Optional[int] = None,
     block_size: int = 32,
+    uniforms: Optional[torch.Tensor] = None,
 ) -> BaseStats:
     """lse, entropy, top-k and m tail samples of ``softmax(logits)``, in one fused pass per chunk.
 
     logits ``[N, V]`` any float dtype (rows already shifted and selected, or pick them with
-    ``rows [n]``). Math is float32 (float64 kept). Tail samples use ``generator`` (seed it for
-    reproducible caches). Raises ``ValueError`` naming the rows if any logit row is not finite.
+    ``rows [n]``). Math is float32 (float64 kept). Tail samples are drawn by inverting the tail's
+    distribution at uniforms: ``uniforms [n, m, 2]`` (float64 in [0, 1)) when given, else drawn
+    first, all at once, from ``generator`` (seed it for reproducible caches). So the samples of a
+    row depend on its uniforms alone, not on the chunking or on the other rows of the call.
+    Raises ``ValueError`` naming the rows if any logit row is not finite.
 
     Why hand-written: a plain ``logsumexp`` + ``softmax``-weighted entropy + ``topk`` reads the
     logits 3-4x more than a bare ``logsumexp``. Here one read of per-block maxima (blocks of
@@ -285,6 +303,10 @@ def compute_base_stats(
     block = min(block_size, vocab)
     n_blocks = -(-vocab // block)
     use_blocks = k < n_blocks and k * block < vocab // 2
+    if m and uniforms is None:
+        uniforms = torch.rand(n_total, m, 2, generator=generator, dtype=torch.float64, device=generator.device if generator is not None else dev)
+    if m and tuple(uniforms.shape) != (n_total, m, 2):
+        raise ValueError(f"uniforms must be [{n_total}, {m}, 2] (rows, samples, two draws), not {tuple(uniforms.shape)}")
 
     # Chunk buffers are allocated once and reused: on CPU, touching fresh memory costs as much
     # as the arithmetic (a `torch.sub` into a new tensor is ~8x slower than into an old one).
@@ -343,15 +365,16 @@ def compute_base_stats(
             touched_sum = (e.gather(1, members.flatten(1)).view_as(members) * valid).sum(-1)
             bsum.scatter_(1, touched, touched_sum)
             # Rows with an empty tail (k = V, or all tail mass underflowed) draw from dummy uniform
-            # weights so every row can be sampled in one call; their samples are marked -inf.
+            # weights so every row can be sampled at once; their samples are marked -inf.
             no_tail = bsum.sum(-1) <= 0
             bsum[no_tail] = 1.0
-            blk = torch.multinomial(bsum, m, replacement=True, generator=generator)  # [n, m]
+            u = uniforms[start:stop].to(dev)
+            blk = _invert_cdf(bsum, u[..., 0])  # [n, m]: a block by tail mass
             members, valid = _block_members(blk, block, vocab)  # [n, m, block]
             weights = e.gather(1, members.flatten(1)).view_as(members) * valid
             empty = weights.sum(-1, keepdim=True) <= 0
             weights = torch.where(empty, valid.to(weights.dtype), weights)
-            offs = torch.multinomial(weights.view(-1, block), 1, generator=generator).view(n, m)
+            offs = _invert_cdf(weights, u[..., 1:]).squeeze(-1)  # then a token inside it
             picked = blk * block + offs
             sample_ids[start:stop] = picked
             picked_lp = z.gather(1, picked) - row_lse.unsqueeze(-1)

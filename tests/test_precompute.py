@@ -1075,8 +1075,8 @@ def test_a_resume_of_a_topk_router_cache_from_before_its_log_probs_is_refused(tm
 
 def test_statistics_chunks_are_sized_by_memory_on_an_accelerator():
     """On a GPU a quarter-sequence chunk (the CPU's default, for its cache) made the statistics
-    pass twice as slow (cuda_check.md); there a 1,023-position sequence at V = 151,936 is one
-    chunk, and chunks stay within 1 GiB of float32 per buffer."""
+    pass twice as slow (cuda_check.md); there chunks are 512 MiB of float32 per buffer whatever
+    the call's rows (883 at V = 151,936), so a 1,023-position sequence is not cut in four."""
     import torch
 
     from geocache.precompute import _stats_chunk_rows
@@ -1084,16 +1084,53 @@ def test_statistics_chunks_are_sized_by_memory_on_an_accelerator():
 
     assert _stats_chunk_rows(151_936, torch.device("cpu")) is None
     rows = _stats_chunk_rows(151_936, torch.device("cuda", 0))
-    assert 1_023 <= rows and rows * 151_936 * 4 <= 1 << 30
-    assert rows > default_chunk_rows(151_936, "cuda", 1_023)  # the default would have split the sequence
+    assert rows == 883 and rows * 151_936 * 4 <= 1 << 29
+    assert rows > default_chunk_rows(151_936, "cuda", 1_023) == 256  # the default would have cut the sequence in four
     assert _stats_chunk_rows(1 << 31, torch.device("cuda")) == 1  # never zero rows
-    # the chunking changes no statistic (the tail samples are other draws of the same distribution:
-    # the generator is read chunk by chunk), so a cache built this way reads like any other
+    # and the chunking changes no statistic, the tail samples included (drawn from each row's own
+    # uniforms), so a cache built on a GPU this way holds what the CPU's chunks would have drawn
     logits = torch.randn(40, 300, generator=torch.Generator().manual_seed(0)) * 3
     a = compute_base_stats(logits, k=8, m=4, generator=torch.Generator().manual_seed(1))
     b = compute_base_stats(logits, k=8, m=4, generator=torch.Generator().manual_seed(1), chunk_size=40)
-    for name in ("lse", "entropy", "topk_ids", "topk_logprobs"):
+    assert a.sample_ids.shape == (40, 4)
+    for name in ("lse", "entropy", "topk_ids", "topk_logprobs", "sample_ids", "sample_logprobs"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name))
-    for st in (a, b):  # samples off the top-k, their log-probs the logits' own
-        assert not (st.sample_ids.unsqueeze(-1) == st.topk_ids.unsqueeze(1)).any()
-        torch.testing.assert_close(st.sample_logprobs, logits.log_softmax(-1).gather(1, st.sample_ids))
+
+
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_one_statistics_call_per_group_of_sequences_caches_the_same_arrays(tmp_path, tiny_model_dir, data_file, monkeypatch, fused_head):
+    """What an accelerator does (one compute_base_stats call over a projected group of sequences,
+    each sequence's tail samples from its own generator's uniforms) caches exactly what one call
+    per sequence does, tail samples included; a NaN base logit is still named by its sequence."""
+    from geocache import precompute as pre
+
+    model_dir = tiny_model_dir("qwen3_moe")
+    run(model_dir, data_file, tmp_path / "per-sequence", k=8, m=4, batch_size=5, fused_head=fused_head)
+    monkeypatch.setattr(pre._Run, "batch_statistics", True)
+    calls = []
+    real = pre.compute_base_stats
+    monkeypatch.setattr(pre, "compute_base_stats", lambda *a, **kw: calls.append(kw.get("uniforms")) or real(*a, **kw))
+    run(model_dir, data_file, tmp_path / "grouped", k=8, m=4, batch_size=5, fused_head=fused_head)
+    assert calls and max(u.shape[0] for u in calls) > 48  # several sequences' rows in one call
+    assert_same_rows(rows_of(tmp_path / "per-sequence"), rows_of(tmp_path / "grouped"))
+
+
+def test_a_grouped_statistics_call_names_the_sequence_of_a_non_finite_logit():
+    import types
+
+    import torch
+
+    from geocache.precompute import _Run
+
+    run_ = types.SimpleNamespace(cfg=types.SimpleNamespace(k=4, m=2, seed=0), batch_statistics=True)
+    source = torch.randn(7, 50)
+    source[5, 3] = float("nan")  # the second sequence's third row
+    with pytest.raises(ValueError, match=r"^sequence 11: base logits contain NaN or inf at rows \[2\]"):
+        _Run._statistics(run_, source, None, [10, 11], [3, 4])
+    source[5, 3] = 0.0
+    grouped = _Run._statistics(run_, source, None, [10, 11], [3, 4])
+    run_.batch_statistics = False
+    alone = _Run._statistics(run_, source, None, [10, 11], [3, 4])
+    assert [len(s.lse) for s in grouped] == [3, 4]
+    for a, b in zip(grouped, alone):
+        assert torch.equal(a.sample_ids, b.sample_ids) and torch.equal(a.topk_ids, b.topk_ids)

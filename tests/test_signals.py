@@ -150,6 +150,36 @@ def test_tail_samples_are_reproducible_with_a_seeded_generator_and_chunking_does
     torch.testing.assert_close(a.lse, c.lse)
     torch.testing.assert_close(a.entropy, c.entropy)
     assert torch.equal(a.topk_ids, c.topk_ids)
+    assert torch.equal(a.sample_ids, c.sample_ids)  # a row's draws are its own uniforms', whatever the chunks
+    torch.testing.assert_close(a.sample_logprobs, c.sample_logprobs)
+
+
+def test_uniforms_make_each_rows_samples_independent_of_the_call():
+    """Rows called one group at a time, each with its own generator's uniforms, get the samples
+    of one call over them all with those uniforms side by side (precompute may batch sequences)."""
+    logits = torch.randn(12, 300, generator=torch.Generator().manual_seed(6)) * 3
+    u = [torch.rand(n, 4, 2, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i, n in enumerate((5, 7))]
+    whole = compute_base_stats(logits, k=8, m=4, uniforms=torch.cat(u), chunk_size=4)
+    parts = [compute_base_stats(logits[:5], k=8, m=4, generator=torch.Generator().manual_seed(0)),
+             compute_base_stats(logits[5:], k=8, m=4, generator=torch.Generator().manual_seed(1), chunk_size=3)]
+    assert torch.equal(whole.sample_ids, torch.cat([p.sample_ids for p in parts]))
+    with pytest.raises(ValueError, match=r"uniforms must be \[12, 4, 2\] \(rows, samples, two draws\), not \(12, 4\)"):
+        compute_base_stats(logits, k=8, m=4, uniforms=torch.rand(12, 4, dtype=torch.float64))
+
+
+@given(st.lists(st.sampled_from([0.0, 1e-30, 1e-12, 1.0, 3.0]), min_size=2, max_size=12), st.floats(0, 1, exclude_max=True))
+@settings(max_examples=200, deadline=None)
+def test_inverting_the_cdf_never_draws_a_zero_weight_index(weights, u):
+    from geocache.signals import _invert_cdf
+
+    w = torch.tensor(weights, dtype=torch.float32)
+    if w.sum() == 0:
+        w[0] = 1.0
+    for x in (u, 1 - 2**-53, 0.0):
+        i = int(_invert_cdf(w.unsqueeze(0), torch.tensor([[x]], dtype=torch.float64)))
+        assert 0 <= i < len(weights) and w[i] > 0
+        below = float(w[:i].double().sum())
+        assert below <= x * float(w.double().sum()) or i == int((w > 0).nonzero().max())  # the inverse CDF's index
 
 
 def test_empty_tail_marks_samples_missing():
