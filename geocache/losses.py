@@ -192,13 +192,13 @@ class GeometryAwareLoss(nn.Module):
         grad_scale = 1.0 if tuned_logits.dtype != torch.float16 else 1.0 / (_FP16_PRESCALE * denom)
         with torch.no_grad():  # the gradient is computed in closed form inside the pass
             grad_denom = denom if grad_scale == 1.0 else 1.0 / _FP16_PRESCALE
-            kernels = self._fused_kernels(tuned_logits, base)
-            try:
-                if kernels is None:
-                    raise _CompileFailed
-                per_pos, grad = self._fused_pass(kernels, tuned_logits, base, rows, targets, th, grad_denom, need_grad)
-            except _CompileFailed:
-                per_pos, grad = self._chunked_pass(tuned_logits, base, rows, targets, th, grad_denom, need_grad)
+            kernels, result = self._fused_kernels(tuned_logits, base), None
+            if kernels is not None:
+                try:
+                    result = self._fused_pass(kernels, tuned_logits, base, rows, targets, th, grad_denom, need_grad)
+                except _CompileFailed:  # warned once; the chunked pass from now on
+                    pass
+            per_pos, grad = result or self._chunked_pass(tuned_logits, base, rows, targets, th, grad_denom, need_grad)
 
         kl, h_q, h_p, nll = per_pos
         d_h, gap = h_q - h_p, nll - h_q
@@ -343,8 +343,7 @@ class GeometryAwareLoss(nn.Module):
             # the ids) plus every sparse value aimed at the same id (an id may repeat within a row:
             # a sample, the label), rounded once, as the eager pass rounds its float32 rows.
             dense = lq_ids.exp().mul_(a_h.unsqueeze(-1) + b.unsqueeze(-1) * lq_ids)
-            same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(dtype)
-            total = torch.bmm(same, v.unsqueeze(-1)).squeeze(-1).add_(dense)
+            total = _sum_over_repeats(ids, v).add_(dense)
             grad.view(-1).scatter_(0, flat_ids.view(-1), total.reshape(-1).to(grad.dtype))
         return per_pos, grad.view_as(logits)
 
@@ -551,6 +550,26 @@ def _fused_grad(z: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, b: torch.Te
     lq = z - lse.unsqueeze(-1)
     q = torch.exp(lq)
     out.copy_(torch.where(q > 0, q * (a.unsqueeze(-1) + b.unsqueeze(-1) * lq), 0.0))
+
+
+def _sum_over_repeats(ids: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """For each entry of ``ids [n, K]``, the sum of ``v [n, K]`` over the entries of its row with
+    the same id (itself included): rows sorted, each run of equal ids summed as a difference of
+    float64 running sums (exact to ~1e-16 of the row's total, where float32 would lose small
+    values beside large ones), then put back in the entries' order. O(n·K), no [n, K, K] matrix."""
+    n, width = ids.shape
+    sid, perm = ids.sort(dim=-1, stable=True)
+    sums = v.gather(1, perm).double().cumsum(-1)
+    run = torch.cat([sums.new_zeros(n, 1), sums], 1)  # [n, K + 1]: run[j] = sum of the first j sorted values
+    pos = torch.arange(width, device=ids.device).expand(n, width)
+    new_run = torch.ones_like(sid, dtype=torch.bool)
+    new_run[:, 1:] = sid[:, 1:] != sid[:, :-1]
+    start = torch.where(new_run, pos, 0).cummax(-1).values  # first entry of each entry's run
+    last = torch.ones_like(new_run)
+    last[:, :-1] = new_run[:, 1:]
+    end = torch.where(last, pos, width).flip(-1).cummin(-1).values.flip(-1)  # its last entry
+    totals = (run.gather(1, end + 1) - run.gather(1, start)).to(v.dtype)
+    return torch.empty_like(totals).scatter_(1, perm, totals)
 
 
 def _compile_by_default(device: torch.device) -> bool:

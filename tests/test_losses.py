@@ -945,3 +945,17 @@ def test_compile_failure_warns_once_and_the_loss_runs_eagerly(monkeypatch):
         warnings.simplefilter("error")
         again, _ = GeometryAwareLoss(compile_loss=True, **ACTIVE)(tuned, stats, labels)
     torch.testing.assert_close(again, eager)
+
+
+@given(st.integers(1, 4), st.integers(1, 12), st.integers(1, 6), st.integers(0, 2**31 - 1))
+@settings(max_examples=60, deadline=None)
+def test_sums_over_repeated_ids_equal_a_loop(n, width, distinct, seed):
+    """The bfloat16 compiled path's per-id totals (an id may repeat in a row: a sample, the label),
+    against a brute-force loop; values of very different sizes keep their small parts."""
+    from geocache.losses import _sum_over_repeats
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, distinct, (n, width), generator=g)
+    v = torch.randn(n, width, generator=g) * torch.logspace(-8, 2, width)[torch.randperm(width, generator=g)]
+    expected = torch.tensor([[sum(float(v[i, c]) for c in range(width) if ids[i, c] == ids[i, j]) for j in range(width)] for i in range(n)])
+    torch.testing.assert_close(_sum_over_repeats(ids, v), expected.float(), rtol=1e-6, atol=1e-12)
