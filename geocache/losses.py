@@ -321,13 +321,7 @@ class GeometryAwareLoss(nn.Module):
         if not need_grad:
             return per_pos, None
         # The same coefficients as the eager pass (see its docstring), spread over every row.
-        lam_kl, lam_cal, lam_h = cfg.lambda_kl, cfg.lambda_cal, cfg.lambda_entropy
-        m_kl = (kl > th["kl_threshold"]).to(dtype)
-        m_cal = (nll - h_q > th["cal_threshold"]).to(dtype)
-        m_h = (h_q - h_p < -th["dh_threshold"]).to(dtype)
-        c = m_cal.mul(lam_cal / denom).add_(1.0 / denom)
-        b = torch.add(m_cal.mul_(lam_cal / denom), m_h, alpha=lam_h / denom)
-        d = m_kl.mul_(lam_kl / denom)
+        c, b, d = _hinge_coefficients(cfg, th, denom, kl, nll, h_q, h_p)
         a = torch.addcmul(c, d, alpha) if base is not None else c
         a_h = torch.addcmul(a, b, h_q)
         coef = lse_all.new_zeros(2, flat.shape[0]).index_copy_(1, rows, torch.stack((a_h, b)))
@@ -400,7 +394,6 @@ class GeometryAwareLoss(nn.Module):
         tmp = None if spans else buffer()
         if exact:
             base_flat, lp, p = base.reshape(-1, vocab), buffer(), buffer()
-        lam_kl, lam_cal, lam_h = cfg.lambda_kl, cfg.lambda_cal, cfg.lambda_entropy
         # One gather and one scatter per chunk: the cached top-k ids, the tail samples and the
         # label, side by side [N, k + m + 1].
         if cached:
@@ -469,13 +462,7 @@ class GeometryAwareLoss(nn.Module):
             if not need_grad:
                 continue
 
-            # The hinge masks as 0/1 and the coefficients, constants folded on the Python side.
-            m_kl = (kl > th["kl_threshold"]).to(dtype)
-            m_cal = (nll - h_q > th["cal_threshold"]).to(dtype)
-            m_h = (h_q - h_p < -th["dh_threshold"]).to(dtype)
-            c = m_cal.mul(lam_cal / denom).add_(1.0 / denom)
-            b = torch.add(m_cal.mul_(lam_cal / denom), m_h, alpha=lam_h / denom)
-            d = m_kl.mul_(lam_kl / denom)
+            c, b, d = _hinge_coefficients(cfg, th, denom, kl, nll, h_q, h_p)
             if exact and forward:
                 a = c + d
             elif cached:
@@ -520,6 +507,17 @@ class GeometryAwareLoss(nn.Module):
             unlabelled = torch.ones(flat.shape[0], dtype=torch.bool, device=device).index_fill_(0, rows, False)
             grad.index_fill_(0, unlabelled.nonzero().squeeze(1), 0.0)
         return tuple(out), (grad.view_as(logits) if need_grad else None)
+
+
+def _hinge_coefficients(cfg, th, denom, kl, nll, h_q, h_p) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """c, b and d of the loss's gradient (``_chunked_pass``'s docstring) per position: the hinge
+    masks as 0/1, the λ's and the normaliser folded in on the Python side."""
+    m_kl = (kl > th["kl_threshold"]).to(kl.dtype)
+    m_cal = (nll - h_q > th["cal_threshold"]).to(kl.dtype)
+    m_h = (h_q - h_p < -th["dh_threshold"]).to(kl.dtype)
+    c = m_cal.mul(cfg.lambda_cal / denom).add_(1.0 / denom)
+    b = torch.add(m_cal.mul_(cfg.lambda_cal / denom), m_h, alpha=cfg.lambda_entropy / denom)
+    return c, b, m_kl.mul_(cfg.lambda_kl / denom)
 
 
 def _spread(x: torch.Tensor, local: Optional[torch.Tensor], n_span: int) -> torch.Tensor:
