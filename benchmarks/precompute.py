@@ -174,8 +174,8 @@ def worker_precompute(p: dict) -> dict:
 
     orig_sequences = pre._Run.sequences
 
-    def timed_sequences(self, bad_rows):
-        it = orig_sequences(self, bad_rows)
+    def timed_sequences(self, *args, **kwargs):
+        it = orig_sequences(self, *args, **kwargs)
         while True:
             t0 = time.perf_counter()
             try:
@@ -810,6 +810,9 @@ def main(argv=None) -> None:
     for line in analysis(data["summary"]) + notes(data["summary"]):
         print(line)
     print(f"wrote {out / f'{NAME}.json'}, {out / f'{NAME}.md'}, {out / f'{NAME}.png'} in {data['total_runtime_s']:.0f} s")
+    failed = [s["shape"] for s in data["summary"] if "error" in s]
+    if failed:  # the report keeps what was measured; the exit status says that something was not
+        sys.exit(f"no measurement for {', '.join(failed)}: see the [precompute]/[bare] ERROR lines above")
 
 
 if __name__ == "__main__":

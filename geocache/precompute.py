@@ -2,8 +2,8 @@
 
 Reads top to bottom: resolve the run (model, sizes, MoE layout, manifest template) → check the
 output (fresh, resume or overwrite) → stream sequences, this rank's share only → forward each batch
-under ``no_grad`` → ``compute_base_stats`` per sequence (per group of them on an accelerator) → hand records to the background shard
-writer → merge the ranks' parts into ``manifest.json``.
+under ``no_grad`` → ``compute_base_stats`` per sequence (per group of them on an accelerator) →
+hand records to the background shard writer → merge the ranks' parts into ``manifest.json``.
 
 The output projection is not run by the model: a hook keeps the last hidden states, and only the
 labelled rows are projected, into one buffer reused from batch to batch (``fused_head``), which the

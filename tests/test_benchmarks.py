@@ -107,3 +107,16 @@ def test_every_benchmark_script_takes_help_without_running(tmp_path):
                              env={**os.environ, "OUT": str(tmp_path), "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
         assert run.returncode == 0 and "usage" in run.stdout.lower(), (script.name, run.stderr[-1000:])
         assert not any(tmp_path.iterdir()), script.name  # nothing written
+
+
+def test_precompute_benchmark_smoke_measures_the_tiny_shape(tmp_path):
+    """The benchmark's instrumentation wraps precompute's own methods: a change to their
+    signatures broke every measurement once while the script still exited 0 with a report of
+    "missing measurements". It now measures, and would exit non-zero without a measurement."""
+    args = ["--shapes", "tiny", "--tiny-sequences", "16", "--tiny-batch", "4", "--reps", "1", "--bare-passes", "1",
+            "--max-busy", "1", "--idle-timeout", "1", "--max-other-share", "1", "--retries", "0", "--out-dir", str(tmp_path)]
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "precompute.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    (summary,) = json.loads((tmp_path / "precompute.json").read_text())["summary"]
+    assert "error" not in summary and summary["shape"] == "tiny" and summary["ratio"] > 0
