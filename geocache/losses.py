@@ -597,11 +597,11 @@ def _compiled_kernels():
 def _run_compiled(kernel, *args):
     """Call a compiled kernel; compiling happens at its first call, so that is where a missing C++
     compiler or Triton shows: one warning, and the eager chunked pass from then on (same values)."""
+    from torch._dynamo.exc import TorchDynamoException  # Inductor's errors (no compiler, no Triton) derive from it
+
     try:
         return kernel(*args)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as exc:  # torch._dynamo and Inductor raise many kinds; any of them means "not here"
+    except TorchDynamoException as exc:  # anything else (a CUDA error, out of memory) is the caller's
         import warnings
 
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -926,9 +926,11 @@ def test_compile_loss_under_torch_compile_disable_takes_the_chunked_pass():
 def test_compile_failure_warns_once_and_the_loss_runs_eagerly(monkeypatch):
     from geocache import losses
 
-    def no_compiler(fn, **kwargs):
+    from torch._inductor.exc import InductorError, InvalidCxxCompiler
+
+    def no_compiler(fn, **kwargs):  # what torch.compile'd code raises at its first call without g++
         def broken(*args):
-            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+            raise InductorError(InvalidCxxCompiler(), None)
         return broken
 
     monkeypatch.setattr(losses, "_COMPILED", {})
@@ -936,7 +938,7 @@ def test_compile_failure_warns_once_and_the_loss_runs_eagerly(monkeypatch):
     tuned, base_logits, labels, g = make_batch(seed=4, dtype=torch.float32)
     stats = BaseStats.from_logits(base_logits, labels, k=4, m=3, generator=g)
     eager, _ = GeometryAwareLoss(compile_loss=False, **ACTIVE)(tuned, stats, labels)
-    with pytest.warns(UserWarning, match=r"compile_loss: torch.compile could not build the loss's kernels here \(RuntimeError: InvalidCxxCompiler: No working C\+\+ compiler found\); the loss runs eagerly"):
+    with pytest.warns(UserWarning, match=r"compile_loss: torch.compile could not build the loss's kernels here \(InductorError: InvalidCxxCompiler: No working C\+\+ compiler found in .*\); the loss runs eagerly"):
         loss, _ = GeometryAwareLoss(compile_loss=True, **ACTIVE)(tuned, stats, labels)
     torch.testing.assert_close(loss, eager)
     import warnings
@@ -945,6 +947,23 @@ def test_compile_failure_warns_once_and_the_loss_runs_eagerly(monkeypatch):
         warnings.simplefilter("error")
         again, _ = GeometryAwareLoss(compile_loss=True, **ACTIVE)(tuned, stats, labels)
     torch.testing.assert_close(again, eager)
+
+
+def test_a_runtime_error_inside_the_compiled_kernels_is_not_taken_for_a_compile_failure(monkeypatch):
+    from geocache import losses
+
+    def failing(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return run
+
+    monkeypatch.setattr(losses, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", failing)
+    tuned, base_logits, labels, g = make_batch(seed=4, dtype=torch.float32)
+    stats = BaseStats.from_logits(base_logits, labels, k=4, m=3, generator=g)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        GeometryAwareLoss(compile_loss=True, **ACTIVE)(tuned, stats, labels)
+    assert losses._COMPILED["kernels"] is not None  # not switched off
 
 
 @given(st.integers(1, 4), st.integers(1, 12), st.integers(1, 6), st.integers(0, 2**31 - 1))
