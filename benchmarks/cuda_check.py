@@ -5,7 +5,9 @@ against a CPU build; the loss on CUDA against CPU (float32, bf16/fp16 logits, in
 loss (compile_loss) against the eager one (values, gradients, time, memory); short
 training runs on CUDA (bf16, fp16, live, copy offloaded, activation checkpointing, the packed probe); plain vs
 cache (compiled and eager loss) vs live step time and peak CUDA memory, interleaved, at a small and a mid shape,
-float32 and bfloat16 weights (CHECK_ROUNDS rounds, default 12). Results:
+float32 and bfloat16 weights (CHECK_ROUNDS rounds, default 12; CHECK_SHAPES, CHECK_VARIANTS to run some); the
+loss's time inside small-shape steps (loss_in_step_small); precompute against a bare forward at issue 4's
+Qwen3-0.6B shape and 2-layer cut (precompute_gpu) and the statistics pass alone (stats_pass_gpu). Results:
 benchmarks/results/cuda_check.json and .md. CHECK_DEVICE=cpu CHECK_QUICK=1 is a dry run of the script.
 """
 
