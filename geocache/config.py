@@ -76,8 +76,8 @@ class GeometryConfig:
     compile_loss: Optional[bool] = field(
         default=None,
         metadata={
-            "help": "Run the loss's [positions × vocab] passes as torch.compile'd fused kernels (float32 logits, "
-            "estimators that skip the tuned tail: topk_cv, topk_sampled, topk_renorm); null: on CUDA with Triton, off elsewhere."
+            "help": "Run the loss's [positions × vocab] passes as torch.compile'd fused kernels (float32, float64 or bfloat16 "
+            "logits; estimators that skip the tuned tail: topk_cv, topk_sampled, topk_renorm); null: on CUDA with Triton, off elsewhere."
         },
     )
 

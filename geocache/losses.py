@@ -299,12 +299,7 @@ class GeometryAwareLoss(nn.Module):
         dtype = math_dtype(flat.dtype)
         lse_all, h_all = _run_compiled(stats_kernel, flat)
         lse, h_q = lse_all[rows], h_all[rows]
-        if base is not None:
-            k, m = base.k, base.m
-            ids = torch.cat([base.topk_ids.long(), base.sample_ids.long(), targets.unsqueeze(-1)], 1)
-        else:
-            k = m = 0
-            ids = targets.unsqueeze(-1)
+        k, m, ids = _sparse_ids(base, targets)
         flat_ids = rows.unsqueeze(-1) * vocab + ids
         # log q at the ids, floored as the eager pass floors it (a masked vocabulary's −inf).
         lq_ids = flat.take(flat_ids).to(dtype).sub_(lse.unsqueeze(-1)).clamp_min_(torch.finfo(dtype).min)
@@ -396,13 +391,9 @@ class GeometryAwareLoss(nn.Module):
             base_flat, lp, p = base.reshape(-1, vocab), buffer(), buffer()
         # One gather and one scatter per chunk: the cached top-k ids, the tail samples and the
         # label, side by side [N, k + m + 1].
+        k, m, ids = _sparse_ids(base if cached else None, targets)
         if cached:
-            k, m = base.k, base.m
-            ids = torch.cat([base.topk_ids.long(), base.sample_ids.long(), targets.unsqueeze(-1)], 1)
             terms, h_p_all = base_kl_terms(base, dtype, cfg.kl_estimator, cfg.kl_direction), base.entropy.to(dtype)  # the base's side, once
-        else:
-            k = m = 0
-            ids = targets.unsqueeze(-1)
         most = max((stop - start for start, stop, *_ in plan), default=1)  # labelled rows in a chunk
         vals = torch.empty(most, ids.shape[1], dtype=dtype, device=device)
         in_place_grad = need_grad and grad.dtype == dtype
@@ -507,6 +498,15 @@ class GeometryAwareLoss(nn.Module):
             unlabelled = torch.ones(flat.shape[0], dtype=torch.bool, device=device).index_fill_(0, rows, False)
             grad.index_fill_(0, unlabelled.nonzero().squeeze(1), 0.0)
         return tuple(out), (grad.view_as(logits) if need_grad else None)
+
+
+def _sparse_ids(base: Optional[BaseStats], targets: torch.Tensor) -> tuple[int, int, torch.Tensor]:
+    """k, m and the ids the loss reads and scatters at, per labelled position: the cached top-k,
+    the tail samples and the label side by side ``[N, k + m + 1]`` (the label alone without
+    cached statistics)."""
+    if base is None:
+        return 0, 0, targets.unsqueeze(-1)
+    return base.k, base.m, torch.cat([base.topk_ids.long(), base.sample_ids.long(), targets.unsqueeze(-1)], 1)
 
 
 def _hinge_coefficients(cfg, th, denom, kl, nll, h_q, h_p) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -44,7 +44,7 @@ from geocache.data import DataConfig, Sequence, check_hub_options, count_rows, d
 from geocache.losses import router_log_probs
 from geocache.models import input_device, load_model_and_tokenizer, model_fingerprint, moe_layout, output_size
 from geocache.moe import choice_scores, recorded_router_logits, routing_choice
-from geocache.signals import compute_base_stats, labelled_positions
+from geocache.signals import compute_base_stats, labelled_positions, tail_uniforms
 
 ROUTER_MODES = ("auto", "full", "topk", "none")
 # Above this many router logits per token (MoE layers × experts), `auto` keeps only the top-(k+1)
@@ -351,8 +351,7 @@ class _Run:
         def uniforms(i: int, n: int) -> Optional[torch.Tensor]:
             if not cfg.m:
                 return None
-            generator = torch.Generator(device=source.device).manual_seed((cfg.seed * 1_000_003 + i) % (2**63))
-            return torch.rand(n, cfg.m, 2, generator=generator, dtype=torch.float64, device=source.device)
+            return tail_uniforms(n, cfg.m, torch.Generator(device=source.device).manual_seed((cfg.seed * 1_000_003 + i) % (2**63)), source.device)
 
         def one(i: int, start: int, n: int):
             part, part_rows = (source, rows[start : start + n]) if rows is not None else (source[start : start + n], None)

@@ -234,6 +234,12 @@ def _block_reduce(x: torch.Tensor, block: int, op: str) -> torch.Tensor:
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
+def tail_uniforms(n: int, m: int, generator: Optional[torch.Generator], device: torch.device | str) -> torch.Tensor:
+    """The uniforms ``[n, m, 2]`` that ``compute_base_stats`` draws its tail samples at (a block,
+    then a token in it), float64, from ``generator`` (on its device) or the global generator."""
+    return torch.rand(n, m, 2, generator=generator, dtype=torch.float64, device=generator.device if generator is not None else device)
+
+
 def _invert_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Indices drawn from the rows of ``weights [..., W]`` (≥ 0, each row with some mass) at
     uniforms ``u [..., s]`` in [0, 1): for each, the first index whose cumulative weight exceeds
@@ -304,7 +310,7 @@ def compute_base_stats(
     n_blocks = -(-vocab // block)
     use_blocks = k < n_blocks and k * block < vocab // 2
     if m and uniforms is None:
-        uniforms = torch.rand(n_total, m, 2, generator=generator, dtype=torch.float64, device=generator.device if generator is not None else dev)
+        uniforms = tail_uniforms(n_total, m, generator, dev)
     if m and tuple(uniforms.shape) != (n_total, m, 2):
         raise ValueError(f"uniforms must be [{n_total}, {m}, 2] (rows, samples, two draws), not {tuple(uniforms.shape)}")
 
