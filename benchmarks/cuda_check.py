@@ -11,6 +11,7 @@ Qwen3-0.6B shape and 2-layer cut (precompute_gpu) and the statistics pass alone 
 benchmarks/results/cuda_check.json and .md. CHECK_DEVICE=cpu CHECK_QUICK=1 is a dry run of the script.
 """
 
+import functools
 import json
 import math
 import os
@@ -469,15 +470,17 @@ def _():
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(cfg).save_pretrained(md)
         tok.save_pretrained(md)
-        runs = []
+        runs = {"compiled": [], "eager": []}  # compile_stats: its default on CUDA, and off; taking turns
         for rep in range(2):
-            c = ROOT / f"c-{shape}-{rep}"
-            timings = {}
-            precompute(PrecomputeConfig(model=str(md), data=[str(d)], out=str(c), k=64, m=8, device=DEV, dtype="bfloat16", batch_size=batch,
-                                        progress=False, data_config=DataConfig(max_length=seq)), timings=timings)
-            runs.append(timings)
+            for variant, runs_of in runs.items():
+                c = ROOT / f"c-{shape}-{variant}-{rep}"
+                timings = {}
+                precompute(PrecomputeConfig(model=str(md), data=[str(d)], out=str(c), k=64, m=8, device=DEV, dtype="bfloat16", batch_size=batch,
+                                            progress=False, compile_stats=variant == "compiled", data_config=DataConfig(max_length=seq)),
+                           timings=timings)
+                runs_of.append(timings)
         model, tk = load_model_and_tokenizer(str(md), dtype="bfloat16", device=DEV)
-        cache = open_cache(str(ROOT / f"c-{shape}-1"))
+        cache = open_cache(str(ROOT / f"c-{shape}-compiled-1"))
         batches = []
         for start in range(0, len(cache), batch):
             b = collate_cache_rows([cache[i] for i in range(start, min(start + batch, len(cache)))], pad_token_id=tk.pad_token_id)
@@ -492,10 +495,10 @@ def _():
                 del o
             sync()
             bare.append(time.perf_counter() - t)
-        r = runs[-1]
-        loop = r.get("forward_s", float("nan")) + r.get("statistics_s", float("nan"))
-        out[shape] = {"precompute_timings_runs": runs, "bare_forward_s": bare, "forward_plus_statistics_s": loop,
-                      "ratio_to_bare": loop / min(bare), "batches": len(batches), "target": 1.05 if shape == "qwen3-0.6b" else 1.3}
+        out[shape] = {"bare_forward_s": bare, "batches": len(batches), "target": 1.05 if shape == "qwen3-0.6b" else 1.3}
+        for variant, runs_of in runs.items():  # the second run of each (the first pays set-up and compiling)
+            loop = runs_of[-1].get("forward_s", float("nan")) + runs_of[-1].get("statistics_s", float("nan"))
+            out[shape][variant] = {"precompute_timings_runs": runs_of, "forward_plus_statistics_s": loop, "ratio_to_bare": loop / min(bare)}
         del model
         if DEV == "cuda":
             torch.cuda.empty_cache()
@@ -528,14 +531,24 @@ def _():
 
     gens = [torch.Generator(device=dev).manual_seed(i) for i in range(8)]
     res = {"default_chunk_rows": default_chunk_rows(V, dev, P), "rows_per_sequence": P, "vocab": V}
-    res["per_sequence_default_ms_per_batch"] = timed(lambda: [compute_base_stats(x, k=64, m=8, generator=gg) for x, gg in zip(seqs, gens)])
-    res["per_sequence_one_chunk_ms_per_batch"] = timed(lambda: [compute_base_stats(x, k=64, m=8, generator=gg, chunk_size=P) for x, gg in zip(seqs, gens)])
-    res["per_sequence_m0_ms_per_batch"] = timed(lambda: [compute_base_stats(x, k=64, m=0) for x in seqs])
-    res["whole_batch_one_call_ms"] = timed(lambda: compute_base_stats(batch, k=64, m=8, generator=gens[0], chunk_size=8 * P))
-    res["whole_batch_m0_ms"] = timed(lambda: compute_base_stats(batch, k=64, m=0, chunk_size=8 * P))
-    res["whole_batch_default_chunks_ms"] = timed(lambda: compute_base_stats(batch, k=64, m=8, generator=gens[0]))
+    eager = functools.partial(compute_base_stats, compiled=False)  # the eager pass, as measured before compile_stats
+    res["per_sequence_default_ms_per_batch"] = timed(lambda: [eager(x, k=64, m=8, generator=gg) for x, gg in zip(seqs, gens)])
+    res["per_sequence_one_chunk_ms_per_batch"] = timed(lambda: [eager(x, k=64, m=8, generator=gg, chunk_size=P) for x, gg in zip(seqs, gens)])
+    res["per_sequence_m0_ms_per_batch"] = timed(lambda: [eager(x, k=64, m=0) for x in seqs])
+    res["whole_batch_one_call_ms"] = timed(lambda: eager(batch, k=64, m=8, generator=gens[0], chunk_size=8 * P))
+    res["whole_batch_m0_ms"] = timed(lambda: eager(batch, k=64, m=0, chunk_size=8 * P))
+    res["whole_batch_default_chunks_ms"] = timed(lambda: eager(batch, k=64, m=8, generator=gens[0]))
     res["per_sequence_default_plus_cpu_copies_ms"] = timed(lambda: [
-        compute_base_stats(x, k=64, m=8, generator=gg).to("cpu") for x, gg in zip(seqs, gens)])
+        eager(x, k=64, m=8, generator=gg).to("cpu") for x, gg in zip(seqs, gens)])
+    # compile_stats (the default on CUDA): the dense work as one torch.compile'd reduction
+    fused = functools.partial(compute_base_stats, compiled=True)
+    res["compiled_per_sequence_ms_per_batch"] = timed(lambda: [fused(x, k=64, m=8, generator=gg) for x, gg in zip(seqs, gens)])
+    res["compiled_whole_batch_ms"] = timed(lambda: fused(batch, k=64, m=8, generator=gens[0]))
+    res["compiled_whole_batch_m0_ms"] = timed(lambda: fused(batch, k=64, m=0))
+    a, b = eager(batch, k=64, m=8, generator=gens[0].manual_seed(0)), fused(batch, k=64, m=8, generator=gens[0].manual_seed(0))
+    res["compiled_vs_eager"] = {"max_abs_lse": (a.lse - b.lse).abs().max().item(), "max_abs_entropy": (a.entropy - b.entropy).abs().max().item(),
+                                "topk_ids_equal": bool(torch.equal(a.topk_ids, b.topk_ids)),
+                                "sample_ids_equal_fraction": (a.sample_ids == b.sample_ids).float().mean().item()}
     z = batch.float()
     res["bare_logsumexp_float32_ms"] = timed(lambda: z.logsumexp(-1))
     res["bare_topk64_ms"] = timed(lambda: z.topk(64, dim=-1))
@@ -543,13 +556,14 @@ def _():
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
-    with profile(activities=acts) as prof:
-        for x, gg in zip(seqs, gens):
-            compute_base_stats(x, k=64, m=8, generator=gg)
-        sync()
-    ka = prof.key_averages()
-    (OUT / "profile_stats_pass.txt").write_text(ka.table(sort_by="self_cuda_time_total" if DEV == "cuda" else "self_cpu_time_total", row_limit=30)
-                                               + "\n\n" + ka.table(sort_by="self_cpu_time_total", row_limit=30))
+    for name, fn in (("profile_stats_pass.txt", eager), ("profile_stats_pass_compiled.txt", fused)):
+        with profile(activities=acts) as prof:
+            for x, gg in zip(seqs, gens):
+                fn(x, k=64, m=8, generator=gg)
+            sync()
+        ka = prof.key_averages()
+        (OUT / name).write_text(ka.table(sort_by="self_cuda_time_total" if DEV == "cuda" else "self_cpu_time_total", row_limit=30)
+                                + "\n\n" + ka.table(sort_by="self_cpu_time_total", row_limit=30))
     return res
 
 

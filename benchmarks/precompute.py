@@ -239,6 +239,7 @@ def worker_precompute(p: dict) -> dict:
         batch_size=p["batch_size"],
         progress=False,
         overwrite=True,
+        compile_stats=p.get("compile_stats"),
         data_config=DataConfig(max_length=p["max_length"], max_sequences=p["sequences"]),
     )
     import torch
@@ -292,16 +293,20 @@ def statistics_breakdown(model, cache, batch, p: dict, pad: int, reps: int = 3) 
     per_seq_rows = [labelled_positions(lab.unsqueeze(0))[0] + b * width for b, lab in enumerate(labels)]
     all_rows = torch.cat(per_seq_rows)
 
-    def per_sequence():
+    def per_sequence(compiled=False):
         for b, rows in enumerate(per_seq_rows):
-            st = compute_base_stats(flat, k=p["k"], m=p["m"], rows=rows, generator=torch.Generator().manual_seed(b))
+            st = compute_base_stats(flat, k=p["k"], m=p["m"], rows=rows, generator=torch.Generator().manual_seed(b), compiled=compiled)
             st.lse.float().cpu().numpy(), st.entropy.float().cpu().numpy()
             st.topk_ids.cpu().numpy().astype(np.uint32), st.topk_logprobs.cpu().numpy().astype(np.float16)
             st.sample_ids.cpu().numpy().astype(np.uint32), st.sample_logprobs.cpu().numpy().astype(np.float16)
 
     variants = {
         "per_sequence_with_host_copies": per_sequence,
+        # compile_stats: the same calls with the dense work as one torch.compile'd reduction (the
+        # first call, which compiles, is the warm-up)
+        "per_sequence_compiled": lambda: per_sequence(compiled=True),
         "once_over_batch_rows": lambda: compute_base_stats(flat, k=p["k"], m=p["m"], rows=all_rows, generator=torch.Generator().manual_seed(0)),
+        "once_over_batch_rows_compiled": lambda: compute_base_stats(flat, k=p["k"], m=p["m"], rows=all_rows, generator=torch.Generator().manual_seed(0), compiled=True),
         "logsumexp_of_selected_rows": lambda: torch.logsumexp(flat.index_select(0, all_rows), -1),
         "logsumexp_all_rows": lambda: torch.logsumexp(flat, -1),
     }
@@ -623,15 +628,17 @@ def write_markdown(path: Path, data: dict) -> None:
             "(padding included, no copy: about the floor for any pass that reads every logit once; the `index_select` copy of "
             "the selected rows into fresh memory makes the other slower).",
             "",
-            "| shape | labelled rows / logit rows | vocab | per sequence + host copies | once over the batch | logsumexp (selected rows) | logsumexp (all rows) | per sequence / logsumexp (all rows) | per sequence / once | ms per row (per sequence) |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| shape | labelled rows / logit rows | vocab | per sequence + host copies | once over the batch | logsumexp (selected rows) | logsumexp (all rows) | per sequence / logsumexp (all rows) | per sequence / once | ms per row (per sequence) | per sequence, compiled | once, compiled | compiled / eager (per sequence, once) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for s in breakdown:
             b = s["statistics_breakdown"]
             ps, once, lse, lse_all = (b[k] for k in ("per_sequence_with_host_copies_s", "once_over_batch_rows_s", "logsumexp_of_selected_rows_s", "logsumexp_all_rows_s"))
+            psc, oncec = b.get("per_sequence_compiled_s"), b.get("once_over_batch_rows_compiled_s")  # absent before compile_stats
+            compiled_cols = (f"{psc * 1e3:.1f} | {oncec * 1e3:.1f} | {psc / ps:.2f}x, {oncec / once:.2f}x" if psc else "— | — | —")
             lines.append(
                 f"| {s['shape']} | {b['rows']:,} / {b['logit_rows']:,} | {b['vocab']:,} | {ps * 1e3:.1f} | {once * 1e3:.1f} | {lse * 1e3:.1f} | "
-                f"{lse_all * 1e3:.1f} | {ps / lse_all:.2f}x | {ps / once:.2f}x | {ps / b['rows'] * 1e3:.3f} |"
+                f"{lse_all * 1e3:.1f} | {ps / lse_all:.2f}x | {ps / once:.2f}x | {ps / b['rows'] * 1e3:.3f} | {compiled_cols} |"
             )
         lines.append("")
     lines += ["### Readings", "", *notes(summary)]
@@ -696,6 +703,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--backend", default="arrow", choices=["arrow", "zarr"], help="cache backend (arrow: PrecomputeConfig's default)")
     ap.add_argument("--k", type=int, default=64, help="top-k")
     ap.add_argument("--m", type=int, default=8, help="tail samples")
+    ap.add_argument("--compile-stats", choices=["default", "on", "off"], default="default",
+                    help="precompute's compile_stats (default: its own, on CUDA with Triton, off elsewhere)")
     ap.add_argument("--max-length", type=int, default=256, help="tokens per sequence (DataConfig.max_length)")
     ap.add_argument("--lines-per-example", type=int, default=60, help="source lines per JSONL example (long enough to fill max_length)")
     ap.add_argument("--tiny-sequences", type=int, default=128)
@@ -767,6 +776,7 @@ def main(argv=None) -> None:
             common = {"shape": shape, "model": str(model_dir), "out": str(work / f"cache-{shape}"), "batch_size": config["batch"][shape]}
             for rep in range(args.reps):
                 r = measured({"task": "precompute", "data": str(data_path), "backend": args.backend, "k": args.k, "m": args.m,
+                              "compile_stats": {"default": None, "on": True, "off": False}[args.compile_stats],
                               "max_length": args.max_length, "sequences": config["sequences"][shape], **common}, f"precompute {shape} rep {rep}")
                 pre_runs.append(r if "error" not in r else {**r, "shape": shape})
                 if "error" in r:

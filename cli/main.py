@@ -138,6 +138,8 @@ def _load_yaml(path: str | None) -> dict:
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow model code from the hub.")
 @click.option("--fused-head/--no-fused-head", default=None,
               help="Project only labelled rows inside the statistics pass (default), or use the model's own logits.")
+@click.option("--compile-stats/--no-compile-stats", default=None,
+              help="The statistics pass's reduction as one torch.compile'd kernel (default: on CUDA with Triton, off elsewhere).")
 @click.option("--no-progress", is_flag=True, default=False, help="Hide the progress bar.")
 def precompute(config_path, no_progress, format_, **options):
     """Stream a dataset through the base model once and cache its statistics."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from bisect import bisect_left
 from typing import Mapping, NamedTuple, Optional, Sequence, Union
 
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from geocache import compiled
 from geocache.moe import choice_scores
 from geocache.config import GeometryConfig
 from geocache.signals import (
@@ -196,7 +196,7 @@ class GeometryAwareLoss(nn.Module):
             if kernels is not None:
                 try:
                     result = self._fused_pass(kernels, tuned_logits, base, rows, targets, th, grad_denom, need_grad)
-                except _CompileFailed:  # warned once; the chunked pass from now on
+                except compiled.CompileFailed:  # warned once; the chunked pass from now on
                     pass
             per_pos, grad = result or self._chunked_pass(tuned_logits, base, rows, targets, th, grad_denom, need_grad)
 
@@ -275,15 +275,13 @@ class GeometryAwareLoss(nn.Module):
         float64; float16's pre-scaled gradient stays eager), cached statistics or no base, and an
         estimator that does not read the tuned tail mass. None: the eager chunked pass."""
         cfg = self.config
-        wanted = cfg.compile_loss if cfg.compile_loss is not None else _compile_by_default(logits.device)
+        wanted = cfg.compile_loss if cfg.compile_loss is not None else compiled.by_default(logits.device)
         if not wanted or logits.dtype == torch.float16 or isinstance(base, torch.Tensor):
             return None
         if base is not None and (cfg.kl_direction != "forward" or cfg.kl_estimator in ("topk_tail", "topk_hybrid")):
             return None
-        import torch._dynamo as dynamo
-
-        if dynamo.config.disable or os.environ.get("TORCHDYNAMO_DISABLE") == "1":  # torch.compile off: the kernels would run
-            return None  # eagerly over every row at once, [rows × V] temporaries and all; chunk instead
+        if compiled.disabled():  # the kernels would run eagerly over every row at once, [rows × V] temporaries
+            return None  # and all; chunk instead
         return _compiled_kernels()
 
     def _fused_pass(self, kernels, logits, base, rows, targets, th, denom, need_grad):
@@ -570,45 +568,16 @@ def _sum_over_repeats(ids: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(totals).scatter_(1, perm, totals)
 
 
-def _compile_by_default(device: torch.device) -> bool:
-    """``compile_loss``'s default: on CUDA when Triton is there (Inductor's GPU code generator)."""
-    if device.type != "cuda":
-        return False
-    from torch.utils._triton import has_triton
-
-    return has_triton()
-
-
-class _CompileFailed(Exception):
-    """torch.compile could not build the fused kernels on this machine (warned once)."""
-
-
-_COMPILED: dict = {}
-
-
 def _compiled_kernels():
     """``torch.compile`` of ``_fused_stats`` and ``_fused_grad`` (dynamic shapes, so batches of
     other lengths reuse the compiled code), or None once compiling them has failed here."""
-    if "kernels" not in _COMPILED:
-        _COMPILED["kernels"] = tuple(torch.compile(fn, dynamic=True, fullgraph=True) for fn in (_fused_stats, _fused_grad))
-    return _COMPILED["kernels"]
+    return compiled.kernels("compile_loss", (_fused_stats, _fused_grad), dynamic=True)
 
 
 def _run_compiled(kernel, *args):
-    """Call a compiled kernel; compiling happens at its first call, so that is where a missing C++
-    compiler or Triton shows: one warning, and the eager chunked pass from then on (same values)."""
-    from torch._dynamo.exc import TorchDynamoException  # Inductor's errors (no compiler, no Triton) derive from it
-
-    try:
-        return kernel(*args)
-    except TorchDynamoException as exc:  # anything else (a CUDA error, out of memory) is the caller's
-        import warnings
-
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        warnings.warn(f"compile_loss: torch.compile could not build the loss's kernels here ({type(exc).__name__}: {first}); "
-                      "the loss runs eagerly instead (same values, slower)", stacklevel=4)
-        _COMPILED["kernels"] = None
-        raise _CompileFailed from exc
+    """Call a compiled kernel: a compile failure warns once and raises ``CompileFailed``, after
+    which the eager chunked pass runs (same values)."""
+    return compiled.run("compile_loss", "the loss's kernels", "the loss runs eagerly", kernel, *args)
 
 
 def _chunk_plan(

@@ -89,6 +89,7 @@ class PrecomputeConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub (off unless asked)."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
     fused_head: bool = field(default=True, metadata={"help": "Project only labelled positions, inside the statistics pass (the model's own logits are used when its output is not a plain projection of its last hidden state)."})
+    compile_stats: Optional[bool] = field(default=None, metadata={"help": "Run the statistics pass's reduction over the logits as one torch.compile'd kernel (same statistics to float rounding); null: on CUDA with Triton, off elsewhere."})
     data_config: DataConfig = field(default_factory=DataConfig, metadata={"help": "How examples become sequences."})
 
     def __post_init__(self) -> None:
@@ -356,7 +357,7 @@ class _Run:
         def one(i: int, start: int, n: int):
             part, part_rows = (source, rows[start : start + n]) if rows is not None else (source[start : start + n], None)
             try:
-                return compute_base_stats(part, k=cfg.k, m=cfg.m, rows=part_rows, uniforms=uniforms(i, n), chunk_size=chunk)
+                return compute_base_stats(part, k=cfg.k, m=cfg.m, rows=part_rows, uniforms=uniforms(i, n), chunk_size=chunk, compiled=cfg.compile_stats)
             except ValueError as exc:
                 raise ValueError(f"sequence {i}: {exc}") from None
 
@@ -365,7 +366,7 @@ class _Run:
             return [one(i, start, n) for i, start, n in zip(indices, starts, sizes)]
         u = torch.cat([uniforms(i, n) for i, n in zip(indices, sizes)]) if cfg.m else None
         try:
-            st = compute_base_stats(source, k=cfg.k, m=cfg.m, rows=rows, uniforms=u, chunk_size=chunk)
+            st = compute_base_stats(source, k=cfg.k, m=cfg.m, rows=rows, uniforms=u, chunk_size=chunk, compiled=cfg.compile_stats)
         except ValueError:  # name the sequence: find it one by one (rare)
             return [one(i, start, n) for i, start, n in zip(indices, starts, sizes)]
         return [st.select(slice(start, start + n)) for start, n in zip(starts, sizes)]

@@ -261,6 +261,112 @@ def _block_members(blocks: torch.Tensor, block: int, vocab: int) -> tuple[torch.
     return ids.clamp_max(vocab - 1), valid
 
 
+def _compiled_module():
+    from geocache import compiled  # imported late: geocache.compiled is only needed when compiling
+
+    return compiled
+
+
+def _block_moments(logits: torch.Tensor, rows: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each block of ``block`` tokens of the rows ``rows`` of ``logits [N, V]`` (the last block
+    may be shorter): its max b, Σ exp(z − b) and Σ exp(z − b)·(z − b), ``[n, ceil(V / block)]``
+    each, in the math dtype. One reduction once compiled: the rows are gathered and bfloat16 is
+    widened inside the loads, so the logits are read once and nothing of their size is written.
+    A block of −inf logits gives b = −inf and zero sums; NaN or +inf propagate into its sums."""
+    z = logits.index_select(0, rows)
+    z = z.to(math_dtype(z.dtype))
+    body, rest = _blocked(z, block)
+    parts = [body] if rest is None else [body, rest.unsqueeze(1)]
+    out = []
+    for zb in parts:
+        bmax = zb.amax(-1)
+        shifted = zb - bmax.unsqueeze(-1)
+        e = torch.where(zb == -math.inf, 0.0, torch.exp(shifted))
+        out.append((bmax, e.sum(-1), torch.where(e > 0, e * shifted, 0.0).sum(-1)))
+    return tuple(torch.cat(t, 1) if len(out) > 1 else t[0] for t in zip(*out))
+
+
+def _compiled_chunk_rows(n_blocks: int, k: int, m: int, block: int) -> int:
+    """Rows per chunk of ``_compiled_pass``: its [rows × (blocks + k·block + m·block)] temporaries
+    within about 256 MiB (it has no [rows × V] buffer)."""
+    per_row = 4 * (6 * n_blocks + 3 * k * block + 4 * m * block)
+    return max(1, (1 << 28) // per_row)
+
+
+def _compiled_pass(kernel, logits: torch.Tensor, rows: Optional[torch.Tensor], k: int, m: int, uniforms, block: int) -> BaseStats:
+    """``compute_base_stats`` with the dense work in one compiled reduction (``_block_moments``):
+    per 32-token block its max, exp-sum and exp-weighted shifted sum, from which the row's
+    log-sum-exp and entropy follow on [rows × blocks] (s = Σ_b w_b·s_b with w_b = exp(b − max),
+    Σ e·(z − max) = Σ_b w_b·(d_b + (b − max)·s_b)). The top-k come from the k blocks with the
+    largest maxima, as in the eager pass (same candidates, same order, so the same ids); the
+    candidates' logits are gathered from ``logits`` and give the tail mass of their blocks with
+    the top-k taken out; the other blocks' tail mass is w_b·s_b. Samples invert those masses, then
+    a block's own tail weights, at the same uniforms. Everything but the reduction is on
+    [rows × (blocks + k·block + m·block)]: no [rows × V] tensor is written."""
+    vocab, dev = logits.shape[-1], logits.device
+    dtype = math_dtype(logits.dtype)
+    n_total = logits.shape[0] if rows is None else rows.shape[0]
+    n_blocks = -(-vocab // block)
+    out = BaseStats(
+        torch.empty(n_total, dtype=dtype, device=dev), torch.empty(n_total, dtype=dtype, device=dev),
+        torch.empty(n_total, k, dtype=torch.long, device=dev), torch.empty(n_total, k, dtype=dtype, device=dev),
+        torch.zeros(n_total, m, dtype=torch.long, device=dev), torch.full((n_total, m), -math.inf, dtype=dtype, device=dev),
+    )
+    step = _compiled_chunk_rows(n_blocks, k, m, block)
+    compiled = _compiled_module()
+    for start in range(0, n_total, step):
+        stop = min(start + step, n_total)
+        r = rows[start:stop] if rows is not None else torch.arange(start, stop, device=dev)
+        bmax, bsum, bdot = compiled.run("compile_stats", "the statistics kernel", "the statistics pass runs eagerly", kernel, logits, r, block)
+        zmax = bmax.amax(-1, keepdim=True)
+        below = bmax - zmax
+        w = torch.exp(below)
+        mass = w * bsum  # Σ exp(z − max) per block
+        s = mass.sum(-1)
+        dot = (w * (bdot + torch.where(bsum > 0, below * bsum, 0.0))).sum(-1)
+        row_lse = zmax.squeeze(-1) + s.log()
+        bad = ~torch.isfinite(row_lse)
+        if bad.any():
+            where = bad.nonzero().flatten() + start
+            idx = where if rows is None else rows[where]
+            raise ValueError(f"base logits contain NaN or inf at rows {idx[:8].tolist()}")
+        out.lse[start:stop] = row_lse
+        out.entropy[start:stop] = s.log() - dot / s
+
+        cand_blocks = bmax.topk(k, dim=-1).indices
+        cand_ids, valid = _block_members(cand_blocks, block, vocab)  # [n, k, block]
+        cand_vals = logits[r.view(-1, 1, 1), cand_ids].to(dtype).masked_fill_(~valid, -math.inf)
+        vals, pos = cand_vals.flatten(1).topk(k, dim=-1)
+        ids = cand_ids.flatten(1).gather(1, pos)
+        out.topk_ids[start:stop] = ids
+        out.topk_logprobs[start:stop] = vals - row_lse.unsqueeze(-1)
+        if not m:
+            continue
+        # Tail mass per block: the candidate blocks (every top-k id lies in one) re-summed from
+        # their logits with the top-k taken out, the others as they are.
+        e_cand = torch.exp(cand_vals - zmax.unsqueeze(-1)).flatten(1).scatter_(1, pos, 0.0)
+        tail = mass.scatter_(1, cand_blocks, e_cand.view_as(cand_vals).sum(-1))
+        no_tail = tail.sum(-1) <= 0  # all tail mass underflowed (or masked): dummy weights, samples marked -inf
+        tail = torch.where(no_tail.unsqueeze(-1), 1.0, tail)  # not tail[no_tail] = 1: a host sync on a GPU
+        u = uniforms[start:stop].to(dev)
+        blk = _invert_cdf(tail, u[..., 0])  # [n, m]: a block by tail mass
+        members, valid = _block_members(blk, block, vocab)  # [n, m, block]
+        z_members = logits[r.view(-1, 1, 1), members].to(dtype)
+        top_sorted = ids.sort(-1).values  # a member is a top-k id if it is found among them
+        flat_members = members.flatten(1)
+        found = torch.searchsorted(top_sorted, flat_members).clamp_max_(k - 1)
+        in_top = (top_sorted.gather(1, found) == flat_members).view_as(members)
+        weights = torch.exp(z_members - zmax.unsqueeze(-1)).masked_fill_(in_top | ~valid, 0.0)
+        empty = weights.sum(-1, keepdim=True) <= 0
+        weights = torch.where(empty, valid.to(weights.dtype), weights)
+        offs = _invert_cdf(weights, u[..., 1:]).squeeze(-1)  # then a token inside it
+        picked = blk * block + offs
+        out.sample_ids[start:stop] = picked
+        picked_lp = z_members.gather(2, offs.unsqueeze(-1)).squeeze(-1) - row_lse.unsqueeze(-1)
+        out.sample_logprobs[start:stop] = picked_lp.masked_fill_(no_tail.unsqueeze(-1) | empty.squeeze(-1), -math.inf)
+    return out
+
+
 @float32_math
 def compute_base_stats(
     logits: torch.Tensor,
@@ -272,6 +378,7 @@ def compute_base_stats(
     chunk_size: Optional[int] = None,
     block_size: int = 32,
     uniforms: Optional[torch.Tensor] = None,
+    compiled: Optional[bool] = None,
 ) -> BaseStats:
     """lse, entropy, top-k and m tail samples of ``softmax(logits)``, in one fused pass per chunk.
 
@@ -290,6 +397,13 @@ def compute_base_stats(
     entropy (H = log s − Σ e·(z−max)/s, a BLAS dot) and, for sampling, per-block tail masses:
     a sample picks a block by mass, then a token inside it, never scanning the vocabulary again.
     ``block_size=32`` was the fastest of 16-256 when timed at V = 32,768 and 151,936 (k=64, m=8).
+
+    ``compiled`` (default: on CUDA with Triton, see ``geocache.compiled``) runs the dense part as
+    one ``torch.compile``d reduction instead (``_compiled_pass``): the same statistics, to float
+    rounding, with the same top-k and, but for a uniform within rounding of a boundary, the same
+    samples. It applies where the blocks do (k·block below half the vocabulary); having no
+    [rows × V] buffer, it takes rows in chunks of its own size (``_compiled_chunk_rows``), whatever
+    ``chunk_size`` says.
     """
     vocab = logits.shape[-1]
     if not 0 < k <= vocab:
@@ -313,6 +427,13 @@ def compute_base_stats(
         uniforms = tail_uniforms(n_total, m, generator, dev)
     if m and tuple(uniforms.shape) != (n_total, m, 2):
         raise ValueError(f"uniforms must be [{n_total}, {m}, 2] (rows, samples, two draws), not {tuple(uniforms.shape)}")
+    if use_blocks and (compiled if compiled is not None else _compiled_module().by_default(dev)) and not _compiled_module().disabled():
+        kernel = _compiled_module().kernels("compile_stats", (_block_moments,), dynamic=True)
+        if kernel is not None:
+            try:
+                return _compiled_pass(kernel[0], logits, rows, k, m, uniforms, block)
+            except _compiled_module().CompileFailed:  # warned once; the eager pass from now on
+                pass
 
     # Chunk buffers are allocated once and reused: on CPU, touching fresh memory costs as much
     # as the arithmetic (a `torch.sub` into a new tensor is ~8x slower than into an old one).

@@ -924,7 +924,7 @@ def test_compile_loss_under_torch_compile_disable_takes_the_chunked_pass():
 
 
 def test_compile_failure_warns_once_and_the_loss_runs_eagerly(monkeypatch):
-    from geocache import losses
+    from geocache import compiled
 
     from torch._inductor.exc import InductorError, InvalidCxxCompiler
 
@@ -933,7 +933,7 @@ def test_compile_failure_warns_once_and_the_loss_runs_eagerly(monkeypatch):
             raise InductorError(InvalidCxxCompiler(), None)
         return broken
 
-    monkeypatch.setattr(losses, "_COMPILED", {})
+    monkeypatch.setattr(compiled, "_KERNELS", {})
     monkeypatch.setattr(torch, "compile", no_compiler)
     tuned, base_logits, labels, g = make_batch(seed=4, dtype=torch.float32)
     stats = BaseStats.from_logits(base_logits, labels, k=4, m=3, generator=g)
@@ -950,20 +950,20 @@ def test_compile_failure_warns_once_and_the_loss_runs_eagerly(monkeypatch):
 
 
 def test_a_runtime_error_inside_the_compiled_kernels_is_not_taken_for_a_compile_failure(monkeypatch):
-    from geocache import losses
+    from geocache import compiled
 
     def failing(fn, **kwargs):
         def run(*args):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return run
 
-    monkeypatch.setattr(losses, "_COMPILED", {})
+    monkeypatch.setattr(compiled, "_KERNELS", {})
     monkeypatch.setattr(torch, "compile", failing)
     tuned, base_logits, labels, g = make_batch(seed=4, dtype=torch.float32)
     stats = BaseStats.from_logits(base_logits, labels, k=4, m=3, generator=g)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         GeometryAwareLoss(compile_loss=True, **ACTIVE)(tuned, stats, labels)
-    assert losses._COMPILED["kernels"] is not None  # not switched off
+    assert compiled._KERNELS["compile_loss"] is not None  # not switched off
 
 
 @given(st.integers(1, 4), st.integers(1, 12), st.integers(1, 6), st.integers(0, 2**31 - 1))

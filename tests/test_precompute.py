@@ -1122,7 +1122,7 @@ def test_a_grouped_statistics_call_names_the_sequence_of_a_non_finite_logit():
 
     from geocache.precompute import _Run
 
-    run_ = types.SimpleNamespace(cfg=types.SimpleNamespace(k=4, m=2, seed=0), batch_statistics=True)
+    run_ = types.SimpleNamespace(cfg=types.SimpleNamespace(k=4, m=2, seed=0, compile_stats=None), batch_statistics=True)
     source = torch.randn(7, 50)
     source[5, 3] = float("nan")  # the second sequence's third row
     with pytest.raises(ValueError, match=r"^sequence 11: base logits contain NaN or inf at rows \[2\]"):
@@ -1134,3 +1134,28 @@ def test_a_grouped_statistics_call_names_the_sequence_of_a_non_finite_logit():
     assert [len(s.lse) for s in grouped] == [3, 4]
     for a, b in zip(grouped, alone):
         assert torch.equal(a.sample_ids, b.sample_ids) and torch.equal(a.topk_ids, b.topk_ids)
+
+
+def test_compile_stats_caches_the_eager_arrays_to_rounding(tmp_path, tiny_model_dir, data_file, monkeypatch):
+    """--compile-stats (on CUDA by default; forced here, Inductor's C++ backend) caches the same
+    top-k ids and tail samples as the eager pass and the same log-probs, lse and entropy to float
+    rounding; the tokens and labels are untouched."""
+    from geocache import compiled
+
+    model_dir = tiny_model_dir("qwen3")
+    run(model_dir, data_file, tmp_path / "eager", k=4, m=4, batch_size=5, compile_stats=False)
+    calls = []
+    real = compiled.run
+    monkeypatch.setattr(compiled, "run", lambda feature, *a: calls.append(feature) or real(feature, *a))
+    run(model_dir, data_file, tmp_path / "compiled", k=4, m=4, batch_size=5, compile_stats=True)
+    assert calls and set(calls) == {"compile_stats"}
+    eager, got = rows_of(tmp_path / "eager"), rows_of(tmp_path / "compiled")
+    assert len(eager) == len(got) > 0
+    for a, b in zip(eager, got):
+        assert a.keys() == b.keys()
+        for key in a:
+            if a[key].is_floating_point():
+                half = a[key].dtype == torch.float16  # stored log-probs: one float16 rounding apart at most
+                torch.testing.assert_close(b[key], a[key], rtol=1e-3 if half else 0, atol=1e-6 if half else 2e-6, msg=key)
+            else:
+                assert torch.equal(a[key], b[key]), key

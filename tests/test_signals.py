@@ -563,3 +563,125 @@ def test_base_terms_for_one_estimator_serve_it_and_refuse_another():
     for estimator in ("topk_sampled", "topk_tail"):
         with pytest.raises(ValueError, match="computed for another estimator"):
             cached_kl_terms(lq_s, lq_x, tail, base, estimator, "forward", terms=few)
+
+
+# --------------------------------------------------------------------------------------------
+# compute_base_stats(compiled=True): the dense work as one torch.compile'd reduction
+# --------------------------------------------------------------------------------------------
+
+STAT_NAMES = ("lse", "entropy", "topk_ids", "topk_logprobs", "sample_ids", "sample_logprobs")
+
+
+def hard_logits(n, vocab, k, dtype, seed):
+    """Logits with the cases the pass must keep: a peaked row, a fully masked block, a row whose
+    only finite logits are its top-k (an empty tail), and a ragged last block (vocab % 32 != 0)."""
+    logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 4
+    logits[0, 17] = 40.0
+    logits[1, 64:96] = -math.inf
+    logits[2, k:] = -math.inf
+    return logits.to(dtype)
+
+
+def assert_same_stats(got, ref, atol):
+    for name in STAT_NAMES:
+        a, b = getattr(got, name), getattr(ref, name)
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=name)
+        else:
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_compiled_statistics_equal_the_eager_pass_and_the_references(dtype, monkeypatch):
+    """Through torch.compile (Inductor's C++ backend here): the same top-k and tail samples as the
+    eager pass, the values within rounding, on selected rows in shuffled order, cut into chunks."""
+    from geocache import signals
+
+    n, vocab, k, m = 12, 1000, 5, 6
+    logits = hard_logits(n, vocab, k, dtype, seed=1)
+    rows = torch.tensor([3, 0, 11, 2, 7, 1, 9])
+    u = torch.rand(len(rows), m, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref = compute_base_stats(logits, k=k, m=m, rows=rows, uniforms=u, compiled=False)
+    monkeypatch.setattr(signals, "_compiled_chunk_rows", lambda *a: 3)  # three chunks
+    got = compute_base_stats(logits, k=k, m=m, rows=rows, uniforms=u, compiled=True)
+    assert got.lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_same_stats(got, ref, atol=1e-12 if dtype == torch.float64 else 2e-6)
+    exact = logits[rows].double()
+    torch.testing.assert_close(got.lse.double(), exact.logsumexp(-1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.entropy.double(), torch.distributions.Categorical(logits=exact).entropy(), rtol=0, atol=1e-5)
+    assert torch.isneginf(got.sample_logprobs[3]).all() and torch.isfinite(got.sample_logprobs[[0, 1, 2, 4, 5, 6]]).all()
+    assert not (got.sample_ids.unsqueeze(-1) == got.topk_ids.unsqueeze(1)).any(-1)[[0, 1, 2, 4, 5, 6]].any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(40, 700), st.integers(1, 6), st.integers(0, 5), st.sampled_from([4, 8, 32]),
+       st.floats(0.1, 12), st.integers(0, 2**31 - 1))
+def test_the_compiled_pass_formulas_equal_the_eager_pass(n, vocab, k, m, block, scale, seed):
+    """The combination of per-block moments into lse, entropy, top-k, tail masses and samples,
+    with the kernel run eagerly (the formulas the compiled code computes), over shapes and scales."""
+    from geocache.signals import _block_moments, _compiled_pass
+
+    if not k * block < vocab // 2:
+        return  # the blocks do not apply there; compute_base_stats takes its full top-k
+    logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(seed)) * scale
+    u = torch.rand(n, m, 2, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    ref = compute_base_stats(logits, k=k, m=m, uniforms=u, block_size=block, compiled=False)
+    got = _compiled_pass(_block_moments, logits, None, k, m, u, block)
+    assert_same_stats(got, ref, atol=1e-5)
+
+
+def test_the_compiled_pass_names_non_finite_rows_and_falls_back_once_when_it_cannot_compile(monkeypatch):
+    from torch._inductor.exc import InductorError, InvalidCxxCompiler
+
+    from geocache import compiled, signals
+
+    logits = hard_logits(6, 500, 4, torch.float32, seed=3)
+    logits[4, 9] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf at rows \[4\]"):
+        compute_base_stats(logits, k=4, m=2, rows=torch.tensor([0, 4, 5]), compiled=True)
+    logits[4, 9] = float("inf")
+    with pytest.raises(ValueError, match=r"NaN or inf at rows \[4\]"):
+        signals._compiled_pass(signals._block_moments, logits, torch.tensor([0, 4]), 4, 2, torch.rand(2, 2, 2, dtype=torch.float64), 32)
+    logits[4, 9] = 0.0
+
+    def no_compiler(fn, **kwargs):  # what torch.compile'd code raises at its first call without g++
+        def broken(*args):
+            raise InductorError(InvalidCxxCompiler(), None)
+        return broken
+
+    monkeypatch.setattr(compiled, "_KERNELS", {})
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    eager = compute_base_stats(logits, k=4, m=2, generator=torch.Generator().manual_seed(0), compiled=False)
+    with pytest.warns(UserWarning, match=r"compile_stats: torch.compile could not build the statistics kernel here \(InductorError: InvalidCxxCompiler: .*\); the statistics pass runs eagerly instead"):
+        got = compute_base_stats(logits, k=4, m=2, generator=torch.Generator().manual_seed(0), compiled=True)
+    assert_same_stats(got, eager, atol=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_same_stats(compute_base_stats(logits, k=4, m=2, generator=torch.Generator().manual_seed(0), compiled=True), eager, atol=0)
+
+
+def test_the_statistics_pass_compiles_only_where_asked_and_torch_compile_is_on(monkeypatch):
+    """Default: CUDA with Triton only (so never on this CPU); asked for, it compiles unless
+    TORCH_COMPILE_DISABLE/TORCHDYNAMO_DISABLE is set; with k·block over half the vocabulary
+    (no blocks to reduce over) the eager pass serves."""
+    import torch._dynamo
+
+    from geocache import compiled
+
+    logits = torch.randn(4, 500)
+    used = []
+    real = compiled.kernels
+    monkeypatch.setattr(compiled, "kernels", lambda feature, fns, **kw: used.append(feature) or real(feature, fns, **kw))
+    compute_base_stats(logits, k=4)
+    compute_base_stats(logits, k=8, compiled=True)  # 8·32 = 256 > 500 / 2
+    with torch._dynamo.config.patch(disable=True):
+        compute_base_stats(logits, k=4, compiled=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCHDYNAMO_DISABLE", "1")
+        compute_base_stats(logits, k=4, compiled=True)
+    assert used == []
+    compute_base_stats(logits, k=4, compiled=True)
+    assert used == ["compile_stats"]
+    assert compiled.by_default("cpu") is False
