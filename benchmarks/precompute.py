@@ -626,7 +626,9 @@ def write_markdown(path: Path, data: dict) -> None:
             "once per sequence, then the copies to numpy; *once* = one call over all the batch's labelled rows; the two "
             "`logsumexp` columns are one plain reduction over the same rows (after `index_select`) and over all logit rows "
             "(padding included, no copy: about the floor for any pass that reads every logit once; the `index_select` copy of "
-            "the selected rows into fresh memory makes the other slower).",
+            "the selected rows into fresh memory makes the other slower). *compiled* = the same calls with `compiled=True` "
+            "(`compile_stats`: the reduction as one torch.compile'd kernel); where k·32 ≥ V/2 (the tiny shape) the blocks do not "
+            "apply and it is the eager pass.",
             "",
             "| shape | labelled rows / logit rows | vocab | per sequence + host copies | once over the batch | logsumexp (selected rows) | logsumexp (all rows) | per sequence / logsumexp (all rows) | per sequence / once | ms per row (per sequence) | per sequence, compiled | once, compiled | compiled / eager (per sequence, once) |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",

@@ -59,6 +59,6 @@ def run(feature: str, what: str, fallback: str, kernel: Callable, *args):
     except TorchDynamoException as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         warnings.warn(f"{feature}: torch.compile could not build {what} here ({type(exc).__name__}: {first}); "
-                      f"{fallback} instead (same values, slower)", stacklevel=4)
+                      f"{fallback} instead (same values, slower)", stacklevel=5)  # at the caller of the loss or of compute_base_stats
         _KERNELS[feature] = None
         raise CompileFailed from exc

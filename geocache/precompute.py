@@ -369,6 +369,7 @@ class _Run:
             st = compute_base_stats(source, k=cfg.k, m=cfg.m, rows=rows, uniforms=u, chunk_size=chunk, compiled=cfg.compile_stats)
         except ValueError:  # name the sequence: find it one by one (rare)
             return [one(i, start, n) for i, start, n in zip(indices, starts, sizes)]
+        st = st.to("cpu")  # one copy per array for the group, not one per array and sequence (each a host wait)
         return [st.select(slice(start, start + n)) for start, n in zip(starts, sizes)]
 
     def _project(self, hidden: torch.Tensor, seq_rows: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, None, list[int]]]:

@@ -288,8 +288,9 @@ def _block_moments(logits: torch.Tensor, rows: torch.Tensor, block: int) -> tupl
 
 def _compiled_chunk_rows(n_blocks: int, k: int, m: int, block: int) -> int:
     """Rows per chunk of ``_compiled_pass``: its [rows × (blocks + k·block + m·block)] temporaries
-    within about 256 MiB (it has no [rows × V] buffer)."""
-    per_row = 4 * (6 * n_blocks + 3 * k * block + 4 * m * block)
+    (about ten float tensors of blocks, and per candidate and sampled token a float value, an int64
+    id and a few more floats and flags) within about 256 MiB; it has no [rows × V] buffer."""
+    per_row = 4 * 10 * n_blocks + 32 * k * block + 40 * m * block
     return max(1, (1 << 28) // per_row)
 
 
@@ -323,7 +324,8 @@ def _compiled_pass(kernel, logits: torch.Tensor, rows: Optional[torch.Tensor], k
         w = torch.exp(below)
         mass = w * bsum  # Σ exp(z − max) per block
         s = mass.sum(-1)
-        dot = (w * (bdot + torch.where(bsum > 0, below * bsum, 0.0))).sum(-1)
+        # guarded on w, not on the sums: a block masked with finfo.min has w = 0 and below·s_b = −inf
+        dot = torch.where(w > 0, w * (bdot + below * bsum), 0.0).sum(-1)
         row_lse = zmax.squeeze(-1) + s.log()
         bad = ~torch.isfinite(row_lse)
         if bad.any():

@@ -573,12 +573,14 @@ STAT_NAMES = ("lse", "entropy", "topk_ids", "topk_logprobs", "sample_ids", "samp
 
 
 def hard_logits(n, vocab, k, dtype, seed):
-    """Logits with the cases the pass must keep: a peaked row, a fully masked block, a row whose
-    only finite logits are its top-k (an empty tail), and a ragged last block (vocab % 32 != 0)."""
+    """Logits with the cases the pass must keep: a peaked row, a fully masked block (−inf, and
+    another at the dtype's lowest finite value), a row whose only finite logits are its top-k (an
+    empty tail), and a ragged last block (vocab % 32 != 0)."""
     logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 4
     logits[0, 17] = 40.0
     logits[1, 64:96] = -math.inf
     logits[2, k:] = -math.inf
+    logits[n - 1, 128:160] = torch.finfo(dtype).min  # a block masked with the dtype's lowest finite value, not −inf
     return logits.to(dtype)
 
 
