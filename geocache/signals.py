@@ -261,6 +261,19 @@ def _block_members(blocks: torch.Tensor, block: int, vocab: int) -> tuple[torch.
     return ids.clamp_max(vocab - 1), valid
 
 
+def _checked_lse(zmax: torch.Tensor, s: torch.Tensor, start: int, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """Each row's log-sum-exp from its max ``[n, 1]`` and Σ exp(z − max) ``[n]``, for a chunk
+    starting at ``start``; a ValueError naming the rows (of the tensor the caller gave, through
+    ``rows``) where it is not finite (a NaN or +inf logit, or nothing but −inf)."""
+    row_lse = zmax.squeeze(-1) + s.log()
+    bad = ~torch.isfinite(row_lse)
+    if bad.any():
+        where = bad.nonzero().flatten() + start
+        idx = where if rows is None else rows[where]
+        raise ValueError(f"base logits contain NaN or inf at rows {idx[:8].tolist()}")
+    return row_lse
+
+
 def _compiled_module():
     from geocache import compiled  # imported late: geocache.compiled is only needed when compiling
 
@@ -326,12 +339,7 @@ def _compiled_pass(kernel, logits: torch.Tensor, rows: Optional[torch.Tensor], k
         s = mass.sum(-1)
         # guarded on w, not on the sums: a block masked with finfo.min has w = 0 and below·s_b = −inf
         dot = torch.where(w > 0, w * (bdot + below * bsum), 0.0).sum(-1)
-        row_lse = zmax.squeeze(-1) + s.log()
-        bad = ~torch.isfinite(row_lse)
-        if bad.any():
-            where = bad.nonzero().flatten() + start
-            idx = where if rows is None else rows[where]
-            raise ValueError(f"base logits contain NaN or inf at rows {idx[:8].tolist()}")
+        row_lse = _checked_lse(zmax, s, start, rows)
         out.lse[start:stop] = row_lse
         out.entropy[start:stop] = s.log() - dot / s
 
@@ -465,12 +473,7 @@ def compute_base_stats(
         if not bool(torch.isfinite(dot).all()):
             # −inf logits (a masked vocabulary) give 0·(−inf) = NaN: redo with z − max floored.
             dot = torch.sub(z, zmax, out=shifted).clamp_min_(torch.finfo(dtype).min).mul_(e).sum(-1)
-        row_lse = zmax.squeeze(-1) + s.log()
-        bad = ~torch.isfinite(row_lse)
-        if bad.any():
-            where = bad.nonzero().flatten() + start
-            idx = where if rows is None else rows[where]
-            raise ValueError(f"base logits contain NaN or inf at rows {idx[:8].tolist()}")
+        row_lse = _checked_lse(zmax, s, start, rows)
         lse[start:stop] = row_lse
         ent[start:stop] = s.log() - dot / s
 

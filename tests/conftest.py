@@ -44,3 +44,21 @@ def tiny_reference(tmp_path_factory):
 
     recipe, cache_dir = tiny_reference_recipe(), tmp_path_factory.mktemp("reference")
     return recipe, cache_dir, build_reference_model(recipe, cache_dir=cache_dir, log=lambda *_: None)
+
+
+@pytest.fixture
+def no_cxx_compiler(monkeypatch):
+    """torch.compile as on a machine without a C++ compiler (or Triton): every compiled function
+    raises Inductor's error at its first call, as real compiled code does; no kernels compiled yet."""
+    import torch
+    from torch._inductor.exc import InductorError, InvalidCxxCompiler
+
+    from geocache import compiled
+
+    def no_compiler(fn, **kwargs):
+        def broken(*args):
+            raise InductorError(InvalidCxxCompiler(), None)
+        return broken
+
+    monkeypatch.setattr(compiled, "_KERNELS", {})
+    monkeypatch.setattr(torch, "compile", no_compiler)

@@ -632,10 +632,8 @@ def test_the_compiled_pass_formulas_equal_the_eager_pass(n, vocab, k, m, block, 
     assert_same_stats(got, ref, atol=1e-5)
 
 
-def test_the_compiled_pass_names_non_finite_rows_and_falls_back_once_when_it_cannot_compile(monkeypatch):
-    from torch._inductor.exc import InductorError, InvalidCxxCompiler
-
-    from geocache import compiled, signals
+def test_the_compiled_pass_names_non_finite_rows_and_falls_back_once_when_it_cannot_compile(request):
+    from geocache import signals
 
     logits = hard_logits(6, 500, 4, torch.float32, seed=3)
     logits[4, 9] = float("nan")
@@ -645,14 +643,7 @@ def test_the_compiled_pass_names_non_finite_rows_and_falls_back_once_when_it_can
     with pytest.raises(ValueError, match=r"NaN or inf at rows \[4\]"):
         signals._compiled_pass(signals._block_moments, logits, torch.tensor([0, 4]), 4, 2, torch.rand(2, 2, 2, dtype=torch.float64), 32)
     logits[4, 9] = 0.0
-
-    def no_compiler(fn, **kwargs):  # what torch.compile'd code raises at its first call without g++
-        def broken(*args):
-            raise InductorError(InvalidCxxCompiler(), None)
-        return broken
-
-    monkeypatch.setattr(compiled, "_KERNELS", {})
-    monkeypatch.setattr(torch, "compile", no_compiler)
+    request.getfixturevalue("no_cxx_compiler")  # from here on, compiling fails
     eager = compute_base_stats(logits, k=4, m=2, generator=torch.Generator().manual_seed(0), compiled=False)
     with pytest.warns(UserWarning, match=r"compile_stats: torch.compile could not build the statistics kernel here \(InductorError: InvalidCxxCompiler: .*\); the statistics pass runs eagerly instead"):
         got = compute_base_stats(logits, k=4, m=2, generator=torch.Generator().manual_seed(0), compiled=True)
