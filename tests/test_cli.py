@@ -361,3 +361,20 @@ def test_text_sample_by_is_refused_where_no_text_file_is_read(tmp_path, tiny_mod
     ok = CliRunner().invoke(main, ["precompute", "--model", str(tiny_model_dir("llama")), "--data", str(tmp_path / "d.txt"),
                                    "--out", str(tmp_path / "t"), "--text-sample-by", "document", "--no-progress"])
     assert ok.exit_code == 0, ok.output
+
+
+def test_compile_stats_reaches_precompute_from_the_command_line_and_yaml(tmp_path, tiny_model_dir, monkeypatch):
+    """--compile-stats / --no-compile-stats / neither (None: the device's default), and the same
+    key in a --config file, arrive in the PrecomputeConfig that precompute runs."""
+    import geocache.precompute as pre
+
+    seen = []
+    real = pre.config_from_options
+    monkeypatch.setattr(pre, "config_from_options", lambda options: seen.append(real(options)) or seen[-1])
+    model, data = str(tiny_model_dir("qwen3")), str(_write_rows(tmp_path / "d.jsonl"))
+    (tmp_path / "c.yaml").write_text("compile_stats: true\n")
+    runner = CliRunner()
+    for extra in (["--compile-stats"], ["--no-compile-stats"], [], ["--config", str(tmp_path / "c.yaml")]):
+        result = runner.invoke(main, ["precompute", "--model", model, "--data", data, "--dry-run", *extra])
+        assert result.exit_code == 0, result.output
+    assert [cfg.compile_stats for cfg in seen] == [True, False, None, True]
