@@ -44,7 +44,7 @@ from geocache.data import DataConfig, Sequence, check_hub_options, count_rows, d
 from geocache.losses import router_log_probs
 from geocache.models import input_device, load_model_and_tokenizer, model_fingerprint, moe_layout, output_size
 from geocache.moe import choice_scores, recorded_router_logits, routing_choice
-from geocache.signals import compute_base_stats, labelled_positions, tail_uniforms
+from geocache.signals import BaseStats, compute_base_stats, labelled_positions, tail_uniforms
 
 ROUTER_MODES = ("auto", "full", "topk", "none")
 # Above this many router logits per token (MoE layers × experts), `auto` keeps only the top-(k+1)
@@ -369,7 +369,11 @@ class _Run:
             st = compute_base_stats(source, k=cfg.k, m=cfg.m, rows=rows, uniforms=u, chunk_size=chunk, compiled=cfg.compile_stats)
         except ValueError:  # name the sequence: find it one by one (rare)
             return [one(i, start, n) for i, start, n in zip(indices, starts, sizes)]
-        st = st.to("cpu")  # one copy per array for the group, not one per array and sequence (each a host wait)
+        # To the host in one copy per array for the group, not one per array and sequence (each a
+        # host wait), already in the stored dtypes (half the bytes; float16 rounds to nearest even
+        # on either side, so the records hold what they held when rounded on the host).
+        ids = torch.int32 if source.shape[-1] <= 2**31 else torch.int64
+        st = BaseStats(st.lse, st.entropy, st.topk_ids.to(ids), st.topk_logprobs.half(), st.sample_ids.to(ids), st.sample_logprobs.half()).to("cpu")
         return [st.select(slice(start, start + n)) for start, n in zip(starts, sizes)]
 
     def _project(self, hidden: torch.Tensor, seq_rows: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, None, list[int]]]:
