@@ -18,6 +18,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from geocache import compiled as compiling  # (compute_base_stats's own `compiled` is its switch)
+
 IGNORE_INDEX = -100
 KL_DIRECTIONS = ("forward", "reverse")
 KL_ESTIMATORS = ("topk_tail", "topk_sampled", "topk_cv", "topk_hybrid", "topk_renorm")
@@ -274,12 +276,6 @@ def _checked_lse(zmax: torch.Tensor, s: torch.Tensor, start: int, rows: Optional
     return row_lse
 
 
-def _compiled_module():
-    from geocache import compiled  # imported late: geocache.compiled is only needed when compiling
-
-    return compiled
-
-
 def _block_moments(logits: torch.Tensor, rows: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each block of ``block`` tokens of the rows ``rows`` of ``logits [N, V]`` (the last block
     may be shorter): its max b, Σ exp(z − b) and Σ exp(z − b)·(z − b), ``[n, ceil(V / block)]``
@@ -327,11 +323,10 @@ def _compiled_pass(kernel, logits: torch.Tensor, rows: Optional[torch.Tensor], k
         torch.zeros(n_total, m, dtype=torch.long, device=dev), torch.full((n_total, m), -math.inf, dtype=dtype, device=dev),
     )
     step = _compiled_chunk_rows(n_blocks, k, m, block)
-    compiled = _compiled_module()
     for start in range(0, n_total, step):
         stop = min(start + step, n_total)
         r = rows[start:stop] if rows is not None else torch.arange(start, stop, device=dev)
-        bmax, bsum, bdot = compiled.run("compile_stats", "the statistics kernel", "the statistics pass runs eagerly", kernel, logits, r, block)
+        bmax, bsum, bdot = compiling.run("compile_stats", "the statistics kernel", "the statistics pass runs eagerly", kernel, logits, r, block)
         zmax = bmax.amax(-1, keepdim=True)
         below = bmax - zmax
         w = torch.exp(below)
@@ -421,15 +416,7 @@ def compute_base_stats(
     if m < 0:
         raise ValueError(f"m={m} tail samples must be >= 0")
     n_total = logits.shape[0] if rows is None else rows.shape[0]
-    chunk_size = chunk_size or default_chunk_rows(vocab, logits.device, n_total)
-    dtype = math_dtype(logits.dtype)
     dev = logits.device
-    lse = torch.empty(n_total, dtype=dtype, device=dev)
-    ent = torch.empty(n_total, dtype=dtype, device=dev)
-    topk_ids = torch.empty(n_total, k, dtype=torch.long, device=dev)
-    topk_lp = torch.empty(n_total, k, dtype=dtype, device=dev)
-    sample_ids = torch.zeros(n_total, m, dtype=torch.long, device=dev)
-    sample_lp = torch.full((n_total, m), -math.inf, dtype=dtype, device=dev)
     block = min(block_size, vocab)
     n_blocks = -(-vocab // block)
     use_blocks = k < n_blocks and k * block < vocab // 2
@@ -437,13 +424,22 @@ def compute_base_stats(
         uniforms = tail_uniforms(n_total, m, generator, dev)
     if m and tuple(uniforms.shape) != (n_total, m, 2):
         raise ValueError(f"uniforms must be [{n_total}, {m}, 2] (rows, samples, two draws), not {tuple(uniforms.shape)}")
-    if use_blocks and (compiled if compiled is not None else _compiled_module().by_default(dev)) and not _compiled_module().disabled():
-        kernel = _compiled_module().kernels("compile_stats", (_block_moments,), dynamic=True)
+    if use_blocks and (compiled if compiled is not None else compiling.by_default(dev)) and not compiling.disabled():
+        kernel = compiling.kernels("compile_stats", (_block_moments,), dynamic=True)
         if kernel is not None:
             try:
                 return _compiled_pass(kernel[0], logits, rows, k, m, uniforms, block)
-            except _compiled_module().CompileFailed:  # warned once; the eager pass from now on
+            except compiling.CompileFailed:  # warned once; the eager pass from now on
                 pass
+
+    chunk_size = chunk_size or default_chunk_rows(vocab, dev, n_total)
+    dtype = math_dtype(logits.dtype)
+    lse = torch.empty(n_total, dtype=dtype, device=dev)
+    ent = torch.empty(n_total, dtype=dtype, device=dev)
+    topk_ids = torch.empty(n_total, k, dtype=torch.long, device=dev)
+    topk_lp = torch.empty(n_total, k, dtype=dtype, device=dev)
+    sample_ids = torch.zeros(n_total, m, dtype=torch.long, device=dev)
+    sample_lp = torch.full((n_total, m), -math.inf, dtype=dtype, device=dev)
 
     # Chunk buffers are allocated once and reused: on CPU, touching fresh memory costs as much
     # as the arithmetic (a `torch.sub` into a new tensor is ~8x slower than into an old one).
